@@ -1,0 +1,210 @@
+// The aten backend: fastfa's feedback transform (CPU or CUDA kernel), then the vendor
+// GEMM / convolution through ATen (oneDNN / MKL on the CPU, cuBLAS / cuDNN on the GPU).
+// Registered for both devices: only the transform differs between them.
+#include "fastfa/feedback.h"
+#include "fastfa/ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace fastfa {
+namespace {
+
+at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                 const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                 int64_t distribution) {
+  const auto kind = static_cast<Rule>(rule);
+  if (kind == Rule::kBackprop) {
+    return weight; // no pass over W: backprop is exactly torch's own backward
+  }
+  if (kind == Rule::kFeedbackAlignment && feedback.has_value() && feedback->defined()) {
+    check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+    return *feedback; // stored R is used as it is
+  }
+  static const auto transform = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("fastfa::feedback_transform", "")
+                                    .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                      const std::optional<at::Tensor>&, int64_t, double,
+                                                      int64_t)>();
+  return transform.call(weight, feedback, rng, rule, scale, distribution);
+}
+
+enum class Activation { kNone, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid };
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "tanh") return Activation::kTanh;
+  if (name == "sigmoid") return Activation::kSigmoid;
+  TORCH_CHECK(false, "fastfa: activation must be one of none, relu, gelu, gelu_tanh, silu, tanh, sigmoid; got '",
+              name, "'");
+}
+
+// Applies the activation to the pre-activation z (in place: z is ours). Returns what
+// the backward needs besides the output: z itself where the derivative needs it
+// (gelu, silu), otherwise an empty tensor (relu, tanh, sigmoid differentiate from the
+// output, which autograd saves anyway).
+std::tuple<at::Tensor, at::Tensor> activation_forward(at::Tensor z, Activation activation) {
+  switch (activation) {
+  case Activation::kNone:
+    return {z, z.new_empty({0})};
+  case Activation::kRelu:
+    return {z.relu_(), z.new_empty({0})};
+  case Activation::kTanh:
+    return {z.tanh_(), z.new_empty({0})};
+  case Activation::kSigmoid:
+    return {z.sigmoid_(), z.new_empty({0})};
+  case Activation::kGelu:
+    return {at::gelu(z), z};
+  case Activation::kGeluTanh:
+    return {at::gelu(z, "tanh"), z};
+  case Activation::kSilu:
+    return {at::silu(z), z};
+  }
+  return {z, z.new_empty({0})};
+}
+
+// delta = dL/dz from dL/dy; `saved` is the output (relu, tanh, sigmoid) or z (gelu, silu).
+at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& saved,
+                               Activation activation) {
+  switch (activation) {
+  case Activation::kNone:
+    return grad_output;
+  case Activation::kRelu:
+    return at::threshold_backward(grad_output, saved, 0);
+  case Activation::kTanh:
+    return at::tanh_backward(grad_output, saved);
+  case Activation::kSigmoid:
+    return at::sigmoid_backward(grad_output, saved);
+  case Activation::kGelu:
+    return at::gelu_backward(grad_output, saved);
+  case Activation::kGeluTanh:
+    return at::gelu_backward(grad_output, saved, "tanh");
+  case Activation::kSilu:
+    return at::silu_backward(grad_output, saved);
+  }
+  return grad_output;
+}
+
+void check_layer_arguments(const at::Tensor& input, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "fastfa: input and weight must share a dtype, got ",
+              input.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(input.device() == weight.device(), "fastfa: input and weight must be on one device, got ",
+              input.device(), " and ", weight.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fastfa: bias must have shape [",
+                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type() && bias->device() == weight.device(),
+                "fastfa: bias must have weight's dtype and device");
+  }
+}
+
+void check_linear_arguments(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2, "fastfa: linear weight must be 2-D (out_features, in_features), got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1),
+              "fastfa: input's last dimension must be in_features=", weight.size(1), ", got shape ",
+              input.sizes());
+  check_layer_arguments(input, weight, bias);
+}
+
+void check_conv2d_arguments(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK(weight.dim() == 4, "fastfa: conv2d weight must be 4-D (out, in/groups, kh, kw), got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(input.dim() == 4, "fastfa: conv2d input must be 4-D (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0 && input.size(1) == weight.size(1) * groups,
+              "fastfa: conv2d input must have in_channels=", weight.size(1) * groups, " (groups=", groups,
+              "), got shape ", input.sizes());
+  check_layer_arguments(input, weight, bias);
+}
+
+at::Tensor empty_gradient(const at::Tensor& like) { return like.new_empty({0}); }
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& feedback,
+                                                  const std::optional<at::Tensor>& rng, int64_t rule,
+                                                  double scale, int64_t distribution,
+                                                  c10::string_view activation) {
+  check_linear_arguments(input, weight, bias);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  return activation_forward(at::linear(input, weight, bias), parse_activation(activation));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, int64_t rule, double scale, int64_t distribution,
+    c10::string_view activation, std::array<bool, 3> output_mask) {
+  check_linear_arguments(input, weight, std::nullopt);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  const int64_t rows = in_features > 0 ? input.numel() / in_features
+                                       : c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+  TORCH_CHECK(grad_output.numel() == rows * out_features, "fastfa: grad_output must have ", rows * out_features,
+              " elements (", rows, " rows of ", out_features, "), got shape ", grad_output.sizes());
+  // Leading dimensions fold into one batch of rows: y = x W^T + b, delta = dL/dz.
+  const at::Tensor delta =
+      activation_backward(grad_output, activation_saved, parse_activation(activation)).reshape({rows, out_features});
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) {
+    // grad_x = delta B: the only place the rule enters.
+    grad_input = at::mm(delta, feedback_for_backward(weight, feedback, rng, rule, scale, distribution))
+                     .view(input.sizes());
+  }
+  if (output_mask[1]) {
+    grad_weight = at::mm(delta.t(), input.reshape({rows, in_features})); // delta^T x, every rule
+  }
+  if (output_mask[2]) {
+    grad_bias = delta.sum(0);
+  }
+  return {output_mask[0] ? grad_input : empty_gradient(input),
+          output_mask[1] ? grad_weight : empty_gradient(weight),
+          output_mask[2] ? grad_bias : empty_gradient(weight)};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t rule, double scale, int64_t distribution, c10::string_view activation) {
+  check_conv2d_arguments(input, weight, bias, groups);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  return activation_forward(at::convolution(input, weight, bias, stride, padding, dilation,
+                                            /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
+                            parse_activation(activation));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale, int64_t distribution,
+    c10::string_view activation, std::array<bool, 3> output_mask) {
+  check_conv2d_arguments(input, weight, std::nullopt, groups);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  const at::Tensor delta = activation_backward(grad_output, activation_saved, parse_activation(activation));
+  // grad_x is the transposed convolution of delta with B, and grad_W does not read the
+  // filter's values, only its shape: one convolution_backward call with B in W's place
+  // gives both, on the same oneDNN / cuDNN kernels backprop uses.
+  const at::Tensor filter = output_mask[0]
+                                ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution)
+                                : weight;
+  const std::vector<int64_t> bias_sizes{weight.size(0)};
+  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
+      delta, input, filter, output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
+      padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, output_mask);
+  return {output_mask[0] ? grad_input : empty_gradient(input),
+          output_mask[1] ? grad_weight : empty_gradient(weight),
+          output_mask[2] ? grad_bias : empty_gradient(weight)};
+}
+
+} // namespace fastfa

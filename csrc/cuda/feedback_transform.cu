@@ -1,0 +1,84 @@
+// The feedback transform on the GPU: B = T(W) in one elementwise pass over W.
+// The aten backend runs it before cuBLAS / cuDNN; the fused backends apply the same
+// fastfa::feedback_transform to W's tiles as they load them instead.
+#include "fastfa/feedback.h"
+#include "fastfa/ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace fastfa {
+namespace {
+
+template <typename scalar_t>
+__global__ void feedback_transform_kernel(const scalar_t* __restrict__ weight,
+                                          const scalar_t* __restrict__ stored,
+                                          scalar_t* __restrict__ out, int64_t numel, Rule rule,
+                                          double scale, Distribution distribution,
+                                          const int64_t* __restrict__ rng, DrawIndex draw_index) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto s = static_cast<opmath_t>(scale);
+  // [seed, step] is read here rather than on the host, so a step counter living on
+  // the GPU never forces a device-to-host synchronisation.
+  const uint64_t seed = rng != nullptr ? static_cast<uint64_t>(rng[0]) : 0;
+  const uint64_t step = rng != nullptr ? static_cast<uint64_t>(rng[1]) : 0;
+  const bool draws = rule == Rule::kBatchRandomSignFeedback ||
+                     (rule == Rule::kFeedbackAlignment && stored == nullptr);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const opmath_t xi =
+        draws ? static_cast<opmath_t>(unit_draw(seed, step, draw_index(i), distribution)) : opmath_t(0);
+    const opmath_t r = stored != nullptr ? static_cast<opmath_t>(stored[i]) : s * xi;
+    const opmath_t w = static_cast<opmath_t>(weight[i]);
+    out[i] = static_cast<scalar_t>(feedback_transform<opmath_t>(rule, w, r, xi, s));
+  }
+}
+
+} // namespace
+
+at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                   const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                   int64_t distribution) {
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  TORCH_CHECK(weight.is_cuda(), "fastfa: feedback_transform_cuda needs a CUDA weight, got ",
+              weight.device());
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+  const auto kind = static_cast<Rule>(rule);
+  const bool has_feedback = feedback.has_value() && feedback->defined();
+  const bool uses_stored = has_feedback && (kind == Rule::kFeedbackAlignment ||
+                                            kind == Rule::kFixedRandomSignFeedback);
+  const auto memory_format = weight.suggest_memory_format();
+  const at::Tensor w = weight.contiguous(memory_format);
+  const at::Tensor r = uses_stored ? feedback->contiguous(memory_format) : at::Tensor();
+  const bool has_rng = rng.has_value() && rng->defined();
+  const at::Tensor state = has_rng ? rng->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(w, w.options(), memory_format);
+  const int64_t numel = w.numel();
+  if (numel == 0) {
+    return out;
+  }
+  DrawIndex draw_index;
+  if (memory_format == at::MemoryFormat::ChannelsLast) {
+    draw_index = {true, static_cast<uint64_t>(w.size(1)), static_cast<uint64_t>(w.size(2)),
+                  static_cast<uint64_t>(w.size(3))};
+  }
+  constexpr int kThreads = 256;
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const int blocks = static_cast<int>(std::min((numel + kThreads - 1) / kThreads, max_blocks));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "feedback_transform_cuda", [&] {
+    feedback_transform_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        w.const_data_ptr<scalar_t>(), uses_stored ? r.const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), numel, kind, scale,
+        static_cast<Distribution>(distribution), has_rng ? state.const_data_ptr<int64_t>() : nullptr,
+        draw_index);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+} // namespace fastfa

@@ -1,0 +1,59 @@
+// Declarations of fastfa's kernels and of the aten backend's composite ops.
+// The schemas are declared once, in pybind_src/bindings.cpp; python/fastfa/ops.py
+// adds their fake (shape) kernels and autograd.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <tuple>
+
+namespace fastfa {
+
+// Checks shared by the kernels: the message names the argument and what was expected.
+void check_feedback_arguments(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                              const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                              int64_t distribution);
+
+// B = T(W) for one rule, as a new tensor with W's shape, dtype, device and layout.
+// rng is an int64 tensor [seed, step] on any device; it is read on the device
+// that runs the kernel, so a CUDA step counter costs no host synchronisation.
+at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                  const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                  int64_t distribution);
+#ifdef FASTFA_WITH_CUDA
+at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                   const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                   int64_t distribution);
+#endif
+
+// The aten backend: fastfa's transform, then ATen's GEMM / convolution.
+std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& feedback,
+                                                  const std::optional<at::Tensor>& rng, int64_t rule,
+                                                  double scale, int64_t distribution,
+                                                  c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, int64_t rule, double scale, int64_t distribution,
+    c10::string_view activation, std::array<bool, 3> output_mask);
+
+std::tuple<at::Tensor, at::Tensor> conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t rule, double scale, int64_t distribution, c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale, int64_t distribution,
+    c10::string_view activation, std::array<bool, 3> output_mask);
+
+} // namespace fastfa

@@ -1,0 +1,46 @@
+// fastfa._C: loading it registers the ops (ops_registration.cpp); build_info() tells
+// what this binary was built with, so `fastfa info` and a mismatch warning can say it.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#ifdef FASTFA_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#define FASTFA_STRINGIFY_(x) #x
+#define FASTFA_STRINGIFY(x) FASTFA_STRINGIFY_(x)
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = TORCH_VERSION;
+#ifdef FASTFA_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_arch_list"] = FASTFA_STRINGIFY(FASTFA_CUDA_ARCH_LIST); // '_' separates architectures
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_arch_list"] = "";
+#endif
+#if AT_PARALLEL_OPENMP
+  info["parallel"] = "openmp";
+#else
+  info["parallel"] = "native";
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+  info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
+  return info;
+}
+
+} // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastfa's compiled kernels; the ops live in torch.ops.fastfa";
+  m.def("build_info", &build_info, "What this binary was built with: torch and CUDA versions, architectures");
+}

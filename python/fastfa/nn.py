@@ -1,0 +1,152 @@
+"""Drop-in layers: torch.nn.Linear / torch.nn.Conv2d whose backward follows a learning rule.
+
+The modules subclass torch's, so ``weight`` and ``bias`` are the usual Parameters,
+isinstance checks hold and the parent's state_dict keys are unchanged. The rule's own
+state is added to the state_dict: ``feedback`` (R, for fa and frsf) and
+``feedback_rng`` (int64 [seed, step], for brsf), so that saving and loading a model
+reproduces the next backward pass exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+from .ops import feedback_transform
+from .rules import Distribution, Rule
+
+__all__ = ["Linear", "Conv2d", "FeedbackLayer"]
+
+
+def _fresh_seed() -> int:
+    # From torch's generator, so torch.manual_seed makes models reproducible.
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+class FeedbackLayer:
+    """What fastfa.nn.Linear and fastfa.nn.Conv2d share: the rule, its state, its measures."""
+
+    rule: str
+    activation: str
+
+    def _setup_feedback(self, rule, activation, scale, init, seed) -> None:
+        options = {"scale": scale, "init": init, "seed": seed}
+        spec, feedback_scale, distribution, _ = F.feedback_arguments(rule, tuple(self.weight.shape),
+                                                                     self.weight.device, options)
+        self._spec = spec
+        self.rule = spec.name
+        self.activation = F.canonical_activation(activation)
+        self.feedback_scale = feedback_scale
+        self.feedback_distribution = Distribution(distribution)
+        # R's init distribution, for the rules that draw R (fa, brsf, frsf).
+        self.feedback_init = (init or "kaiming") if "init" in spec.options else None
+        needs_seed = spec.stores_feedback or spec.draws_every_step
+        seed = (_fresh_seed() if seed is None else seed) if needs_seed else None
+        if spec.stores_feedback:
+            # R is drawn once, from (seed, step 0), by the same generator brsf uses each step,
+            # so the same seed gives the same R on every device.
+            rng = torch.tensor([seed, 0], dtype=torch.int64, device=self.weight.device)
+            with torch.no_grad():
+                feedback = feedback_transform(self.weight.detach(), None, rng, int(Rule.FA), feedback_scale,
+                                              int(distribution))
+            self.register_buffer("feedback", feedback)
+            # The stored R carries its scale; the op's scale applies only to drawn feedback.
+            self.feedback_scale = 1.0
+        else:
+            self.register_buffer("feedback", None)
+        if spec.draws_every_step:
+            self.register_buffer("feedback_rng", torch.tensor([seed, 0], dtype=torch.int64,
+                                                              device=self.weight.device))
+        else:
+            self.register_buffer("feedback_rng", None)
+
+    def _rng_for_this_step(self):
+        """[seed, step] for this forward's backward; the layer's counter then moves on."""
+        rng = self.feedback_rng
+        if rng is None or not torch.is_grad_enabled():
+            return rng
+        # Out of place: the tensor this forward hands to its backward is never written
+        # again, even if another forward runs before that backward (or a compiler
+        # reorders the update).
+        self.feedback_rng = torch.cat([rng[:1], rng[1:] + 1])
+        return rng
+
+    def _feedback_op_args(self):
+        return int(self._spec.id), self.feedback_scale, int(self.feedback_distribution)
+
+    @torch.no_grad()
+    def feedback_weight(self) -> torch.Tensor:
+        """The B that the next backward pass will use, materialised (shape of weight).
+
+        bp: W; fa: R; usf: s*sign(W); brsf: |R_t|*sign(W) for the coming step's draw;
+        frsf: |R|*sign(W).
+        """
+        return feedback_transform(self.weight.detach(), self.feedback, self.feedback_rng, *self._feedback_op_args())
+
+    @torch.no_grad()
+    def alignment(self) -> float:
+        """The angle in degrees between B (``feedback_weight()``) and W, flattened."""
+        return F._angle_degrees(self.feedback_weight(), self.weight)
+
+    def _feedback_repr(self) -> str:
+        text = f"rule={self.rule}"
+        if self.activation != "none":
+            text += f", activation={self.activation}"
+        if self._spec.id == Rule.USF:
+            text += f", scale={self.feedback_scale:.4g}"
+        if self.feedback_init is not None:
+            text += f", init={self.feedback_init}"
+        return text
+
+
+class Linear(FeedbackLayer, torch.nn.Linear):
+    """y = activation(x W^T + b) whose backward uses the rule's feedback B instead of W.
+
+    Args: as torch.nn.Linear, plus keyword-only ``rule`` (one of fastfa.RULES, default
+    "usf"), ``activation`` (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"),
+    ``scale`` (usf: "xiao" default, "xavier", "kaiming" or a number), ``init`` (R's
+    distribution for fa, brsf, frsf: "kaiming" default, "xavier", "xiao") and ``seed``.
+    Input (*, in_features) -> output (*, out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 rule: str = "usf", activation=None, scale=None, init=None, seed=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_feedback(rule, activation, scale, init, seed)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F._linear(input, self.weight, self.bias, self.feedback, self._rng_for_this_step(), self._spec,
+                         self.feedback_scale, int(self.feedback_distribution), self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._feedback_repr()}"
+
+
+class Conv2d(FeedbackLayer, torch.nn.Conv2d):
+    """conv2d whose backward sends the error through the rule's feedback B instead of W.
+
+    Args: as torch.nn.Conv2d (stride, padding including "same" / "valid", dilation,
+    groups, bias, padding_mode "zeros" / "reflect" / "replicate" / "circular"), plus the
+    keyword-only ``rule``, ``activation``, ``scale``, ``init``, ``seed`` of :class:`Linear`.
+    Input (N, C_in, H, W) or (C_in, H, W), NCHW or channels_last.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 rule: str = "usf", activation=None, scale=None, init=None, seed=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self._setup_feedback(rule, activation, scale, init, seed)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # As torch.nn.Conv2d: pad by the mode, then a convolution without padding.
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return F._conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                         self.feedback, self._rng_for_this_step(), self._spec, self.feedback_scale,
+                         int(self.feedback_distribution), self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._feedback_repr()}"

@@ -1,0 +1,149 @@
+"""The custom ops' Python half: fake (shape) kernels and autograd formulas.
+
+The schemas and the CPU / CUDA kernels are declared once in C++
+(pybind_src/ops_registration.cpp). Each layer kind has one forward op and one
+backward op; the forward op takes the feedback description too, so that its
+autograd formula can hand it to the backward op:
+
+    torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution,
+                            activation) -> (output, activation_saved)
+    torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                     rule, scale, distribution, activation, output_mask)
+        -> (grad_input, grad_weight, grad_bias)     # masked-out gradients come back empty
+    torch.ops.fastfa.conv2d / conv2d_backward       # the same, with stride, padding, dilation, groups
+    torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution) -> B
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastfa)
+from .rules import Rule
+
+__all__ = ["linear_op", "conv2d_op", "feedback_transform"]
+
+# relu, tanh and sigmoid differentiate from their output (which autograd keeps anyway);
+# gelu and silu need the pre-activation, which the forward op returns as its second output.
+_DERIVATIVE_FROM_OUTPUT = frozenset({"relu", "tanh", "sigmoid"})
+_DERIVATIVE_FROM_INPUT = frozenset({"gelu", "gelu_tanh", "silu"})
+
+
+def feedback_transform(weight, feedback, rng, rule: int, scale: float, distribution: int) -> torch.Tensor:
+    """B = T(W) materialised: weight (and feedback) shaped like W, rng int64 [seed, step] or None."""
+    return torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution)
+
+
+@torch.library.register_fake("fastfa::feedback_transform")
+def _feedback_transform_fake(weight, feedback, rng, rule, scale, distribution):
+    return weight.new_empty(weight.shape).contiguous(memory_format=suggest_memory_format(weight))
+
+
+def _activation_outputs(output, activation):
+    saved = torch.empty_like(output) if activation in _DERIVATIVE_FROM_INPUT else output.new_empty(0)
+    return torch.empty_like(output), saved
+
+
+@torch.library.register_fake("fastfa::linear")
+def _linear_fake(input, weight, bias, feedback, rng, rule, scale, distribution, activation):
+    torch._check(input.shape[-1] == weight.shape[1], lambda: "fastfa: input's last dimension must be in_features")
+    return _activation_outputs(torch.nn.functional.linear(input, weight, bias), activation)
+
+
+@torch.library.register_fake("fastfa::conv2d")
+def _conv2d_fake(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
+                 distribution, activation):
+    output = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    return _activation_outputs(output, activation)
+
+
+def _masked(gradients, output_mask, input, weight):
+    grad_input, grad_weight, grad_bias = gradients
+    return (grad_input if output_mask[0] else input.new_empty(0),
+            grad_weight if output_mask[1] else weight.new_empty(0),
+            grad_bias if output_mask[2] else weight.new_empty(0))
+
+
+@torch.library.register_fake("fastfa::linear_backward")
+def _linear_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, rule, scale,
+                          distribution, activation, output_mask):
+    return _masked((input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])),
+                   output_mask, input, weight)
+
+
+def _backward_filter(weight, feedback, rng, rule, scale, distribution, output_mask):
+    """The filter the aten backward hands to convolution_backward (see conv2d_backward in C++)."""
+    if not output_mask[0] or rule == Rule.BP:
+        return weight
+    if rule == Rule.FA and feedback is not None:
+        return feedback
+    return _feedback_transform_fake(weight, feedback, rng, rule, scale, distribution)
+
+
+@torch.library.register_fake("fastfa::conv2d_backward")
+def _conv2d_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, stride, padding, dilation,
+                          groups, rule, scale, distribution, activation, output_mask):
+    filter = _backward_filter(weight, feedback, rng, rule, scale, distribution, output_mask)
+    gradients = torch.ops.aten.convolution_backward(
+        grad_output, input, filter, [weight.shape[0]] if output_mask[2] else None, stride, padding, dilation,
+        False, [0, 0], groups, output_mask)
+    return _masked(gradients, output_mask, input, weight)
+
+
+def _save_activation(ctx, output, activation_saved, activation):
+    return output if activation in _DERIVATIVE_FROM_OUTPUT else activation_saved
+
+
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, bias, feedback, rng, rule, scale, distribution, activation = inputs
+    ctx.save_for_backward(input, weight, feedback, rng, _save_activation(ctx, output[0], output[1], activation))
+    ctx.feedback_args = (rule, scale, distribution, activation)
+    ctx.has_bias = bias is not None
+
+
+def _output_mask(ctx):
+    return [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+
+
+def _linear_backward(ctx, grad_output, _grad_activation_saved):
+    input, weight, feedback, rng, activation_saved = ctx.saved_tensors
+    mask = _output_mask(ctx)
+    grad_input, grad_weight, grad_bias = torch.ops.fastfa.linear_backward(
+        grad_output, input, weight, feedback, rng, activation_saved, *ctx.feedback_args, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
+            None, None, None, None, None, None)
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    (input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution,
+     activation) = inputs
+    ctx.save_for_backward(input, weight, feedback, rng, _save_activation(ctx, output[0], output[1], activation))
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.feedback_args = (rule, scale, distribution, activation)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad_output, _grad_activation_saved):
+    input, weight, feedback, rng, activation_saved = ctx.saved_tensors
+    mask = _output_mask(ctx)
+    grad_input, grad_weight, grad_bias = torch.ops.fastfa.conv2d_backward(
+        grad_output, input, weight, feedback, rng, activation_saved, *ctx.geometry, *ctx.feedback_args, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastfa::linear", _linear_backward, setup_context=_linear_setup_context)
+torch.library.register_autograd("fastfa::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+
+# Forward op per backend; each forward op's autograd formula calls its own backward op.
+_LINEAR_OPS = {"aten": torch.ops.fastfa.linear}
+_CONV2D_OPS = {"aten": torch.ops.fastfa.conv2d}
+
+
+def linear_op(backend: str):
+    return _LINEAR_OPS[backend]
+
+
+def conv2d_op(backend: str):
+    return _CONV2D_OPS[backend]

@@ -1,0 +1,156 @@
+"""The learning rules: one table, the option names, and how B's scale is chosen.
+
+Every rule keeps the ordinary forward pass and the ordinary weight and bias gradients;
+it changes only the matrix B that carries the error back to the layer's input
+(grad_input = delta B, with B shaped like W). The kernels apply the same table
+(csrc/include/fastfa/feedback.h, ``feedback_transform``):
+
+==========  =========================================  ==========================================
+rule        B used by the backward pass                 sources
+==========  =========================================  ==========================================
+``bp``      W                                           backpropagation (the control)
+``fa``      R, drawn once and fixed                     Lillicrap et al. 2016
+``usf``     s * sign(W), from the current W each step   Liao et al. 2016; Xiao et al. 2018
+``brsf``    abs(R_t) * sign(W), R_t drawn every step    Moskovitz et al. 2018; Sanfiz & Akrout 2021
+``frsf``    abs(R) * sign(W), R drawn once and fixed    Moskovitz et al. 2018; Sanfiz & Akrout 2021
+==========  =========================================  ==========================================
+
+sign(0) = 0. ``sign_symmetry`` is another name for ``usf``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["RULES", "ALIASES", "Rule", "Distribution", "RuleSpec", "rule_spec", "canonical_rule",
+           "SCALES", "INITS", "sign_scale", "init_distribution", "fan_in_and_fan_out"]
+
+
+class Rule(enum.IntEnum):
+    """Rule ids of the op contract: the ``rule`` argument of every torch.ops.fastfa op."""
+
+    BP = 0
+    FA = 1
+    USF = 2
+    BRSF = 3
+    FRSF = 4
+
+
+class Distribution(enum.IntEnum):
+    """The unit draw xi behind R: uniform on [-1, 1) or standard normal; R = scale * xi."""
+
+    UNIFORM = 0
+    NORMAL = 1
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: str
+    id: Rule
+    feedback: str  # B as the spec writes it
+    stores_feedback: bool  # keeps R in layer.feedback (a buffer)
+    draws_every_step: bool  # needs (seed, step) state
+    options: frozenset  # the options this rule takes besides `activation`
+    sources: str
+
+
+_SPECS = (
+    RuleSpec("bp", Rule.BP, "W", False, False, frozenset(), "backpropagation"),
+    RuleSpec("fa", Rule.FA, "R (fixed)", True, False, frozenset({"init", "seed"}), "Lillicrap et al. 2016"),
+    RuleSpec("usf", Rule.USF, "s * sign(W)", False, False, frozenset({"scale"}),
+             "Liao et al. 2016; Xiao et al. 2018"),
+    RuleSpec("brsf", Rule.BRSF, "|R_t| * sign(W), R_t drawn every step", False, True,
+             frozenset({"init", "seed"}), "Moskovitz et al. 2018; Sanfiz & Akrout 2021"),
+    RuleSpec("frsf", Rule.FRSF, "|R| * sign(W), R fixed", True, False, frozenset({"init", "seed"}),
+             "Moskovitz et al. 2018; Sanfiz & Akrout 2021"),
+)
+
+#: Canonical names of the rules this version implements, in the spec's order.
+RULES: tuple = tuple(spec.name for spec in _SPECS)
+#: Other names users know the rules by.
+ALIASES = {"sign_symmetry": "usf"}
+_BY_NAME = {spec.name: spec for spec in _SPECS}
+#: The estimated-feedback rules of learning-rules.md that this version does not have yet.
+_PLANNED = ("kp", "wm", "sa", "aa", "ia", "dfa")
+
+#: Choices of the usf scale s (or a positive finite float).
+SCALES = ("xiao", "xavier", "kaiming")
+#: Choices of R's init distribution.
+INITS = ("kaiming", "xavier", "xiao")
+
+
+def canonical_rule(rule) -> str:
+    """The canonical name of ``rule`` (aliases resolved); ValueError names the choices."""
+    if not isinstance(rule, str):
+        raise TypeError(f"rule must be a str, one of {RULES} (or an alias in {tuple(ALIASES)}); "
+                        f"got {type(rule).__name__}")
+    name = ALIASES.get(rule.lower(), rule.lower())
+    if name in _BY_NAME:
+        return name
+    if name in _PLANNED:
+        raise ValueError(f"rule {rule!r} is specified in learning-rules.md but not implemented in this "
+                         f"version of fastfa; available rules: {', '.join(RULES)}")
+    raise ValueError(f"rule must be one of {', '.join(RULES)} (or an alias: "
+                     f"{', '.join(ALIASES)}); got {rule!r}")
+
+
+def rule_spec(rule) -> RuleSpec:
+    return _BY_NAME[canonical_rule(rule)]
+
+
+def fan_in_and_fan_out(weight_shape: Sequence[int]):
+    """fan_in = in (linear) or in_ch/groups*kh*kw (conv); fan_out = out or out_ch*kh*kw."""
+    receptive = math.prod(weight_shape[2:]) if len(weight_shape) > 2 else 1
+    return weight_shape[1] * receptive, weight_shape[0] * receptive
+
+
+def _is_conv(weight_shape) -> bool:
+    return len(weight_shape) == 4
+
+
+def sign_scale(scale, weight_shape: Sequence[int]) -> float:
+    """The usf scale s for a weight of this shape.
+
+    ``"xiao"``: sqrt(2 / (kh*kw*out_ch)) for conv, 1/sqrt(in) for linear (Xiao et al.'s code);
+    ``"xavier"``: sqrt(2 / (fan_in + fan_out)); ``"kaiming"``: 1/sqrt(3*fan_in) (the std of
+    torch's default Kaiming-uniform init, as BioTorch); or a positive finite number.
+    """
+    fan_in, fan_out = fan_in_and_fan_out(weight_shape)
+    if isinstance(scale, str):
+        if scale == "xiao":
+            return math.sqrt(2.0 / max(fan_out, 1)) if _is_conv(weight_shape) else 1.0 / math.sqrt(max(fan_in, 1))
+        if scale == "xavier":
+            return math.sqrt(2.0 / max(fan_in + fan_out, 1))
+        if scale == "kaiming":
+            return 1.0 / math.sqrt(3.0 * max(fan_in, 1))
+        raise ValueError(f"scale must be one of {', '.join(SCALES)} or a positive finite number; got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be one of {', '.join(SCALES)} or a positive finite number; "
+                        f"got {type(scale).__name__}")
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"scale must be positive and finite; got {scale!r}")
+    return value
+
+
+def init_distribution(init, weight_shape: Sequence[int]):
+    """R's distribution for a weight of this shape, as (Distribution, scale), R = scale * xi.
+
+    ``"kaiming"``: U(-b, b), b = 1/sqrt(fan_in) (torch's default init of W);
+    ``"xavier"``: U(-b, b), b = sqrt(6 / (fan_in + fan_out));
+    ``"xiao"``: N(0, s^2), s = sqrt(2 / (kh*kw*out_ch)) for conv; U(-s, s), s = 1/sqrt(in) for linear.
+    """
+    fan_in, fan_out = fan_in_and_fan_out(weight_shape)
+    if init == "kaiming":
+        return Distribution.UNIFORM, 1.0 / math.sqrt(max(fan_in, 1))
+    if init == "xavier":
+        return Distribution.UNIFORM, math.sqrt(6.0 / max(fan_in + fan_out, 1))
+    if init == "xiao":
+        if _is_conv(weight_shape):
+            return Distribution.NORMAL, math.sqrt(2.0 / max(fan_out, 1))
+        return Distribution.UNIFORM, 1.0 / math.sqrt(max(fan_in, 1))
+    raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")

@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import fastfa  # noqa: E402
+
+# (atol, rtol) per dtype, relative to the oracle computed from the same inputs.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+
+
+def assert_close(actual, expected, dtype, what=""):
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    # Scale atol by the tensor's magnitude: a sum over a fan-in rounds relative to its terms.
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs for every test, but reproducible from the test's name.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield

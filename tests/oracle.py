@@ -1,0 +1,122 @@
+"""The test oracle: plain PyTorch and NumPy written straight from learning-rules.md.
+
+Nothing here imports fastfa's kernels. The generator is Philox-4x32-10 as Salmon et
+al. define it (and Triton's tl.philox runs it), keyed by the seed, with counter
+(index lo, index hi, step lo, step hi); the unit draw turns its bits into U(-1, 1) or
+N(0, 1) as the spec's "counter-based generator" note describes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+ROUND_A, ROUND_B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+KEY_A, KEY_B = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+MASK = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on uint64 arrays holding 32-bit words (products fit in 64 bits)."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & MASK for c in (c0, c1, c2, c3))
+    k0, k1 = np.uint64(k0) & MASK, np.uint64(k1) & MASK
+    for _ in range(10):
+        product_b, product_a = ROUND_B * c2, ROUND_A * c0
+        c0, c1, c2, c3 = ((product_b >> np.uint64(32)) ^ c1 ^ k0, product_b & MASK,
+                          (product_a >> np.uint64(32)) ^ c3 ^ k1, product_a & MASK)
+        k0, k1 = (k0 + KEY_A) & MASK, (k1 + KEY_B) & MASK
+    return c0, c1, c2, c3
+
+
+def unit_uniform(bits) -> np.ndarray:
+    """[0, 1) from 32 random bits: the signed value folded to non-negative, times 2^-31."""
+    value = np.asarray(bits, dtype=np.uint64).astype(np.uint32).view(np.int32)
+    value = np.where(value < 0, ~value, value)
+    return value.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def unit_draw(seed: int, step: int, numel: int, distribution: str) -> np.ndarray:
+    """xi for elements 0..numel-1 (row-major index in W's shape), float32."""
+    index = np.arange(numel, dtype=np.uint64)
+    words = philox4x32_10(index & MASK, index >> np.uint64(32), np.uint64(step) & MASK,
+                          np.uint64(step) >> np.uint64(32), np.uint64(seed) & MASK, np.uint64(seed) >> np.uint64(32))
+    if distribution == "uniform":
+        return np.float32(2.0) * unit_uniform(words[0]) - np.float32(1.0)
+    u1 = np.maximum(np.float32(1e-7), unit_uniform(words[0]))
+    u2 = unit_uniform(words[1])
+    return (np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32)
+
+
+def draw(seed: int, step: int, shape, distribution: str, scale: float, dtype=torch.float64) -> torch.Tensor:
+    """R = scale * xi with W's shape."""
+    xi = torch.from_numpy(unit_draw(seed, step, math.prod(shape), distribution)).reshape(shape)
+    return _in_opmath(xi, dtype) * scale
+
+
+def _in_opmath(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def feedback_matrix(rule: str, weight: torch.Tensor, *, feedback=None, seed=None, step=None, scale=1.0,
+                    distribution="uniform") -> torch.Tensor:
+    """B per learning-rules.md; computed in float64 for fp64 weights, float32 otherwise, then rounded."""
+    w = _in_opmath(weight.detach(), weight.dtype)
+    sign = torch.sign(w)  # sign(0) = 0
+    if rule == "bp":
+        b = w
+    elif rule == "fa":
+        b = _in_opmath(feedback, weight.dtype) if feedback is not None else draw(
+            seed, step, weight.shape, distribution, scale, weight.dtype)
+    elif rule == "usf":
+        b = scale * sign
+    elif rule == "brsf":
+        b = draw(seed, step, weight.shape, distribution, scale, weight.dtype).abs() * sign
+    elif rule == "frsf":
+        b = _in_opmath(feedback, weight.dtype).abs() * sign
+    else:
+        raise ValueError(rule)
+    return b.to(weight.dtype)
+
+
+ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def _delta(z: torch.Tensor, activation: str, grad_output: torch.Tensor):
+    """y = act(z) and delta = dL/dz given dL/dy."""
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = ACTIVATIONS[activation](z)
+        (delta,) = torch.autograd.grad(y, z, grad_output)
+    return y.detach(), delta
+
+
+def linear(x, weight, bias, B, grad_output, activation="none"):
+    """Forward and the three gradients of a Linear layer with feedback B (leading dims folded)."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    y, delta = _delta(z, activation, grad_output)
+    delta2 = delta.reshape(-1, weight.shape[0])
+    x2 = x.reshape(-1, weight.shape[1])
+    grad_x = (delta2 @ B).reshape(x.shape)  # grad_x = delta B
+    grad_w = delta2.t() @ x2  # grad_W = delta^T x
+    grad_b = delta2.sum(0) if bias is not None else None
+    return y, grad_x, grad_w, grad_b
+
+
+def conv2d(x, weight, bias, B, grad_output, stride=1, padding=0, dilation=1, groups=1, activation="none"):
+    """Forward and gradients of a Conv2d with feedback B: grad_x = conv2d_input(x.shape, B, delta)."""
+    z = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y, delta = _delta(z, activation, grad_output)
+    grad_x = torch.nn.grad.conv2d_input(x.shape, B, delta, stride, padding, dilation, groups)
+    grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, delta, stride, padding, dilation, groups)
+    grad_b = delta.sum((0, 2, 3)) if bias is not None else None
+    return y, grad_x, grad_w, grad_b

@@ -1,0 +1,218 @@
+"""Every rule x layer kind x dtype against the oracle written from learning-rules.md."""
+
+import pytest
+import torch
+from conftest import assert_close
+
+import fastfa
+import oracle
+from fastfa.rules import init_distribution, sign_scale
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+RULES = fastfa.RULES
+
+
+def expected_feedback(layer, step=None):
+    """B from the oracle, given the layer's stored state (R, seed, step)."""
+    kwargs = {}
+    if layer.rule == "usf":
+        kwargs["scale"] = sign_scale("xiao", layer.weight.shape)
+    if layer.rule in ("fa", "frsf"):
+        kwargs["feedback"] = layer.feedback
+    if layer.rule == "brsf":
+        distribution, scale = init_distribution(layer.feedback_init, layer.weight.shape)
+        seed, current = (int(v) for v in layer.feedback_rng)
+        kwargs.update(seed=seed, step=current if step is None else step, scale=scale,
+                      distribution=distribution.name.lower())
+    return oracle.feedback_matrix(layer.rule, layer.weight, **kwargs)
+
+
+def run_layer(layer, x, grad_output):
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad_output)
+    return y, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
+
+
+def check_against_oracle(layer, x, grad_output, oracle_fn, dtype):
+    B = expected_feedback(layer)
+    y, grad_x, grad_w, grad_b = run_layer(layer, x, grad_output)
+    ey, egx, egw, egb = oracle_fn(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), B,
+                                  grad_output)
+    assert_close(y, ey, dtype, "output")
+    assert_close(grad_x, egx, dtype, "grad_input")
+    assert_close(grad_w, egw, dtype, "grad_weight")
+    if egb is not None:
+        assert_close(grad_b, egb, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("shape", [(7, 13, 5), (3, 4, 17, 11)], ids=["2d", "4d-leading"])
+def test_linear_matches_oracle(rule, dtype, shape):
+    *lead, in_features, out_features = shape
+    layer = fastfa.nn.Linear(in_features, out_features, rule=rule, dtype=dtype)
+    x = torch.randn(*lead, in_features, dtype=dtype)
+    grad_output = torch.randn(*lead, out_features, dtype=dtype)
+    check_against_oracle(layer, x, grad_output, oracle.linear, dtype)
+
+
+CONV_CASES = {
+    "plain": dict(kernel_size=3),
+    "stride2-pad1": dict(kernel_size=3, stride=2, padding=1),
+    "dilation2": dict(kernel_size=3, padding=2, dilation=2),
+    "groups": dict(kernel_size=3, padding=1, groups=2),
+    "rect-kernel": dict(kernel_size=(1, 3), stride=(2, 1), padding=(0, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d_matches_oracle(rule, dtype, case):
+    geometry = CONV_CASES[case]
+    layer = fastfa.nn.Conv2d(4, 6, rule=rule, dtype=dtype, **geometry)
+    x = torch.randn(3, 4, 9, 11, dtype=dtype)
+    with torch.no_grad():
+        out_shape = torch.nn.functional.conv2d(x, layer.weight, None, layer.stride, layer.padding, layer.dilation,
+                                               layer.groups).shape
+    grad_output = torch.randn(out_shape, dtype=dtype)
+
+    def oracle_fn(x, w, b, B, g):
+        return oracle.conv2d(x, w, b, B, g, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    check_against_oracle(layer, x, grad_output, oracle_fn, dtype)
+
+
+@pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))
+@pytest.mark.parametrize("rule", ["bp", "usf", "brsf"])
+def test_activation_derivative_is_fused(rule, activation):
+    dtype = torch.float64
+    layer = fastfa.nn.Linear(9, 5, rule=rule, activation=activation, dtype=dtype)
+    x, g = torch.randn(6, 9, dtype=dtype), torch.randn(6, 5, dtype=dtype)
+
+    def oracle_fn(x, w, b, B, g):
+        return oracle.linear(x, w, b, B, g, activation)
+
+    check_against_oracle(layer, x, g, oracle_fn, dtype)
+    conv = fastfa.nn.Conv2d(3, 4, 3, padding=1, rule=rule, activation=activation, dtype=dtype)
+    x, g = torch.randn(2, 3, 5, 5, dtype=dtype), torch.randn(2, 4, 5, 5, dtype=dtype)
+
+    def conv_oracle(x, w, b, B, g):
+        return oracle.conv2d(x, w, b, B, g, 1, 1, 1, 1, activation)
+
+    check_against_oracle(conv, x, g, conv_oracle, dtype)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_padding_same_even_kernel_and_padding_modes(rule):
+    dtype = torch.float64
+    for padding_mode in ("zeros", "reflect", "replicate", "circular"):
+        layer = fastfa.nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode=padding_mode, rule=rule, dtype=dtype)
+        reference = torch.nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode=padding_mode, dtype=dtype)
+        reference.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
+        B = expected_feedback(layer)
+        # The oracle: torch's module, with B swapped in for W on the way back.
+        reference_b = torch.nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode=padding_mode, dtype=dtype)
+        reference_b.load_state_dict({"weight": B, "bias": layer.bias.detach()})
+        x = torch.randn(2, 3, 7, 6, dtype=dtype)
+        g = torch.randn(2, 4, 7, 6, dtype=dtype)
+        y, grad_x, grad_w, grad_b = run_layer(layer, x, g)
+        xr = x.clone().requires_grad_(True)
+        yr = reference(xr)
+        yr.backward(g)
+        xb = x.clone().requires_grad_(True)
+        reference_b(xb).backward(g)
+        assert_close(y, yr.detach(), dtype, f"{padding_mode} output")
+        assert_close(grad_x, xb.grad, dtype, f"{padding_mode} grad_input")
+        assert_close(grad_w, reference.weight.grad, dtype, f"{padding_mode} grad_weight")
+        assert_close(grad_b, reference.bias.grad, dtype, f"{padding_mode} grad_bias")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_functional_matches_module(rule):
+    dtype = torch.float64
+    layer = fastfa.nn.Linear(6, 4, rule=rule, dtype=dtype, seed=11 if rule in ("fa", "brsf", "frsf") else None)
+    x = torch.randn(5, 6, dtype=dtype)
+    g = torch.randn(5, 4, dtype=dtype)
+    options = {}
+    if rule in ("fa", "frsf"):
+        options["feedback"] = layer.feedback
+    if rule == "brsf":
+        options.update(seed=11, step=0)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    xf = x.clone().requires_grad_(True)
+    fastfa.functional.linear(xf, w, layer.bias.detach(), rule=rule, **options).backward(g)
+    _, grad_x, grad_w, _ = run_layer(layer, x, g)
+    assert torch.equal(xf.grad, grad_x)
+    assert torch.equal(w.grad, grad_w)
+
+
+def test_fa_regenerated_from_seed_matches_stored():
+    """fa without a stored R regenerates R from (seed, step 0): the same R a layer stores."""
+    layer = fastfa.nn.Conv2d(3, 5, 3, rule="fa", seed=5, init="xavier", dtype=torch.float64)
+    distribution, scale = init_distribution("xavier", layer.weight.shape)
+    expected = oracle.draw(5, 0, layer.weight.shape, distribution.name.lower(), scale)
+    assert torch.equal(layer.feedback, expected)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    fastfa.functional.conv2d(x, layer.weight.detach(), rule="fa", seed=5, init="xavier").sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    fastfa.functional.conv2d(x2, layer.weight.detach(), rule="fa", feedback=layer.feedback).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "xavier", "xiao"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_brsf_draw_distribution_follows_init(init, kind):
+    """brsf's |R_t| has the init's scale, sign(W)'s signs, and changes every step."""
+    layer = (fastfa.nn.Linear(256, 128, rule="brsf", init=init, seed=1) if kind == "linear"
+             else fastfa.nn.Conv2d(64, 64, 3, rule="brsf", init=init, seed=1))
+    distribution, scale = init_distribution(init, layer.weight.shape)
+    first = layer.feedback_weight()
+    assert torch.equal(torch.sign(first), torch.sign(layer.weight.detach()))
+    expected_mean_abs = scale * (0.5 if distribution.name == "UNIFORM" else (2 / torch.pi) ** 0.5)
+    assert abs(float(first.abs().mean()) / expected_mean_abs - 1) < 0.02
+    # Normal draws use libm's log / cos: equal to the oracle to float32 rounding.
+    expected = expected_feedback(layer)
+    torch.testing.assert_close(first, expected, atol=1e-6 * scale, rtol=1e-5)
+    x = torch.randn(2, *((256,) if kind == "linear" else (64, 5, 5)))
+    layer(x).sum().backward()  # one step
+    second = layer.feedback_weight()
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, expected_feedback(layer), atol=1e-6 * scale, rtol=1e-5)
+
+
+def test_sign_of_zero_is_zero_and_scale_options():
+    layer = fastfa.nn.Linear(4, 3, rule="usf", scale=0.5, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.0, 3.0], [0.0, 0.0, -1.0, 1.0], [-0.5, 0.5, 0.0, -0.0]]))
+    B = layer.feedback_weight()
+    assert torch.equal(B, 0.5 * torch.sign(layer.weight.detach()))
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(2, 3, dtype=torch.float64) @ B)
+    for scale in ("xiao", "xavier", "kaiming"):
+        conv = fastfa.nn.Conv2d(8, 16, 3, rule="usf", scale=scale)
+        assert conv.feedback_scale == pytest.approx(sign_scale(scale, conv.weight.shape))
+    assert fastfa.nn.Conv2d(8, 16, 3, rule="usf").feedback_scale == pytest.approx((2 / (9 * 16)) ** 0.5)
+    assert fastfa.nn.Linear(100, 10, rule="usf").feedback_scale == pytest.approx(0.1)
+    assert fastfa.nn.Linear(100, 10, rule="sign_symmetry").rule == "usf"
+
+
+def test_feedback_can_be_overwritten_in_place():
+    layer = fastfa.nn.Linear(5, 3, rule="fa", dtype=torch.float64)
+    R = torch.randn(3, 5, dtype=torch.float64)
+    layer.feedback.copy_(R)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(4, 3, dtype=torch.float64) @ R)
+    assert torch.equal(layer.feedback_weight(), R)
+
+
+def test_alignment_angles():
+    layer = fastfa.nn.Linear(64, 32, rule="bp")
+    assert layer.alignment() == pytest.approx(0.0, abs=1e-5)
+    usf = fastfa.nn.Linear(64, 32, rule="usf")
+    assert 0 < usf.alignment() < 45  # sign(W) is well aligned with W
+    fa = fastfa.nn.Linear(256, 256, rule="fa")
+    assert 80 < fa.alignment() < 100  # an independent R is nearly orthogonal to W
