@@ -7,8 +7,46 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 namespace fastfa {
 namespace {
+
+// Unit draws for `count` consecutive elements. The Philox rounds run over a small array
+// with no branches, so the compiler vectorises them (32x32->64-bit multiplies map to
+// pmuludq); one element at a time they would cost ~25 ns each.
+// With GCC on x86-64 an AVX2 clone (8 lanes) is picked at load time where the CPU has it.
+constexpr int64_t kDrawChunk = 256;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void unit_draws(uint64_t seed, uint64_t step, int64_t begin, int64_t count, Distribution distribution,
+                DrawIndex draw_index, float* xi) {
+  uint32_t word0[kDrawChunk], word1[kDrawChunk];
+  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t step0 = static_cast<uint32_t>(step), step1 = static_cast<uint32_t>(step >> 32);
+  if (draw_index.channels_last) {
+    for (int64_t j = 0; j < count; ++j) {
+      const uint64_t index = draw_index(begin + j);
+      const Philox4x32 bits = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), step0,
+                                            step1, key0, key1);
+      word0[j] = bits.x0;
+      word1[j] = bits.x1;
+    }
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      const uint64_t index = static_cast<uint64_t>(begin + j);
+      const Philox4x32 bits = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), step0,
+                                            step1, key0, key1);
+      word0[j] = bits.x0;
+      word1[j] = bits.x1;
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    xi[j] = unit_from_words(word0[j], word1[j], distribution);
+  }
+}
 
 // One loop per rule, with the rule a compile-time constant: feedback_transform's switch
 // folds away and the loop body is straight-line code the compiler can vectorise.
@@ -18,19 +56,26 @@ void transform_range(const scalar_t* weight, const scalar_t* stored, scalar_t* o
                      DrawIndex draw_index) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kDraws = kRule == Rule::kBatchRandomSignFeedback || kRule == Rule::kFeedbackAlignment;
-  for (int64_t i = begin; i < end; ++i) {
-    opmath_t xi = opmath_t(0), r = opmath_t(0);
-    if constexpr (kDraws) {
-      if (stored == nullptr) {
-        xi = static_cast<opmath_t>(unit_draw(seed, step, draw_index(i), distribution));
-        r = scale * xi; // fa regenerating R from (seed, step, index)
+  if constexpr (kDraws) {
+    if (stored == nullptr) {
+      float xi[kDrawChunk];
+      for (int64_t chunk = begin; chunk < end; chunk += kDrawChunk) {
+        const int64_t count = std::min(kDrawChunk, end - chunk);
+        unit_draws(seed, step, chunk, count, distribution, draw_index, xi);
+        for (int64_t j = 0; j < count; ++j) {
+          const auto x = static_cast<opmath_t>(xi[j]);
+          // r: fa regenerating R = scale * xi from (seed, step, index)
+          out[chunk + j] = static_cast<scalar_t>(
+              feedback_transform<opmath_t>(kRule, static_cast<opmath_t>(weight[chunk + j]), scale * x, x, scale));
+        }
       }
+      return;
     }
-    if (stored != nullptr) {
-      r = static_cast<opmath_t>(stored[i]);
-    }
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const opmath_t r = stored != nullptr ? static_cast<opmath_t>(stored[i]) : opmath_t(0);
     out[i] = static_cast<scalar_t>(
-        feedback_transform<opmath_t>(kRule, static_cast<opmath_t>(weight[i]), r, xi, scale));
+        feedback_transform<opmath_t>(kRule, static_cast<opmath_t>(weight[i]), r, opmath_t(0), scale));
   }
 }
 

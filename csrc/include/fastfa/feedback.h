@@ -76,21 +76,24 @@ FASTFA_HOST_DEVICE float unit_uniform(uint32_t bits) {
   return static_cast<float>(value) * 4.6566127342e-10f;
 }
 
-// The unit draw xi for element `index` of a feedback matrix at training step `step`.
-// Uniform: 2u - 1 in [-1, 1). Normal: Box-Muller on the first two words, as Triton's
-// tl.randn (u1 clamped away from 0 so log stays finite).
-FASTFA_HOST_DEVICE float unit_draw(uint64_t seed, uint64_t step, uint64_t index,
-                                   Distribution distribution) {
+// The unit draw xi from the first two Philox words. Uniform: 2u - 1 in [-1, 1).
+// Normal: Box-Muller as Triton's tl.randn (u1 clamped away from 0 so log stays finite).
+FASTFA_HOST_DEVICE float unit_from_words(uint32_t word0, uint32_t word1, Distribution distribution) {
+  if (distribution == Distribution::kUniform) {
+    return 2.0f * unit_uniform(word0) - 1.0f;
+  }
+  const float u1 = fmaxf(1.0e-7f, unit_uniform(word0));
+  const float u2 = unit_uniform(word1);
+  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+}
+
+// The unit draw xi for element `index` (its row-major index in W's shape) at `step`.
+FASTFA_HOST_DEVICE float unit_draw(uint64_t seed, uint64_t step, uint64_t index, Distribution distribution) {
   const Philox4x32 bits = philox4x32_10(
       static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
       static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  if (distribution == Distribution::kUniform) {
-    return 2.0f * unit_uniform(bits.x0) - 1.0f;
-  }
-  const float u1 = fmaxf(1.0e-7f, unit_uniform(bits.x0));
-  const float u2 = unit_uniform(bits.x1);
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+  return unit_from_words(bits.x0, bits.x1, distribution);
 }
 
 // Draws are keyed by an element's logical (row-major) index in W's shape, so B does

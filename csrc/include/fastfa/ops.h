@@ -1,5 +1,5 @@
 // Declarations of fastfa's kernels and of the aten backend's composite ops.
-// The schemas are declared once, in pybind_src/bindings.cpp; python/fastfa/ops.py
+// The schemas are declared once, in pybind_src/ops_registration.cpp; python/fastfa/ops.py
 // adds their fake (shape) kernels and autograd.
 #pragma once
 
