@@ -21,6 +21,9 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
     check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
     return *feedback; // stored R is used as it is
   }
+  if (weight.is_cpu()) {
+    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution);
+  }
   static const auto transform = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("fastfa::feedback_transform", "")
                                     .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,

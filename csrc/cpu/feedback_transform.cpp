@@ -6,6 +6,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/strides.h>
 
 #include <algorithm>
 
@@ -72,8 +74,12 @@ void transform_range(const scalar_t* weight, const scalar_t* stored, scalar_t* o
       return;
     }
   }
+  constexpr bool kReadsStored = kRule == Rule::kFeedbackAlignment || kRule == Rule::kFixedRandomSignFeedback;
   for (int64_t i = begin; i < end; ++i) {
-    const opmath_t r = stored != nullptr ? static_cast<opmath_t>(stored[i]) : opmath_t(0);
+    opmath_t r = opmath_t(0);
+    if constexpr (kReadsStored) {
+      r = static_cast<opmath_t>(stored[i]);
+    }
     out[i] = static_cast<scalar_t>(
         feedback_transform<opmath_t>(kRule, static_cast<opmath_t>(weight[i]), r, opmath_t(0), scale));
   }
@@ -106,24 +112,18 @@ void transform_kernel(const scalar_t* weight, const scalar_t* stored, scalar_t* 
   });
 }
 
-} // namespace
-
-at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
-                                  const std::optional<at::Tensor>& rng, int64_t rule, double scale,
-                                  int64_t distribution) {
-  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
-  TORCH_CHECK(weight.device().is_cpu(), "fastfa: feedback_transform_cpu needs a CPU weight, got ",
-              weight.device());
+// Writes B = T(W) into `out`, which has W's shape and the dense layout of memory_format.
+void transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                    const std::optional<at::Tensor>& rng, int64_t rule, double scale, int64_t distribution,
+                    at::MemoryFormat memory_format, at::Tensor& out) {
   const auto kind = static_cast<Rule>(rule);
   const bool has_feedback = feedback.has_value() && feedback->defined();
   const bool uses_stored = has_feedback && (kind == Rule::kFeedbackAlignment ||
                                             kind == Rule::kFixedRandomSignFeedback);
   // The kernel walks W, R and B with one flat index, so all three share W's layout
-  // (channels_last included) and B comes back in that layout.
-  const auto memory_format = weight.suggest_memory_format();
+  // (channels_last included).
   const at::Tensor w = weight.contiguous(memory_format);
   const at::Tensor r = uses_stored ? feedback->contiguous(memory_format) : at::Tensor();
-  at::Tensor out = at::empty_like(w, w.options(), memory_format);
   DrawIndex draw_index;
   if (memory_format == at::MemoryFormat::ChannelsLast) {
     draw_index = {true, static_cast<uint64_t>(w.size(1)), static_cast<uint64_t>(w.size(2)),
@@ -136,14 +136,52 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
     step = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
   }
   if (w.numel() == 0) {
-    return out;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "feedback_transform_cpu", [&] {
-    transform_kernel<scalar_t>(w.const_data_ptr<scalar_t>(),
-                               uses_stored ? r.const_data_ptr<scalar_t>() : nullptr,
+    transform_kernel<scalar_t>(w.const_data_ptr<scalar_t>(), uses_stored ? r.const_data_ptr<scalar_t>() : nullptr,
                                out.mutable_data_ptr<scalar_t>(), w.numel(), kind, scale,
                                static_cast<Distribution>(distribution), seed, step, draw_index);
   });
+}
+
+void check_cpu(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu(), "fastfa: the CPU feedback transform needs a CPU weight, got ",
+              weight.device());
+}
+
+} // namespace
+
+at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                  const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                  int64_t distribution) {
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  check_cpu(weight);
+  const auto memory_format = weight.suggest_memory_format();
+  at::Tensor out = at::empty_like(weight, weight.options(), memory_format);
+  transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, out);
+  return out;
+}
+
+at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                     const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                     int64_t distribution) {
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  check_cpu(weight);
+  // A fresh W-sized tensor each step costs a page fault per 4 KiB on first touch (the CPU
+  // allocator returns large blocks to the OS): at 4096x4096 that is 5x the transform
+  // itself. One buffer per thread, kept between steps, has no such cost.
+  thread_local at::Tensor workspace;
+  const int64_t numel = weight.numel();
+  if (!workspace.defined() || workspace.numel() < numel || workspace.scalar_type() != weight.scalar_type()) {
+    workspace = at::Tensor(); // free the old buffer before allocating the new one
+    workspace = at::empty({numel}, weight.options());
+  }
+  const auto memory_format = weight.suggest_memory_format();
+  at::Tensor out = memory_format == at::MemoryFormat::ChannelsLast
+                       ? workspace.as_strided(weight.sizes(), c10::get_channels_last_strides_2d(weight.sizes()))
+                       : workspace.as_strided(weight.sizes(), c10::contiguous_strides(weight.sizes()));
+  transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, out);
   return out;
 }
 

@@ -23,6 +23,11 @@ void check_feedback_arguments(const at::Tensor& weight, const std::optional<at::
 at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                   const std::optional<at::Tensor>& rng, int64_t rule, double scale,
                                   int64_t distribution);
+// The same B for the aten backend's own backward on the CPU, written into a per-thread
+// buffer kept between steps: valid until the next call on this thread.
+at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                                     const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+                                     int64_t distribution);
 #ifdef FASTFA_WITH_CUDA
 at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                    const std::optional<at::Tensor>& rng, int64_t rule, double scale,
