@@ -2,8 +2,8 @@
 
 Nothing here imports fastfa's kernels. The generator is Philox-4x32-10 as Salmon et
 al. define it (and Triton's tl.philox runs it), keyed by the seed, with counter
-(index lo, index hi, step lo, step hi); the unit draw turns its bits into U(-1, 1) or
-N(0, 1) as the spec's "counter-based generator" note describes.
+(block lo, block hi, step lo, step hi), block = element index // 4; the unit draw turns
+its words into U(-1, 1) or N(0, 1) as the spec's "counter-based generator" note describes.
 """
 
 from __future__ import annotations
@@ -38,15 +38,25 @@ def unit_uniform(bits) -> np.ndarray:
 
 
 def unit_draw(seed: int, step: int, numel: int, distribution: str) -> np.ndarray:
-    """xi for elements 0..numel-1 (row-major index in W's shape), float32."""
-    index = np.arange(numel, dtype=np.uint64)
-    words = philox4x32_10(index & MASK, index >> np.uint64(32), np.uint64(step) & MASK,
+    """xi for elements 0..numel-1 (row-major index in W's shape), float32.
+
+    Element i takes word i % 4 of the Philox block at counter (i // 4, step); normal draws
+    are Box-Muller on the word pairs (0, 1) and (2, 3): cos for the even element, sin for the odd.
+    """
+    block = np.arange((numel + 3) // 4, dtype=np.uint64)
+    words = philox4x32_10(block & MASK, block >> np.uint64(32), np.uint64(step) & MASK,
                           np.uint64(step) >> np.uint64(32), np.uint64(seed) & MASK, np.uint64(seed) >> np.uint64(32))
+    uniform = [unit_uniform(w) for w in words]
     if distribution == "uniform":
-        return np.float32(2.0) * unit_uniform(words[0]) - np.float32(1.0)
-    u1 = np.maximum(np.float32(1e-7), unit_uniform(words[0]))
-    u2 = unit_uniform(words[1])
-    return (np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32)
+        xi = np.stack([np.float32(2.0) * u - np.float32(1.0) for u in uniform], axis=1)
+    else:
+        normals = []
+        for u1, u2 in ((uniform[0], uniform[1]), (uniform[2], uniform[3])):
+            radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(np.float32(1e-7), u1)))
+            angle = np.float32(6.283185307179586) * u2
+            normals += [radius * np.cos(angle), radius * np.sin(angle)]
+        xi = np.stack(normals, axis=1)
+    return xi.reshape(-1)[:numel].astype(np.float32)
 
 
 def draw(seed: int, step: int, shape, distribution: str, scale: float, dtype=torch.float64) -> torch.Tensor:

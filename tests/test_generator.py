@@ -84,7 +84,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_philox_reproduces_the_same_stream():
-    """A Triton kernel calling tl.philox with fastfa's counter layout gets the same bits."""
+    """A Triton kernel calling tl.philox on (block, step) counters gets the same bits as fastfa."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, os.path.dirname(__file__)], env=env,

@@ -25,28 +25,48 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 void unit_draws(uint64_t seed, uint64_t step, int64_t begin, int64_t count, Distribution distribution,
                 DrawIndex draw_index, float* xi) {
-  uint32_t word0[kDrawChunk], word1[kDrawChunk];
+  if (draw_index.channels_last) {
+    // Logical indices are not consecutive in memory: one block per element.
+    for (int64_t j = 0; j < count; ++j) {
+      xi[j] = unit_draw(seed, step, draw_index(begin + j), distribution);
+    }
+    return;
+  }
+  // The blocks covering [begin, begin + count): Philox over the blocks into one array per
+  // word (unit-stride stores, so the rounds vectorise), then the words laid out by element.
+  const int64_t first_block = begin >> 2;
+  const int64_t blocks = ((begin + count - 1) >> 2) - first_block + 1;
+  constexpr int64_t kMaxBlocks = kDrawChunk / 4 + 2;
+  uint32_t word0[kMaxBlocks], word1[kMaxBlocks], word2[kMaxBlocks], word3[kMaxBlocks];
   const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t step0 = static_cast<uint32_t>(step), step1 = static_cast<uint32_t>(step >> 32);
-  if (draw_index.channels_last) {
-    for (int64_t j = 0; j < count; ++j) {
-      const uint64_t index = draw_index(begin + j);
-      const Philox4x32 bits = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), step0,
-                                            step1, key0, key1);
-      word0[j] = bits.x0;
-      word1[j] = bits.x1;
-    }
-  } else {
-    for (int64_t j = 0; j < count; ++j) {
-      const uint64_t index = static_cast<uint64_t>(begin + j);
-      const Philox4x32 bits = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), step0,
-                                            step1, key0, key1);
-      word0[j] = bits.x0;
-      word1[j] = bits.x1;
-    }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint64_t block = static_cast<uint64_t>(first_block + b);
+    const Philox4x32 bits =
+        philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), step0, step1, key0, key1);
+    word0[b] = bits.x0;
+    word1[b] = bits.x1;
+    word2[b] = bits.x2;
+    word3[b] = bits.x3;
   }
+  uint32_t words[4 * kMaxBlocks];
+  for (int64_t b = 0; b < blocks; ++b) {
+    words[4 * b] = word0[b];
+    words[4 * b + 1] = word1[b];
+    words[4 * b + 2] = word2[b];
+    words[4 * b + 3] = word3[b];
+  }
+  const uint32_t* element_words = words + (begin - 4 * first_block);
+  if (distribution == Distribution::kUniform) {
+    for (int64_t j = 0; j < count; ++j) {
+      xi[j] = 2.0f * unit_uniform(element_words[j]) - 1.0f;
+    }
+    return;
+  }
+  const int64_t offset = begin - 4 * first_block;
   for (int64_t j = 0; j < count; ++j) {
-    xi[j] = unit_from_words(word0[j], word1[j], distribution);
+    const int64_t element = offset + j;
+    xi[j] = unit_from_words(words + (element & ~int64_t(3)), static_cast<uint32_t>(element & 3), distribution);
   }
 }
 

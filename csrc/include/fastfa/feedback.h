@@ -41,7 +41,8 @@ FASTFA_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
 }
 
 // Philox-4x32-10 (Salmon et al. 2011), the counter-based generator of cuRAND and
-// Triton's tl.philox. Counter: (index lo, index hi, step lo, step hi); key: the seed.
+// Triton's tl.philox. Counter: (block lo, block hi, step lo, step hi) with block = the
+// element's index / 4; key: the seed.
 // The same (seed, step, index) gives the same bits on every backend and device, so a
 // kernel can regenerate R_t instead of storing it, and Triton's
 // tl.philox(seed, c0, c1, c2, c3) reproduces it element for element.
@@ -76,24 +77,34 @@ FASTFA_HOST_DEVICE float unit_uniform(uint32_t bits) {
   return static_cast<float>(value) * 4.6566127342e-10f;
 }
 
-// The unit draw xi from the first two Philox words. Uniform: 2u - 1 in [-1, 1).
-// Normal: Box-Muller as Triton's tl.randn (u1 clamped away from 0 so log stays finite).
-FASTFA_HOST_DEVICE float unit_from_words(uint32_t word0, uint32_t word1, Distribution distribution) {
+// Element `index` takes word index % 4 of the Philox block at counter index / 4, so one
+// Philox call gives four draws. Uniform: 2u - 1 in [-1, 1). Normal: Box-Muller on the
+// word pairs (0, 1) and (2, 3), cos for the even element of a pair and sin for the odd,
+// as Triton's pair_uniform_to_normal (u1 clamped away from 0 so log stays finite).
+FASTFA_HOST_DEVICE float unit_from_words(const uint32_t* words, uint32_t lane, Distribution distribution) {
   if (distribution == Distribution::kUniform) {
-    return 2.0f * unit_uniform(word0) - 1.0f;
+    return 2.0f * unit_uniform(words[lane]) - 1.0f;
   }
-  const float u1 = fmaxf(1.0e-7f, unit_uniform(word0));
-  const float u2 = unit_uniform(word1);
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+  const uint32_t pair = lane & ~1u;
+  const float u1 = fmaxf(1.0e-7f, unit_uniform(words[pair]));
+  const float u2 = unit_uniform(words[pair + 1]);
+  const float radius = sqrtf(-2.0f * logf(u1));
+  const float angle = 6.283185307179586f * u2;
+  return (lane & 1u) ? radius * sinf(angle) : radius * cosf(angle);
+}
+
+// The Philox block holding element `index`'s draw at `step`.
+FASTFA_HOST_DEVICE Philox4x32 draw_block(uint64_t seed, uint64_t step, uint64_t block) {
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                       static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // The unit draw xi for element `index` (its row-major index in W's shape) at `step`.
 FASTFA_HOST_DEVICE float unit_draw(uint64_t seed, uint64_t step, uint64_t index, Distribution distribution) {
-  const Philox4x32 bits = philox4x32_10(
-      static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
-      static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return unit_from_words(bits.x0, bits.x1, distribution);
+  const Philox4x32 bits = draw_block(seed, step, index >> 2);
+  const uint32_t words[4] = {bits.x0, bits.x1, bits.x2, bits.x3};
+  return unit_from_words(words, static_cast<uint32_t>(index & 3u), distribution);
 }
 
 // Draws are keyed by an element's logical (row-major) index in W's shape, so B does
