@@ -28,20 +28,23 @@ TORCH_LIBRARY(fastfa, m) {
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastfa, CPU, m) {
-  m.impl("feedback_transform", &fastfa::feedback_transform_cpu);
+namespace {
+
+// The aten backend's composite ops are the same functions on both devices (ATen picks
+// oneDNN / MKL or cuBLAS / cuDNN); only the transform kernel differs.
+template <typename Transform>
+void register_kernels(torch::Library& m, Transform transform) {
+  m.impl("feedback_transform", transform);
   m.impl("linear", &fastfa::linear_forward);
   m.impl("linear_backward", &fastfa::linear_backward);
   m.impl("conv2d", &fastfa::conv2d_forward);
   m.impl("conv2d_backward", &fastfa::conv2d_backward);
 }
 
+} // namespace
+
+TORCH_LIBRARY_IMPL(fastfa, CPU, m) { register_kernels(m, &fastfa::feedback_transform_cpu); }
+
 #ifdef FASTFA_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastfa, CUDA, m) {
-  m.impl("feedback_transform", &fastfa::feedback_transform_cuda);
-  m.impl("linear", &fastfa::linear_forward);
-  m.impl("linear_backward", &fastfa::linear_backward);
-  m.impl("conv2d", &fastfa::conv2d_forward);
-  m.impl("conv2d_backward", &fastfa::conv2d_backward);
-}
+TORCH_LIBRARY_IMPL(fastfa, CUDA, m) { register_kernels(m, &fastfa::feedback_transform_cuda); }
 #endif

@@ -128,6 +128,17 @@ def feedback_arguments(rule, weight_shape, device, options: dict):
     return spec, float(scale), int(distribution), rng
 
 
+def _prepare(input, weight, bias, feedback, rng, spec):
+    """The checks every layer kind shares, with autocast applied in between."""
+    if spec.draws_every_step and rng is None:
+        raise ValueError(f"rule {spec.name!r} draws its feedback every step: pass seed= (and step=) or rng=")
+    _check_tensor("input", input)
+    _check_tensor("weight", weight)
+    input, weight, bias, feedback = _autocast(input.device.type, input, weight, bias, feedback)
+    _check_layer(input, weight, bias, feedback, rng, spec)
+    return input, weight, bias, feedback
+
+
 def _autocast(device_type: str, *tensors):
     """Under autocast, the layer runs in the autocast dtype, as torch's own linear / conv2d do."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
@@ -139,12 +150,7 @@ def _autocast(device_type: str, *tensors):
 def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution: int, activation: str,
             backend=None):
     """The module and functional entry: checked arguments in, one op per pass."""
-    if spec.draws_every_step and rng is None:
-        raise ValueError(f"rule {spec.name!r} draws its feedback every step: pass seed= (and step=) or rng=")
-    _check_tensor("input", input)
-    _check_tensor("weight", weight)
-    input, weight, bias, feedback = _autocast(input.device.type, input, weight, bias, feedback)
-    _check_layer(input, weight, bias, feedback, rng, spec)
+    input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     _check_tensor("weight", weight, dims=(2,))
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"input's last dimension must be in_features={weight.shape[1]} "
@@ -220,12 +226,7 @@ def conv2d_geometry(input_shape, weight_shape, stride, padding, dilation, groups
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale: float,
             distribution: int, activation: str, backend=None):
-    if spec.draws_every_step and rng is None:
-        raise ValueError(f"rule {spec.name!r} draws its feedback every step: pass seed= (and step=) or rng=")
-    _check_tensor("input", input)
-    _check_tensor("weight", weight)
-    input, weight, bias, feedback = _autocast(input.device.type, input, weight, bias, feedback)
-    _check_layer(input, weight, bias, feedback, rng, spec)
+    input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     _check_tensor("input", input, dims=(3, 4))
     _check_tensor("weight", weight, dims=(4,))
     stride, padding, extra, dilation, groups = conv2d_geometry(input.shape, weight.shape, stride, padding,

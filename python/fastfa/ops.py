@@ -91,13 +91,13 @@ def _conv2d_backward_fake(grad_output, input, weight, feedback, rng, activation_
     return _masked(gradients, output_mask, input, weight)
 
 
-def _save_activation(ctx, output, activation_saved, activation):
+def _activation_for_backward(output, activation_saved, activation):
     return output if activation in _DERIVATIVE_FROM_OUTPUT else activation_saved
 
 
 def _linear_setup_context(ctx, inputs, output):
     input, weight, bias, feedback, rng, rule, scale, distribution, activation = inputs
-    ctx.save_for_backward(input, weight, feedback, rng, _save_activation(ctx, output[0], output[1], activation))
+    ctx.save_for_backward(input, weight, feedback, rng, _activation_for_backward(output[0], output[1], activation))
     ctx.feedback_args = (rule, scale, distribution, activation)
     ctx.has_bias = bias is not None
 
@@ -118,7 +118,7 @@ def _linear_backward(ctx, grad_output, _grad_activation_saved):
 def _conv2d_setup_context(ctx, inputs, output):
     (input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution,
      activation) = inputs
-    ctx.save_for_backward(input, weight, feedback, rng, _save_activation(ctx, output[0], output[1], activation))
+    ctx.save_for_backward(input, weight, feedback, rng, _activation_for_backward(output[0], output[1], activation))
     ctx.geometry = (stride, padding, dilation, groups)
     ctx.feedback_args = (rule, scale, distribution, activation)
     ctx.has_bias = bias is not None
