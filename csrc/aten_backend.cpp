@@ -18,8 +18,7 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
     return weight; // no pass over W: backprop is exactly torch's own backward
   }
   if (kind == Rule::kFeedbackAlignment && feedback.has_value() && feedback->defined()) {
-    check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
-    return *feedback; // stored R is used as it is
+    return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
   }
   if (weight.is_cpu()) {
     return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution);

@@ -27,13 +27,35 @@ __global__ void feedback_transform_kernel(const scalar_t* __restrict__ weight,
   const uint64_t step = rng != nullptr ? static_cast<uint64_t>(rng[1]) : 0;
   const bool draws = rule == Rule::kBatchRandomSignFeedback ||
                      (rule == Rule::kFeedbackAlignment && stored == nullptr);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const opmath_t xi =
-        draws ? static_cast<opmath_t>(unit_draw(seed, step, draw_index(i), distribution)) : opmath_t(0);
-    const opmath_t r = stored != nullptr ? static_cast<opmath_t>(stored[i]) : s * xi;
-    const opmath_t w = static_cast<opmath_t>(weight[i]);
-    out[i] = static_cast<scalar_t>(feedback_transform<opmath_t>(rule, w, r, xi, s));
+  // A thread takes four consecutive elements: in W's row-major layout they share one
+  // Philox block (element i takes word i % 4 of block i / 4), so each block is computed once.
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t group = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; group < groups;
+       group += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t words[4] = {0, 0, 0, 0};
+    if (draws && !draw_index.channels_last) {
+      const Philox4x32 bits = draw_block(seed, step, static_cast<uint64_t>(group));
+      words[0] = bits.x0;
+      words[1] = bits.x1;
+      words[2] = bits.x2;
+      words[3] = bits.x3;
+    }
+#pragma unroll
+    for (uint32_t lane = 0; lane < 4; ++lane) {
+      const int64_t i = 4 * group + lane;
+      if (i >= numel) {
+        break;
+      }
+      opmath_t xi = opmath_t(0);
+      if (draws) {
+        // channels_last: logical indices are not consecutive in memory, one block each.
+        xi = static_cast<opmath_t>(draw_index.channels_last ? unit_draw(seed, step, draw_index(i), distribution)
+                                                            : unit_from_words(words, lane, distribution));
+      }
+      const opmath_t r = stored != nullptr ? static_cast<opmath_t>(stored[i]) : s * xi;
+      const opmath_t w = static_cast<opmath_t>(weight[i]);
+      out[i] = static_cast<scalar_t>(feedback_transform<opmath_t>(rule, w, r, xi, s));
+    }
   }
 }
 
@@ -68,7 +90,8 @@ at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional
   constexpr int kThreads = 256;
   const int64_t max_blocks =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  const int blocks = static_cast<int>(std::min((numel + kThreads - 1) / kThreads, max_blocks));
+  const int64_t groups = (numel + 3) / 4; // four elements per thread
+  const int blocks = static_cast<int>(std::min((groups + kThreads - 1) / kThreads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "feedback_transform_cuda", [&] {
     feedback_transform_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
