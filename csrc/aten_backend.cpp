@@ -7,6 +7,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <functional>
+
 namespace fastfa {
 namespace {
 
@@ -128,71 +131,185 @@ void check_conv2d_arguments(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor empty_gradient(const at::Tensor& like) { return like.new_empty({0}); }
 
-} // namespace
+// The alignment primitives of learning-rules.md for one layer kind: project(x, M) = x M^T
+// (conv: conv2d(x, M)), outer(r, x) = r^T x (conv: conv2d_weight(x, W.shape, r)),
+// back(r, M) = r M (conv: the transposed convolution of r with M); means over `batch`.
+struct AlignmentMaps {
+  std::function<at::Tensor(const at::Tensor&, const at::Tensor&)> project, outer, back;
+  int64_t batch;
+};
 
-std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
-                                                  const std::optional<at::Tensor>& bias,
-                                                  const std::optional<at::Tensor>& feedback,
-                                                  const std::optional<at::Tensor>& rng, int64_t rule,
-                                                  double scale, int64_t distribution,
-                                                  c10::string_view activation) {
-  check_linear_arguments(input, weight, bias);
-  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
-  return activation_forward(at::linear(input, weight, bias), parse_activation(activation));
+void check_alignment(at::ArrayRef<double> alignment) {
+  TORCH_CHECK(alignment.size() == 4, "fastfa: alignment must be [alpha, beta, gamma, sigma], got ",
+              alignment.size(), " values");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+// xi ~ N(0, sigma^2) shaped like x, from the same counter-based generator as brsf's draws
+// (the fa-regeneration path of the transform, with x standing in for a weight of x's shape).
+at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tensor>& rng, double sigma) {
+  const at::Tensor like = x.contiguous();
+  if (like.is_cpu()) {
+    return feedback_transform_cpu(like, std::nullopt, rng, static_cast<int64_t>(Rule::kFeedbackAlignment), sigma,
+                                  static_cast<int64_t>(Distribution::kNormal));
+  }
+  static const auto transform = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("fastfa::feedback_transform", "")
+                                    .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                      const std::optional<at::Tensor>&, int64_t, double,
+                                                      int64_t)>();
+  return transform.call(like, std::nullopt, rng, static_cast<int64_t>(Rule::kFeedbackAlignment), sigma,
+                        static_cast<int64_t>(Distribution::kNormal));
+}
+
+// B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
+// B gets no task gradient, only the alignment terms (kp: W's task gradient).
+at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Tensor& weight,
+                             const at::Tensor& grad_weight, const at::Tensor& input, const at::Tensor& projection,
+                             const std::optional<at::Tensor>& rng, at::ArrayRef<double> alignment,
+                             const AlignmentMaps& maps) {
+  const double alpha = alignment[0], beta = alignment[1], gamma = alignment[2], sigma = alignment[3];
+  const double batch = static_cast<double>(std::max<int64_t>(maps.batch, 1));
+  switch (rule) {
+  case Rule::kKolenPollack: // grad_W + alpha * decay
+    return grad_weight + feedback * (2.0 * alpha);
+  case Rule::kSymmetricAlignment: // alpha * decay + beta * self
+    return feedback * (2.0 * alpha) - weight * beta;
+  case Rule::kWeightMirror: { // alpha * decay + beta * amp, with x replaced by noise
+    const at::Tensor noise = weight_mirror_noise(input, rng, sigma);
+    return feedback * (2.0 * alpha) - maps.outer(maps.project(noise, weight), noise) * (beta / batch);
+  }
+  case Rule::kActivationAlignment: // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
+    return maps.outer(maps.project(input, feedback) * (2.0 * alpha) - projection * beta, input) / batch;
+  case Rule::kInformationAlignment: // alpha * amp + beta * null + gamma * decay, linear in outer's x
+    return maps.outer(projection, input * (-alpha / batch) + maps.back(projection, feedback) * (2.0 * beta / batch)) +
+           feedback * (2.0 * gamma);
+  default:
+    TORCH_CHECK(false, "fastfa: rule ", static_cast<int64_t>(rule), " does not estimate its feedback");
+  }
+}
+
+// B's gradient in B's own layout, whatever layout the primitives' ATen calls chose.
+at::Tensor in_layout_of(const at::Tensor& gradient, const at::Tensor& like) {
+  return gradient.contiguous(like.suggest_memory_format());
+}
+
+bool saves_projection(int64_t rule) {
+  const auto kind = static_cast<Rule>(rule);
+  return kind == Rule::kActivationAlignment || kind == Rule::kInformationAlignment;
+}
+
+// z = r + b from r = x W^T (or conv2d(x, W)) without bias, so that r can be kept for the
+// backward (aa, ia) at the cost of one add; z is a new tensor the activation may overwrite.
+at::Tensor add_bias(const at::Tensor& projection, const std::optional<at::Tensor>& bias, int64_t channel_dim) {
+  if (!bias.has_value() || !bias->defined()) {
+    return projection.clone();
+  }
+  std::vector<int64_t> shape(projection.dim(), 1);
+  shape[channel_dim] = bias->size(0);
+  return projection + bias->view(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> with_projection(std::tuple<at::Tensor, at::Tensor> outputs,
+                                                               at::Tensor projection) {
+  return {std::get<0>(outputs), std::get<1>(outputs), std::move(projection)};
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation) {
+  check_linear_arguments(input, weight, bias);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  check_alignment(alignment);
+  const Activation kind = parse_activation(activation);
+  if (saves_projection(rule)) {
+    at::Tensor projection = at::linear(input, weight);
+    return with_projection(activation_forward(add_bias(projection, bias, projection.dim() - 1), kind), projection);
+  }
+  return with_projection(activation_forward(at::linear(input, weight, bias), kind), input.new_empty({0}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
-    const at::Tensor& activation_saved, int64_t rule, double scale, int64_t distribution,
-    c10::string_view activation, std::array<bool, 3> output_mask) {
+    const at::Tensor& activation_saved, const at::Tensor& projection, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask) {
   check_linear_arguments(input, weight, std::nullopt);
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  check_alignment(alignment);
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   const int64_t rows = in_features > 0 ? input.numel() / in_features
                                        : c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
   TORCH_CHECK(grad_output.numel() == rows * out_features, "fastfa: grad_output must have ", rows * out_features,
               " elements (", rows, " rows of ", out_features, "), got shape ", grad_output.sizes());
+  const auto kind = static_cast<Rule>(rule);
+  const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
   // Leading dimensions fold into one batch of rows: y = x W^T + b, delta = dL/dz.
   const at::Tensor delta =
       activation_backward(grad_output, activation_saved, parse_activation(activation)).reshape({rows, out_features});
-  at::Tensor grad_input, grad_weight, grad_bias;
+  const at::Tensor x = input.reshape({rows, in_features});
+  at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
-    // grad_x = delta B: the only place the rule enters.
+    // grad_x = delta B: the only place the rule enters the task gradients.
     grad_input = at::mm(delta, feedback_for_backward(weight, feedback, rng, rule, scale, distribution))
                      .view(input.sizes());
   }
-  if (output_mask[1]) {
-    grad_weight = at::mm(delta.t(), input.reshape({rows, in_features})); // delta^T x, every rule
+  if (output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack)) {
+    grad_weight = at::mm(delta.t(), x); // delta^T x, every rule
   }
   if (output_mask[2]) {
     grad_bias = delta.sum(0);
   }
+  if (feedback_grad) {
+    const AlignmentMaps maps{
+        [](const at::Tensor& a, const at::Tensor& m) { return at::mm(a, m.t()); },
+        [](const at::Tensor& r, const at::Tensor& a) { return at::mm(r.t(), a); },
+        [](const at::Tensor& r, const at::Tensor& m) { return at::mm(r, m); }, rows};
+    const at::Tensor r = projection.numel() > 0 ? projection.reshape({rows, out_features}) : projection;
+    grad_feedback =
+        in_layout_of(feedback_gradient(kind, *feedback, weight, grad_weight, x, r, rng, alignment, maps), *feedback);
+  }
   return {output_mask[0] ? grad_input : empty_gradient(input),
           output_mask[1] ? grad_weight : empty_gradient(weight),
-          output_mask[2] ? grad_bias : empty_gradient(weight)};
+          output_mask[2] ? grad_bias : empty_gradient(weight),
+          feedback_grad ? grad_feedback : empty_gradient(weight)};
 }
 
-std::tuple<at::Tensor, at::Tensor> conv2d_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    int64_t rule, double scale, int64_t distribution, c10::string_view activation) {
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation) {
   check_conv2d_arguments(input, weight, bias, groups);
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
-  return activation_forward(at::convolution(input, weight, bias, stride, padding, dilation,
-                                            /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
-                            parse_activation(activation));
+  check_alignment(alignment);
+  const Activation kind = parse_activation(activation);
+  if (saves_projection(rule)) {
+    at::Tensor projection = at::convolution(input, weight, std::nullopt, stride, padding, dilation,
+                                            /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+    return with_projection(activation_forward(add_bias(projection, bias, 1), kind), projection);
+  }
+  return with_projection(activation_forward(at::convolution(input, weight, bias, stride, padding, dilation,
+                                                            /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
+                                            kind),
+                         input.new_empty({0}));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
-    const at::Tensor& activation_saved, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale, int64_t distribution,
-    c10::string_view activation, std::array<bool, 3> output_mask) {
+    const at::Tensor& activation_saved, const at::Tensor& projection, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask) {
   check_conv2d_arguments(input, weight, std::nullopt, groups);
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  check_alignment(alignment);
+  const auto kind = static_cast<Rule>(rule);
+  const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
   const at::Tensor delta = activation_backward(grad_output, activation_saved, parse_activation(activation));
   // grad_x is the transposed convolution of delta with B, and grad_W does not read the
   // filter's values, only its shape: one convolution_backward call with B in W's place
@@ -201,12 +318,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                                 ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution)
                                 : weight;
   const std::vector<int64_t> bias_sizes{weight.size(0)};
+  const std::array<bool, 3> mask{output_mask[0], output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack),
+                                 output_mask[2]};
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-      delta, input, filter, output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
-      padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, output_mask);
+      delta, input, filter, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding,
+      dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
+  at::Tensor grad_feedback;
+  if (feedback_grad) {
+    const auto convolve = [&](const at::Tensor& x, const at::Tensor& m) {
+      return at::convolution(x, m, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
+    };
+    const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x) {
+      return std::get<1>(at::convolution_backward(r, x, weight, std::nullopt, stride, padding, dilation, false,
+                                                  {0, 0}, groups, {false, true, false}));
+    };
+    const auto transposed = [&](const at::Tensor& r, const at::Tensor& m) {
+      return std::get<0>(at::convolution_backward(r, input, m, std::nullopt, stride, padding, dilation, false,
+                                                  {0, 0}, groups, {true, false, false}));
+    };
+    const AlignmentMaps maps{convolve, filter_gradient, transposed, input.size(0)};
+    grad_feedback = in_layout_of(
+        feedback_gradient(kind, *feedback, weight, grad_weight, input, projection, rng, alignment, maps), *feedback);
+  }
   return {output_mask[0] ? grad_input : empty_gradient(input),
           output_mask[1] ? grad_weight : empty_gradient(weight),
-          output_mask[2] ? grad_bias : empty_gradient(weight)};
+          output_mask[2] ? grad_bias : empty_gradient(weight),
+          feedback_grad ? grad_feedback : empty_gradient(weight)};
 }
 
 } // namespace fastfa

@@ -20,11 +20,12 @@ void check_feedback_arguments(const at::Tensor& weight, const std::optional<at::
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
               "fastfa: weight must be a floating-point tensor, got ", weight.scalar_type());
   const auto kind = static_cast<Rule>(rule);
-  const bool needs_stored = kind == Rule::kFixedRandomSignFeedback;
+  const bool needs_stored = kind == Rule::kFixedRandomSignFeedback || estimates_feedback(kind);
   const bool takes_stored = needs_stored || kind == Rule::kFeedbackAlignment;
   const bool has_feedback = feedback.has_value() && feedback->defined();
   if (needs_stored) {
-    TORCH_CHECK(has_feedback, "fastfa: rule frsf needs the stored feedback tensor R");
+    TORCH_CHECK(has_feedback, "fastfa: rule ", rule, " needs the stored feedback tensor (R for frsf, B for the ",
+                "estimated rules)");
   }
   if (has_feedback && takes_stored) {
     TORCH_CHECK(feedback->sizes() == weight.sizes(), "fastfa: feedback must have weight's shape ",
@@ -35,7 +36,7 @@ void check_feedback_arguments(const at::Tensor& weight, const std::optional<at::
     TORCH_CHECK(feedback->device() == weight.device(), "fastfa: feedback must be on weight's device ",
                 weight.device(), ", got ", feedback->device());
   }
-  const bool draws = kind == Rule::kBatchRandomSignFeedback ||
+  const bool draws = kind == Rule::kBatchRandomSignFeedback || kind == Rule::kWeightMirror ||
                      (kind == Rule::kFeedbackAlignment && !has_feedback);
   if (draws) {
     TORCH_CHECK(rng.has_value() && rng->defined(),

@@ -7,6 +7,9 @@
 //   rule          fastfa::Rule id (python/fastfa/rules.py)
 //   scale         s of usf, the draw's scale for brsf / drawn fa
 //   distribution  0 uniform, 1 normal (the unit draw of R)
+//   alignment     [alpha, beta, gamma, sigma] of the estimated rules (kp, wm, sa, aa, ia)
+// Forward ops return (output, activation_saved, projection r = x W^T for aa / ia);
+// backward ops (grad_input, grad_weight, grad_bias, grad_feedback), masked ones empty.
 #include "fastfa/ops.h"
 
 #include <torch/library.h>
@@ -15,17 +18,17 @@ TORCH_LIBRARY(fastfa, m) {
   m.def("feedback_transform(Tensor weight, Tensor? feedback, Tensor? rng, int rule, float scale, "
         "int distribution) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, int rule, "
-        "float scale, int distribution, str activation) -> (Tensor, Tensor)");
+        "float scale, int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)");
   m.def("linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, "
-        "Tensor? rng, Tensor activation_saved, int rule, float scale, int distribution, "
-        "str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "Tensor? rng, Tensor activation_saved, Tensor projection, int rule, float scale, int distribution, "
+        "float[] alignment, str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, int rule, float scale, "
-        "int distribution, str activation) -> (Tensor, Tensor)");
+        "int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)");
   m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, "
-        "Tensor? rng, Tensor activation_saved, int[2] stride, int[2] padding, int[2] dilation, "
-        "int groups, int rule, float scale, int distribution, str activation, "
-        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "Tensor? rng, Tensor activation_saved, Tensor projection, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, int rule, float scale, int distribution, float[] alignment, "
+        "str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

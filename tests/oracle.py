@@ -85,10 +85,14 @@ def feedback_matrix(rule: str, weight: torch.Tensor, *, feedback=None, seed=None
         b = draw(seed, step, weight.shape, distribution, scale, weight.dtype).abs() * sign
     elif rule == "frsf":
         b = _in_opmath(feedback, weight.dtype).abs() * sign
+    elif rule in ESTIMATED:
+        b = _in_opmath(feedback, weight.dtype)  # the learned B
     else:
         raise ValueError(rule)
     return b.to(weight.dtype)
 
+
+ESTIMATED = ("kp", "wm", "sa", "aa", "ia")
 
 ACTIVATIONS = {
     "none": lambda z: z,

@@ -57,8 +57,9 @@ def test_gradcheck_bp_all_inputs(activation):
 @pytest.mark.parametrize("rule", fastfa.RULES)
 def test_gradcheck_weight_and_bias_for_every_rule(rule):
     """Every rule keeps the true weight and bias gradients: gradcheck holds for W and b."""
-    options = {"feedback": torch.randn(3, 5, dtype=F64)} if rule in ("fa", "frsf") else {}
-    if rule == "brsf":
+    stored = rule in ("fa", "frsf", "kp", "wm", "sa", "aa", "ia")
+    options = {"feedback": torch.randn(3, 5, dtype=F64)} if stored else {}
+    if rule in ("brsf", "wm"):
         options.update(seed=3, step=7)
     x = torch.randn(4, 5, dtype=F64)
     w = torch.randn(3, 5, dtype=F64, requires_grad=True)
@@ -66,7 +67,7 @@ def test_gradcheck_weight_and_bias_for_every_rule(rule):
     assert torch.autograd.gradcheck(
         lambda w, b: fastfa.functional.linear(x, w, b, rule=rule, activation="tanh", **options), (w, b))
     conv_options = dict(options)
-    if rule in ("fa", "frsf"):
+    if stored:
         conv_options["feedback"] = torch.randn(4, 3, 2, 2, dtype=F64)
     xc = torch.randn(2, 3, 5, 5, dtype=F64)
     wc = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
@@ -75,15 +76,20 @@ def test_gradcheck_weight_and_bias_for_every_rule(rule):
         lambda w, b: fastfa.functional.conv2d(xc, w, b, 1, 1, rule=rule, **conv_options), (wc, bc))
 
 
+ALIGNMENT = [0.3, 0.2, 0.1, 1.5]
+STORED = (Rule.FA, Rule.FRSF, Rule.KP, Rule.WM, Rule.SA, Rule.AA, Rule.IA)
+DRAWS = (Rule.BRSF, Rule.WM)
+
+
 def _linear_samples():
     for rule in Rule:
         for activation in ("none", "relu", "gelu"):
             x = torch.randn(5, 7, requires_grad=True)
             w = torch.randn(4, 7, requires_grad=True)
             b = torch.randn(4, requires_grad=True)
-            feedback = torch.randn(4, 7) if rule in (Rule.FA, Rule.FRSF) else None
-            rng = torch.tensor([3, 9]) if rule == Rule.BRSF else None
-            yield (x, w, b, feedback, rng, int(rule), 0.25, int(Distribution.UNIFORM), activation)
+            feedback = torch.randn(4, 7, requires_grad=rule >= Rule.KP) if rule in STORED else None
+            rng = torch.tensor([3, 9]) if rule in DRAWS else None
+            yield (x, w, b, feedback, rng, int(rule), 0.25, int(Distribution.UNIFORM), ALIGNMENT, activation)
 
 
 def _conv_samples():
@@ -92,10 +98,14 @@ def _conv_samples():
             x = torch.randn(2, 4, 7, 6).to(memory_format=memory_format).requires_grad_(True)
             w = torch.randn(6, 2, 3, 3).to(memory_format=memory_format).requires_grad_(True)
             b = torch.randn(6, requires_grad=True)
-            feedback = torch.randn(6, 2, 3, 3) if rule in (Rule.FA, Rule.FRSF) else None
-            rng = torch.tensor([3, 9]) if rule == Rule.BRSF else None
+            feedback = torch.randn(6, 2, 3, 3, requires_grad=rule >= Rule.KP) if rule in STORED else None
+            rng = torch.tensor([3, 9]) if rule in DRAWS else None
             yield (x, w, b, feedback, rng, [2, 1], [1, 1], [1, 2], 2, int(rule), 0.25,
-                   int(Distribution.NORMAL), "silu")
+                   int(Distribution.NORMAL), ALIGNMENT, "silu")
+
+
+def _detached(t):
+    return None if t is None else t.detach()
 
 
 def test_opcheck_forward_ops():
@@ -106,22 +116,24 @@ def test_opcheck_forward_ops():
 
 
 def test_opcheck_backward_ops_and_transform():
-    for (x, w, b, feedback, rng, rule, scale, distribution, activation) in _linear_samples():
-        x, w = x.detach(), w.detach()
-        out, saved = torch.ops.fastfa.linear(x, w, b.detach(), feedback, rng, rule, scale, distribution, activation)
+    masks = ([True, True, True, True], [False, True, False, True], [True, False, True, False])
+    for (x, w, b, feedback, rng, rule, scale, distribution, alignment, activation) in _linear_samples():
+        x, w, feedback = x.detach(), w.detach(), _detached(feedback)
+        out, saved, projection = torch.ops.fastfa.linear(x, w, b.detach(), feedback, rng, rule, scale, distribution,
+                                                         alignment, activation)
         saved = out if activation == "relu" else saved
-        for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        for mask in masks:
             torch.library.opcheck(torch.ops.fastfa.linear_backward.default,
-                                  (torch.randn_like(out), x, w, feedback, rng, saved, rule, scale, distribution,
-                                   activation, mask))
+                                  (torch.randn_like(out), x, w, feedback, rng, saved, projection, rule, scale,
+                                   distribution, alignment, activation, mask))
         torch.library.opcheck(torch.ops.fastfa.feedback_transform.default, (w, feedback, rng, rule, scale, distribution))
-    for (x, w, b, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution,
+    for (x, w, b, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution, alignment,
          activation) in _conv_samples():
-        x, w = x.detach(), w.detach()
-        out, saved = torch.ops.fastfa.conv2d(x, w, None, feedback, rng, stride, padding, dilation, groups, rule,
-                                             scale, distribution, activation)
-        for mask in ([True, True, True], [False, True, True]):
+        x, w, feedback = x.detach(), w.detach(), _detached(feedback)
+        out, saved, projection = torch.ops.fastfa.conv2d(x, w, None, feedback, rng, stride, padding, dilation,
+                                                         groups, rule, scale, distribution, alignment, activation)
+        for mask in masks[:2]:
             torch.library.opcheck(torch.ops.fastfa.conv2d_backward.default,
-                                  (torch.randn_like(out), x, w, feedback, rng, saved, stride, padding, dilation,
-                                   groups, rule, scale, distribution, activation, mask))
+                                  (torch.randn_like(out), x, w, feedback, rng, saved, projection, stride, padding,
+                                   dilation, groups, rule, scale, distribution, alignment, activation, mask))
         torch.library.opcheck(torch.ops.fastfa.feedback_transform.default, (w, feedback, rng, rule, scale, distribution))

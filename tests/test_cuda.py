@@ -28,7 +28,7 @@ def test_cuda_transform_equals_cpu(rule, dtype, distribution, channels_last):
         pytest.fail("a GPU is visible but fastfa._C was built without CUDA: reinstall on this machine")
     weight = torch.randn(67, 33, 3, 5, dtype=dtype)
     weight[0, :4] = 0  # sign(0) = 0
-    feedback = torch.randn_like(weight) if rule in (Rule.FA, Rule.FRSF) else None
+    feedback = torch.randn_like(weight) if rule in (Rule.FA, Rule.FRSF) or rule >= Rule.KP else None
     rng = torch.tensor([2**40 + 3, 2**33 + 11])
     if channels_last:
         weight = weight.to(memory_format=torch.channels_last)

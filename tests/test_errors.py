@@ -10,7 +10,7 @@ def test_wrong_rule_names_the_choices():
     with pytest.raises(ValueError, match=r"rule must be one of bp, fa, usf, brsf, frsf.*'nope'"):
         fastfa.nn.Linear(3, 2, rule="nope")
     with pytest.raises(ValueError, match="not implemented in this version"):
-        fastfa.nn.Linear(3, 2, rule="kp")
+        fastfa.nn.Linear(3, 2, rule="dfa")
     with pytest.raises(TypeError, match="rule must be a str"):
         fastfa.convert(torch.nn.Linear(3, 2), 3)
 
@@ -21,7 +21,7 @@ def test_wrong_rule_names_the_choices():
     (dict(rule="usf", scale="huge"), ValueError, "scale must be one of xiao, xavier, kaiming"),
     (dict(rule="usf", scale=True), TypeError, "scale must be"),
     (dict(rule="fa", scale=0.1), ValueError, "option 'scale' applies to rule.s. usf, not 'fa'"),
-    (dict(rule="usf", init="xavier"), ValueError, "option 'init' applies to rule.s. fa, brsf, frsf, not 'usf'"),
+    (dict(rule="usf", init="xavier"), ValueError, "option 'init' applies to rule.s. fa, brsf, frsf, kp, wm, sa, aa, ia, not 'usf'"),
     (dict(rule="fa", init="orthogonal"), ValueError, "init must be one of kaiming, xavier, xiao"),
     (dict(rule="brsf", seed=-3), ValueError, r"seed must be in \[0, 2\*\*63\)"),
     (dict(rule="brsf", seed=1.5), TypeError, "seed must be an int"),
@@ -90,22 +90,22 @@ def test_ops_check_their_arguments_in_cpp():
     """Calling torch.ops.fastfa directly still gets a message, never a crash."""
     w = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="rule must be an id in"):
-        torch.ops.fastfa.feedback_transform(w, None, None, 9, 1.0, 0)
+        torch.ops.fastfa.feedback_transform(w, None, None, 12, 1.0, 0)
     with pytest.raises(RuntimeError, match="needs rng = int64 tensor"):
         torch.ops.fastfa.feedback_transform(w, None, None, 3, 1.0, 0)
-    with pytest.raises(RuntimeError, match="rule frsf needs the stored feedback tensor R"):
+    with pytest.raises(RuntimeError, match="rule 4 needs the stored feedback tensor"):
         torch.ops.fastfa.feedback_transform(w, None, None, 4, 1.0, 0)
     with pytest.raises(RuntimeError, match="feedback must have weight's shape"):
         torch.ops.fastfa.feedback_transform(w, torch.randn(3, 4), None, 4, 1.0, 0)
     with pytest.raises(RuntimeError, match="distribution must be 0 .uniform. or 1 .normal."):
         torch.ops.fastfa.feedback_transform(w, None, torch.tensor([0, 0]), 3, 1.0, 5)
     with pytest.raises(RuntimeError, match="input's last dimension must be in_features=3"):
-        torch.ops.fastfa.linear(torch.randn(2, 5), w, None, None, None, 0, 1.0, 0, "none")
+        torch.ops.fastfa.linear(torch.randn(2, 5), w, None, None, None, 0, 1.0, 0, [0.0, 0.0, 0.0, 1.0], "none")
     with pytest.raises(RuntimeError, match="activation must be one of"):
-        torch.ops.fastfa.linear(torch.randn(2, 3), w, None, None, None, 0, 1.0, 0, "swish")
+        torch.ops.fastfa.linear(torch.randn(2, 3), w, None, None, None, 0, 1.0, 0, [0.0, 0.0, 0.0, 1.0], "swish")
     with pytest.raises(RuntimeError, match="conv2d input must have in_channels=6"):
         torch.ops.fastfa.conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 3, 3, 3), None, None, None, [1, 1], [0, 0],
-                                [1, 1], 2, 0, 1.0, 0, "none")
+                                [1, 1], 2, 0, 1.0, 0, [0.0, 0.0, 0.0, 1.0], "none")
 
 
 def test_backend_selection():

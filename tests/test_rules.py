@@ -17,8 +17,8 @@ def expected_feedback(layer, step=None):
     kwargs = {}
     if layer.rule == "usf":
         kwargs["scale"] = sign_scale("xiao", layer.weight.shape)
-    if layer.rule in ("fa", "frsf"):
-        kwargs["feedback"] = layer.feedback
+    if layer.rule in ("fa", "frsf") + oracle.ESTIMATED:
+        kwargs["feedback"] = layer.feedback.detach()
     if layer.rule == "brsf":
         distribution, scale = init_distribution(layer.feedback_init, layer.weight.shape)
         seed, current = (int(v) for v in layer.feedback_rng)
@@ -136,8 +136,10 @@ def test_functional_matches_module(rule):
     x = torch.randn(5, 6, dtype=dtype)
     g = torch.randn(5, 4, dtype=dtype)
     options = {}
-    if rule in ("fa", "frsf"):
-        options["feedback"] = layer.feedback
+    if rule in ("fa", "frsf") + oracle.ESTIMATED:
+        options["feedback"] = layer.feedback.detach()
+    if rule == "wm":
+        options.update(seed=11, step=0)
     if rule == "brsf":
         options.update(seed=11, step=0)
     w = layer.weight.detach().clone().requires_grad_(True)

@@ -94,7 +94,8 @@ void transform_range(const scalar_t* weight, const scalar_t* stored, scalar_t* o
       return;
     }
   }
-  constexpr bool kReadsStored = kRule == Rule::kFeedbackAlignment || kRule == Rule::kFixedRandomSignFeedback;
+  constexpr bool kReadsStored =
+      kRule == Rule::kFeedbackAlignment || kRule == Rule::kFixedRandomSignFeedback || estimates_feedback(kRule);
   for (int64_t i = begin; i < end; ++i) {
     opmath_t r = opmath_t(0);
     if constexpr (kReadsStored) {
@@ -128,6 +129,9 @@ void transform_kernel(const scalar_t* weight, const scalar_t* stored, scalar_t* 
     case Rule::kFixedRandomSignFeedback:
       return transform_range<Rule::kFixedRandomSignFeedback>(weight, stored, out, begin, end, s, distribution, seed,
                                                              step, draw_index);
+    default: // the estimated rules: B is the stored tensor
+      return transform_range<Rule::kKolenPollack>(weight, stored, out, begin, end, s, distribution, seed, step,
+                                                  draw_index);
     }
   });
 }
@@ -139,7 +143,7 @@ void transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& f
   const auto kind = static_cast<Rule>(rule);
   const bool has_feedback = feedback.has_value() && feedback->defined();
   const bool uses_stored = has_feedback && (kind == Rule::kFeedbackAlignment ||
-                                            kind == Rule::kFixedRandomSignFeedback);
+                                            kind == Rule::kFixedRandomSignFeedback || estimates_feedback(kind));
   // The kernel walks W, R and B with one flat index, so all three share W's layout
   // (channels_last included).
   const at::Tensor w = weight.contiguous(memory_format);

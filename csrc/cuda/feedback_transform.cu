@@ -71,7 +71,7 @@ at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional
   const auto kind = static_cast<Rule>(rule);
   const bool has_feedback = feedback.has_value() && feedback->defined();
   const bool uses_stored = has_feedback && (kind == Rule::kFeedbackAlignment ||
-                                            kind == Rule::kFixedRandomSignFeedback);
+                                            kind == Rule::kFixedRandomSignFeedback || estimates_feedback(kind));
   const auto memory_format = weight.suggest_memory_format();
   const at::Tensor w = weight.contiguous(memory_format);
   const at::Tensor r = uses_stored ? feedback->contiguous(memory_format) : at::Tensor();

@@ -22,7 +22,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
         f"({error}). Build it with `pip install --no-build-isolation -e .` "
         "against the torch you run with.") from error
 
-from . import functional, nn, ops, rules  # noqa: E402
+from . import functional, metrics, nn, ops, rules  # noqa: E402
 from ._backend import BackendStatus, backends, get_backend, set_backend, use_backend  # noqa: E402
 from .convert import convert  # noqa: E402
 from .rules import ALIASES, RULES  # noqa: E402
@@ -40,5 +40,5 @@ def _warn_on_torch_mismatch() -> None:
 
 _warn_on_torch_mismatch()
 
-__all__ = ["RULES", "ALIASES", "nn", "functional", "ops", "rules", "convert", "backends", "BackendStatus",
+__all__ = ["RULES", "ALIASES", "nn", "functional", "metrics", "ops", "rules", "convert", "backends", "BackendStatus",
            "set_backend", "get_backend", "use_backend", "__version__"]

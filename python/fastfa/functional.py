@@ -22,7 +22,8 @@ __all__ = ["linear", "conv2d", "ACTIVATIONS", "feedback_arguments"]
 #: Activations a layer can fuse: forward in the forward op's epilogue, derivative in the backward.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_OPTIONS = ("scale", "init", "seed", "step", "rng")
+_OPTIONS = ("scale", "init", "seed", "step", "rng", "alpha", "beta", "gamma", "sigma")
+_ALIGNMENT = ("alpha", "beta", "gamma", "sigma")
 
 
 def canonical_activation(activation) -> str:
@@ -63,8 +64,10 @@ def _check_layer(input, weight, bias, feedback, rng, spec) -> None:
                              f"got {tuple(bias.shape)}")
     if feedback is None and spec.id == Rule.FRSF:
         raise ValueError("rule 'frsf' needs feedback=R, a tensor of weight's shape")
+    if feedback is None and spec.estimates_feedback:
+        raise ValueError(f"rule {spec.name!r} needs feedback=B, the learned feedback tensor of weight's shape")
     if feedback is not None:
-        if spec.id not in (Rule.FA, Rule.FRSF):
+        if spec.id not in (Rule.FA, Rule.FRSF) and not spec.estimates_feedback:
             raise ValueError(f"rule {spec.name!r} takes no feedback tensor (B is made from weight); got one")
         _check_tensor("feedback", feedback)
         _check_same("feedback", feedback, weight)
@@ -88,14 +91,16 @@ def _check_int(name: str, value, low: int) -> int:
 def feedback_arguments(rule, weight_shape, device, options: dict):
     """Resolve a rule and its options into the op contract's feedback arguments.
 
-    Returns (spec, scale, distribution, rng) where rng is None or an int64 tensor
+    Returns (spec, scale, distribution, alignment, rng): alignment is [alpha, beta, gamma,
+    sigma] of the estimated rules (their defaults filled in), rng None or an int64 tensor
     [seed, step] on ``device``. Options a rule does not take are refused.
     """
     spec = rule_spec(rule)
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; rule options are "
-                        "scale (usf), init and seed (fa, brsf, frsf), step / rng (brsf)")
+                        "scale (usf), init and seed (fa, brsf, frsf and the estimated rules), step / rng (brsf, wm), "
+                        "alpha / beta / gamma / sigma (kp, wm, sa, aa, ia)")
     given = {key for key, value in options.items() if value is not None}
     # seed is taken by every rule (ignored where nothing is drawn), so one seed can go to a sweep.
     allowed = set(spec.options) | {"seed"}
@@ -103,14 +108,20 @@ def feedback_arguments(rule, weight_shape, device, options: dict):
         allowed |= {"step", "rng", "seed"}
     refused = given - allowed
     if refused:
-        takers = {"scale": "usf", "init": "fa, brsf, frsf", "step": "fa, brsf", "rng": "fa, brsf"}
+        takers = {"scale": "usf", "init": "fa, brsf, frsf, kp, wm, sa, aa, ia", "step": "fa, brsf, wm",
+                  "rng": "fa, brsf, wm", "alpha": "kp, wm, sa, aa, ia", "beta": "wm, sa, aa, ia", "gamma": "ia",
+                  "sigma": "wm"}
         raise ValueError("; ".join(f"option {key!r} applies to rule(s) {takers[key]}, not {spec.name!r}"
                                    for key in sorted(refused)))
     scale, distribution = 1.0, Distribution.UNIFORM
     if spec.id == Rule.USF:
         scale = sign_scale("xiao" if options.get("scale") is None else options["scale"], weight_shape)
-    elif spec.id in (Rule.FA, Rule.BRSF, Rule.FRSF):
+    elif spec.id in (Rule.FA, Rule.BRSF, Rule.FRSF) or spec.estimates_feedback:
         distribution, scale = init_distribution(options.get("init") or "kaiming", weight_shape)
+    alignment = list(spec.alignment_defaults or (0.0, 0.0, 0.0, 1.0))
+    for position, name in enumerate(_ALIGNMENT):
+        if options.get(name) is not None:
+            alignment[position] = _check_real(name, options[name], positive=name == "sigma")
     rng = options.get("rng")
     draws = spec.draws_every_step or spec.id == Rule.FA
     if draws and rng is None and (options.get("seed") is not None or options.get("step") is not None):
@@ -125,7 +136,16 @@ def feedback_arguments(rule, weight_shape, device, options: dict):
                                dtype=torch.int64, device=device)
     elif rng is not None and (options.get("seed") is not None or options.get("step") is not None):
         raise ValueError("pass either rng=[seed, step] or seed=/step=, not both")
-    return spec, float(scale), int(distribution), rng
+    return spec, float(scale), int(distribution), alignment, rng
+
+
+def _check_real(name: str, value, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'} and finite, got {value}")
+    return value
 
 
 def _prepare(input, weight, bias, feedback, rng, spec):
@@ -147,8 +167,8 @@ def _autocast(device_type: str, *tensors):
     return tensors
 
 
-def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution: int, activation: str,
-            backend=None):
+def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution: int, alignment: list,
+            activation: str, backend=None):
     """The module and functional entry: checked arguments in, one op per pass."""
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     _check_tensor("weight", weight, dims=(2,))
@@ -156,8 +176,8 @@ def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution
         raise ValueError(f"input's last dimension must be in_features={weight.shape[1]} "
                          f"(weight has shape {tuple(weight.shape)}), got input of shape {tuple(input.shape)}")
     name = _backend.resolve(backend, weight.device)
-    output, _ = _ops.linear_op(name)(input, weight, bias, feedback, rng, int(spec.id), scale, distribution,
-                                     activation)
+    output, _, _ = _ops.linear_op(name)(input, weight, bias, feedback, rng, int(spec.id), scale, distribution,
+                                        alignment, activation)
     return output
 
 
@@ -171,12 +191,15 @@ def linear(input, weight, bias=None, *, rule, feedback=None, activation=None, ba
     with delta = dL/d(pre-activation) and B as learning-rules.md defines it per rule:
     bp W; fa R (``feedback``, or regenerated from ``seed``); usf s*sign(W) (``scale``);
     brsf |R_t|*sign(W) with R_t drawn from (``seed``, ``step``) by ``init``;
-    frsf |R|*sign(W) (``feedback``).
+    frsf |R|*sign(W) (``feedback``); kp, wm, sa, aa, ia the learned B (``feedback``, a
+    tensor requiring grad, whose gradient is the rule's alignment terms with ``alpha``,
+    ``beta``, ``gamma``, ``sigma``; wm draws its noise from ``seed`` and ``step``).
     """
-    spec, scale, distribution, rng = feedback_arguments(rule, tuple(weight.shape), weight.device, options)
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(weight.shape), weight.device,
+                                                                   options)
     if spec.id == Rule.FA and feedback is None and rng is None:
         raise ValueError("rule 'fa' needs feedback=R, or seed= to regenerate R from (seed, step)")
-    return _linear(input, weight, bias, feedback, rng, spec, scale, distribution,
+    return _linear(input, weight, bias, feedback, rng, spec, scale, distribution, alignment,
                    canonical_activation(activation), backend)
 
 
@@ -225,7 +248,7 @@ def conv2d_geometry(input_shape, weight_shape, stride, padding, dilation, groups
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale: float,
-            distribution: int, activation: str, backend=None):
+            distribution: int, alignment: list, activation: str, backend=None):
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     _check_tensor("input", input, dims=(3, 4))
     _check_tensor("weight", weight, dims=(4,))
@@ -237,8 +260,9 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rn
     if extra != (0, 0):
         input = torch.nn.functional.pad(input, (0, extra[1], 0, extra[0]))
     name = _backend.resolve(backend, weight.device)
-    output, _ = _ops.conv2d_op(name)(input, weight, bias, feedback, rng, list(stride), list(padding),
-                                     list(dilation), groups, int(spec.id), scale, distribution, activation)
+    output, _, _ = _ops.conv2d_op(name)(input, weight, bias, feedback, rng, list(stride), list(padding),
+                                        list(dilation), groups, int(spec.id), scale, distribution, alignment,
+                                        activation)
     return output.squeeze(0) if unbatched else output
 
 
@@ -253,11 +277,12 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     grad_weight = conv2d_weight(x, W.shape, delta), grad_bias sums delta; B per rule as in
     :func:`linear`.
     """
-    spec, scale, distribution, rng = feedback_arguments(rule, tuple(weight.shape), weight.device, options)
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(weight.shape), weight.device,
+                                                                   options)
     if spec.id == Rule.FA and feedback is None and rng is None:
         raise ValueError("rule 'fa' needs feedback=R, or seed= to regenerate R from (seed, step)")
     return _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale,
-                   distribution, canonical_activation(activation), backend)
+                   distribution, alignment, canonical_activation(activation), backend)
 
 
 def _angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,9 +2,9 @@
 
 The modules subclass torch's, so ``weight`` and ``bias`` are the usual Parameters,
 isinstance checks hold and the parent's state_dict keys are unchanged. The rule's own
-state is added to the state_dict: ``feedback`` (R, for fa and frsf) and
-``feedback_rng`` (int64 [seed, step], for brsf), so that saving and loading a model
-reproduces the next backward pass exactly.
+state is added to the state_dict: ``feedback`` (R for fa and frsf, a buffer; the learned
+B for kp, wm, sa, aa, ia, a Parameter) and ``feedback_rng`` (int64 [seed, step], for brsf
+and wm), so that saving and loading a model reproduces the next backward pass exactly.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ class FeedbackLayer:
     rule: str
     activation: str
 
-    def _setup_feedback(self, rule, activation, scale, init, seed) -> None:
-        options = {"scale": scale, "init": init, "seed": seed}
-        spec, feedback_scale, distribution, _ = F.feedback_arguments(rule, tuple(self.weight.shape),
-                                                                     self.weight.device, options)
+    def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
+        options = {"scale": scale, "init": init, "seed": seed, **alignment_options}
+        spec, feedback_scale, distribution, alignment, _ = F.feedback_arguments(
+            rule, tuple(self.weight.shape), self.weight.device, options)
+        #: [alpha, beta, gamma, sigma] of the estimated rules' B gradient.
+        self.alignment_options = alignment
         self._spec = spec
         self.rule = spec.name
         self.activation = F.canonical_activation(activation)
@@ -49,7 +51,12 @@ class FeedbackLayer:
             with torch.no_grad():
                 feedback = feedback_transform(self.weight.detach(), None, rng, int(Rule.FA), feedback_scale,
                                               int(distribution))
-            self.register_buffer("feedback", feedback)
+            if spec.estimates_feedback:
+                # B learns: a Parameter, so optimizers, schedules, clipping, GradScaler and DDP
+                # treat it like W. It starts as a random R from the init distribution.
+                self.feedback = torch.nn.Parameter(feedback)
+            else:
+                self.register_buffer("feedback", feedback)
             # The stored R carries its scale; the op's scale applies only to drawn feedback.
             self.feedback_scale = 1.0
         else:
@@ -79,9 +86,10 @@ class FeedbackLayer:
         """The B that the next backward pass will use, materialised (shape of weight).
 
         bp: W; fa: R; usf: s*sign(W); brsf: |R_t|*sign(W) for the coming step's draw;
-        frsf: |R|*sign(W).
+        frsf: |R|*sign(W); kp, wm, sa, aa, ia: the learned B.
         """
-        return feedback_transform(self.weight.detach(), self.feedback, self.feedback_rng, *self._feedback_op_args())
+        feedback = None if self.feedback is None else self.feedback.detach()
+        return feedback_transform(self.weight.detach(), feedback, self.feedback_rng, *self._feedback_op_args())
 
     @torch.no_grad()
     def alignment(self) -> float:
@@ -96,6 +104,10 @@ class FeedbackLayer:
             text += f", scale={self.feedback_scale:.4g}"
         if self.feedback_init is not None:
             text += f", init={self.feedback_init}"
+        if self._spec.estimates_feedback:
+            names = ("alpha", "beta", "gamma", "sigma")
+            text += "".join(f", {name}={value:g}" for name, value in zip(names, self.alignment_options)
+                            if name in self._spec.options)
         return text
 
 
@@ -105,18 +117,23 @@ class Linear(FeedbackLayer, torch.nn.Linear):
     Args: as torch.nn.Linear, plus keyword-only ``rule`` (one of fastfa.RULES, default
     "usf"), ``activation`` (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"),
     ``scale`` (usf: "xiao" default, "xavier", "kaiming" or a number), ``init`` (R's
-    distribution for fa, brsf, frsf: "kaiming" default, "xavier", "xiao") and ``seed``.
+    distribution for fa, brsf, frsf, and B's start for the estimated rules: "kaiming"
+    default, "xavier", "xiao"), ``seed``, and ``alpha`` / ``beta`` / ``gamma`` / ``sigma``
+    for the estimated rules kp, wm, sa, aa, ia (defaults in fastfa.rules).
     Input (*, in_features) -> output (*, out_features).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 rule: str = "usf", activation=None, scale=None, init=None, seed=None):
+                 rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
+                 gamma=None, sigma=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._setup_feedback(rule, activation, scale, init, seed)
+        self._setup_feedback(rule, activation, scale, init, seed,
+                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F._linear(input, self.weight, self.bias, self.feedback, self._rng_for_this_step(), self._spec,
-                         self.feedback_scale, int(self.feedback_distribution), self.activation)
+                         self.feedback_scale, int(self.feedback_distribution), self.alignment_options,
+                         self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._feedback_repr()}"
@@ -133,10 +150,12 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 rule: str = "usf", activation=None, scale=None, init=None, seed=None):
+                 rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
+                 gamma=None, sigma=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
-        self._setup_feedback(rule, activation, scale, init, seed)
+        self._setup_feedback(rule, activation, scale, init, seed,
+                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         padding = self.padding
@@ -146,7 +165,7 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
             padding = (0, 0)
         return F._conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                          self.feedback, self._rng_for_this_step(), self._spec, self.feedback_scale,
-                         int(self.feedback_distribution), self.activation)
+                         int(self.feedback_distribution), self.alignment_options, self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._feedback_repr()}"

@@ -5,13 +5,16 @@ The schemas and the CPU / CUDA kernels are declared once in C++
 backward op; the forward op takes the feedback description too, so that its
 autograd formula can hand it to the backward op:
 
-    torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution,
-                            activation) -> (output, activation_saved)
-    torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
-                                     rule, scale, distribution, activation, output_mask)
-        -> (grad_input, grad_weight, grad_bias)     # masked-out gradients come back empty
+    torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment,
+                            activation) -> (output, activation_saved, projection)
+    torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved, projection,
+                                     rule, scale, distribution, alignment, activation, output_mask)
+        -> (grad_input, grad_weight, grad_bias, grad_feedback)   # masked-out gradients come back empty
     torch.ops.fastfa.conv2d / conv2d_backward       # the same, with stride, padding, dilation, groups
     torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution) -> B
+
+projection is r = x W^T (conv2d(x, W)) without bias, kept only for the rules whose B
+gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma].
 """
 
 from __future__ import annotations
@@ -40,55 +43,68 @@ def _feedback_transform_fake(weight, feedback, rng, rule, scale, distribution):
     return weight.new_empty(weight.shape).contiguous(memory_format=suggest_memory_format(weight))
 
 
-def _activation_outputs(output, activation):
+_SAVES_PROJECTION = frozenset({int(Rule.AA), int(Rule.IA)})
+
+
+def _forward_outputs(output, activation, rule):
     saved = torch.empty_like(output) if activation in _DERIVATIVE_FROM_INPUT else output.new_empty(0)
-    return torch.empty_like(output), saved
+    projection = torch.empty_like(output) if rule in _SAVES_PROJECTION else output.new_empty(0)
+    return torch.empty_like(output), saved, projection
 
 
 @torch.library.register_fake("fastfa::linear")
-def _linear_fake(input, weight, bias, feedback, rng, rule, scale, distribution, activation):
+def _linear_fake(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation):
     torch._check(input.shape[-1] == weight.shape[1], lambda: "fastfa: input's last dimension must be in_features")
-    return _activation_outputs(torch.nn.functional.linear(input, weight, bias), activation)
+    return _forward_outputs(torch.nn.functional.linear(input, weight, bias), activation, rule)
 
 
 @torch.library.register_fake("fastfa::conv2d")
 def _conv2d_fake(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
-                 distribution, activation):
+                 distribution, alignment, activation):
     output = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-    return _activation_outputs(output, activation)
+    return _forward_outputs(output, activation, rule)
 
 
-def _masked(gradients, output_mask, input, weight):
+def _estimates(rule) -> bool:
+    return rule >= int(Rule.KP)
+
+
+def _masked(gradients, output_mask, input, weight, feedback, rule):
     grad_input, grad_weight, grad_bias = gradients
+    if output_mask[3] and _estimates(rule):  # in B's own layout (in_layout_of in C++)
+        grad_feedback = feedback.new_empty(feedback.shape).contiguous(memory_format=suggest_memory_format(feedback))
+    else:
+        grad_feedback = weight.new_empty(0)
     return (grad_input if output_mask[0] else input.new_empty(0),
             grad_weight if output_mask[1] else weight.new_empty(0),
-            grad_bias if output_mask[2] else weight.new_empty(0))
+            grad_bias if output_mask[2] else weight.new_empty(0),
+            grad_feedback)
 
 
 @torch.library.register_fake("fastfa::linear_backward")
-def _linear_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, rule, scale,
-                          distribution, activation, output_mask):
+def _linear_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale,
+                          distribution, alignment, activation, output_mask):
     return _masked((input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])),
-                   output_mask, input, weight)
+                   output_mask, input, weight, feedback, rule)
 
 
 def _backward_filter(weight, feedback, rng, rule, scale, distribution, output_mask):
     """The filter the aten backward hands to convolution_backward (see conv2d_backward in C++)."""
     if not output_mask[0] or rule == Rule.BP:
         return weight
-    if rule == Rule.FA and feedback is not None:
+    if (rule == Rule.FA and feedback is not None) or _estimates(rule):
         return feedback
     return _feedback_transform_fake(weight, feedback, rng, rule, scale, distribution)
 
 
 @torch.library.register_fake("fastfa::conv2d_backward")
-def _conv2d_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, stride, padding, dilation,
-                          groups, rule, scale, distribution, activation, output_mask):
+def _conv2d_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, projection, stride, padding,
+                          dilation, groups, rule, scale, distribution, alignment, activation, output_mask):
     filter = _backward_filter(weight, feedback, rng, rule, scale, distribution, output_mask)
     gradients = torch.ops.aten.convolution_backward(
         grad_output, input, filter, [weight.shape[0]] if output_mask[2] else None, stride, padding, dilation,
-        False, [0, 0], groups, output_mask)
-    return _masked(gradients, output_mask, input, weight)
+        False, [0, 0], groups, output_mask[:3])
+    return _masked(gradients, output_mask, input, weight, feedback, rule)
 
 
 def _activation_for_backward(output, activation_saved, activation):
@@ -96,41 +112,47 @@ def _activation_for_backward(output, activation_saved, activation):
 
 
 def _linear_setup_context(ctx, inputs, output):
-    input, weight, bias, feedback, rng, rule, scale, distribution, activation = inputs
-    ctx.save_for_backward(input, weight, feedback, rng, _activation_for_backward(output[0], output[1], activation))
-    ctx.feedback_args = (rule, scale, distribution, activation)
+    input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation = inputs
+    ctx.save_for_backward(input, weight, feedback, rng, _activation_for_backward(output[0], output[1], activation),
+                          output[2])
+    ctx.feedback_args = (rule, scale, distribution, alignment, activation)
     ctx.has_bias = bias is not None
 
 
 def _output_mask(ctx):
-    return [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    return [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+            ctx.needs_input_grad[3]]
 
 
-def _linear_backward(ctx, grad_output, _grad_activation_saved):
-    input, weight, feedback, rng, activation_saved = ctx.saved_tensors
+def _gradients(gradients, mask, inputs: int):
+    """The backward op's outputs as autograd wants them: None where not needed, then None per non-tensor input."""
+    return tuple(g if needed else None for g, needed in zip(gradients, mask)) + (None,) * (inputs - 4)
+
+
+def _linear_backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
+    input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grad_input, grad_weight, grad_bias = torch.ops.fastfa.linear_backward(
-        grad_output, input, weight, feedback, rng, activation_saved, *ctx.feedback_args, mask)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
-            None, None, None, None, None, None)
+    gradients = torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                                 projection, *ctx.feedback_args, mask)
+    return _gradients(gradients, mask, 10)
 
 
 def _conv2d_setup_context(ctx, inputs, output):
-    (input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution,
+    (input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution, alignment,
      activation) = inputs
-    ctx.save_for_backward(input, weight, feedback, rng, _activation_for_backward(output[0], output[1], activation))
+    ctx.save_for_backward(input, weight, feedback, rng, _activation_for_backward(output[0], output[1], activation),
+                          output[2])
     ctx.geometry = (stride, padding, dilation, groups)
-    ctx.feedback_args = (rule, scale, distribution, activation)
+    ctx.feedback_args = (rule, scale, distribution, alignment, activation)
     ctx.has_bias = bias is not None
 
 
-def _conv2d_backward(ctx, grad_output, _grad_activation_saved):
-    input, weight, feedback, rng, activation_saved = ctx.saved_tensors
+def _conv2d_backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
+    input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grad_input, grad_weight, grad_bias = torch.ops.fastfa.conv2d_backward(
-        grad_output, input, weight, feedback, rng, activation_saved, *ctx.geometry, *ctx.feedback_args, mask)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
-            None, None, None, None, None, None, None, None, None, None)
+    gradients = torch.ops.fastfa.conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                                 projection, *ctx.geometry, *ctx.feedback_args, mask)
+    return _gradients(gradients, mask, 14)
 
 
 torch.library.register_autograd("fastfa::linear", _linear_backward, setup_context=_linear_setup_context)

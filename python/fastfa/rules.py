@@ -16,6 +16,24 @@ rule        B used by the backward pass                 sources
 ==========  =========================================  ==========================================
 
 sign(0) = 0. ``sign_symmetry`` is another name for ``usf``.
+
+Estimated feedback: B is a trainable Parameter (``layer.feedback``) shaped like W that
+sends the error back (grad_input = delta B) and gets, at the same step as W's gradient,
+only the alignment terms below (r = x W^T, p = x B^T, both without bias; means over the
+batch; for conv, r^T x is conv2d_weight(x, W.shape, r)):
+
+==========  ==================================================  ============  ================================
+rule        gradient of B                                       (a, b, g)     sources
+==========  ==================================================  ============  ================================
+``kp``      grad_W + a*2B                                       1e-3          Kolen & Pollack 1994; Akrout 2019
+``wm``      a*2B - b*(1/N) r^T xi, x replaced by noise xi        1e-3, 1e-3    Akrout et al. 2019
+``sa``      2a*B - b*W                                          1e-3, 2e-3    Kunin et al. 2020
+``aa``      a*(2/N) p^T x - b*(1/N) r^T x                       1e-3, 2e-3    Kunin et al. 2020
+``ia``      -a*(1/N) r^T x + b*(2/N) r^T (r B) + g*2B           2e-3, 1e-3,   Kunin et al. 2020
+                                                                1e-3
+==========  ==================================================  ============  ================================
+
+wm's noise is N(0, sigma^2) (sigma = 1), drawn like brsf's R_t from (seed, step).
 """
 
 from __future__ import annotations
@@ -38,6 +56,11 @@ class Rule(enum.IntEnum):
     USF = 2
     BRSF = 3
     FRSF = 4
+    KP = 5
+    WM = 6
+    SA = 7
+    AA = 8
+    IA = 9
 
 
 class Distribution(enum.IntEnum):
@@ -56,6 +79,8 @@ class RuleSpec:
     draws_every_step: bool  # needs (seed, step) state
     options: frozenset  # the options this rule takes besides `activation`
     sources: str
+    estimates_feedback: bool = False  # B is a trainable Parameter in layer.feedback
+    alignment_defaults: tuple = ()  # default (alpha, beta, gamma, sigma) of its B gradient
 
 
 _SPECS = (
@@ -67,6 +92,18 @@ _SPECS = (
              frozenset({"init", "seed"}), "Moskovitz et al. 2018; Sanfiz & Akrout 2021"),
     RuleSpec("frsf", Rule.FRSF, "|R| * sign(W), R fixed", True, False, frozenset({"init", "seed"}),
              "Moskovitz et al. 2018; Sanfiz & Akrout 2021"),
+    RuleSpec("kp", Rule.KP, "B learned: grad_W + a*2B", True, False, frozenset({"init", "seed", "alpha"}),
+             "Kolen & Pollack 1994; Akrout et al. 2019", True, (1e-3, 0.0, 0.0, 1.0)),
+    RuleSpec("wm", Rule.WM, "B learned: a*2B - b*(1/N) r^T xi", True, True,
+             frozenset({"init", "seed", "alpha", "beta", "sigma"}), "Akrout et al. 2019; Kunin et al. 2020", True,
+             (1e-3, 1e-3, 0.0, 1.0)),
+    RuleSpec("sa", Rule.SA, "B learned: 2a*B - b*W", True, False, frozenset({"init", "seed", "alpha", "beta"}),
+             "Kunin et al. 2020", True, (1e-3, 2e-3, 0.0, 1.0)),
+    RuleSpec("aa", Rule.AA, "B learned: a*(2/N) p^T x - b*(1/N) r^T x", True, False,
+             frozenset({"init", "seed", "alpha", "beta"}), "Kunin et al. 2020", True, (1e-3, 2e-3, 0.0, 1.0)),
+    RuleSpec("ia", Rule.IA, "B learned: -a*(1/N) r^T x + b*(2/N) r^T(rB) + g*2B", True, False,
+             frozenset({"init", "seed", "alpha", "beta", "gamma"}), "Kunin et al. 2020", True,
+             (2e-3, 1e-3, 1e-3, 1.0)),
 )
 
 #: Canonical names of the rules this version implements, in the spec's order.
@@ -74,8 +111,8 @@ RULES: tuple = tuple(spec.name for spec in _SPECS)
 #: Other names users know the rules by.
 ALIASES = {"sign_symmetry": "usf"}
 _BY_NAME = {spec.name: spec for spec in _SPECS}
-#: The estimated-feedback rules of learning-rules.md that this version does not have yet.
-_PLANNED = ("kp", "wm", "sa", "aa", "ia", "dfa")
+#: The rules of learning-rules.md that this version does not have yet.
+_PLANNED = ("dfa",)
 
 #: Choices of the usf scale s (or a positive finite float).
 SCALES = ("xiao", "xavier", "kaiming")

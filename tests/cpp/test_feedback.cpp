@@ -109,9 +109,10 @@ std::string check_linear_backward_bp() {
   const at::Tensor weight = at::arange(1, 9, options).view({2, 4}) / 8.0 - 0.3; // out=2, in=4
   const at::Tensor input = at::arange(0, 12, options).view({3, 4}) * 0.25 - 1.0;
   const at::Tensor grad_output = at::tensor({1.0, -2.0, 0.5, 0.25, -1.5, 3.0}, options).view({3, 2});
-  const auto [grad_input, grad_weight, grad_bias] = fastfa::linear_backward(
-      grad_output, input, weight, std::nullopt, std::nullopt, at::empty({0}, options),
-      static_cast<int64_t>(fastfa::Rule::kBackprop), 1.0, 0, "none", {true, true, true});
+  const std::vector<double> alignment{0.0, 0.0, 0.0, 1.0};
+  const auto [grad_input, grad_weight, grad_bias, grad_feedback] = fastfa::linear_backward(
+      grad_output, input, weight, std::nullopt, std::nullopt, at::empty({0}, options), at::empty({0}, options),
+      static_cast<int64_t>(fastfa::Rule::kBackprop), 1.0, 0, alignment, "none", {true, true, true, false});
   std::string failures;
   failures += compare("grad_input", grad_input, grad_output.mm(weight));
   failures += compare("grad_weight", grad_weight, grad_output.t().mm(input));

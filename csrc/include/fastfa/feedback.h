@@ -23,8 +23,18 @@ enum class Rule : int64_t {
   kUniformSignSymmetry = 2,     // B = scale * sign(W)
   kBatchRandomSignFeedback = 3, // B = scale * |xi_t| * sign(W), a fresh draw per step
   kFixedRandomSignFeedback = 4, // B = |R| * sign(W)
+  // Estimated feedback: B is a trainable tensor (stored); the rule defines B's gradient.
+  kKolenPollack = 5,          // grad_W + alpha * 2B
+  kWeightMirror = 6,          // alpha * 2B - beta * (1/N) r^T xi, xi ~ N(0, sigma^2), r = xi W^T
+  kSymmetricAlignment = 7,    // 2 alpha B - beta W
+  kActivationAlignment = 8,   // alpha (2/N) p^T x - beta (1/N) r^T x
+  kInformationAlignment = 9,  // -alpha (1/N) r^T x + beta (2/N) r^T (r B) + gamma 2B
 };
-constexpr int64_t kNumRules = 5;
+constexpr int64_t kNumRules = 10;
+
+FASTFA_HOST_DEVICE constexpr bool estimates_feedback(Rule rule) {
+  return static_cast<int64_t>(rule) >= static_cast<int64_t>(Rule::kKolenPollack);
+}
 
 // Distribution of the unit draw xi; scale turns it into R's init distribution.
 enum class Distribution : int64_t {
@@ -165,8 +175,9 @@ FASTFA_HOST_DEVICE T feedback_transform(Rule rule, T w, T r, T xi, T scale) {
     return scale * magnitude(xi) * sign_of(w);
   case Rule::kFixedRandomSignFeedback:
     return magnitude(r) * sign_of(w);
+  default: // the estimated rules send the error back through their stored B
+    return r;
   }
-  return w;
 }
 
 } // namespace fastfa

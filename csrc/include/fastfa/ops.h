@@ -34,31 +34,34 @@ at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional
                                    int64_t distribution);
 #endif
 
-// The aten backend: fastfa's transform, then ATen's GEMM / convolution.
-std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
-                                                  const std::optional<at::Tensor>& bias,
-                                                  const std::optional<at::Tensor>& feedback,
-                                                  const std::optional<at::Tensor>& rng, int64_t rule,
-                                                  double scale, int64_t distribution,
-                                                  c10::string_view activation);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
-    const at::Tensor& activation_saved, int64_t rule, double scale, int64_t distribution,
-    c10::string_view activation, std::array<bool, 3> output_mask);
-
-std::tuple<at::Tensor, at::Tensor> conv2d_forward(
+// The aten backend: fastfa's transform, then ATen's GEMM / convolution. The forward ops
+// return (output, activation_saved, projection): projection is r = x W^T without bias
+// for the rules whose B gradient needs it (aa, ia), else empty. The backward ops return
+// (grad_input, grad_weight, grad_bias, grad_feedback); alignment is [alpha, beta, gamma, sigma].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    int64_t rule, double scale, int64_t distribution, c10::string_view activation);
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
-    const at::Tensor& activation_saved, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale, int64_t distribution,
-    c10::string_view activation, std::array<bool, 3> output_mask);
+    const at::Tensor& activation_saved, const at::Tensor& projection, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, const at::Tensor& projection, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask);
 
 } // namespace fastfa
