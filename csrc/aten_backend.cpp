@@ -308,6 +308,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   check_conv2d_arguments(input, weight, std::nullopt, groups);
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_alignment(alignment);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fastfa: stride, padding and dilation must have 2 values each");
+  std::vector<int64_t> expected{input.size(0), weight.size(0), 0, 0};
+  for (int axis = 0; axis < 2; ++axis) {
+    expected[2 + axis] =
+        (input.size(2 + axis) + 2 * padding[axis] - dilation[axis] * (weight.size(2 + axis) - 1) - 1) / stride[axis] +
+        1;
+  }
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected), "fastfa: grad_output must have the output's shape ",
+              at::IntArrayRef(expected), ", got ", grad_output.sizes());
   const auto kind = static_cast<Rule>(rule);
   const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
   const at::Tensor delta = activation_backward(grad_output, activation_saved, parse_activation(activation));

@@ -117,11 +117,14 @@ def feedback_arguments(rule, weight_shape, device, options: dict):
     if spec.id == Rule.USF:
         scale = sign_scale("xiao" if options.get("scale") is None else options["scale"], weight_shape)
     elif spec.id in (Rule.FA, Rule.BRSF, Rule.FRSF) or spec.estimates_feedback:
-        distribution, scale = init_distribution(options.get("init") or "kaiming", weight_shape)
+        init = options.get("init")
+        distribution, scale = init_distribution("kaiming" if init is None else init, weight_shape)
     alignment = list(spec.alignment_defaults or (0.0, 0.0, 0.0, 1.0))
     for position, name in enumerate(_ALIGNMENT):
         if options.get(name) is not None:
             alignment[position] = _check_real(name, options[name], positive=name == "sigma")
+    if options.get("seed") is not None:
+        _check_int("seed", options["seed"], 0)
     rng = options.get("rng")
     draws = spec.draws_every_step or spec.id == Rule.FA
     if draws and rng is None and (options.get("seed") is not None or options.get("step") is not None):

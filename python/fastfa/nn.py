@@ -41,7 +41,7 @@ class FeedbackLayer:
         self.feedback_scale = feedback_scale
         self.feedback_distribution = Distribution(distribution)
         # R's init distribution, for the rules that draw R (fa, brsf, frsf).
-        self.feedback_init = (init or "kaiming") if "init" in spec.options else None
+        self.feedback_init = ("kaiming" if init is None else init) if "init" in spec.options else None
         needs_seed = spec.stores_feedback or spec.draws_every_step
         seed = (_fresh_seed() if seed is None else seed) if needs_seed else None
         if spec.stores_feedback:
@@ -67,16 +67,58 @@ class FeedbackLayer:
         else:
             self.register_buffer("feedback_rng", None)
 
-    def _rng_for_this_step(self):
-        """[seed, step] for this forward's backward; the layer's counter then moves on."""
+    def _advance_rng(self) -> None:
+        """After a forward whose backward will read [seed, step]: the layer's counter moves on.
+
+        Out of place: the tensor handed to that backward is never written again, even if
+        another forward runs before the backward (or a compiler reorders the update); and
+        after the op, so that a refused call leaves the counter as it was.
+        """
         rng = self.feedback_rng
-        if rng is None or not torch.is_grad_enabled():
-            return rng
-        # Out of place: the tensor this forward hands to its backward is never written
-        # again, even if another forward runs before that backward (or a compiler
-        # reorders the update).
-        self.feedback_rng = torch.cat([rng[:1], rng[1:] + 1])
-        return rng
+        if rng is not None and torch.is_grad_enabled():
+            self.feedback_rng = torch.cat([rng[:1], rng[1:] + 1])
+
+    def _state_problems(self, state_dict, prefix: str, strict: bool) -> list:
+        """What is wrong with this layer's entries of state_dict, before anything is copied."""
+        own = {**self._parameters,
+               **{k: v for k, v in self._buffers.items() if k not in self._non_persistent_buffers_set}}
+        own = {name: value for name, value in own.items() if value is not None}
+        problems = []
+        for name, current in own.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                if strict:
+                    problems.append(f'Missing key(s) in state_dict: "{prefix + name}"')
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != current.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                problems.append(f"size mismatch for {prefix + name}: got {shape}, this {self.rule} layer has "
+                                f"{tuple(current.shape)}")
+            elif name == "feedback_rng" and value.dtype != torch.int64:
+                problems.append(f"{prefix + name} must be int64 [seed, step], got {value.dtype}")
+        if strict:
+            problems += [f'Unexpected key(s) in state_dict: "{key}"' for key in state_dict
+                         if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in own]
+        return problems
+
+    def _refuse(self, problems) -> None:
+        if problems:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: " + "; ".join(problems))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A refused state_dict leaves the layer as it was: torch would copy weight and bias
+        # before it reports a missing or bad feedback.
+        self._refuse(self._state_problems(state_dict, "", strict))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Inside a model (torch passes strict=True here whatever the caller asked, and checks
+        # keys afterwards): refuse a bad shape, or a non-integer [seed, step] that a copy would
+        # silently truncate, before this layer's tensors are touched.
+        self._refuse(self._state_problems(state_dict, prefix, strict=False))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _feedback_op_args(self):
         return int(self._spec.id), self.feedback_scale, int(self.feedback_distribution)
@@ -131,9 +173,11 @@ class Linear(FeedbackLayer, torch.nn.Linear):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F._linear(input, self.weight, self.bias, self.feedback, self._rng_for_this_step(), self._spec,
-                         self.feedback_scale, int(self.feedback_distribution), self.alignment_options,
-                         self.activation)
+        output = F._linear(input, self.weight, self.bias, self.feedback, self.feedback_rng, self._spec,
+                           self.feedback_scale, int(self.feedback_distribution), self.alignment_options,
+                           self.activation)
+        self._advance_rng()
+        return output
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._feedback_repr()}"
@@ -163,9 +207,11 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
             # As torch.nn.Conv2d: pad by the mode, then a convolution without padding.
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        return F._conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                         self.feedback, self._rng_for_this_step(), self._spec, self.feedback_scale,
-                         int(self.feedback_distribution), self.alignment_options, self.activation)
+        output = F._conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                           self.feedback, self.feedback_rng, self._spec, self.feedback_scale,
+                           int(self.feedback_distribution), self.alignment_options, self.activation)
+        self._advance_rng()
+        return output
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._feedback_repr()}"

@@ -38,8 +38,17 @@ def feedback_transform(weight, feedback, rng, rule: int, scale: float, distribut
     return torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution)
 
 
+def _check_one_device(weight, **tensors):
+    """The real kernels refuse tensors on two devices; so do the fake ones (a meta tensor
+    among cpu ones would otherwise send the call here and come back unchecked)."""
+    for name, tensor in tensors.items():
+        torch._check(tensor is None or tensor.device == weight.device,
+                     lambda: f"fastfa: {name} is on {tensor.device} but weight is on {weight.device}")
+
+
 @torch.library.register_fake("fastfa::feedback_transform")
 def _feedback_transform_fake(weight, feedback, rng, rule, scale, distribution):
+    _check_one_device(weight, feedback=feedback, rng=rng)
     return weight.new_empty(weight.shape).contiguous(memory_format=suggest_memory_format(weight))
 
 
@@ -54,6 +63,7 @@ def _forward_outputs(output, activation, rule):
 
 @torch.library.register_fake("fastfa::linear")
 def _linear_fake(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation):
+    _check_one_device(weight, input=input, bias=bias, feedback=feedback, rng=rng)
     torch._check(input.shape[-1] == weight.shape[1], lambda: "fastfa: input's last dimension must be in_features")
     return _forward_outputs(torch.nn.functional.linear(input, weight, bias), activation, rule)
 
@@ -61,6 +71,7 @@ def _linear_fake(input, weight, bias, feedback, rng, rule, scale, distribution, 
 @torch.library.register_fake("fastfa::conv2d")
 def _conv2d_fake(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
                  distribution, alignment, activation):
+    _check_one_device(weight, input=input, bias=bias, feedback=feedback, rng=rng)
     output = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
     return _forward_outputs(output, activation, rule)
 
@@ -84,6 +95,7 @@ def _masked(gradients, output_mask, input, weight, feedback, rule):
 @torch.library.register_fake("fastfa::linear_backward")
 def _linear_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale,
                           distribution, alignment, activation, output_mask):
+    _check_one_device(weight, grad_output=grad_output, input=input, feedback=feedback, rng=rng)
     return _masked((input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])),
                    output_mask, input, weight, feedback, rule)
 
@@ -100,6 +112,7 @@ def _backward_filter(weight, feedback, rng, rule, scale, distribution, output_ma
 @torch.library.register_fake("fastfa::conv2d_backward")
 def _conv2d_backward_fake(grad_output, input, weight, feedback, rng, activation_saved, projection, stride, padding,
                           dilation, groups, rule, scale, distribution, alignment, activation, output_mask):
+    _check_one_device(weight, grad_output=grad_output, input=input, feedback=feedback, rng=rng)
     filter = _backward_filter(weight, feedback, rng, rule, scale, distribution, output_mask)
     gradients = torch.ops.aten.convolution_backward(
         grad_output, input, filter, [weight.shape[0]] if output_mask[2] else None, stride, padding, dilation,
