@@ -1,13 +1,13 @@
 """Hostile input: NaN / Inf, tensors past 2**31 elements, bad arguments, corrupt state, repeatability, leaks.
 
 Every rule of bp, fa, usf, brsf, frsf (new rules in fastfa.RULES are left to their own tests).
-The library's known gaps are marked xfail(strict=True) with the reason: such a test starts
-to pass (and so to fail as XPASS) once the gap is closed, and then loses its marker.
+A gap of the library found here is marked xfail(strict=True) with its reason until it is closed;
+the one xfail left is upstream (torch's own channels_last CPU convolution) and not strict, as it
+depends on the CPU.
 """
 
 import copy
 import gc
-import hashlib
 import math
 import os
 import subprocess
@@ -266,7 +266,8 @@ def test_single_index_draws_match_the_oracle():
     indices = list(range(41))
     expected = oracle.unit_draw(seed, step_, 41, "uniform")
     assert np.array_equal(_uniform_draws_at(seed, step_, indices), expected)
-    drawn = torch.ops.fastfa.feedback_transform(torch.empty(41), None, torch.tensor([seed, step_]), int(Rule.FA), 1.0, 0)
+    rng = torch.tensor([seed, step_])
+    drawn = torch.ops.fastfa.feedback_transform(torch.empty(41), None, rng, int(Rule.FA), 1.0, 0)
     assert torch.equal(drawn, torch.from_numpy(expected))
 
 
@@ -511,11 +512,13 @@ CHANNELS_LAST_SCRIPT = textwrap.dedent("""
     import fastfa
 
     torch.manual_seed(0)
-    dtype, (n, c, h, w), (o, i, kh, kw), stride, padding, dilation, groups = eval(sys.argv[1])
+    dtype, (n, c, h, w), (o, i, kh, kw), stride, padding, dilation, groups, bias = eval(sys.argv[1])
     x = torch.randn(n, c, h, w, dtype=dtype).to(memory_format=torch.channels_last)
     weight = torch.randn(o, i, kh, kw, dtype=dtype)
-    y = fastfa.functional.conv2d(x, weight, None, stride, padding, dilation, groups, rule="bp")
-    reference = torch.nn.functional.conv2d(x.double(), weight.double(), None, stride, padding, dilation, groups)
+    bias = torch.randn(o, dtype=dtype) if bias else None
+    y = fastfa.functional.conv2d(x, weight, bias, stride, padding, dilation, groups, rule="bp")
+    reference = torch.nn.functional.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                                           stride, padding, dilation, groups)
     tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(y.double(), reference, atol=tolerance * max(1.0, float(reference.abs().max())),
                                rtol=tolerance)
@@ -525,14 +528,15 @@ CHANNELS_LAST_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.xfail(strict=False, reason="UPSTREAM (torch 2.14.1 + oneDNN 3.12, seen on an AVX-512 CPU): torch's own "
                                         "CPU convolution with a channels_last input returns wrong values (NaN, "
-                                        "garbage) or segfaults for these small geometries (bf16; fp32 with one input "
-                                        "channel), torch.nn.functional.conv2d alike; fastfa's aten backend calls it. "
+                                        "garbage) or segfaults for these small bf16 and fp32 geometries, "
+                                        "torch.nn.functional.conv2d alike; fastfa's aten backend calls it. "
                                         "Not strict: the oneDNN kernel picked depends on the CPU")
 @pytest.mark.parametrize("geometry", [
-    "torch.bfloat16, (1, 2, 4, 3), (4, 1, 2, 3), (1, 3), (0, 0), (1, 1), 2",  # NaN in the output
-    "torch.bfloat16, (1, 2, 3, 1), (2, 2, 3, 1), (2, 2), (2, 1), (2, 2), 1",  # segfault
-    "torch.float32, (3, 1, 7, 1), (1, 1, 3, 3), (1, 2), (0, 1), (1, 1), 1",  # wrong values
-], ids=["bf16-nan", "bf16-segfault", "fp32-one-channel"])
+    "torch.bfloat16, (1, 2, 4, 3), (4, 1, 2, 3), (1, 3), (0, 0), (1, 1), 2, False",  # NaN in the output
+    "torch.bfloat16, (1, 2, 3, 1), (2, 2, 3, 1), (2, 2), (2, 1), (2, 2), 1, False",  # segfault
+    "torch.float32, (3, 1, 7, 1), (1, 1, 3, 3), (1, 2), (0, 1), (1, 1), 1, False",  # wrong values
+    "torch.float32, (2, 9, 1, 1), (3, 3, 1, 1), (3, 3), (0, 2), (2, 2), 3, True",  # segfault (with a bias)
+], ids=["bf16-nan", "bf16-segfault", "fp32-one-channel", "fp32-segfault"])
 def test_channels_last_conv2d_on_cpu(geometry):
     """Run in a child process: the failure can kill the interpreter."""
     result = subprocess.run([sys.executable, "-c", CHANNELS_LAST_SCRIPT, geometry], capture_output=True, text=True,
