@@ -6,6 +6,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. Triton
+# reads the variable when a kernel is defined, and fastfa loads its Triton kernels only
+# on first use, so setting it here, before any test runs, is early enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import fastfa  # noqa: E402
 
 # (atol, rtol) per dtype, relative to the oracle computed from the same inputs.

@@ -23,7 +23,8 @@ except ImportError as error:  # pragma: no cover - depends on the install
         "against the torch you run with.") from error
 
 from . import functional, metrics, nn, ops, rules  # noqa: E402
-from ._backend import BackendStatus, backends, get_backend, set_backend, use_backend  # noqa: E402
+from ._backend import (BackendStatus, Fallback, backends, clear_fallbacks, get_backend, last_fallbacks,  # noqa: E402
+                       set_backend, use_backend)
 from .convert import convert  # noqa: E402
 from .rules import ALIASES, RULES  # noqa: E402
 
@@ -41,4 +42,4 @@ def _warn_on_torch_mismatch() -> None:
 _warn_on_torch_mismatch()
 
 __all__ = ["RULES", "ALIASES", "nn", "functional", "metrics", "ops", "rules", "convert", "backends", "BackendStatus",
-           "set_backend", "get_backend", "use_backend", "__version__"]
+           "set_backend", "get_backend", "use_backend", "last_fallbacks", "clear_fallbacks", "Fallback", "__version__"]

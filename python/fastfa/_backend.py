@@ -1,8 +1,17 @@
-"""Backend selection: which implementation of the ops runs (aten, triton, cuda)."""
+"""Backend selection: which implementation of the ops runs (aten, triton, cuda).
+
+A backend kernel that does not support a call's configuration (a dtype, a device, a
+shape) hands the call to aten and says so: ``record_fallback`` logs it at debug level
+on the "fastfa" logger and counts it, and ``fastfa.last_fallbacks()`` returns what fell
+back since the last ``fastfa.clear_fallbacks()``. Never a silently different result.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import os
 import threading
 from typing import NamedTuple
 
@@ -10,7 +19,10 @@ import torch
 
 from . import _C
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "set_backend", "get_backend", "use_backend"]
+__all__ = ["BACKENDS", "BackendStatus", "Fallback", "backends", "set_backend", "get_backend", "use_backend",
+           "last_fallbacks", "clear_fallbacks", "record_fallback"]
+
+logger = logging.getLogger("fastfa")
 
 #: Every backend fastfa knows, fastest first where each is usable.
 BACKENDS = ("cuda", "triton", "aten")
@@ -35,14 +47,68 @@ def _aten_status() -> BackendStatus:
     return BackendStatus(True, f"fastfa's transform kernel + ATen GEMM/convolution on {where}")
 
 
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_status() -> BackendStatus:
+    # find_spec, not import: importing triton here would fix its TRITON_INTERPRET choice
+    # before a test suite or user has set it.
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed (pip install triton)")
+    where = []
+    if triton_interpreted():
+        where.append("cpu through Triton's interpreter (TRITON_INTERPRET=1: CPU tensors, for testing, slow)")
+    elif torch.cuda.is_available():
+        where.append("cuda")
+    if not where:
+        return BackendStatus(False, "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the Triton kernels on "
+                                    "CPU tensors through Triton's interpreter, for testing)")
+    fallen = sum(record.count for record in last_fallbacks())
+    note = f"; {fallen} call(s) fell back to aten (see fastfa.last_fallbacks())" if fallen else ""
+    return BackendStatus(True, "fastfa's Triton kernels (the transform fused into the GEMM tile loads) on "
+                               f"{' and '.join(where)}; unsupported configurations fall back to aten{note}")
+
+
 def backends() -> dict:
     """Which backends are usable here, and why not: {name: BackendStatus(usable, reason)}."""
     return {
         "cuda": BackendStatus(False, "fastfa's fused CUDA GEMM kernels are not part of this version"),
-        "triton": BackendStatus(False, "fastfa's Triton kernels are not part of this version "
-                                       "(fastfa.triton_kernels is empty)"),
+        "triton": _triton_status(),
         "aten": _aten_status(),
     }
+
+
+class Fallback(NamedTuple):
+    op: str  # e.g. "triton_linear"
+    backend: str  # the backend that ran instead: "aten"
+    reason: str
+    count: int  # how many calls fell back for this (op, reason) since the last clear_fallbacks()
+
+
+_fallbacks: dict = {}
+_fallbacks_lock = threading.Lock()
+
+
+def record_fallback(op: str, reason: str, backend: str = "aten") -> None:
+    """Called by a backend's op when it hands a call to ``backend``: a debug log and a record."""
+    logger.debug("fastfa: %s fell back to %s: %s", op, backend, reason)
+    with _fallbacks_lock:
+        key = (op, backend, reason)
+        _fallbacks[key] = _fallbacks.get(key, 0) + 1
+
+
+def last_fallbacks() -> list:
+    """The calls that fell back to another backend since the last clear_fallbacks(), as
+    ``Fallback(op, backend, reason, count)`` records, in the order first seen."""
+    with _fallbacks_lock:
+        return [Fallback(op, backend, reason, count) for (op, backend, reason), count in _fallbacks.items()]
+
+
+def clear_fallbacks() -> None:
+    with _fallbacks_lock:
+        _fallbacks.clear()
 
 
 _state = threading.local()
@@ -88,5 +154,5 @@ def resolve(name, device: torch.device) -> str:
                            "(pip install --no-build-isolation -e .)")
     if device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"fastfa runs on cpu and cuda tensors; got a tensor on {device}")
-    # Only aten exists in this version; "auto" will pick the fastest usable one.
+    # "auto" stays on aten until GPU runs show the Triton kernels correct and faster there.
     return "aten" if chosen == "auto" else chosen

@@ -15,17 +15,24 @@ autograd formula can hand it to the backward op:
 
 projection is r = x W^T (conv2d(x, W)) without bias, kept only for the rules whose B
 gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma].
+
+Other backends register ops with the same schemas under their own names
+(fastfa::triton_linear / triton_linear_backward, ...), and register_linear_autograd /
+register_conv2d_autograd give each forward op the formula that calls its own backward op.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch._prims_common import suggest_memory_format
 
+from . import _backend
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastfa)
 from .rules import Rule
 
-__all__ = ["linear_op", "conv2d_op", "feedback_transform"]
+__all__ = ["linear_op", "conv2d_op", "feedback_transform", "register_linear_autograd", "register_conv2d_autograd"]
 
 # relu, tanh and sigmoid differentiate from their output (which autograd keeps anyway);
 # gelu and silu need the pre-activation, which the forward op returns as its second output.
@@ -142,12 +149,18 @@ def _gradients(gradients, mask, inputs: int):
     return tuple(g if needed else None for g, needed in zip(gradients, mask)) + (None,) * (inputs - 4)
 
 
-def _linear_backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
-    input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
-    mask = _output_mask(ctx)
-    gradients = torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
-                                                 projection, *ctx.feedback_args, mask)
-    return _gradients(gradients, mask, 10)
+def linear_backward_formula(backward_op):
+    """The autograd formula of a linear forward op that hands its saved tensors to ``backward_op``
+    (each backend's forward op calls its own backward op, with the same schema)."""
+
+    def backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
+        input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
+        mask = _output_mask(ctx)
+        gradients = backward_op(grad_output, input, weight, feedback, rng, activation_saved, projection,
+                                *ctx.feedback_args, mask)
+        return _gradients(gradients, mask, 10)
+
+    return backward
 
 
 def _conv2d_setup_context(ctx, inputs, output):
@@ -160,25 +173,68 @@ def _conv2d_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _conv2d_backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
-    input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
-    mask = _output_mask(ctx)
-    gradients = torch.ops.fastfa.conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
-                                                 projection, *ctx.geometry, *ctx.feedback_args, mask)
-    return _gradients(gradients, mask, 14)
+def conv2d_backward_formula(backward_op):
+    """The autograd formula of a conv2d forward op that hands its saved tensors to ``backward_op``."""
+
+    def backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
+        input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
+        mask = _output_mask(ctx)
+        gradients = backward_op(grad_output, input, weight, feedback, rng, activation_saved, projection,
+                                *ctx.geometry, *ctx.feedback_args, mask)
+        return _gradients(gradients, mask, 14)
+
+    return backward
 
 
-torch.library.register_autograd("fastfa::linear", _linear_backward, setup_context=_linear_setup_context)
-torch.library.register_autograd("fastfa::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+def register_linear_autograd(forward_name: str, backward_op) -> None:
+    """Autograd for a linear forward op with fastfa::linear's schema, e.g. "fastfa::triton_linear"."""
+    torch.library.register_autograd(forward_name, linear_backward_formula(backward_op),
+                                    setup_context=_linear_setup_context)
 
-# Forward op per backend; each forward op's autograd formula calls its own backward op.
-_LINEAR_OPS = {"aten": torch.ops.fastfa.linear}
-_CONV2D_OPS = {"aten": torch.ops.fastfa.conv2d}
+
+def register_conv2d_autograd(forward_name: str, backward_op) -> None:
+    """Autograd for a conv2d forward op with fastfa::conv2d's schema, e.g. "fastfa::triton_conv2d"."""
+    torch.library.register_autograd(forward_name, conv2d_backward_formula(backward_op),
+                                    setup_context=_conv2d_setup_context)
+
+
+register_linear_autograd("fastfa::linear", torch.ops.fastfa.linear_backward)
+register_conv2d_autograd("fastfa::conv2d", torch.ops.fastfa.conv2d_backward)
+
+
+class _TritonOp:
+    """A Triton op, defined on first use: importing its module imports triton, which reads
+    TRITON_INTERPRET when the kernels are defined, so fastfa's own import must not do it."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+        self.op = None
+
+    def __call__(self):
+        if self.op is None:
+            importlib.import_module(f"fastfa.triton_kernels.{self.module}")
+            self.op = getattr(torch.ops.fastfa, self.name)
+        return self.op
+
+
+# Forward op per backend (each forward op's autograd formula calls its own backward op).
+_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear}
+_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d}
+
+
+def _op_for(table: dict, kind: str, backend: str):
+    load = table.get(backend)
+    if load is None:
+        _backend.record_fallback(kind, f"the {backend} backend has no {kind} op in this version")
+        load = table["aten"]
+    return load()
 
 
 def linear_op(backend: str):
-    return _LINEAR_OPS[backend]
+    """The forward op of ``backend`` for Linear (aten's where that backend has none, recorded)."""
+    return _op_for(_LINEAR_OPS, "linear", backend)
 
 
 def conv2d_op(backend: str):
-    return _CONV2D_OPS[backend]
+    """The forward op of ``backend`` for Conv2d (aten's where that backend has none, recorded)."""
+    return _op_for(_CONV2D_OPS, "conv2d", backend)
