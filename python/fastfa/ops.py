@@ -218,7 +218,7 @@ class _TritonOp:
 
 
 # Forward op per backend (each forward op's autograd formula calls its own backward op).
-_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear}
+_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear, "triton": _TritonOp("linear", "triton_linear")}
 _CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d}
 
 

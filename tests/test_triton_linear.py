@@ -1,0 +1,228 @@
+"""The triton backend's Linear ops (fastfa::triton_linear / triton_linear_backward) against the oracle and aten.
+
+Without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors, with
+ragged shapes that are not multiples of the interpreter's blocks (16 x 32 x 16).
+"""
+
+import pytest
+import torch
+
+import fastfa
+import oracle
+from conftest import assert_close
+from fastfa.functional import feedback_arguments
+from fastfa.rules import Distribution, Rule
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not fastfa.backends()["triton"].usable, reason="the triton backend is not usable here")
+
+F64 = torch.float64
+ALIGNMENT = dict(alpha=0.3, beta=0.7, gamma=0.2, sigma=1.3)
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+# (rule, options): fa both with a stored R and regenerating R from (seed, step).
+CASES = [("bp", {}), ("fa", {"stored": True}), ("fa", {"seed": 11}), ("usf", {"scale": "kaiming"}),
+         ("brsf", {"seed": 2**40 + 5, "step": 2**33 + 3}), ("frsf", {"stored": True}), ("kp", {}),
+         ("wm", {"seed": 9, "step": 4}), ("sa", {}), ("aa", {}), ("ia", {})]
+
+
+def _options(rule, options):
+    taken = fastfa.rules.rule_spec(rule).options
+    chosen = {key: value for key, value in ALIGNMENT.items() if key in taken}
+    chosen.update({key: value for key, value in options.items() if key != "stored"})
+    return chosen
+
+
+def expected_feedback_grad(rule, x, w, b_fb, grad_w, alignment, noise):
+    """learning-rules.md's gradient of B (linear), in fp64; x is [rows, in]."""
+    alpha, beta, gamma = alignment[:3]
+    n = max(x.shape[0], 1)
+    r = x @ w.t()
+    if rule == "kp":
+        return grad_w + alpha * 2 * b_fb
+    if rule == "sa":
+        return alpha * 2 * b_fb - beta * w
+    if rule == "wm":
+        return alpha * 2 * b_fb - beta / n * (noise @ w.t()).t() @ noise
+    if rule == "aa":
+        return alpha * (2 / n) * (x @ b_fb.t()).t() @ x - beta / n * r.t() @ x
+    return -alpha / n * r.t() @ x + beta * (2 / n) * r.t() @ (r @ b_fb) + gamma * 2 * b_fb  # ia
+
+
+def _run(backend, x, w, b, feedback, rule, options, activation, grad_output):
+    """Forward and every gradient through fastfa.functional.linear on one backend."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    estimated = rule in oracle.ESTIMATED
+    feedback = feedback.detach().requires_grad_(estimated) if feedback is not None else None
+    y = fastfa.functional.linear(x, w, b, rule=rule, feedback=feedback, activation=activation, backend=backend,
+                                 **options)
+    leaves = [t for t in (x, w, b, feedback if estimated else None) if t is not None]
+    return (y, *torch.autograd.grad(y, leaves, grad_output))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{r}-{'-'.join(o)}" for r, o in CASES])
+def test_linear_matches_oracle_and_aten(index, dtype):
+    rule, given = CASES[index]
+    activation = ACTIVATIONS[index % len(ACTIVATIONS)]
+    bias = index % 2 == 0
+    out_features, in_features = 21, 37
+    x = torch.randn(3, 11, in_features, dtype=dtype)
+    w = torch.randn(in_features, out_features, dtype=dtype).t()  # a transposed (non-contiguous) weight
+    w[0, :3] = 0  # sign(0) = 0
+    b = torch.randn(out_features, dtype=dtype) if bias else None
+    stored = given.get("stored") or rule in oracle.ESTIMATED
+    feedback = torch.randn(out_features, in_features, dtype=dtype) * 0.5 if stored else None
+    options = _options(rule, given)
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, dict(options))
+    grad_output = torch.randn(3, 11, out_features, dtype=dtype)
+
+    triton_results = _run("triton", x, w, b, feedback, rule, options, activation, grad_output)
+    aten_results = _run("aten", x, w, b, feedback, rule, options, activation, grad_output)
+    names = ["output", "grad_input", "grad_weight", "grad_bias", "grad_feedback"]
+    names = [n for n in names if n != "grad_bias" or bias][:len(triton_results)]
+    for name, t, a in zip(names, triton_results, aten_results):
+        assert_close(t, a, dtype, f"{rule} {activation} {name} vs aten")
+
+    # The oracle, in fp64 from the same (rounded) inputs and the same rounded B.
+    seed, step = (int(v) for v in rng) if rng is not None else (None, None)
+    dist_name = "uniform" if distribution == Distribution.UNIFORM else "normal"
+    big_b = oracle.feedback_matrix(rule, w, feedback=feedback, seed=seed, step=step, scale=scale,
+                                   distribution=dist_name)
+    y, gx, gw, gb = oracle.linear(x.to(F64), w.to(F64), b.to(F64) if bias else None, big_b.to(F64),
+                                  grad_output.to(F64), activation)
+    expected = [y, gx, gw] + ([gb] if bias else [])
+    if rule in oracle.ESTIMATED:
+        x2 = x.reshape(-1, in_features).to(F64)
+        noise = None
+        if rule == "wm":
+            noise = oracle.draw(seed, step, tuple(x2.shape), "normal", alignment[3], dtype).to(dtype).to(F64)
+        expected.append(expected_feedback_grad(rule, x2, w.to(F64), feedback.to(F64), gw, alignment, noise))
+    for name, t, e in zip(names, triton_results, expected):
+        assert_close(t, e.to(dtype), dtype, f"{rule} {activation} {name} vs oracle")
+
+
+@pytest.mark.parametrize("rule", ["bp", "usf", "brsf", "ia"])
+def test_linear_fp16(rule):
+    given = dict(CASES)[rule]
+    x, w = torch.randn(2, 19, 24, dtype=torch.float16), torch.randn(13, 24, dtype=torch.float16)
+    b = torch.randn(13, dtype=torch.float16)
+    feedback = torch.randn(13, 24, dtype=torch.float16) if rule in oracle.ESTIMATED else None
+    options = _options(rule, given)
+    grad_output = torch.randn(2, 19, 13, dtype=torch.float16)
+    for t, a in zip(_run("triton", x, w, b, feedback, rule, options, "gelu", grad_output),
+                    _run("aten", x, w, b, feedback, rule, options, "gelu", grad_output)):
+        assert_close(t, a, torch.float16, rule)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule,distribution", [("brsf", 0), ("fa", 0), ("fa", 1), ("usf", 0), ("frsf", 0)])
+def test_grad_input_uses_the_aten_feedback_element_for_element(rule, distribution, dtype):
+    """With delta = I (out x out), grad_input = I B = B exactly: the B the fused kernel made
+    tile by tile is the aten transform's B (uniform draws bitwise, normal to a few ulps)."""
+    out_features, in_features = 23, 35
+    w = torch.randn(out_features, in_features, dtype=dtype)
+    w[1, :4] = 0
+    feedback = torch.randn(out_features, in_features, dtype=dtype) if rule == "frsf" else None
+    rng = torch.tensor([2**41 + 7, 2**32 + 9])
+    rule_id, scale = int(Rule[rule.upper()]), 0.21
+    identity = torch.eye(out_features, dtype=dtype)
+    args = (identity, torch.randn(out_features, in_features, dtype=dtype), w, feedback, rng, torch.empty(0),
+            torch.empty(0), rule_id, scale, distribution, [0.0, 0.0, 0.0, 1.0], "none", [True, False, False, False])
+    grad_input = torch.ops.fastfa.triton_linear_backward(*args)[0]
+    expected = torch.ops.fastfa.feedback_transform(w, feedback, rng, rule_id, scale, distribution)
+    if distribution == Distribution.NORMAL:
+        torch.testing.assert_close(grad_input, expected, atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
+    else:
+        assert torch.equal(grad_input, expected)
+
+
+@pytest.mark.parametrize("rule", ["brsf", "wm"])
+def test_step_counters_advance_as_on_aten(rule):
+    """A layer's [seed, step] moves on once per forward with grad on either backend, and two
+    training steps give the same gradients (the draws follow the counter)."""
+    torch.manual_seed(0)
+    layers = {name: fastfa.nn.Linear(19, 13, rule=rule, seed=5) for name in ("aten", "triton")}
+    layers["triton"].load_state_dict(layers["aten"].state_dict())
+    batches = [torch.randn(7, 19) for _ in range(2)]
+    for x in batches:
+        grads = {}
+        for name, layer in layers.items():
+            layer.zero_grad()
+            with fastfa.use_backend(name):
+                layer(x).square().sum().backward()
+            grads[name] = [p.grad for p in layer.parameters()]
+        for t, a in zip(grads["triton"], grads["aten"]):
+            assert_close(t, a, torch.float32, rule)
+        assert torch.equal(layers["triton"].feedback_rng, layers["aten"].feedback_rng)
+    assert int(layers["triton"].feedback_rng[1]) == 2
+
+
+def test_zero_rows_and_no_gradient_requests():
+    w, b = torch.randn(5, 7), torch.randn(5)
+    out = torch.ops.fastfa.triton_linear(torch.empty(0, 7), w, b, None, None, 2, 0.5, 0, [0.0] * 3 + [1.0], "relu")
+    assert out[0].shape == (0, 5)
+    grads = torch.ops.fastfa.triton_linear_backward(torch.empty(0, 5), torch.empty(0, 7), w, None, None,
+                                                    torch.empty(0, 5), torch.empty(0), 2, 0.5, 0, [0.0] * 3 + [1.0],
+                                                    "relu", [True, True, True, False])
+    assert grads[0].shape == (0, 7)
+    assert torch.equal(grads[1], torch.zeros(5, 7)) and torch.equal(grads[2], torch.zeros(5))
+    # Only grad_bias asked: no GEMM runs, the sums still come out.
+    g = torch.randn(9, 5)
+    only_bias = torch.ops.fastfa.triton_linear_backward(g, torch.randn(9, 7), w, None, None, torch.empty(0),
+                                                        torch.empty(0), 0, 1.0, 0, [0.0] * 3 + [1.0], "none",
+                                                        [False, False, True, False])
+    assert only_bias[0].numel() == 0 and only_bias[1].numel() == 0
+    assert_close(only_bias[2], g.sum(0), torch.float32, "grad_bias")
+
+
+def test_fp64_falls_back_to_aten_visibly():
+    fastfa.clear_fallbacks()
+    x, w = torch.randn(4, 6, dtype=F64, requires_grad=True), torch.randn(3, 6, dtype=F64, requires_grad=True)
+    y = fastfa.functional.linear(x, w, rule="usf", backend="triton")
+    y.sum().backward()
+    expected = fastfa.functional.linear(x, w, rule="usf", backend="aten")
+    assert torch.equal(y, expected)
+    records = fastfa.last_fallbacks()
+    assert [(r.op, r.backend) for r in records] == [("triton_linear", "aten"), ("triton_linear_backward", "aten")]
+    assert all("fp64" in r.reason and r.count == 1 for r in records)
+    assert "fell back to aten" in fastfa.backends()["triton"].reason
+    fastfa.clear_fallbacks()
+    assert fastfa.last_fallbacks() == []
+
+
+def test_backend_status_and_selection():
+    status = fastfa.backends()["triton"]
+    assert status.usable
+    with fastfa.use_backend("triton"):
+        assert fastfa.get_backend() == "triton"
+        assert fastfa.ops.linear_op(fastfa._backend.resolve(None, torch.device("cpu"))) is torch.ops.fastfa.triton_linear
+    assert fastfa._backend.resolve(None, torch.device("cpu")) == "aten"  # "auto" stays on aten in this version
+
+
+def test_bad_arguments_are_refused_as_by_aten():
+    w = torch.randn(5, 7)
+    good = dict(input=torch.randn(3, 7), weight=w, bias=None, feedback=None, rng=None, rule=2, scale=1.0,
+                distribution=0, alignment=[0.0, 0.0, 0.0, 1.0], activation="none")
+    for change, message in [(dict(input=torch.randn(3, 6)), "input's last dimension must be in_features=7"),
+                            (dict(activation="swish"), "activation must be one of"),
+                            (dict(rule=3), "needs rng"),
+                            (dict(rule=4), "needs the stored feedback"),
+                            (dict(bias=torch.randn(4)), r"bias must have shape \[5\]"),
+                            (dict(alignment=[0.0]), "alignment must be")]:
+        arguments = {**good, **change}
+        for op in (torch.ops.fastfa.linear, torch.ops.fastfa.triton_linear):
+            with pytest.raises(RuntimeError, match=message):
+                op(*arguments.values())
+
+
+def test_opcheck():
+    x, w, b = torch.randn(6, 9), torch.randn(5, 9), torch.randn(5)
+    feedback = torch.randn(5, 9)
+    args = (x, w, b, feedback, None, int(Rule.IA), 1.0, 0, [0.3, 0.7, 0.2, 1.0], "silu")
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastfa.triton_linear.default, args, test_utils=utils)
+    _, saved, projection = torch.ops.fastfa.triton_linear(*args)
+    backward_args = (torch.randn(6, 5), x, w, feedback, None, saved, projection, int(Rule.IA), 1.0, 0,
+                     [0.3, 0.7, 0.2, 1.0], "silu", [True, True, True, True])
+    torch.library.opcheck(torch.ops.fastfa.triton_linear_backward.default, backward_args, test_utils=utils)

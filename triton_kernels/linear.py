@@ -1,0 +1,483 @@
+"""Linear on Triton: fastfa::triton_linear and fastfa::triton_linear_backward.
+
+The same schemas and results as the aten ops fastfa::linear / linear_backward
+(python/fastfa/ops.py), with the rule fused into the GEMMs instead of a separate pass
+that writes B:
+
+    forward         output = act(x W^T + b): one GEMM, bias and activation in its epilogue;
+                    also activation_saved (the pre-activation, for gelu / silu) and
+                    projection r = x W^T without bias (aa, ia), written from the same tile.
+    grad_input      delta B, with delta = act'(grad_output) computed as its tiles load and
+                    B = T(W) made tile by tile as W (or the stored R / B) loads
+                    (triton_kernels/feedback.py), so B never exists in memory. It is computed
+                    as grad_input^T = B^T delta^T: the transformed tile is the left operand,
+                    which Hopper's wgmma can read from registers (issue 3).
+    grad_weight     delta^T x, with grad_bias (the column sums of delta) from the same tiles,
+                    and kp's B gradient grad_W + 2 alpha B written from the same accumulator.
+    B's gradient    for wm, aa, ia: the spec's primitives (learning-rules.md) from the same
+                    three kernels (project = the forward GEMM, back = the grad_input GEMM,
+                    outer = the grad_weight GEMM); sa is elementwise.
+
+Operands are rounded to the input dtype before each GEMM and accumulated in fp32, as the
+aten backend's GEMMs do. fp32 GEMMs use TF32 only where torch allows it
+(torch.get_float32_matmul_precision() != "highest"). fp64 and tensors the Triton runtime
+cannot reach fall back to the aten ops, recorded (fastfa.last_fallbacks()).
+
+Block sizes are autotuned per GPU; every kernel is keyed by the layer's
+(rows rounded up to a power of two, out_features, in_features), so a layer's forward and
+backward tune once per shape, and a ragged last batch does not re-tune.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+from .. import _backend
+from .. import ops as _ops
+from . import feedback as fb
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+# The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
+_SAVES_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+_KP, _WM, _SA, _AA, _IA = 5, 6, 7, 8, 9
+
+
+def _configs():
+    if fb.INTERPRETED.value:  # one small configuration: the interpreter is slow and times nothing
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1,
+                              num_stages=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+_KEY = ["rows_bucket", "out_features", "in_features"]
+
+
+@triton.jit
+def _tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile column), GROUP_M tile rows at a time, so that the programs
+    running together share their operand tiles in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _tanh(z):
+    # tanh from one exp of a non-positive argument: no overflow, and no libdevice (which the
+    # interpreter lacks).
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0.0, -t, t)
+
+
+@triton.jit
+def _gelu_tanh_inner(z):
+    return 0.7978845608028654 * (z + 0.044715 * z * z * z)  # sqrt(2 / pi) (z + 0.044715 z^3)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        y = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
+    elif ACTIVATION == "gelu":
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        y = 0.5 * z * (1.0 + _tanh(_gelu_tanh_inner(z)))
+    elif ACTIVATION == "silu":
+        y = z * tl.sigmoid(z)
+    elif ACTIVATION == "tanh":
+        y = _tanh(z)
+    elif ACTIVATION == "sigmoid":
+        y = tl.sigmoid(z)
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _load_delta(grad_output_ptrs, saved_ptrs, mask, ACTIVATION: tl.constexpr):
+    """delta = dL/dz from dL/dy, in fp32; ``saved`` is y (relu, tanh, sigmoid) or z (gelu, silu)."""
+    grad = tl.load(grad_output_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION == "none":
+        delta = grad
+    else:
+        saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if ACTIVATION == "relu":
+            delta = tl.where(saved > 0.0, grad, 0.0)
+        elif ACTIVATION == "tanh":
+            delta = grad * (1.0 - saved * saved)
+        elif ACTIVATION == "sigmoid":
+            delta = grad * saved * (1.0 - saved)
+        elif ACTIVATION == "gelu":
+            cdf = 0.5 * (1.0 + tl.erf(saved * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * saved * saved) * 0.3989422804014327  # 1 / sqrt(2 pi)
+            delta = grad * (cdf + saved * pdf)
+        elif ACTIVATION == "gelu_tanh":
+            t = _tanh(_gelu_tanh_inner(saved))
+            inner_derivative = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * saved * saved)
+            delta = grad * (0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * inner_derivative)
+        else:  # silu
+            s = tl.sigmoid(saved)
+            delta = grad * s * (1.0 + saved * (1.0 - s))
+    return delta
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, projection_ptr, rows, out_features,
+                    in_features, rows_bucket, stride_input_row, stride_input_col, stride_weight_out,
+                    stride_weight_in, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                    SAVES_PREACTIVATION: tl.constexpr, SAVES_PROJECTION: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """output[rows, out] = act(input[rows, in] W[out, in]^T + bias)."""
+    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.cdiv(out_features, BLOCK_N), GROUP_M)
+    row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    out = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
+        x = tl.load(input_ptr + row[:, None] * stride_input_row + k[None, :] * stride_input_col,
+                    mask=(row[:, None] < rows) & (k[None, :] < in_features), other=0.0)
+        w = tl.load(weight_ptr + k[:, None] * stride_weight_in + out[None, :] * stride_weight_out,
+                    mask=(k[:, None] < in_features) & (out[None, :] < out_features), other=0.0)
+        acc = fb.dot(x, w, acc, INPUT_PRECISION)
+    dtype = output_ptr.dtype.element_ty
+    mask = (row[:, None] < rows) & (out[None, :] < out_features)
+    offsets = row[:, None] * out_features + out[None, :]
+    if SAVES_PROJECTION:
+        tl.store(projection_ptr + offsets, fb.round_to(acc, dtype), mask=mask)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out, mask=out < out_features, other=0.0).to(tl.float32)[None, :]
+    if SAVES_PREACTIVATION:
+        tl.store(saved_ptr + offsets, fb.round_to(acc, dtype), mask=mask)
+    tl.store(output_ptr + offsets, fb.round_to(_activation(acc, ACTIVATION), dtype), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows,
+                       out_features, in_features, rows_bucket, stride_grad_row, stride_grad_col, stride_saved_row,
+                       stride_saved_col, stride_weight_out, stride_weight_in, stride_feedback_out,
+                       stride_feedback_in, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
+                       DISTRIBUTION: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """grad_input[rows, in] = delta[rows, out] B[out, in], computed transposed: B^T delta^T, so the
+    transformed B tile is the left operand. BLOCK_M tiles rows, BLOCK_N in_features, BLOCK_K out_features."""
+    tile_n, tile_m = _tile(tl.program_id(0), tl.cdiv(in_features, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
+    row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
+    dtype = grad_input_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for start in range(0, out_features, BLOCK_K):
+        out = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
+        feedback_mask = (col[:, None] < in_features) & (out[None, :] < out_features)
+        b_t = fb.load_feedback_tile(weight_ptr + col[:, None] * stride_weight_in + out[None, :] * stride_weight_out,
+                                    feedback_ptr + col[:, None] * stride_feedback_in
+                                    + out[None, :] * stride_feedback_out, feedback_mask,
+                                    out[None, :] * in_features + col[:, None], seed, step, scale, RULE,
+                                    HAS_FEEDBACK, DISTRIBUTION)
+        delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
+        delta_t = _load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
+                              saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row,
+                              delta_mask, ACTIVATION)
+        acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
+    tl.store(grad_input_ptr + row[None, :] * in_features + col[:, None], fb.round_to(acc, dtype),
+             mask=(col[:, None] < in_features) & (row[None, :] < rows))
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr,
+                        grad_feedback_ptr, rows, out_features, in_features, rows_bucket, stride_grad_row,
+                        stride_grad_col, stride_saved_row, stride_saved_col, stride_input_row, stride_input_col,
+                        stride_addend_out, stride_addend_in, outer_scale, addend_scale, ACTIVATION: tl.constexpr,
+                        STORES_GRAD_WEIGHT: tl.constexpr, STORES_GRAD_BIAS: tl.constexpr,
+                        STORES_GRAD_FEEDBACK: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """P[out, in] = delta[rows, out]^T input[rows, in], reducing over rows (BLOCK_K of them at a time);
+    grad_weight = P, grad_bias = delta's column sums (tile column 0 stores them),
+    grad_feedback = outer_scale * P + addend_scale * addend."""
+    NEEDS_PRODUCT: tl.constexpr = STORES_GRAD_WEIGHT or STORES_GRAD_FEEDBACK
+    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(out_features, BLOCK_M), tl.cdiv(in_features, BLOCK_N),
+                           GROUP_M)
+    out = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    dtype = input_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, rows, BLOCK_K):
+        row = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
+        delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
+        delta_t = fb.round_to(
+            _load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
+                        saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row, delta_mask,
+                        ACTIVATION), dtype)
+        if STORES_GRAD_BIAS:
+            bias_acc += tl.sum(delta_t.to(tl.float32), axis=1)
+        if NEEDS_PRODUCT:
+            x = tl.load(input_ptr + row[:, None] * stride_input_row + col[None, :] * stride_input_col,
+                        mask=(row[:, None] < rows) & (col[None, :] < in_features), other=0.0)
+            acc = fb.dot(delta_t, x, acc, INPUT_PRECISION)
+    mask = (out[:, None] < out_features) & (col[None, :] < in_features)
+    offsets = out[:, None] * in_features + col[None, :]
+    if STORES_GRAD_WEIGHT:
+        tl.store(grad_weight_ptr + offsets, fb.round_to(acc, dtype), mask=mask)
+    if STORES_GRAD_BIAS:
+        tl.store(grad_bias_ptr + out, fb.round_to(bias_acc, dtype), mask=(out < out_features) & (tile_n == 0))
+    if STORES_GRAD_FEEDBACK:
+        gradient = acc * outer_scale
+        if HAS_ADDEND:
+            addend = tl.load(addend_ptr + out[:, None] * stride_addend_out + col[None, :] * stride_addend_in,
+                             mask=mask, other=0.0).to(tl.float32)
+            gradient += addend_scale * addend
+        tl.store(grad_feedback_ptr + offsets, fb.round_to(gradient, dtype), mask=mask)
+
+
+@triton.jit
+def _draw_kernel(rng_ptr, out_ptr, numel, scale, DISTRIBUTION: tl.constexpr, BLOCK: tl.constexpr):
+    """out = scale * xi for elements 0..numel-1 (wm's noise, as the aten backend draws it)."""
+    index = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    xi = fb.unit_draw(tl.load(rng_ptr), tl.load(rng_ptr + 1), index, DISTRIBUTION)
+    tl.store(out_ptr + index, fb.round_to(scale * xi, out_ptr.dtype.element_ty), mask=index < numel)
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    # Under the interpreter wrap_triton hands back the plain kernel, which needs real data: a
+    # shape-only (fake) pass has set up the outputs already and launches nothing.
+    if fb.INTERPRETED.value and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _input_precision(dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _bucket(rows: int) -> int:
+    return triton.next_power_of_2(max(rows, 1))
+
+
+def _project(x, weight, bias=None, activation="none", saves_projection=False):
+    """act(x W^T + b) and what the forward op returns with it: x [rows, in], W [out, in]."""
+    rows, out_features, in_features = x.shape[0], weight.shape[0], weight.shape[1]
+    output = x.new_empty(rows, out_features)
+    saved = torch.empty_like(output) if activation in _SAVES_PREACTIVATION else output.new_empty(0)
+    projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
+    if output.numel():
+        _launch(_forward_kernel,
+                lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),),
+                x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
+                projection if saves_projection else output, rows, out_features, in_features, _bucket(rows),
+                *x.stride(), *weight.stride(), HAS_BIAS=bias is not None, ACTIVATION=activation,
+                SAVES_PREACTIVATION=activation in _SAVES_PREACTIVATION, SAVES_PROJECTION=saves_projection,
+                INPUT_PRECISION=_input_precision(x.dtype))
+    return output, saved, projection
+
+
+def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation):
+    """delta B, B = T(W) made tile by tile: grad and saved [rows, out] -> [rows, in]."""
+    rows, out_features, in_features = grad.shape[0], weight.shape[0], weight.shape[1]
+    grad_input = grad.new_empty(rows, in_features)
+    if grad_input.numel():
+        stored = feedback if feedback is not None else weight
+        saved = saved if activation != "none" else grad
+        _launch(_grad_input_kernel,
+                lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
+                grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, _bucket(rows),
+                *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
+                HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
+                INPUT_PRECISION=_input_precision(grad.dtype))
+    return grad_input
+
+
+def _outer(grad, saved, x, activation="none", *, grad_weight=False, grad_bias=False, grad_feedback=False,
+           outer_scale=1.0, addend=None, addend_scale=0.0):
+    """delta^T x for delta = act'(grad) [rows, out] and x [rows, in], with the epilogues the
+    backward needs: returns (grad_weight, grad_bias, grad_feedback), None where not asked."""
+    rows, out_features, in_features = grad.shape[0], grad.shape[1], x.shape[1]
+    gw = x.new_empty(out_features, in_features) if grad_weight else None
+    gb = x.new_empty(out_features) if grad_bias else None
+    gf = x.new_empty(out_features, in_features) if grad_feedback else None
+    needs_product = grad_weight or grad_feedback
+    if out_features:
+        saved = saved if activation != "none" else grad
+        addend_tensor = addend if addend is not None else x
+        placeholder = gw if gw is not None else (gf if gf is not None else gb)
+        # Only the bias: one tile column reads delta once and no GEMM runs. Column 0 also
+        # exists (and stores grad_bias) when in_features is 0.
+        _launch(_grad_weight_kernel,
+                lambda meta: (triton.cdiv(out_features, meta["BLOCK_M"])
+                              * (max(triton.cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
+                grad, saved, x, addend_tensor, gw if gw is not None else placeholder,
+                gb if gb is not None else placeholder, gf if gf is not None else placeholder, rows, out_features,
+                in_features, _bucket(rows), *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
+                outer_scale, addend_scale, ACTIVATION=activation, STORES_GRAD_WEIGHT=grad_weight,
+                STORES_GRAD_BIAS=grad_bias, STORES_GRAD_FEEDBACK=grad_feedback, HAS_ADDEND=addend is not None,
+                INPUT_PRECISION=_input_precision(x.dtype))
+    return gw, gb, gf
+
+
+def _draw(like, rng, scale, distribution):
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if out.numel():
+        _launch(_draw_kernel, lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
+                scale, DISTRIBUTION=distribution, BLOCK=256)
+    return out
+
+
+def _unsupported(tensor) -> str | None:
+    """Why the Triton kernels cannot run this call, or None."""
+    if tensor.dtype == torch.float64:
+        return "fp64: the Triton kernels compute in fp32"
+    if tensor.device.type == "cpu" and not fb.INTERPRETED.value:
+        return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+    if tensor.device.type not in ("cpu", "cuda"):
+        return f"tensors on {tensor.device}"
+    return None
+
+
+def _check_linear(input, weight, bias, alignment, activation) -> None:
+    """The aten op's checks (csrc/aten_backend.cpp), with its messages, before any kernel runs."""
+    if weight.dim() != 2:
+        raise RuntimeError(f"fastfa: linear weight must be 2-D (out_features, in_features), got {weight.dim()}-D")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"fastfa: input's last dimension must be in_features={weight.shape[1]}, got shape "
+                           f"{list(input.shape)}")
+    if input.dtype != weight.dtype:
+        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {weight.dtype}")
+    if input.device != weight.device:
+        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {weight.device}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise RuntimeError(f"fastfa: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise RuntimeError("fastfa: bias must have weight's dtype and device")
+    if len(alignment) != 4:
+        raise RuntimeError(f"fastfa: alignment must be [alpha, beta, gamma, sigma], got {len(alignment)} values")
+    if activation not in ACTIVATIONS:
+        raise RuntimeError(f"fastfa: activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
+
+
+def _rows(input, in_features: int) -> int:
+    return input.numel() // in_features if in_features else math.prod(input.shape[:-1])
+
+
+_LINEAR_SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, int rule, float scale, "
+                  "int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)")
+_LINEAR_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, Tensor? rng, "
+                           "Tensor activation_saved, Tensor projection, int rule, float scale, int distribution, "
+                           "float[] alignment, str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@triton_op("fastfa::triton_linear", mutates_args=(), schema=_LINEAR_SCHEMA)
+def triton_linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation):
+    """fastfa::linear on Triton: (output, activation_saved, projection), see the module docstring.
+
+    input (*, in), weight and feedback (out, in), bias (out,); output (*, out);
+    activation_saved is z = x W^T + b for gelu / gelu_tanh / silu, else empty; projection
+    is r = x W^T (no bias) for aa and ia, else empty.
+    """
+    _check_linear(input, weight, bias, alignment, activation)
+    fb.check_feedback_arguments(weight, feedback, rng, rule, scale, distribution)
+    reason = _unsupported(weight)
+    if reason is not None:
+        _backend.record_fallback("triton_linear", reason)
+        return torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment,
+                                       activation)
+    out_features, in_features = weight.shape
+    x = input.reshape(_rows(input, in_features), in_features)
+    output, saved, projection = _project(x, weight, bias, activation, saves_projection=rule in (_AA, _IA))
+    shape = (*input.shape[:-1], out_features)
+    return (output.view(shape), saved.view(shape) if saved.numel() else saved,
+            projection.view(shape) if projection.numel() else projection)
+
+
+def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, alignment, activation,
+                       grad_weight, grad_bias):
+    """The estimated rules' B gradient (learning-rules.md), with grad_weight / grad_bias when asked.
+    Returns (grad_weight, grad_bias, grad_feedback)."""
+    alpha, beta, gamma, sigma = alignment
+    batch = max(x.shape[0], 1)
+    if rule == _KP:  # grad_W + alpha * decay, from the grad_weight accumulator
+        return _outer(grad, saved, x, activation, grad_weight=grad_weight, grad_bias=grad_bias, grad_feedback=True,
+                      addend=feedback, addend_scale=2.0 * alpha)
+    gw, gb, _ = _outer(grad, saved, x, activation, grad_weight=grad_weight, grad_bias=grad_bias)
+    if rule == _SA:  # alpha * decay + beta * self
+        gf = (feedback * (2.0 * alpha) - weight * beta).contiguous()
+    elif rule == _WM:  # alpha * decay + beta * amp, with x replaced by noise ~ N(0, sigma^2)
+        noise = _draw(x, rng, sigma, 1)
+        noise_projection, _, _ = _project(noise, weight)
+        _, _, gf = _outer(noise_projection, None, noise, grad_feedback=True, outer_scale=-beta / batch,
+                          addend=feedback, addend_scale=2.0 * alpha)
+    elif rule == _AA:  # alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x, p = x B^T
+        p, _, _ = _project(x, feedback)
+        _, _, gf = _outer(p * (2.0 * alpha) - projection * beta, None, x, grad_feedback=True, outer_scale=1.0 / batch)
+    else:  # ia: alpha * amp + beta * null + gamma * decay = r^T (-alpha/N x + 2 beta/N r B) + 2 gamma B
+        r_b = _back(projection, None, feedback, feedback, None, _KP, 1.0, 0, "none")
+        _, _, gf = _outer(projection, None, x * (-alpha / batch) + r_b * (2.0 * beta / batch),
+                          grad_feedback=True, addend=feedback, addend_scale=2.0 * gamma)
+    return gw, gb, gf
+
+
+@triton_op("fastfa::triton_linear_backward", mutates_args=(), schema=_LINEAR_BACKWARD_SCHEMA)
+def triton_linear_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale,
+                           distribution, alignment, activation, output_mask):
+    """fastfa::linear_backward on Triton: (grad_input, grad_weight, grad_bias, grad_feedback).
+
+    grad_input = delta B (B = T(W) per rule, fused), grad_weight = delta^T x, grad_bias = the
+    sum of delta over rows, grad_feedback = the estimated rules' B gradient; delta =
+    act'(grad_output). Masked-out (and non-estimated grad_feedback) outputs come back empty.
+    """
+    _check_linear(input, weight, None, alignment, activation)
+    fb.check_feedback_arguments(weight, feedback, rng, rule, scale, distribution)
+    out_features, in_features = weight.shape
+    rows = _rows(input, in_features)
+    if grad_output.numel() != rows * out_features:
+        raise RuntimeError(f"fastfa: grad_output must have {rows * out_features} elements ({rows} rows of "
+                           f"{out_features}), got shape {list(grad_output.shape)}")
+    feedback_grad = output_mask[3] and rule >= _KP
+    if feedback_grad and rule in (_AA, _IA) and projection.numel() != rows * out_features:
+        raise RuntimeError(f"fastfa: rule {rule} needs projection = x W^T of shape {[*input.shape[:-1], out_features]}"
+                           f" (the forward op's third output), got shape {list(projection.shape)}")
+    reason = _unsupported(weight)
+    if reason is not None:
+        _backend.record_fallback("triton_linear_backward", reason)
+        return torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                                projection, rule, scale, distribution, alignment, activation,
+                                                output_mask)
+    grad = grad_output.reshape(rows, out_features)
+    saved = activation_saved.reshape(rows, out_features) if activation != "none" else grad
+    x = input.reshape(rows, in_features)
+    grad_input = grad_weight = grad_bias = grad_feedback = None
+    if output_mask[0]:
+        grad_input = _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation).view(input.shape)
+    if feedback_grad:
+        r = projection.reshape(rows, out_features) if rule in (_AA, _IA) else None
+        grad_weight, grad_bias, grad_feedback = _feedback_gradient(
+            rule, feedback, weight, grad, saved, x, r, rng, alignment, activation, output_mask[1], output_mask[2])
+    elif output_mask[1] or output_mask[2]:
+        grad_weight, grad_bias, _ = _outer(grad, saved, x, activation, grad_weight=output_mask[1],
+                                           grad_bias=output_mask[2])
+    empty = weight.new_empty(0)
+    return (grad_input if grad_input is not None else input.new_empty(0),
+            grad_weight if grad_weight is not None else empty,
+            grad_bias if grad_bias is not None else weight.new_empty(0),
+            grad_feedback if grad_feedback is not None else weight.new_empty(0))
+
+
+_ops.register_linear_autograd("fastfa::triton_linear", torch.ops.fastfa.triton_linear_backward)
