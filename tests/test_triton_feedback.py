@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 tl = triton.language
 feedback = pytest.importorskip("fastfa.triton_kernels.feedback")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors under the interpreter
 BLOCK_OUT, BLOCK_IN = 16, 32
 # Normal draws agree to a few fp32 ulps; rounded to bf16 that can be one bf16 ulp.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
@@ -34,7 +35,7 @@ def _materialise_kernel(weight_ptr, feedback_ptr, rng_ptr, out_ptr, out_features
 
 
 def _materialise(weight, stored, rng, rule, scale, distribution):
-    out = torch.full(weight.shape, float("nan"), dtype=weight.dtype)  # poisoned: an unwritten element shows
+    out = torch.full(weight.shape, float("nan"), dtype=weight.dtype, device=weight.device)  # poisoned: an unwritten element shows
     grid = (triton.cdiv(weight.shape[0], BLOCK_OUT), triton.cdiv(weight.shape[1], BLOCK_IN))
     f = stored if stored is not None else weight
     _materialise_kernel[grid](weight, f, rng, out, weight.shape[0], weight.shape[1], *weight.stride(),
@@ -53,11 +54,11 @@ CASES = [("bp", False), ("fa", True), ("fa", False), ("usf", False), ("brsf", Fa
 def test_transform_tile_equals_aten_transform(rule, stored, distribution, dtype):
     """B from load_feedback_tile equals fastfa's C++ transform (uniform draws bitwise) on a ragged,
     transposed (non-contiguous) W with zeros in it (sign(0) = 0)."""
-    weight = torch.randn(41, 37, dtype=dtype).t()  # 37 x 41, column-major
+    weight = torch.randn(41, 37, dtype=dtype, device=DEVICE).t()  # 37 x 41, column-major
     weight[3, :5] = 0
     needs_stored = stored or rule == "frsf"
-    r = torch.randn(37, 41, dtype=dtype) if needs_stored else None
-    rng = torch.tensor([2**40 + 321, 2**33 + 17])
+    r = torch.randn(37, 41, dtype=dtype, device=DEVICE) if needs_stored else None
+    rng = torch.tensor([2**40 + 321, 2**33 + 17], device=DEVICE)
     rule_id, scale = int(Rule[rule.upper()]), 0.37
     actual = _materialise(weight, r, rng, rule_id, scale, int(distribution))
     expected = torch.ops.fastfa.feedback_transform(weight, r, rng, rule_id, scale, int(distribution))
@@ -67,5 +68,6 @@ def test_transform_tile_equals_aten_transform(rule, stored, distribution, dtype)
         assert torch.equal(actual, expected), (actual - expected).abs().max()
     if rule in ("brsf", "fa") and r is None:  # and the oracle's draw, written from the spec
         name = "uniform" if distribution == Distribution.UNIFORM else "normal"
-        b = oracle.feedback_matrix(rule, weight, seed=int(rng[0]), step=int(rng[1]), scale=scale, distribution=name)
+        actual = actual.cpu()
+        b = oracle.feedback_matrix(rule, weight.cpu(), seed=int(rng[0]), step=int(rng[1]), scale=scale, distribution=name)
         torch.testing.assert_close(actual, b, atol=1e-6, rtol=RTOL[dtype])

@@ -4,6 +4,11 @@ Without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tens
 ragged shapes that are not multiples of the interpreter's blocks (16 x 32 x 16).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -17,6 +22,21 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not fastfa.backends()["triton"].usable, reason="the triton backend is not usable here")
 
 F64 = torch.float64
+# CPU tensors under the interpreter; on a GPU machine the same tests run the compiled kernels.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device_without_fallbacks():
+    """Every tensor a test makes is on DEVICE; and no call fell back to aten unless a test expects
+    it (a fallback would compare aten with itself)."""
+    fastfa.clear_fallbacks()
+    with torch.device(DEVICE):
+        yield
+    fallen = fastfa.last_fallbacks()
+    fastfa.clear_fallbacks()
+    assert not fallen, fallen
+
 ALIGNMENT = dict(alpha=0.3, beta=0.7, gamma=0.2, sigma=1.3)
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # (rule, options): fa both with a stored R and regenerating R from (seed, step).
@@ -67,7 +87,7 @@ def test_linear_matches_oracle_and_aten(index, dtype):
     activation = ACTIVATIONS[index % len(ACTIVATIONS)]
     bias = index % 2 == 0
     out_features, in_features = 21, 37
-    x = torch.randn(3, 11, in_features, dtype=dtype)
+    x = torch.randn(3, 11, 2 * in_features, dtype=dtype)[..., ::2]  # strided rows and columns
     w = torch.randn(in_features, out_features, dtype=dtype).t()  # a transposed (non-contiguous) weight
     w[0, :3] = 0  # sign(0) = 0
     b = torch.randn(out_features, dtype=dtype) if bias else None
@@ -84,7 +104,9 @@ def test_linear_matches_oracle_and_aten(index, dtype):
     for name, t, a in zip(names, triton_results, aten_results):
         assert_close(t, a, dtype, f"{rule} {activation} {name} vs aten")
 
-    # The oracle, in fp64 from the same (rounded) inputs and the same rounded B.
+    # The oracle, in fp64 on the CPU from the same (rounded) inputs and the same rounded B.
+    x, w, b, feedback, grad_output = (t.cpu() if t is not None else None for t in (x, w, b, feedback, grad_output))
+    triton_results = [t.cpu() for t in triton_results]
     seed, step = (int(v) for v in rng) if rng is not None else (None, None)
     dist_name = "uniform" if distribution == Distribution.UNIFORM else "normal"
     big_b = oracle.feedback_matrix(rule, w, feedback=feedback, seed=seed, step=step, scale=scale,
@@ -191,13 +213,22 @@ def test_fp64_falls_back_to_aten_visibly():
     assert fastfa.last_fallbacks() == []
 
 
+def test_a_backend_without_an_op_falls_back_visibly():
+    fastfa.clear_fallbacks()
+    table = {"aten": lambda: torch.ops.fastfa.linear}
+    assert fastfa.ops._op_for(table, "linear", "triton") is torch.ops.fastfa.linear
+    assert fastfa.last_fallbacks() == [fastfa.Fallback("linear", "aten", "the triton backend has no linear op in this "
+                                                       "version", 1)]
+    fastfa.clear_fallbacks()
+
+
 def test_backend_status_and_selection():
     status = fastfa.backends()["triton"]
     assert status.usable
     with fastfa.use_backend("triton"):
         assert fastfa.get_backend() == "triton"
-        assert fastfa.ops.linear_op(fastfa._backend.resolve(None, torch.device("cpu"))) is torch.ops.fastfa.triton_linear
-    assert fastfa._backend.resolve(None, torch.device("cpu")) == "aten"  # "auto" stays on aten in this version
+        assert fastfa.ops.linear_op(fastfa._backend.resolve(None, torch.device(DEVICE))) is torch.ops.fastfa.triton_linear
+    assert fastfa._backend.resolve(None, torch.device(DEVICE)) == "aten"  # "auto" stays on aten in this version
 
 
 def test_bad_arguments_are_refused_as_by_aten():
@@ -226,3 +257,66 @@ def test_opcheck():
     backward_args = (torch.randn(6, 5), x, w, feedback, None, saved, projection, int(Rule.IA), 1.0, 0,
                      [0.3, 0.7, 0.2, 1.0], "silu", [True, True, True, True])
     torch.library.opcheck(torch.ops.fastfa.triton_linear_backward.default, backward_args, test_utils=utils)
+
+
+SM90_SCRIPT = textwrap.dedent(r"""
+    import os, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except Exception as error:  # no NVIDIA backend in this triton
+        print("SKIP: no NVIDIA backend:", error); sys.exit(0)
+    if not ptxas or not os.path.exists(ptxas):
+        print("SKIP: ptxas not found"); sys.exit(0)
+    from triton.runtime.autotuner import Autotuner
+    import fastfa.triton_kernels.linear as L
+
+    BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+
+    def compile_for_sm90(kernel, dtype, constexprs, floats=()):
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*i64" if name == "rng_ptr" else f"*{dtype}"
+            else:
+                signature[name] = "fp32" if name in floats else "i32"
+        return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+
+    for rule in (0, 3, 4, 5):  # bp, brsf (drawn in the kernel), frsf and kp (stored)
+        ptx = compile_for_sm90(L._grad_input_kernel, "bf16",
+                               dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, ACTIVATION="gelu",
+                                    INPUT_PRECISION="ieee", **BLOCKS), floats=("scale",))
+        mma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+        # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".
+        assert mma and all(re.search(r"\}\s*,\s*\{", m) for m in mma), (rule, mma[:1])
+        assert "ld.local" not in ptx, f"rule {rule}: registers spilled"
+    ptx = compile_for_sm90(L._forward_kernel, "fp32", dict(HAS_BIAS=True, ACTIVATION="gelu_tanh",
+                           SAVES_PREACTIVATION=True, SAVES_PROJECTION=True, INPUT_PRECISION="tf32", **BLOCKS))
+    assert "wgmma.mma_async" in ptx and ".tf32" in ptx
+    ptx = compile_for_sm90(L._grad_weight_kernel, "bf16", dict(ACTIVATION="silu", STORES_GRAD_WEIGHT=True,
+                           STORES_GRAD_BIAS=True, STORES_GRAD_FEEDBACK=True, HAS_ADDEND=True, INPUT_PRECISION="ieee",
+                           **BLOCKS), floats=("outer_scale", "addend_scale"))
+    assert "wgmma.mma_async" in ptx
+    compile_for_sm90(L._draw_kernel, "bf16", dict(DISTRIBUTION=1, BLOCK=256), floats=("scale",))
+    print("sm_90 ok")
+""")
+
+
+def test_sm90_grad_input_keeps_the_transformed_tile_in_registers_for_wgmma():
+    """Compiled for Hopper (no GPU needed), the bf16 grad_input GEMM is wgmma with the transformed
+    B^T tile as its register operand (issue 3); every kernel compiles for sm_90 outside the interpreter."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(fastfa.__file__)),
+                                                      env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sm_90 ok" in result.stdout
