@@ -137,12 +137,23 @@ def test_linear_fp16(rule):
         assert_close(t, a, torch.float16, rule)
 
 
+GRAD_INPUT_PATHS = [("brsf", 0, 35, "fused"), ("brsf", 0, 36, "fused"), ("brsf", 0, 36, "materialised"),
+                    ("brsf", 0, 35, "materialised"), ("fa", 0, 35, "fused"), ("fa", 1, 35, "fused"),
+                    ("fa", 1, 36, "fused"), ("fa", 1, 36, "materialised"), ("usf", 0, 35, "fused"),
+                    ("frsf", 0, 36, "fused")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rule,distribution", [("brsf", 0), ("fa", 0), ("fa", 1), ("usf", 0), ("frsf", 0)])
-def test_grad_input_uses_the_aten_feedback_element_for_element(rule, distribution, dtype):
+@pytest.mark.parametrize("rule,distribution,in_features,path", GRAD_INPUT_PATHS)
+def test_grad_input_uses_the_aten_feedback_element_for_element(rule, distribution, in_features, path, dtype,
+                                                               monkeypatch):
     """With delta = I (out x out), grad_input = I B = B exactly: the B the fused kernel made
-    tile by tile is the aten transform's B (uniform draws bitwise, normal to a few ulps)."""
-    out_features, in_features = 23, 35
+    tile by tile is the aten transform's B (uniform draws bitwise, normal to a few ulps); with
+    in_features % 4 == 0 one Philox call serves four elements; at large batch a drawn B is
+    made once and read back (the "materialised" path, forced here by a zero threshold)."""
+    linear = pytest.importorskip("fastfa.triton_kernels.linear")
+    monkeypatch.setattr(linear, "DRAW_IN_GEMM_MAX_ROWS", 0 if path == "materialised" else 10**9)
+    out_features = 23
     w = torch.randn(out_features, in_features, dtype=dtype)
     w[1, :4] = 0
     feedback = torch.randn(out_features, in_features, dtype=dtype) if rule == "frsf" else None
@@ -288,10 +299,12 @@ SM90_SCRIPT = textwrap.dedent(r"""
         return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=4, num_stages=3)).asm["ptx"]
 
-    for rule in (0, 3, 4, 5):  # bp, brsf (drawn in the kernel), frsf and kp (stored)
+    # bp; brsf drawn in the kernel four elements per Philox call, and one per element; frsf, kp stored.
+    for rule, by_four in ((0, False), (3, True), (3, False), (4, False), (5, False)):
         ptx = compile_for_sm90(L._grad_input_kernel, "bf16",
-                               dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, ACTIVATION="gelu",
-                                    INPUT_PRECISION="ieee", **BLOCKS), floats=("scale",))
+                               dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, DRAWS=rule == 3,
+                                    DRAWS_BY_FOUR=by_four, ACTIVATION="gelu", INPUT_PRECISION="ieee", **BLOCKS),
+                               floats=("scale",))
         mma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
         # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".
         assert mma and all(re.search(r"\}\s*,\s*\{", m) for m in mma), (rule, mma[:1])
@@ -304,6 +317,8 @@ SM90_SCRIPT = textwrap.dedent(r"""
                            **BLOCKS), floats=("outer_scale", "addend_scale"))
     assert "wgmma.mma_async" in ptx
     compile_for_sm90(L._draw_kernel, "bf16", dict(DISTRIBUTION=1, BLOCK=256), floats=("scale",))
+    compile_for_sm90(L._materialise_kernel, "bf16", dict(RULE=1, HAS_FEEDBACK=False, DISTRIBUTION=1, DRAWS=True,
+                     DRAWS_BY_FOUR=True, BLOCK_IN=64, BLOCK_OUT=32), floats=("scale",))
     print("sm_90 ok")
 """)
 

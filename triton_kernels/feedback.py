@@ -43,9 +43,17 @@ Public @triton.jit functions (every argument after the tensors is a scalar or co
         tl.dot, except under the interpreter, whose bf16 dot multiplies the raw bits:
         there the (exactly representable) operands go through fp32 first.
 
+    unit_draw_quads(seed, step, block, DISTRIBUTION) -> fp32 [4R, C] tile of xi
+        block: an [R, C] int64 tile of Philox block ids (element index // 4); row 4j + l of
+        the result is element 4 * block[j, c] + l. One Philox call per four elements
+        (unit_draw makes one per element): for tiles whose first axis runs along W's rows
+        in groups of four (in_features % 4 == 0 and the tile starting at a multiple of 4).
+    transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE, HAS_FEEDBACK) -> fp32 tile of B
+        load_feedback_tile with the draw xi already made (0.0 where the rule draws nothing).
+
 Constexpr arguments: RULE is fastfa.rules.Rule's id (0..9), DISTRIBUTION 0 uniform /
 1 normal, HAS_FEEDBACK whether a stored tensor was passed (fa: stored R versus drawn R).
-Python helpers for launchers: ``reads_weight``, ``reads_feedback``, ``draws``,
+Python helpers for launchers: ``reads_feedback``, ``draws``,
 ``check_feedback_arguments`` (the C++ op's argument checks, raised before any launch).
 """
 
@@ -75,10 +83,6 @@ NORMAL = tl.constexpr(1)
 def draws(rule: int, has_feedback: bool) -> bool:
     """The rule draws xi from (seed, step): brsf always, fa when no stored R is given."""
     return rule == 3 or (rule == 1 and not has_feedback)
-
-
-def reads_weight(rule: int) -> bool:
-    return rule in (0, 2, 3, 4)
 
 
 def reads_feedback(rule: int, has_feedback: bool) -> bool:
@@ -182,24 +186,55 @@ def load_draw_state(rng_ptr, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr):
 
 
 @triton.jit
-def load_feedback_tile(weight_ptrs, feedback_ptrs, mask, index, seed, step, scale, RULE: tl.constexpr,
-                       HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr):
+def transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr):
     if RULE == BP or RULE == USF or RULE == BRSF or RULE == FRSF:
         w = tl.load(weight_ptrs, mask=mask, other=0.0).to(tl.float32)
     else:
         w = 0.0
     if RULE == FRSF or RULE >= KP or (RULE == FA and HAS_FEEDBACK):
         stored = tl.load(feedback_ptrs, mask=mask, other=0.0).to(tl.float32)
+    elif RULE == FA:  # fa regenerating R = scale * xi
+        stored = scale * xi
     else:
         stored = 0.0
-    if RULE == BRSF or (RULE == FA and not HAS_FEEDBACK):
-        xi = unit_draw(seed, step, index, DISTRIBUTION)
-        if RULE == FA:  # fa regenerating R = scale * xi
-            stored = scale * xi
-    else:
-        xi = 0.0
     # Out-of-bounds elements must be 0 in the GEMM's padding, and a drawn R is not.
     return tl.where(mask, feedback_transform(w, stored, xi, scale, RULE), 0.0)
+
+
+@triton.jit
+def load_feedback_tile(weight_ptrs, feedback_ptrs, mask, index, seed, step, scale, RULE: tl.constexpr,
+                       HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr):
+    if RULE == BRSF or (RULE == FA and not HAS_FEEDBACK):
+        xi = unit_draw(seed, step, index, DISTRIBUTION)
+    else:
+        xi = 0.0
+    return transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE, HAS_FEEDBACK)
+
+
+@triton.jit
+def _interleave4(a0, a1, a2, a3):
+    """Four [R, C] tiles -> one [4R, C] tile whose row 4j + l is a_l's row j."""
+    pairs = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [R, C, p, q] holds a_(2q + p)
+    return tl.reshape(tl.permute(pairs, (0, 3, 2, 1)), (4 * a0.shape[0], a0.shape[1]))
+
+
+@triton.jit
+def unit_draw_quads(seed, step, block, DISTRIBUTION: tl.constexpr):
+    # One Philox call gives the draws of four consecutive elements: a quarter of unit_draw's work.
+    zero = tl.zeros_like(block).to(tl.uint32)
+    x0, x1, x2, x3 = tl.philox(seed, (block & 0xFFFFFFFF).to(tl.uint32), (block >> 32).to(tl.uint32),
+                               zero + (step & 0xFFFFFFFF).to(tl.uint32), zero + (step >> 32).to(tl.uint32))
+    if DISTRIBUTION == UNIFORM:
+        xi = _interleave4(2.0 * unit_uniform(x0) - 1.0, 2.0 * unit_uniform(x1) - 1.0, 2.0 * unit_uniform(x2) - 1.0,
+                          2.0 * unit_uniform(x3) - 1.0)
+    else:
+        radius01 = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(unit_uniform(x0), 1.0e-7)))
+        angle01 = 6.283185307179586 * unit_uniform(x1)
+        radius23 = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(unit_uniform(x2), 1.0e-7)))
+        angle23 = 6.283185307179586 * unit_uniform(x3)
+        xi = _interleave4(radius01 * tl.cos(angle01), radius01 * tl.sin(angle01), radius23 * tl.cos(angle23),
+                          radius23 * tl.sin(angle23))
+    return xi
 
 
 @triton.jit

@@ -45,7 +45,7 @@ from . import feedback as fb
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
 _SAVES_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
-_KP, _WM, _SA, _AA, _IA = 5, 6, 7, 8, 9
+_FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 
 
 def _configs():
@@ -164,14 +164,36 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
     tl.store(output_ptr + offsets, fb.round_to(_activation(acc, ACTIVATION), dtype), mask=mask)
 
 
+@triton.jit
+def _feedback_tile_t(weight_ptr, feedback_ptr, first_col, col, out, in_features, out_features, stride_weight_out,
+                     stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE: tl.constexpr,
+                     HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr,
+                     DRAWS_BY_FOUR: tl.constexpr):
+    """B^T[col, out] as fp32 (B = T(W)): col = first_col + arange, a tile of in_features; out one of out_features."""
+    if DRAWS_BY_FOUR:
+        # col starts at a multiple of 4 and in_features % 4 == 0: cols 4j..4j+3 of one row of W
+        # are the four elements of one Philox block.
+        quad = (first_col // 4 + tl.arange(0, col.shape[0] // 4)).to(tl.int64)
+        xi = fb.unit_draw_quads(seed, step, out[None, :] * (in_features // 4) + quad[:, None], DISTRIBUTION)
+    elif DRAWS:
+        xi = fb.unit_draw(seed, step, out[None, :] * in_features + col[:, None], DISTRIBUTION)
+    else:
+        xi = 0.0
+    return fb.transform_tile(weight_ptr + col[:, None] * stride_weight_in + out[None, :] * stride_weight_out,
+                             feedback_ptr + col[:, None] * stride_feedback_in + out[None, :] * stride_feedback_out,
+                             (col[:, None] < in_features) & (out[None, :] < out_features), xi, scale, RULE,
+                             HAS_FEEDBACK)
+
+
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows,
                        out_features, in_features, rows_bucket, stride_grad_row, stride_grad_col, stride_saved_row,
                        stride_saved_col, stride_weight_out, stride_weight_in, stride_feedback_out,
                        stride_feedback_in, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
-                       DISTRIBUTION: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr, DRAWS_BY_FOUR: tl.constexpr,
+                       ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[rows, in] = delta[rows, out] B[out, in], computed transposed: B^T delta^T, so the
     transformed B tile is the left operand. BLOCK_M tiles rows, BLOCK_N in_features, BLOCK_K out_features."""
     tile_n, tile_m = _tile(tl.program_id(0), tl.cdiv(in_features, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
@@ -182,12 +204,9 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for start in range(0, out_features, BLOCK_K):
         out = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
-        feedback_mask = (col[:, None] < in_features) & (out[None, :] < out_features)
-        b_t = fb.load_feedback_tile(weight_ptr + col[:, None] * stride_weight_in + out[None, :] * stride_weight_out,
-                                    feedback_ptr + col[:, None] * stride_feedback_in
-                                    + out[None, :] * stride_feedback_out, feedback_mask,
-                                    out[None, :] * in_features + col[:, None], seed, step, scale, RULE,
-                                    HAS_FEEDBACK, DISTRIBUTION)
+        b_t = _feedback_tile_t(weight_ptr, feedback_ptr, tile_n * BLOCK_N, col, out, in_features, out_features, stride_weight_out,
+                               stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE,
+                               HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR)
         delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
         delta_t = _load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
                               saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row,
@@ -195,6 +214,22 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
         acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
     tl.store(grad_input_ptr + row[None, :] * in_features + col[:, None], fb.round_to(acc, dtype),
              mask=(col[:, None] < in_features) & (row[None, :] < rows))
+
+
+@triton.jit
+def _materialise_kernel(weight_ptr, feedback_ptr, rng_ptr, out_ptr, out_features, in_features, stride_weight_out,
+                        stride_weight_in, stride_feedback_out, stride_feedback_in, scale, RULE: tl.constexpr,
+                        HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr,
+                        DRAWS_BY_FOUR: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    """B = T(W) written out [out, in] contiguous: the drawn rules at large batch (see _back)."""
+    col = (tl.program_id(0) * BLOCK_IN + tl.arange(0, BLOCK_IN)).to(tl.int64)
+    out = (tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)).to(tl.int64)
+    seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
+    b_t = _feedback_tile_t(weight_ptr, feedback_ptr, tl.program_id(0) * BLOCK_IN, col, out, in_features, out_features, stride_weight_out,
+                           stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE,
+                           HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR)
+    tl.store(out_ptr + out[None, :] * in_features + col[:, None], fb.round_to(b_t, out_ptr.dtype.element_ty),
+             mask=(col[:, None] < in_features) & (out[None, :] < out_features))
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
@@ -289,19 +324,47 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     return output, saved, projection
 
 
+#: Above this many rows a drawn B (brsf, fa without R) is made once and then read by the GEMM:
+#: regenerating it in every row tile costs a Philox call per four elements per tile, which
+#: outgrows one extra W-sized write and read as the batch grows. A first guess, to be tuned
+#: on a GPU (benchmarks/); below it, B never exists in memory.
+DRAW_IN_GEMM_MAX_ROWS = 256
+
+
+def _draw_arguments(rule, feedback, in_features):
+    draws = fb.draws(rule, feedback is not None)
+    return dict(DRAWS=draws, DRAWS_BY_FOUR=draws and in_features % 4 == 0)
+
+
+def _materialise(weight, feedback, rng, rule, scale, distribution):
+    """B = T(W) [out, in], contiguous, in W's dtype."""
+    out_features, in_features = weight.shape
+    b = weight.new_empty(out_features, in_features)
+    stored = feedback if feedback is not None else weight
+    block_in, block_out = 64, 32
+    _launch(_materialise_kernel, (triton.cdiv(in_features, block_in), triton.cdiv(out_features, block_out)), weight,
+            stored, rng, b, out_features, in_features, *weight.stride(), *stored.stride(), scale, RULE=rule,
+            HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, BLOCK_IN=block_in, BLOCK_OUT=block_out,
+            **_draw_arguments(rule, feedback, in_features))
+    return b
+
+
 def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation):
     """delta B, B = T(W) made tile by tile: grad and saved [rows, out] -> [rows, in]."""
     rows, out_features, in_features = grad.shape[0], weight.shape[0], weight.shape[1]
     grad_input = grad.new_empty(rows, in_features)
-    if grad_input.numel():
-        stored = feedback if feedback is not None else weight
-        saved = saved if activation != "none" else grad
-        _launch(_grad_input_kernel,
-                lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
-                grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, _bucket(rows),
-                *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
-                HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
-                INPUT_PRECISION=_input_precision(grad.dtype))
+    if not grad_input.numel():
+        return grad_input
+    if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
+        feedback, rule, rng = _materialise(weight, feedback, rng, rule, scale, distribution), _FA, None
+    stored = feedback if feedback is not None else weight
+    saved = saved if activation != "none" else grad
+    _launch(_grad_input_kernel,
+            lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
+            grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, _bucket(rows),
+            *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
+            HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
+            INPUT_PRECISION=_input_precision(grad.dtype), **_draw_arguments(rule, feedback, in_features))
     return grad_input
 
 
