@@ -19,6 +19,7 @@ from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
+linear = pytest.importorskip("fastfa.triton_kernels.linear")  # registers fastfa::triton_linear(_backward)
 pytestmark = pytest.mark.skipif(not fastfa.backends()["triton"].usable, reason="the triton backend is not usable here")
 
 F64 = torch.float64
@@ -151,7 +152,6 @@ def test_grad_input_uses_the_aten_feedback_element_for_element(rule, distributio
     tile by tile is the aten transform's B (uniform draws bitwise, normal to a few ulps); with
     in_features % 4 == 0 one Philox call serves four elements; at large batch a drawn B is
     made once and read back (the "materialised" path, forced here by a zero threshold)."""
-    linear = pytest.importorskip("fastfa.triton_kernels.linear")
     monkeypatch.setattr(linear, "DRAW_IN_GEMM_MAX_ROWS", 0 if path == "materialised" else 10**9)
     out_features = 23
     w = torch.randn(out_features, in_features, dtype=dtype)
@@ -200,13 +200,25 @@ def test_zero_rows_and_no_gradient_requests():
                                                     "relu", [True, True, True, False])
     assert grads[0].shape == (0, 7)
     assert torch.equal(grads[1], torch.zeros(5, 7)) and torch.equal(grads[2], torch.zeros(5))
-    # Only grad_bias asked: no GEMM runs, the sums still come out.
-    g = torch.randn(9, 5)
-    only_bias = torch.ops.fastfa.triton_linear_backward(g, torch.randn(9, 7), w, None, None, torch.empty(0),
-                                                        torch.empty(0), 0, 1.0, 0, [0.0] * 3 + [1.0], "none",
-                                                        [False, False, True, False])
+    # Only grad_bias asked: no GEMM runs (one tile column), the sums of every tile row still come out.
+    g = torch.randn(9, 70)
+    only_bias = torch.ops.fastfa.triton_linear_backward(g, torch.randn(9, 40), torch.randn(70, 40), None, None,
+                                                        torch.empty(0), torch.empty(0), 0, 1.0, 0, [0.0] * 3 + [1.0],
+                                                        "none", [False, False, True, False])
     assert only_bias[0].numel() == 0 and only_bias[1].numel() == 0
     assert_close(only_bias[2], g.sum(0), torch.float32, "grad_bias")
+    g = g[:, :5]
+    # No input features: the output is act(bias), grad_weight is empty, grad_bias still sums delta.
+    empty_w = torch.empty(5, 0)
+    args = (torch.empty(4, 0), empty_w, b, None, None, 0, 1.0, 0, [0.0] * 3 + [1.0], "tanh")
+    for t, a in zip(torch.ops.fastfa.triton_linear(*args), torch.ops.fastfa.linear(*args)):
+        assert_close(t, a, torch.float32, "in_features=0 forward")
+    y = torch.ops.fastfa.linear(*args)[0]
+    backward_args = (g[:4], torch.empty(4, 0), empty_w, None, None, y, torch.empty(0), 0, 1.0, 0,
+                     [0.0] * 3 + [1.0], "tanh", [True, True, True, False])
+    for t, a in zip(torch.ops.fastfa.triton_linear_backward(*backward_args),
+                    torch.ops.fastfa.linear_backward(*backward_args)):
+        assert_close(t, a, torch.float32, "in_features=0 backward")
 
 
 def test_fp64_falls_back_to_aten_visibly():
@@ -267,6 +279,10 @@ def test_opcheck():
     _, saved, projection = torch.ops.fastfa.triton_linear(*args)
     backward_args = (torch.randn(6, 5), x, w, feedback, None, saved, projection, int(Rule.IA), 1.0, 0,
                      [0.3, 0.7, 0.2, 1.0], "silu", [True, True, True, True])
+    torch.library.opcheck(torch.ops.fastfa.triton_linear_backward.default, backward_args, test_utils=utils)
+    rng = torch.tensor([3, 8])  # brsf draws from [seed, step] inside the kernel
+    backward_args = (torch.randn(6, 5), x, w, None, rng, torch.empty(0), torch.empty(0), int(Rule.BRSF), 0.4, 0,
+                     [0.0, 0.0, 0.0, 1.0], "none", [True, True, False, False])
     torch.library.opcheck(torch.ops.fastfa.triton_linear_backward.default, backward_args, test_utils=utils)
 
 

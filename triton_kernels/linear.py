@@ -246,8 +246,12 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
     grad_weight = P, grad_bias = delta's column sums (tile column 0 stores them),
     grad_feedback = outer_scale * P + addend_scale * addend."""
     NEEDS_PRODUCT: tl.constexpr = STORES_GRAD_WEIGHT or STORES_GRAD_FEEDBACK
-    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(out_features, BLOCK_M), tl.cdiv(in_features, BLOCK_N),
-                           GROUP_M)
+    # As the launcher's grid: one tile column when only grad_bias is asked or in_features is 0.
+    if NEEDS_PRODUCT:
+        tiles_n = tl.maximum(tl.cdiv(in_features, BLOCK_N), 1)
+    else:
+        tiles_n = 1
+    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(out_features, BLOCK_M), tiles_n, GROUP_M)
     out = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     dtype = input_ptr.dtype.element_ty
