@@ -35,12 +35,12 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
+from . import input_precision, launch, unsupported_reason
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
@@ -293,20 +293,6 @@ def _draw_kernel(rng_ptr, out_ptr, numel, scale, DISTRIBUTION: tl.constexpr, BLO
     tl.store(out_ptr + index, fb.round_to(scale * xi, out_ptr.dtype.element_ty), mask=index < numel)
 
 
-def _launch(kernel, grid, *args, **kwargs):
-    # Under the interpreter wrap_triton hands back the plain kernel, which needs real data: a
-    # shape-only (fake) pass has set up the outputs already and launches nothing.
-    if fb.INTERPRETED.value and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-        return
-    wrap_triton(kernel)[grid](*args, **kwargs)
-
-
-def _input_precision(dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def _bucket(rows: int) -> int:
     return triton.next_power_of_2(max(rows, 1))
 
@@ -318,13 +304,13 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     saved = torch.empty_like(output) if activation in _SAVES_PREACTIVATION else output.new_empty(0)
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
     if output.numel():
-        _launch(_forward_kernel,
+        launch(_forward_kernel,
                 lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),),
                 x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
                 projection if saves_projection else output, rows, out_features, in_features, _bucket(rows),
                 *x.stride(), *weight.stride(), HAS_BIAS=bias is not None, ACTIVATION=activation,
                 SAVES_PREACTIVATION=activation in _SAVES_PREACTIVATION, SAVES_PROJECTION=saves_projection,
-                INPUT_PRECISION=_input_precision(x.dtype))
+                INPUT_PRECISION=input_precision(x.dtype))
     return output, saved, projection
 
 
@@ -346,7 +332,7 @@ def _materialise(weight, feedback, rng, rule, scale, distribution):
     b = weight.new_empty(out_features, in_features)
     stored = feedback if feedback is not None else weight
     block_in, block_out = 64, 32
-    _launch(_materialise_kernel, (triton.cdiv(in_features, block_in), triton.cdiv(out_features, block_out)), weight,
+    launch(_materialise_kernel, (triton.cdiv(in_features, block_in), triton.cdiv(out_features, block_out)), weight,
             stored, rng, b, out_features, in_features, *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, BLOCK_IN=block_in, BLOCK_OUT=block_out,
             **_draw_arguments(rule, feedback, in_features))
@@ -363,12 +349,12 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
         feedback, rule, rng = _materialise(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
     saved = saved if activation != "none" else grad
-    _launch(_grad_input_kernel,
+    launch(_grad_input_kernel,
             lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
             grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, _bucket(rows),
             *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
-            INPUT_PRECISION=_input_precision(grad.dtype), **_draw_arguments(rule, feedback, in_features))
+            INPUT_PRECISION=input_precision(grad.dtype), **_draw_arguments(rule, feedback, in_features))
     return grad_input
 
 
@@ -387,7 +373,7 @@ def _outer(grad, saved, x, activation="none", *, grad_weight=False, grad_bias=Fa
         placeholder = gw if gw is not None else (gf if gf is not None else gb)
         # Only the bias: one tile column reads delta once and no GEMM runs. Column 0 also
         # exists (and stores grad_bias) when in_features is 0.
-        _launch(_grad_weight_kernel,
+        launch(_grad_weight_kernel,
                 lambda meta: (triton.cdiv(out_features, meta["BLOCK_M"])
                               * (max(triton.cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
                 grad, saved, x, addend_tensor, gw if gw is not None else placeholder,
@@ -395,27 +381,16 @@ def _outer(grad, saved, x, activation="none", *, grad_weight=False, grad_bias=Fa
                 in_features, _bucket(rows), *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
                 outer_scale, addend_scale, ACTIVATION=activation, STORES_GRAD_WEIGHT=grad_weight,
                 STORES_GRAD_BIAS=grad_bias, STORES_GRAD_FEEDBACK=grad_feedback, HAS_ADDEND=addend is not None,
-                INPUT_PRECISION=_input_precision(x.dtype))
+                INPUT_PRECISION=input_precision(x.dtype))
     return gw, gb, gf
 
 
 def _draw(like, rng, scale, distribution):
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if out.numel():
-        _launch(_draw_kernel, lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
+        launch(_draw_kernel, lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
                 scale, DISTRIBUTION=distribution, BLOCK=256)
     return out
-
-
-def _unsupported(tensor) -> str | None:
-    """Why the Triton kernels cannot run this call, or None."""
-    if tensor.dtype == torch.float64:
-        return "fp64: the Triton kernels compute in fp32"
-    if tensor.device.type == "cpu" and not fb.INTERPRETED.value:
-        return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-    if tensor.device.type not in ("cpu", "cuda"):
-        return f"tensors on {tensor.device}"
-    return None
 
 
 def _check_linear(input, weight, bias, alignment, activation) -> None:
@@ -461,7 +436,7 @@ def triton_linear(input, weight, bias, feedback, rng, rule, scale, distribution,
     """
     _check_linear(input, weight, bias, alignment, activation)
     fb.check_feedback_arguments(weight, feedback, rng, rule, scale, distribution)
-    reason = _unsupported(weight)
+    reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_linear", reason)
         return torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment,
@@ -521,7 +496,7 @@ def triton_linear_backward(grad_output, input, weight, feedback, rng, activation
     if feedback_grad and rule in (_AA, _IA) and projection.numel() != rows * out_features:
         raise RuntimeError(f"fastfa: rule {rule} needs projection = x W^T of shape {[*input.shape[:-1], out_features]}"
                            f" (the forward op's third output), got shape {list(projection.shape)}")
-    reason = _unsupported(weight)
+    reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_linear_backward", reason)
         return torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
