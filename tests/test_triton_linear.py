@@ -125,6 +125,24 @@ def test_linear_matches_oracle_and_aten(index, dtype):
         assert_close(t, e.to(dtype), dtype, f"{rule} {activation} {name} vs oracle")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need the compiled kernels on a GPU")
+@pytest.mark.parametrize("rows", [16, 8192])
+@pytest.mark.parametrize("rule", sorted({rule for rule, _ in CASES}))
+def test_real_sizes_on_gpu(rule, rows):
+    """4096 x 4096 in bf16 at batch 16 (B made inside the GEMM) and 8192 (drawn B made once):
+    the triton backend against the aten backend on fresh inputs."""
+    x = torch.randn(rows, 4096, dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16) / 64
+    b = torch.randn(4096, dtype=torch.bfloat16)
+    feedback = torch.randn(4096, 4096, dtype=torch.bfloat16) / 64 if rule in ("frsf", *oracle.ESTIMATED) else None
+    options = _options(rule, dict(CASES)[rule])
+    grad_output = torch.randn(rows, 4096, dtype=torch.bfloat16)
+    for name, t, a in zip(("output", "grad_input", "grad_weight", "grad_bias", "grad_feedback"),
+                          _run("triton", x, w, b, feedback, rule, options, "gelu", grad_output),
+                          _run("aten", x, w, b, feedback, rule, options, "gelu", grad_output)):
+        assert_close(t, a, torch.bfloat16, f"{rule} {rows} {name}")
+
+
 @pytest.mark.parametrize("rule", ["bp", "usf", "brsf", "ia"])
 def test_linear_fp16(rule):
     given = dict(CASES)[rule]
