@@ -46,8 +46,8 @@ Public @triton.jit functions (every argument after the tensors is a scalar or co
     unit_draw_quads(seed, step, block, DISTRIBUTION) -> fp32 [4R, C] tile of xi
         block: an [R, C] int64 tile of Philox block ids (element index // 4); row 4j + l of
         the result is element 4 * block[j, c] + l. One Philox call per four elements
-        (unit_draw makes one per element): for tiles whose first axis runs along W's rows
-        in groups of four (in_features % 4 == 0 and the tile starting at a multiple of 4).
+        (unit_draw makes one per element): for tiles whose first axis runs along a row of W
+        (in_features), with in_features % 4 == 0 and the tile starting at a multiple of 4.
     transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE, HAS_FEEDBACK) -> fp32 tile of B
         load_feedback_tile with the draw xi already made (0.0 where the rule draws nothing).
 
