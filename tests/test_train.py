@@ -133,7 +133,8 @@ def test_amp_runs_on_the_cpu(tmp_path, amp):
 def test_cli_writes_the_record_and_plot(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = cli.main(["train", "--models", "mlp,convnet", "--rules", "bp,sign_symmetry,fa", "--epochs", "2",
-                     "--steps-per-epoch", "5", "--classifier", "bp", "--out", str(out), "--threads", "1"])
+                     "--steps-per-epoch", "5", "--classifier", "bp", "--scale", "kaiming", "--out", str(out),
+                     "--threads", "1"])
     assert code == 0
     printed = capsys.readouterr()
     assert "test acc %" in printed.out and str(out) in printed.out
@@ -144,6 +145,7 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
     assert [(r["model"], r["rule"]) for r in record["rows"]] == [(m, r) for m in ("mlp", "convnet")
                                                                  for r in ("bp", "usf", "fa")]
     for row in record["rows"]:
+        assert row["options"] == ({"scale": "kaiming"} if row["rule"] == "usf" else {})  # only usf takes a scale
         assert len(row["epochs"]) == 2 and 0 <= row["test_acc"] <= 1 and row["ms_per_step"] > 0
         last = row["epochs"][-1]
         # --classifier bp: the last Linear is torch's, so it has no angles.
@@ -168,7 +170,9 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
     (["--lr", "-1"], "--lr must be positive and finite"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--data", "/nonexistent/folder"], "--data: '/nonexistent/folder' is not a folder"),
-    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--no-checkpoint"], "--resume needs checkpoints; drop --no-checkpoint"),
+    (["--scale", "huge"], "--scale must be one of xiao, xavier, kaiming or a positive number, got 'huge'"),
+    (["--sigma", "0"], "--sigma must be positive and finite, got 0.0"),
     (["--models", "alexnet"], "--models alexnet needs images of at least 63 pixels"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
 ])
@@ -180,6 +184,9 @@ def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, argv, me
 
 
 def test_bad_choice_is_refused_by_the_parser(capsys):
+    # Without --out the default checkpoint folder is named after today's date: --resume must name one.
+    assert cli.main(["train", "--resume"]) == 2
+    assert "--resume needs --checkpoint-dir DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--amp", "fp8"])
     assert exit_info.value.code == 2

@@ -379,7 +379,10 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
                   "train_acc": correct / max(count, 1), "test_loss": test_loss, "test_acc": test_acc,
                   "ms_per_step": 1000 * seconds / max(steps_timed, 1), "lr": scheduler.get_last_lr()[0]}
         if probe is not None:
-            record["weight_alignment"], record["gradient_alignment"] = _alignment(model, probe)
+            if all(torch.isfinite(p).all() for p in model.parameters()):
+                record["weight_alignment"], record["gradient_alignment"] = _alignment(model, probe)
+            else:  # a diverged model has no meaningful angles
+                record["weight_alignment"], record["gradient_alignment"] = None, None
         state = dataclasses.replace(state, epoch=epoch + 1, step=0, sums=[0.0, 0.0, 0.0], seconds=0.0,
                                     steps_timed=0, history=state.history + [record])
         if not math.isfinite(record["train_loss"]):

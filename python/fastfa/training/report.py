@@ -81,11 +81,22 @@ def format_table(rows: list) -> str:
     return "\n".join(out)
 
 
+def _strict(value):
+    """NaN and infinities (a diverged run's loss) as null: the record stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
 def write_json(results: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, allow_nan=True)
+        json.dump(_strict(results), f, indent=1, allow_nan=False)
         f.write("\n")
     return path
 
@@ -108,9 +119,11 @@ def write_plot(results: dict, path: Path):
         accuracy, weight, gradient = axes[m]
         for row in chosen:
             epochs = [e["epoch"] for e in row["epochs"]]
-            line, = accuracy.plot(epochs, [100 * e["test_acc"] for e in row["epochs"]], label=row["rule"],
-                                  marker=".")
-            last = row["epochs"][-1] if row["epochs"] else {}
+            line, = accuracy.plot(epochs, [100 * e["test_acc"] for e in row["epochs"]], marker=".",
+                                  label=row["rule"] + (" (diverged)" if row.get("diverged") else ""))
+            # The last epoch with angles (a diverged run has none at its end).
+            measured = [e for e in row["epochs"] if e.get("weight_alignment")]
+            last = measured[-1] if measured else {}
             for axis, key in ((weight, "weight_alignment"), (gradient, "gradient_alignment")):
                 angles = last.get(key) or {}
                 if angles:
@@ -120,8 +133,8 @@ def write_plot(results: dict, path: Path):
         accuracy.set(title=f"{model}: test accuracy", xlabel="epoch", ylabel="%")
         accuracy.grid(alpha=0.3)
         accuracy.legend(fontsize=8, ncol=2)
-        weight.set(title=f"{model}: angle(B, W) per layer, last epoch", ylabel="degrees")
-        gradient.set(title=f"{model}: angle(grad_input, backprop's) per layer, last epoch", ylabel="degrees")
+        weight.set(title=f"{model}: angle(B, W) per layer, last epoch", ylabel="degrees", xlabel="layer")
+        gradient.set(title=f"{model}: angle(grad_input, backprop's), last epoch", ylabel="degrees", xlabel="layer")
         for axis in (weight, gradient):
             axis.set_ylim(bottom=0)
             axis.grid(alpha=0.3)
