@@ -225,3 +225,22 @@ def test_cifar_batches_and_image_folder_with_a_torchvision_model(tmp_path):
     # The augmentation is keyed by (seed, epoch, image): two runs train identically.
     for key, value in model.state_dict().items():
         assert torch.equal(value, second["models"]["resnet18", "usf"].state_dict()[key]), key
+
+
+def test_progress_line_redraws_on_a_terminal_and_stays_quiet_in_logs():
+    import io
+
+    from fastfa.training.report import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = Progress(stream=stream)
+        progress.update("mlp/usf", 0, 2, 5, 10, torch.tensor(1.5))
+        progress.line("mlp/usf  epoch 1/2  done")
+    assert terminal.getvalue().startswith("\rmlp/usf  epoch 1/2 [##########..........] 5/10  loss 1.5000\r")
+    assert terminal.getvalue().endswith("\rmlp/usf  epoch 1/2  done\n")
+    assert log.getvalue() == "mlp/usf  epoch 1/2  done\n"  # no carriage returns in a log file

@@ -360,7 +360,7 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
             global_step += 1
             state.step = step + 1
             if progress.live:
-                progress.update(tag, epoch, args.epochs, state.step, steps, float(loss))
+                progress.update(tag, epoch, args.epochs, state.step, steps, loss.detach())
             if args.save_every and state.step % args.save_every == 0 and state.step < steps:
                 _synchronize(context)
                 state.sums = sums.tolist()

@@ -25,7 +25,8 @@ class Progress:
         self._last = 0.0
         self._width = 0
 
-    def update(self, tag: str, epoch: int, epochs: int, step: int, steps: int, loss: float | None = None) -> None:
+    def update(self, tag: str, epoch: int, epochs: int, step: int, steps: int, loss=None) -> None:
+        """``loss`` may be a tensor: it is read (a device sync) only when the line is redrawn."""
         if not self.live:
             return
         now = time.monotonic()
@@ -35,7 +36,7 @@ class Progress:
         filled = int(20 * step / max(steps, 1))
         text = f"{tag}  epoch {epoch + 1}/{epochs} [{'#' * filled}{'.' * (20 - filled)}] {step}/{steps}"
         if loss is not None:
-            text += f"  loss {loss:.4f}"
+            text += f"  loss {float(loss):.4f}"
         self.stream.write("\r" + text.ljust(self._width))
         self._width = len(text)
         self.stream.flush()
