@@ -130,8 +130,11 @@ setup(
     cmdclass={"build_ext": build_ext_class()},
     install_requires=["torch>=2.6", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
-        "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark"],
+        "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark", "scikit-learn"],
         "bench": ["numpy", "matplotlib"],
+        # fastfa train: digits ships inside scikit-learn; the plot needs matplotlib; torchvision for
+        # the ResNet / AlexNet models and ImageFolder data.
+        "train": ["scikit-learn", "matplotlib", "torchvision"],
     },
     entry_points={"console_scripts": ["fastfa = fastfa.cli:main"]},
 )

@@ -3,6 +3,7 @@
     fastfa info [--json]     versions, devices, how fastfa._C was built, which backends are usable
     fastfa bench [...]       forward + backward time of every rule against torch's backprop
                              (``fastfa bench --help`` lists the options)
+    fastfa train [...]       train models with several rules and compare them (fastfa.training)
 """
 
 from __future__ import annotations
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results file (default: benchmarks/results/<date>-<device>-bench.json when that "
                             "folder exists here, else ./fastfa-bench-<date>-<device>.json)")
     bench.set_defaults(handler=cmd_bench)
+
+    from fastfa import training
+
+    train = commands.add_parser("train", help="train models with several rules and compare them",
+                                description=training.DESCRIPTION)
+    training.add_arguments(train)
+    train.set_defaults(handler=training.cmd_train)
     return parser
 
 

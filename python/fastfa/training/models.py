@@ -1,0 +1,92 @@
+"""Models for ``fastfa train``: two small ones for digits, torchvision's, all converted by fastfa.convert."""
+
+from __future__ import annotations
+
+import torch
+
+from ..convert import convert
+
+__all__ = ["SMALL_MODELS", "TORCHVISION_MODELS", "MODELS", "build", "classifier_name"]
+
+SMALL_MODELS = ("convnet", "mlp")
+TORCHVISION_MODELS = ("resnet18", "alexnet", "resnet50")
+MODELS = SMALL_MODELS + TORCHVISION_MODELS
+# AlexNet's stem (11x11 stride 4, then three 3x3 stride-2 pools) needs at least this many pixels.
+_MIN_IMAGE_SIZE = {"alexnet": 63}
+
+
+def _convnet(channels: int, image_size: int, num_classes: int, dropout: float) -> torch.nn.Module:
+    """Two 3x3 conv layers with 2x2 max pooling, then two linear layers.
+
+    No batch norm: its statistics are per process, so a DDP run would not equal one
+    process on the combined batch, and the comparison would mix in BN's own effect.
+    """
+    pooled = image_size // 4
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(channels, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Dropout(dropout),
+        torch.nn.Linear(64 * pooled * pooled, 128), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+        torch.nn.Linear(128, num_classes))
+
+
+def _mlp(channels: int, image_size: int, num_classes: int, dropout: float) -> torch.nn.Module:
+    """Three linear layers (two hidden layers of 256 ReLU units)."""
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(channels * image_size * image_size, 256), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+        torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+        torch.nn.Linear(256, num_classes))
+
+
+def _torchvision(name: str, channels: int, num_classes: int) -> torch.nn.Module:
+    try:
+        import torchvision
+    except ImportError as error:
+        raise RuntimeError(f"--models {name} needs torchvision: pip install torchvision") from error
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if channels != 3:
+        # Grey images (digits): the stem takes `channels` inputs, with the stem's geometry otherwise unchanged.
+        parent, attribute = (model.features, "0") if name == "alexnet" else (model, "conv1")
+        stem = getattr(parent, attribute)
+        setattr(parent, attribute, torch.nn.Conv2d(channels, stem.out_channels, stem.kernel_size, stem.stride,
+                                                   stem.padding, stem.dilation, stem.groups, stem.bias is not None))
+    return model
+
+
+def classifier_name(model: torch.nn.Module) -> str:
+    """The qualified name of the model's last Linear layer (its classifier)."""
+    names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
+    if not names:
+        raise ValueError("the model has no torch.nn.Linear classifier")
+    return names[-1]
+
+
+def build(name: str, rule: str, *, channels: int, image_size: int, num_classes: int, classifier: str = "rule",
+          dropout: float = 0.0, seed: int = 0, options: dict | None = None) -> torch.nn.Module:
+    """A fresh model with its Linear and Conv2d layers converted to ``rule``.
+
+    W is drawn from ``seed`` alone, so every rule starts from the same weights; the
+    rule's own draws (R, B's start, brsf / wm seeds) come from seed too, layer by layer.
+    ``classifier="bp"`` keeps the last Linear on backprop (Xiao et al. 2018);
+    ``"rule"`` converts it too (Lillicrap et al. 2016, Kunin et al. 2020).
+    """
+    if name not in MODELS:
+        raise ValueError(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if classifier not in ("bp", "rule"):
+        raise ValueError(f"--classifier must be bp or rule, got {classifier!r}")
+    if image_size < _MIN_IMAGE_SIZE.get(name, 1):
+        raise ValueError(f"--models {name} needs images of at least {_MIN_IMAGE_SIZE[name]} pixels, these are "
+                         f"{image_size}x{image_size}; pass --image-size {_MIN_IMAGE_SIZE[name] + 1} or more")
+    if name == "convnet" and image_size < 4:
+        raise ValueError(f"--models convnet needs images of at least 4 pixels, got {image_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "convnet":
+            model = _convnet(channels, image_size, num_classes, dropout)
+        elif name == "mlp":
+            model = _mlp(channels, image_size, num_classes, dropout)
+        else:
+            model = _torchvision(name, channels, num_classes)
+        exclude = (classifier_name(model),) if classifier == "bp" else ()
+        return convert(model, rule, exclude=exclude, seed=seed, **(options or {}))
