@@ -1,5 +1,7 @@
 """Every rule x layer kind x dtype against the oracle written from learning-rules.md."""
 
+import math
+
 import pytest
 import torch
 from conftest import assert_close
@@ -218,3 +220,15 @@ def test_alignment_angles():
     assert 0 < usf.alignment() < 45  # sign(W) is well aligned with W
     fa = fastfa.nn.Linear(256, 256, rule="fa")
     assert 80 < fa.alignment() < 100  # an independent R is nearly orthogonal to W
+
+
+def test_alignment_of_a_diverged_layer_is_nan():
+    """A NaN in W has no angle: reporting 0 degrees would call a diverged layer perfectly aligned."""
+    layer = fastfa.nn.Linear(8, 4, rule="fa")
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    assert math.isnan(layer.alignment())
+    zero = fastfa.nn.Linear(8, 4, rule="usf")
+    with torch.no_grad():
+        zero.weight.zero_()
+    assert math.isnan(zero.alignment())  # B = sign(0) = 0 and W = 0: no angle either

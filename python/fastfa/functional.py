@@ -291,6 +291,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 def _angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().flatten(), b.detach().double().flatten()
     denominator = a.norm() * b.norm()
-    if denominator == 0:
+    cosine = float(a.dot(b) / denominator) if denominator != 0 else math.nan
+    if math.isnan(cosine):  # a zero or non-finite tensor has no angle (min/max would turn NaN into 0 degrees)
         return math.nan
-    return math.degrees(math.acos(max(-1.0, min(1.0, float(a.dot(b) / denominator)))))
+    return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
