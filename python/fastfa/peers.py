@@ -236,16 +236,21 @@ def peer_of(layer) -> torch.nn.Module:
     return peer
 
 
-def convert_to_peers(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every fastfa layer of a model (made by fastfa.convert) for its peer, in place."""
+def convert_to_peers(model: torch.nn.Module, make=None) -> torch.nn.Module:
+    """Swap every fastfa layer of a model (made by fastfa.convert) for ``make(layer)``, in place.
+
+    ``make`` defaults to :func:`peer_of` (the autograd.Function peer); :func:`biotorch_of` gives
+    BioTorch's layers. Returns the model (the new layer if ``model`` is itself a fastfa layer).
+    """
     from . import nn as fnn
 
+    make = peer_of if make is None else make
     if isinstance(model, (fnn.Linear, fnn.Conv2d)):
-        return peer_of(model)
+        return make(model)
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if isinstance(child, (fnn.Linear, fnn.Conv2d)):
-                setattr(parent, name, peer_of(child))
+                setattr(parent, name, make(child))
     return model
 
 
