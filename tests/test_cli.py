@@ -101,10 +101,12 @@ def test_bench_compile_peer_and_plot(tmp_path, capsys):
     assert out.with_suffix(".png").exists() == plotted
 
 
-@pytest.mark.skipif(bench.plot_available()[0], reason="matplotlib is installed: the refusal cannot happen")
-def test_bench_plot_without_matplotlib(tmp_path, capsys):
+def test_bench_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+    """--plot without matplotlib is refused before anything runs; without --plot the run goes on."""
+    monkeypatch.setattr(bench, "plot_available", lambda: (False, "matplotlib is not installed (test)"))
     assert cli.main(["bench", "--quick", "--plot", "--out", str(tmp_path / "x.json")]) == 2
-    assert "matplotlib" in capsys.readouterr().err
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_bench_cases_cover_the_sweep():

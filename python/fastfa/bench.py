@@ -295,7 +295,7 @@ def default_cases(device_type: str, quick: bool = False, ops=OPS, shapes=("defau
         layouts = ("channels_last",) if device_type == "cuda" else ("nchw",)
     cases = []
     if quick:
-        cases += [linear_case(32, 64, 48)]
+        cases += [linear_case(b, 64, 48) for b in (batches or (32,))]
         cases += [conv2d_case(4, 8, 16, 12, channels_last=layout == "channels_last") for layout in layouts]
         model_cases = [Case("model:mlp", "8x32, width 32 -> 128 -> 32", (8, 32),
                             lambda device, dtype: MLPBlock(32, 10).to(device, dtype), group="model", classes=10)

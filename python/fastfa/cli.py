@@ -265,6 +265,11 @@ def cmd_bench(args) -> int:
     csv_path = Path(args.csv) if args.csv else out_path.with_suffix(".csv")
     plot_path = Path(args.plot_out) if args.plot_out else out_path.with_suffix(".png")
 
+    load = bench.machine_state()["loadavg"]
+    if not gpu and load and load[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        print(f"fastfa bench: the machine is busy (load average {load[0]:.1f} on {os.cpu_count()} cores); ops on "
+              f"{torch.get_num_threads()} threads then wait for descheduled threads, and times swing; "
+              "--threads 1 gives steadier ratios", file=sys.stderr)
     print(f"fastfa bench on {bench.device_name(device)} ({device}), "
           f"{', '.join(bench.DTYPES[name][1] for name in dtype_names)}, rules {', '.join(rules)}, "
           f"backends {', '.join(backends)}, peers {', '.join(peer_names) or 'none'}, {len(cases)} cases, "
