@@ -5,12 +5,23 @@ import json
 import math
 
 import pytest
+import torch
 
 import fastfa
 from fastfa import bench, cli, peers
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The bench runs on one thread here (--threads 1 would set it): on a busy machine, ops on
+    several threads wait for descheduled ones, and the tests' time swings tenfold. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ROW_KEYS = {"op", "shape", "dtype", "rule", "backend", "ms", "bp_ms", "ratio", "peak_bytes", "bp_peak_bytes",
-            "max_rel_err"}
+            "max_rel_err", "spread", "group", "batch", "layout", "peer", "peak_kind"}
 
 
 def test_info_text(capsys):
@@ -168,3 +179,13 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CUDA twin of test_bench_quick)")
+def test_bench_quick_cuda(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--device", "cuda", "--rules", "bp,usf", "--peers", "autograd,compile",
+                     "--out", str(out), "--no-plot"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["peak_bytes"] > 0 and row["peak_kind"].startswith("cuda:") for row in rows)
+    assert {row["backend"] for row in rows} >= {"peer:autograd", "peer:compile"}

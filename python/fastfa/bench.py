@@ -383,7 +383,7 @@ def settings_for(device_type: str, quick: bool, repeat: Optional[int], total_bud
                             warmup_s=0.1, buffers=4, total_budget_s=240.0, rounds=repeat)
     else:
         settings = Settings(sample_s=0.02, case_budget_s=15.0, min_rounds=5, max_rounds=40, warmup_calls=2,
-                            warmup_s=0.1, buffers=2, total_budget_s=60.0, rounds=repeat)
+                            warmup_s=0.1, buffers=2, total_budget_s=45.0, rounds=repeat)
     if total_budget_s is not None:
         settings.total_budget_s = total_budget_s
     return settings
@@ -644,10 +644,12 @@ def _cuda_peak(case: Case, rule, backend, device, dtype, seed: int) -> int:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     reference = case.make_reference(device, dtype)
-    module, _ = _make_module(case, rule, backend, device, reference, seed)
+    module, eager = _make_module(case, rule, backend, device, reference, seed)
     del reference
     x = _make_input(case, device, dtype, generator)
-    grad, target = _step_targets(case, module, x, device, dtype, generator)
+    # The eager module gives the output's shape (a compiled one would compile an inference graph).
+    grad, target = _step_targets(case, eager, x, device, dtype, generator)
+    del eager
     step, optimizer = _stepper(case, module, grad, target)
     variant = Variant(rule, backend, module, step, optimizer=optimizer)
     runner = Runner(device, [x], None)
@@ -700,14 +702,14 @@ class Progress:
         if self.tty:
             self.stream.write("\r\033[K")
         print(message, file=self.stream, flush=True)
-        self._draw()
+        self.draw()
 
     def advance(self, status: str = "", steps: int = 1) -> None:
         self.done = min(self.total, self.done + steps)
         self.status = status
-        self._draw()
+        self.draw()
 
-    def _draw(self) -> None:
+    def draw(self) -> None:
         if not self.tty or self.stream is None:
             return
         width = 30
@@ -791,7 +793,7 @@ def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, 
     for variant in list(variants):
         if progress is not None:
             progress.status = f"{where}: warm-up {variant.label}"
-            progress._draw()
+            progress.draw()
         try:
             times = []
             begin = time.perf_counter()
@@ -833,7 +835,7 @@ def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, 
         for r in range(rounds):
             if progress is not None:
                 progress.status = f"{where}: round {r + 1}/{rounds}"
-                progress._draw()
+                progress.draw()
             shift = r % len(variants)
             for variant in variants[shift:] + variants[:shift]:
                 times = runner.time_calls(variant, variant.calls)
@@ -1177,12 +1179,22 @@ def write_plot(results: dict, path: Path) -> Path:
             ax.set_ylabel(label)
             ax.set_title(f"{group}, {dtype}" + (f", {layout}" if layout else ""), fontsize=9)
             ax.grid(True, alpha=0.3)
-        axes[index][0].legend(fontsize=6, ncol=3)
+    # One legend for the figure: a colour per rule, a line style per implementation.
+    from matplotlib.lines import Line2D
+
+    present = {row.get("peer") for row in rows}
+    names = {None: "fastfa", "autograd": "autograd.Function peer", "compile": "torch.compile peer",
+             "biotorch": "BioTorch"}
+    handles = [Line2D([0], [0], color=colors[rule], label=rule) for rule in rules]
+    handles += [Line2D([0], [0], color="gray", linestyle=style, label=names[peer])
+                for peer, style in styles.items() if peer in present]
+    height = figure.get_figheight()
+    figure.legend(handles=handles, loc="upper center", ncol=min(len(handles), 8), fontsize=7,
+                  bbox_to_anchor=(0.5, 1.0 - 0.25 / height))
     machine = results.get("machine", {}).get("start", {})
-    figure.suptitle(f"fastfa bench on {results['device']} (load {machine.get('loadavg')}); "
-                    "solid: fastfa, dashed: autograd.Function peer, dotted: torch.compile peer, dash-dot: BioTorch",
-                    fontsize=8)
-    figure.tight_layout()
+    figure.suptitle(f"fastfa bench on {results['device']}, load average {machine.get('loadavg')}, "
+                    f"torch threads {machine.get('torch_threads')}", fontsize=8, y=1.0 - 0.05 / height)
+    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.75 / height))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, metavar="N",
                        help="timed rounds per case (default: as many as fit the time budget)")
     bench.add_argument("--budget", type=float, metavar="S",
-                       help="seconds the timed rounds of the whole run aim at (default: 70 on CPU, 240 on GPU; "
+                       help="seconds the timed rounds of the whole run aim at (default: 45 on CPU, 240 on GPU; "
                             "each case still gets its minimum rounds)")
     bench.add_argument("--threads", type=int, metavar="N",
                        help="torch's CPU threads (torch.set_num_threads; default: torch's own choice)")
