@@ -112,6 +112,20 @@ def test_bench_compile_peer_and_plot(tmp_path, capsys):
     assert out.with_suffix(".png").exists() == plotted
 
 
+@pytest.mark.skipif(not peers.biotorch_status()[0], reason=f"BioTorch: {peers.biotorch_status()[1]}")
+def test_bench_skips_a_failing_peer_without_failing_the_run(tmp_path, capsys):
+    """BioTorch's brsf draws R_t in float32 whatever W's dtype, so its bf16 backward fails: skipped, reported."""
+    out = tmp_path / "b.json"
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--dtype", "bf16", "--ops", "linear",
+                     "--rules", "brsf,usf", "--peers", "biotorch", "--no-plot", "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert len(results["skipped"]) == 1 and "brsf/peer:biotorch" in results["skipped"][0]
+    assert "peer skipped" in capsys.readouterr().err
+    assert {(row["rule"], row["backend"]) for row in results["rows"]} == {
+        ("brsf", "aten"), ("usf", "aten"), ("usf", "peer:biotorch")}
+
+
 def test_bench_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     """--plot without matplotlib is refused before anything runs; without --plot the run goes on."""
     monkeypatch.setattr(bench, "plot_available", lambda: (False, "matplotlib is not installed (test)"))

@@ -731,10 +731,18 @@ class Progress:
 
 def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, settings: Settings,
              progress: Optional[Progress] = None, seed: int = 0, cases_left: int = 1) -> tuple:
-    """Times one case for the baseline and every (rule, backend) in specs; returns (rows, errors)."""
+    """Times one case for the baseline and every (rule, backend) in specs; returns (rows, errors, skipped).
+
+    A fastfa variant that fails is an error; a peer that fails (BioTorch has no bf16 brsf, say) is
+    skipped with its reason: a limit of that library, not of the run.
+    """
     dtype_name = next(short for d, short in DTYPES.values() if d == dtype)
-    errors = []
+    errors, skipped = [], []
     where = f"{case.op} {case.shape} {dtype_name}"
+
+    def failed(rule, backend, message):
+        (skipped if backend and backend.startswith("peer:") else errors).append(
+            f"{where} {rule or 'torch'}/{backend}: {message}")
     all_specs = [(None, None)] + list(specs)
 
     # Peak memory on GPU first, one variant alive at a time.
@@ -746,7 +754,7 @@ def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, 
                 peaks[(rule, backend)] = _cuda_peak(case, rule, backend, device, dtype, seed)
             except Exception as error:  # an OOM or an unsupported combination: reported, not fatal
                 peaks[(rule, backend)] = None
-                errors.append(f"{where} {rule or 'torch'}/{backend}: peak memory: {type(error).__name__}: {error}")
+                failed(rule, backend, f"peak memory: {type(error).__name__}: {error}")
                 gc.collect()
                 torch.cuda.empty_cache()
 
@@ -783,7 +791,7 @@ def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, 
         except Exception as error:
             if rule is None:
                 raise
-            errors.append(f"{where} {rule}/{backend}: {type(error).__name__}: {error}")
+            failed(rule, backend, f"{type(error).__name__}: {error}")
             _log(f"  skipped {rule}/{backend}: {type(error).__name__}: {error}", progress)
     del ref_out
 
@@ -807,7 +815,7 @@ def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, 
         except Exception as error:
             if variant.rule is None:
                 raise
-            errors.append(f"{where} {variant.label}: {type(error).__name__}: {error}")
+            failed(variant.rule, variant.backend, f"{type(error).__name__}: {error}")
             _log(f"  skipped {variant.label}: {type(error).__name__}: {error}", progress)
             variants.remove(variant)
     for variant in variants:
@@ -849,7 +857,7 @@ def run_case(case: Case, specs: list, device: torch.device, dtype: torch.dtype, 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows, errors
+    return rows, errors, skipped
 
 
 def _paired_ratio(samples: list, base: list) -> tuple:
@@ -914,7 +922,7 @@ def run_bench(*, device: torch.device, dtypes, rules: list, backends: list, case
     """Times every case in every dtype; returns (results dict in the results-file shape, errors)."""
     if isinstance(dtypes, torch.dtype):
         dtypes = [dtypes]
-    rows, errors = [], []
+    rows, errors, skipped = [], [], []
     start_state = machine_state()
     begin_run = time.perf_counter()
     specs = {model: variant_specs(rules, backends, list(peer_names), compile_rules, model, compile_models,
@@ -936,16 +944,18 @@ def run_bench(*, device: torch.device, dtypes, rules: list, backends: list, case
             if PEER_BACKENDS["compile"] in (backend for _, backend in case_specs):
                 torch._dynamo.reset()
             try:
-                case_rows, case_errors = run_case(case, case_specs, device, dtype, settings, bar, seed=index,
-                                                  cases_left=len(jobs) - index)
+                case_rows, case_errors, case_skipped = run_case(case, case_specs, device, dtype, settings, bar,
+                                                                seed=index, cases_left=len(jobs) - index)
             except Exception as error:  # the baseline itself failed (say, out of memory): go on with the next
-                case_rows, case_errors = [], [f"{case.op} {case.shape}: {type(error).__name__}: {error}"]
+                case_rows, case_skipped = [], []
+                case_errors = [f"{case.op} {case.shape}: {type(error).__name__}: {error}"]
                 _log(f"  failed: {type(error).__name__}: {error}", bar)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows += case_rows
             errors += case_errors
+            skipped += case_skipped
             _log(f"  done in {time.perf_counter() - begin:.1f} s", bar)
             if bar is not None:
                 bar.advance(f"{case.op} {case.shape}")
@@ -961,7 +971,8 @@ def run_bench(*, device: torch.device, dtypes, rules: list, backends: list, case
                          "compile": "the autograd peer under torch.compile"
                                     + (' (mode="max-autotune")' if device.type == "cuda" else " (default mode)"),
                          "biotorch": status[1] if status[0] else f"not usable: {status[1]}"},
-               "peak_kind": CUDA_PEAK if device.type == "cuda" else CPU_PEAK}
+               "peak_kind": CUDA_PEAK if device.type == "cuda" else CPU_PEAK,
+               "skipped": skipped}
     return results, errors
 
 

@@ -300,6 +300,8 @@ def cmd_bench(args) -> int:
             errors.append(f"plot: {type(error).__name__}: {error}")
     else:
         print()
+    for reason in results["skipped"]:
+        print(f"fastfa bench: peer skipped: {reason}", file=sys.stderr)
     for error in errors:
         print(f"fastfa bench: error: {error}", file=sys.stderr)
     return 1 if errors else 0
