@@ -182,3 +182,30 @@ def linear_op(backend: str):
 
 def conv2d_op(backend: str):
     return _CONV2D_OPS[backend]
+
+# ---- The cuda backend's ops (pybind_src/ops_registration.cpp): the aten ops' schemas, so the
+# same fakes and setup_context apply; the backward formula calls the cuda backward op.
+# cuda_conv2d / cuda_conv2d_backward run the aten path on the GPU (no implicit-GEMM kernel yet).
+def _cuda_linear_backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
+    input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
+    mask = _output_mask(ctx)
+    gradients = torch.ops.fastfa.cuda_linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                                      projection, *ctx.feedback_args, mask)
+    return _gradients(gradients, mask, 10)
+
+
+def _cuda_conv2d_backward(ctx, grad_output, _grad_activation_saved, _grad_projection):
+    input, weight, feedback, rng, activation_saved, projection = ctx.saved_tensors
+    mask = _output_mask(ctx)
+    gradients = torch.ops.fastfa.cuda_conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                                      projection, *ctx.geometry, *ctx.feedback_args, mask)
+    return _gradients(gradients, mask, 14)
+
+
+for _op, _fake in (("cuda_linear", _linear_fake), ("cuda_linear_backward", _linear_backward_fake),
+                   ("cuda_conv2d", _conv2d_fake), ("cuda_conv2d_backward", _conv2d_backward_fake)):
+    torch.library.register_fake(f"fastfa::{_op}", _fake)
+torch.library.register_autograd("fastfa::cuda_linear", _cuda_linear_backward, setup_context=_linear_setup_context)
+torch.library.register_autograd("fastfa::cuda_conv2d", _cuda_conv2d_backward, setup_context=_conv2d_setup_context)
+_LINEAR_OPS["cuda"] = torch.ops.fastfa.cuda_linear
+_CONV2D_OPS["cuda"] = torch.ops.fastfa.cuda_conv2d
