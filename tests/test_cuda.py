@@ -146,7 +146,8 @@ def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
     with _tf32(True):
         y = fastfa.functional.linear(x, w, b, rule=rule, activation=activation, backend="cuda", **options)
         y.backward(g)
-    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, options)
+    rule_options = {key: value for key, value in options.items() if key != "feedback"}
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
     stored = feedback.detach().cpu() if feedback is not None else None
     seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
     B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
