@@ -184,7 +184,8 @@ def test_fused_gemm_kernels_use_tensor_cores_without_spills():
     for kernel in kernels:
         if GEMM_KERNEL in kernel.name and kernel.policy == expected_policy(kernel.arch)[0]:
             opcode = expected_policy(kernel.arch)[1]
-            print(f"{kernel.arch} {opcode}={kernel.tensor_core_count(opcode)} REG={registers.get((kernel.arch, kernel.name), '?')} "
+            used = registers.get((kernel.arch, kernel.name), "?")
+            print(f"{kernel.arch} {opcode}={kernel.tensor_core_count(opcode)} REG={used} "
                   f"LDL={kernel.opcodes['LDL']} STL={kernel.opcodes['STL']} {kernel.name}")
     problems = check_kernels(kernels)
     assert not problems, "\n".join(problems)

@@ -183,6 +183,7 @@ def linear_op(backend: str):
 def conv2d_op(backend: str):
     return _CONV2D_OPS[backend]
 
+
 # ---- The cuda backend's ops (pybind_src/ops_registration.cpp): the aten ops' schemas, so the
 # same fakes and setup_context apply; the backward formula calls the cuda backward op.
 # cuda_conv2d / cuda_conv2d_backward run the aten path on the GPU (no implicit-GEMM kernel yet).
