@@ -1,4 +1,5 @@
-"""The cuda backend's GEMM kernels, read as machine code: tensor cores and no register spills.
+"""The cuda backend's GEMM kernels, read as machine code: tensor cores and no register spills;
+and their shared-memory layout and wgmma descriptors against CuTe's definitions.
 
 Runs without a GPU: `cuobjdump -sass` disassembles the CUDA-built extension
 (FASTFA_SASS_LIB=path/to/_C*.so, else the imported fastfa._C when it was built with the
@@ -189,3 +190,32 @@ def test_fused_gemm_kernels_use_tensor_cores_without_spills():
                   f"LDL={kernel.opcodes['LDL']} STL={kernel.opcodes['STL']} {kernel.name}")
     problems = check_kernels(kernels)
     assert not problems, "\n".join(problems)
+
+
+def _nvcc() -> str | None:
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"), shutil.which("nvcc")]
+    candidates += sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+def test_wgmma_shared_layout_matches_cute(tmp_path):
+    """tests/cuda/gemm_layout_check.cu, compiled for the host: the tile loaders' 128-byte swizzle
+    and the kernel's wgmma descriptors equal CuTe's canonical K-major SW128 layout and the
+    descriptors CuTe's TiledMMA builds for the same tile (the part of sm_90a code that no
+    SASS count can vouch for)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc (CUDA toolkit) found")
+    try:
+        import cutlass_library
+    except ImportError:
+        pytest.skip("the CUTLASS / CuTe headers are missing: pip install nvidia-cutlass==4.2.0.0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cutlass = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    program = str(tmp_path / "gemm_layout_check")
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(root, "csrc", "include"),
+                    "-I", cutlass, "-o", program, os.path.join(root, "tests", "cuda", "gemm_layout_check.cu")],
+                   check=True, capture_output=True, text=True)
+    result = subprocess.run([program], capture_output=True, text=True)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -68,7 +68,7 @@ static_assert(kVectorsPerThread == 4, "tile geometry");
 // Byte offset of (row, byte) in a K-major tile with the 128-byte swizzle (Swizzle<3,4,3>):
 // the 16-byte chunk index is XORed with row % 8, so the eight rows of a core matrix hit
 // distinct banks, for ldmatrix and for wgmma's descriptors (layout type SWIZZLE_128B).
-__device__ __forceinline__ uint32_t swizzled(uint32_t row, uint32_t byte) {
+__host__ __device__ __forceinline__ uint32_t swizzled(uint32_t row, uint32_t byte) {
   const uint32_t offset = row * kRowBytes + byte;
   return offset ^ ((offset >> 3) & 0x70u);
 }
@@ -544,10 +544,11 @@ struct Sm90Math {
   // Shared-memory matrix descriptor for a K-major tile with the 128-byte swizzle: start
   // address and strides in 16-byte units; 8-row core-matrix groups lie 1024 bytes apart
   // (stride byte offset); the leading byte offset is unused for swizzled K-major (1).
-  __device__ static uint64_t descriptor(const unsigned char* tile) {
-    const uint64_t address = shared_address(tile);
+  // (tests/cuda/gemm_layout_check.cu compares both with CuTe's own GMMA layout and descriptors.)
+  __host__ __device__ static uint64_t descriptor_bits(uint32_t address) {
     return ((address & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
   }
+  __device__ static uint64_t descriptor(const unsigned char* tile) { return descriptor_bits(shared_address(tile)); }
 
   template <size_t... I>
   __device__ void mma(uint64_t a, uint64_t b, std::index_sequence<I...>) {
