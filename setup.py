@@ -54,6 +54,37 @@ def pip_cuda_include_dirs():
     return dirs
 
 
+def cutlass_include_dirs():
+    """CUTLASS / CuTe headers from the nvidia-cutlass wheel (or CUTLASS_INCLUDE_DIR), or []."""
+    candidates = []
+    if os.environ.get("CUTLASS_INCLUDE_DIR"):
+        candidates.append([os.environ["CUTLASS_INCLUDE_DIR"]])
+    try:
+        import cutlass_library
+
+        source = Path(cutlass_library.__file__).resolve().parent / "source"
+        candidates.append([str(source / "include"), str(source / "tools" / "util" / "include")])
+    except ImportError:
+        pass
+    for dirs in candidates:
+        if (Path(dirs[0]) / "cute" / "arch" / "mma_sm90_gmma.hpp").exists():
+            return [d for d in dirs if Path(d).is_dir()]
+    return []
+
+
+def default_cuda_arch_list(torch):
+    """The visible GPUs' architectures (sm_90 as 9.0a, the only target with wgmma), else 8.0 and 9.0a."""
+    if not torch.cuda.is_available():
+        return "8.0;9.0a"
+    arches = []
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+        if arch not in arches:
+            arches.append(arch)
+    return ";".join(arches)
+
+
 def wants_cuda(torch):
     if torch.version.cuda is None:
         return False, "this torch has no CUDA support"
@@ -82,8 +113,8 @@ def extension_modules():
     if with_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(torch)
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("pybind_src/*.cpp"))
@@ -93,18 +124,32 @@ def extension_modules():
         print(f"fastfa: building CPU kernels only ({reason})", file=sys.stderr)
         return [CppExtension("fastfa._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx_flags})]
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     print(f"fastfa: building CPU and CUDA kernels ({reason}; CUDA_HOME={cuda_home}; "
           f"architectures {arch_list})", file=sys.stderr)
     # No quotes or ';' on a compiler command line (ninja runs it through a shell):
     # module.cpp stringifies the token, and Python turns '_' back into ';'.
-    arch_token = "_".join(arch_list.replace(";", " ").split())
+    arches = arch_list.replace(";", " ").split()
+    arch_token = "_".join(arches)
     defines = ["-DFASTFA_WITH_CUDA", f"-DFASTFA_CUDA_ARCH_LIST={arch_token}"]
+    # The cuda backend's fused GEMMs (csrc/cuda/gemm_*.cu, linear_cuda.cu): one small file
+    # per group of instantiations, so MAX_JOBS compiles them in parallel.
+    cuda_sources = ["csrc/cuda/feedback_transform.cu"]
+    cutlass = cutlass_include_dirs()
+    if cutlass:
+        cuda_sources += sorted(glob.glob("csrc/cuda/gemm_*.cu")) + ["csrc/cuda/linear_cuda.cu"]
+        defines.append("-DFASTFA_WITH_FUSED_CUDA")
+        if any(arch.split("+")[0] == "9.0a" for arch in arches):
+            defines.append("-DFASTFA_HAS_SM90A")  # wgmma kernels exist only in sm_90a code
+    else:
+        print("fastfa: the CUTLASS / CuTe headers were not found (pip install nvidia-cutlass==4.2.0.0, "
+              "or set CUTLASS_INCLUDE_DIR): building without the cuda backend's fused kernels; "
+              "the aten backend still runs on GPUs", file=sys.stderr)
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines
     return [CUDAExtension(
         "fastfa._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=include_dirs + pip_cuda_include_dirs(),
+        sources + cuda_sources,
+        include_dirs=include_dirs + cutlass + pip_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
     )]
 
@@ -135,6 +180,10 @@ setup(
         # fastfa train: digits ships inside scikit-learn; the plot needs matplotlib; torchvision for
         # the ResNet / AlexNet models and ImageFolder data.
         "train": ["scikit-learn", "matplotlib", "torchvision"],
+        # Build-time headers of the cuda backend's fused kernels (pip install --no-build-isolation).
+        "cuda": ["nvidia-cutlass==4.2.0.0"],
+        # tests/test_sass.py reads the compiled kernels' machine code with these.
+        "sass": ["nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
     },
     entry_points={"console_scripts": ["fastfa = fastfa.cli:main"]},
 )

@@ -108,6 +108,8 @@ void check_layer_arguments(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
+} // namespace
+
 void check_linear_arguments(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2, "fastfa: linear weight must be 2-D (out_features, in_features), got ",
@@ -117,6 +119,13 @@ void check_linear_arguments(const at::Tensor& input, const at::Tensor& weight,
               input.sizes());
   check_layer_arguments(input, weight, bias);
 }
+
+at::Tensor activation_delta(const at::Tensor& grad_output, const at::Tensor& activation_saved,
+                            c10::string_view activation) {
+  return activation_backward(grad_output, activation_saved, parse_activation(activation));
+}
+
+namespace {
 
 void check_conv2d_arguments(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, int64_t groups) {

@@ -24,6 +24,11 @@ pybind11::dict build_info() {
   info["cuda_version"] = pybind11::none();
   info["cuda_arch_list"] = "";
 #endif
+#ifdef FASTFA_WITH_FUSED_CUDA
+  info["fused_cuda"] = true; // the cuda backend's tensor-core GEMMs (needs the CUTLASS / CuTe headers)
+#else
+  info["fused_cuda"] = false;
+#endif
 #if AT_PARALLEL_OPENMP
   info["parallel"] = "openmp";
 #else

@@ -14,21 +14,43 @@
 
 #include <torch/library.h>
 
+namespace {
+
+// The layer ops' argument lists, shared by the aten ops and the cuda backend's twins
+// (cuda_linear, ...), so every backend's op has exactly the same schema.
+constexpr const char* kLinearSchema =
+    "(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, int rule, "
+    "float scale, int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kLinearBackwardSchema =
+    "(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, "
+    "Tensor? rng, Tensor activation_saved, Tensor projection, int rule, float scale, int distribution, "
+    "float[] alignment, str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)";
+constexpr const char* kConv2dSchema =
+    "(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, int rule, float scale, "
+    "int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kConv2dBackwardSchema =
+    "(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, "
+    "Tensor? rng, Tensor activation_saved, Tensor projection, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, int rule, float scale, int distribution, float[] alignment, "
+    "str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)";
+
+void define_layer_ops(torch::Library& m, const std::string& prefix) {
+  m.def((prefix + "linear" + kLinearSchema).c_str());
+  m.def((prefix + "linear_backward" + kLinearBackwardSchema).c_str());
+  m.def((prefix + "conv2d" + kConv2dSchema).c_str());
+  m.def((prefix + "conv2d_backward" + kConv2dBackwardSchema).c_str());
+}
+
+} // namespace
+
 TORCH_LIBRARY(fastfa, m) {
   m.def("feedback_transform(Tensor weight, Tensor? feedback, Tensor? rng, int rule, float scale, "
         "int distribution) -> Tensor");
-  m.def("linear(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, int rule, "
-        "float scale, int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, "
-        "Tensor? rng, Tensor activation_saved, Tensor projection, int rule, float scale, int distribution, "
-        "float[] alignment, str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, int rule, float scale, "
-        "int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)");
-  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, "
-        "Tensor? rng, Tensor activation_saved, Tensor projection, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups, int rule, float scale, int distribution, float[] alignment, "
-        "str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  define_layer_ops(m, "");
+  // Defined in every build so that Python can register their fakes and autograd; they have
+  // CUDA kernels only where the fused kernels were compiled (fastfa.backends() says why not).
+  define_layer_ops(m, "cuda_");
 }
 
 namespace {
@@ -50,4 +72,15 @@ TORCH_LIBRARY_IMPL(fastfa, CPU, m) { register_kernels(m, &fastfa::feedback_trans
 
 #ifdef FASTFA_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastfa, CUDA, m) { register_kernels(m, &fastfa::feedback_transform_cuda); }
+#endif
+
+#ifdef FASTFA_WITH_FUSED_CUDA
+// The cuda backend: linear on fastfa's fused tensor-core GEMMs; conv2d has no implicit-GEMM
+// kernel yet and runs the aten backend's path (the CUDA transform kernel, then cuDNN).
+TORCH_LIBRARY_IMPL(fastfa, CUDA, m) {
+  m.impl("cuda_linear", &fastfa::cuda_linear_forward);
+  m.impl("cuda_linear_backward", &fastfa::cuda_linear_backward);
+  m.impl("cuda_conv2d", &fastfa::conv2d_forward);
+  m.impl("cuda_conv2d_backward", &fastfa::conv2d_backward);
+}
 #endif

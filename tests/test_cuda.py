@@ -1,14 +1,19 @@
-"""The CUDA twins: the transform kernel and the aten backend on a GPU against the CPU and the oracle.
+"""The CUDA twins: the transform kernel and the aten backend on a GPU against the CPU and the
+oracle; the cuda backend's fused kernels against the oracle.
 
-Skipped without a CUDA device. On a GPU machine:
-    pip install --no-build-isolation -e . && python -m pytest -q tests/test_cuda.py
+Skipped without a CUDA device. On a GPU machine (the whole GPU suite, with compute-sanitizer
+and the benchmark): bash benchmarks/gpu_suite.sh
 """
+
+import contextlib
 
 import pytest
 import torch
 from conftest import assert_close
 
 import fastfa
+import oracle
+from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
 pytestmark = [
@@ -84,3 +89,151 @@ def test_cuda_compile_fullgraph():
     compiled = torch.compile(model, fullgraph=True)
     compiled(torch.randn(2, 3, 8, 8, device="cuda")).sum().backward()
     assert int(model[0].feedback_rng[1]) == 1
+
+
+# ---- The cuda backend: fused tensor-core GEMMs (csrc/cuda/gemm_kernel.cuh) ----------------
+
+# (rows as the input's leading dims, in_features, out_features): ragged against the 128 x 128
+# tiles and the 64 (16-bit) / 32 (tf32) element K tiles, K tails of one element, odd strides
+# that refuse the vector loads, and several tiles in every dimension.
+LINEAR_SHAPES = [((37,), 67, 129), ((5, 7), 200, 75), ((1,), 3, 131), ((300,), 257, 130), ((129,), 64, 256)]
+# fp32 goes through tf32 (10 mantissa bits, like fp16), so it gets fp16's tolerance.
+TOLERANCE_AS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16, torch.float32: torch.float16}
+
+
+def _require_cuda_backend():
+    status = fastfa.backends()["cuda"]
+    if not status.usable:
+        pytest.fail(f"a GPU is visible but the cuda backend is not usable: {status.reason}")
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _rule_inputs(rule, out_features, in_features, dtype):
+    """Options for functional.linear, and what the oracle needs to build B."""
+    options, feedback = {}, None
+    if rule in ("fa", "frsf") or rule in oracle.ESTIMATED:
+        feedback = torch.randn(out_features, in_features, dtype=dtype, device="cuda") / in_features**0.5
+        if rule in oracle.ESTIMATED:
+            feedback.requires_grad_(True)
+        options["feedback"] = feedback
+    if rule in ("brsf", "wm"):
+        options.update(seed=2**35 + 17, step=2**33 + 5)
+    return options, feedback
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1:])))
+def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
+    _require_cuda_backend()
+    leading, in_features, out_features = shape
+    x = torch.randn(*leading, in_features, dtype=dtype, device="cuda", requires_grad=True)
+    w = (torch.randn(out_features, in_features, dtype=dtype, device="cuda") / in_features**0.5).requires_grad_(True)
+    b = torch.randn(out_features, dtype=dtype, device="cuda", requires_grad=True)
+    w.data[0, : min(3, in_features)] = 0  # sign(0) = 0 inside the transform
+    options, feedback = _rule_inputs(rule, out_features, in_features, dtype)
+    g = torch.randn(*leading, out_features, dtype=dtype, device="cuda")
+    with _tf32(True):
+        y = fastfa.functional.linear(x, w, b, rule=rule, activation=activation, backend="cuda", **options)
+        y.backward(g)
+    rule_options = {key: value for key, value in options.items() if key != "feedback"}
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
+    stored = feedback.detach().cpu() if feedback is not None else None
+    seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
+    B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
+                               distribution=Distribution(distribution).name.lower())
+    expected = oracle.linear(x.detach().cpu().double(), w.detach().cpu().double(), b.detach().cpu().double(),
+                             B.double(), g.cpu().double(), activation)
+    like = TOLERANCE_AS[dtype]
+    for name, ours, theirs in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                  (y, x.grad, w.grad, b.grad), expected):
+        assert ours.dtype == dtype and ours.is_cuda, name
+        assert_close(ours.detach().cpu().double(), theirs, like, f"{rule} {dtype} {name}")
+    if rule in oracle.ESTIMATED:
+        # kp and sa are summed from tensors the op has; wm, aa, ia reuse the aten backend's terms.
+        alpha, beta = alignment[0], alignment[1]
+        if rule == "kp":
+            expected_feedback = expected[2] + 2 * alpha * feedback.detach().cpu().double()
+        elif rule == "sa":
+            expected_feedback = 2 * alpha * feedback.detach().cpu().double() - beta * w.detach().cpu().double()
+        else:
+            aten_feedback = feedback.detach().clone().requires_grad_(True)
+            aten_options = dict(options, feedback=aten_feedback)
+            with _tf32(True):
+                fastfa.functional.linear(x.detach(), w.detach(), b.detach(), rule=rule, activation=activation,
+                                         backend="aten", **aten_options).backward(g)
+            expected_feedback = aten_feedback.grad.cpu().double()
+        assert_close(feedback.grad.cpu().double(), expected_feedback, like, f"{rule} {dtype} grad_feedback")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rule,distribution", [(Rule.BP, 0), (Rule.USF, 0), (Rule.FRSF, 0), (Rule.FA, 0),
+                                               (Rule.FA, 1), (Rule.BRSF, 0), (Rule.BRSF, 1)])
+@pytest.mark.parametrize("in_features", [131, 136])  # the scalar and the vector load path
+def test_cuda_backend_transform_is_the_transform_kernel_exactly(rule, distribution, dtype, in_features):
+    """grad_input with delta = I is B itself, so the B made inside the GEMM's tiles must equal,
+    element for element, the B of the transform kernel that the aten backend uses."""
+    _require_cuda_backend()
+    out_features = 70
+    w = torch.randn(out_features, in_features, dtype=dtype, device="cuda")
+    w[1, :5] = 0
+    feedback = torch.randn_like(w) if rule == Rule.FRSF else None
+    rng = torch.tensor([2**40 + 3, 2**33 + 11], device="cuda")
+    identity = torch.eye(out_features, dtype=dtype, device="cuda")
+    x = torch.randn(out_features, in_features, dtype=dtype, device="cuda")
+    grad_input = torch.ops.fastfa.cuda_linear_backward(
+        identity, x, w, feedback, rng, x.new_empty(0), x.new_empty(0), int(rule), 0.37, distribution,
+        [0.0, 0.0, 0.0, 1.0], "none", [True, False, False, False])[0]
+    expected = torch.ops.fastfa.feedback_transform(w, feedback, rng, int(rule), 0.37, distribution)
+    assert torch.equal(grad_input, expected)
+
+
+def test_cuda_backend_fp32_without_tf32_is_the_aten_path():
+    _require_cuda_backend()
+    x = torch.randn(33, 70, device="cuda", requires_grad=True)
+    w = torch.randn(20, 70, device="cuda", requires_grad=True)
+    results = []
+    with _tf32(False):
+        for backend in ("cuda", "aten"):
+            x.grad = w.grad = None
+            y = fastfa.functional.linear(x, w, rule="usf", backend=backend)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_cuda_backend_opcheck():
+    _require_cuda_backend()
+    x = torch.randn(9, 37, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    w = torch.randn(11, 37, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    b = torch.randn(11, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    rng = torch.tensor([5, 6], device="cuda")
+    torch.library.opcheck(torch.ops.fastfa.cuda_linear,
+                          (x, w, b, None, rng, int(Rule.BRSF), 0.5, 0, [0.0, 0.0, 0.0, 1.0], "gelu"))
+    grad = torch.randn(9, 11, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.fastfa.cuda_linear_backward,
+                          (grad, x.detach(), w.detach(), None, rng, x.new_empty(0), x.new_empty(0), int(Rule.BRSF),
+                           0.5, 0, [0.0, 0.0, 0.0, 1.0], "none", [True, True, True, False]))
+
+
+def test_cuda_backend_compile_fullgraph():
+    _require_cuda_backend()
+    model = torch.nn.Sequential(fastfa.nn.Linear(40, 24, rule="brsf", seed=1, activation="relu"),
+                                fastfa.nn.Linear(24, 5, rule="usf")).cuda().to(torch.bfloat16)
+    x = torch.randn(7, 40, device="cuda", dtype=torch.bfloat16)
+    with fastfa.use_backend("cuda"):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+        compiled.float().sum().backward()
+    torch.testing.assert_close(compiled, eager)

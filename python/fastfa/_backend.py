@@ -71,10 +71,52 @@ def _triton_status() -> BackendStatus:
                                f"{' and '.join(where)}; unsupported configurations fall back to aten{note}")
 
 
+def _cuda_arches(info) -> list:
+    return [a for a in info["cuda_arch_list"].split("_") if a]
+
+
+def _runs_here(arches, major: int, minor: int) -> bool:
+    """Whether the binary has code this GPU runs: a cubin of the same major and no higher
+    minor (sm_90a only on sm_90 itself), or PTX of a no newer architecture (JIT-compiled)."""
+    for arch in arches:
+        version, ptx = arch.split("+")[0], arch.endswith("+PTX")
+        arch_major, arch_minor = (int(part) for part in version.rstrip("a").split("."))
+        if version.endswith("a"):
+            if (arch_major, arch_minor) == (major, minor):
+                return True
+        elif (arch_major == major and arch_minor <= minor) or (ptx and (arch_major, arch_minor) <= (major, minor)):
+            return True
+    return False
+
+
+def _cuda_status() -> BackendStatus:
+    info = _C.build_info()
+    if not info["cuda"]:
+        return BackendStatus(False, "fastfa was built without CUDA: reinstall on a GPU machine or with FORCE_CUDA=1")
+    if not info.get("fused_cuda"):
+        return BackendStatus(False, "fastfa was built without the fused kernels (the CUTLASS / CuTe headers were "
+                                    "missing at build time): pip install nvidia-cutlass==4.2.0.0 and rebuild")
+    arches = _cuda_arches(info)
+    if not torch.cuda.is_available():
+        return BackendStatus(False, f"fused kernels built for {';'.join(arches)}, but no GPU is visible")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return BackendStatus(False, f"the fused kernels need the tensor cores of compute capability 8.0 or later; "
+                                    f"this GPU is {major}.{minor}")
+    if not _runs_here(arches, major, minor):
+        return BackendStatus(False, f"fastfa was built for {';'.join(arches)}, which has no code for this GPU "
+                                    f"({major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}"
+                                    + ("a" if (major, minor) == (9, 0) else ""))
+    path = "wgmma" if (major, minor) == (9, 0) and "9.0a" in [a.split("+")[0] for a in arches] else "mma.sync"
+    return BackendStatus(True, f"fastfa's fused tensor-core GEMMs ({path}) for linear, fp16 / bf16 / tf32; "
+                               "conv2d, fp64, and fp32 while torch.backends.cuda.matmul.allow_tf32 is False run the "
+                               "aten path on the GPU, as does B's gradient for wm, aa and ia")
+
+
 def backends() -> dict:
     """Which backends are usable here, and why not: {name: BackendStatus(usable, reason)}."""
     return {
-        "cuda": BackendStatus(False, "fastfa's fused CUDA GEMM kernels are not part of this version"),
+        "cuda": _cuda_status(),
         "triton": _triton_status(),
         "aten": _aten_status(),
     }
@@ -154,5 +196,8 @@ def resolve(name, device: torch.device) -> str:
                            "(pip install --no-build-isolation -e .)")
     if device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"fastfa runs on cpu and cuda tensors; got a tensor on {device}")
-    # "auto" stays on aten until GPU runs show the Triton kernels correct and faster there.
+    if chosen == "cuda" and device.type == "cpu":
+        raise RuntimeError("backend 'cuda' runs on CUDA tensors; this call's tensors are on cpu "
+                           "(use backend 'aten' or 'auto' for them)")
+    # "auto" stays on aten until GPU runs show the fused kernels are the fastest usable path.
     return "aten" if chosen == "auto" else chosen

@@ -238,3 +238,15 @@ def linear_op(backend: str):
 def conv2d_op(backend: str):
     """The forward op of ``backend`` for Conv2d (aten's where that backend has none, recorded)."""
     return _op_for(_CONV2D_OPS, "conv2d", backend)
+
+
+# The cuda backend's ops (pybind_src/ops_registration.cpp) have the aten ops' schemas, so the same
+# fakes and setup_context apply. cuda_conv2d / cuda_conv2d_backward run the aten path on the GPU
+# (no implicit-GEMM kernel yet; backends()["cuda"] says so).
+for _op, _fake in (("cuda_linear", _linear_fake), ("cuda_linear_backward", _linear_backward_fake),
+                   ("cuda_conv2d", _conv2d_fake), ("cuda_conv2d_backward", _conv2d_backward_fake)):
+    torch.library.register_fake(f"fastfa::{_op}", _fake)
+register_linear_autograd("fastfa::cuda_linear", torch.ops.fastfa.cuda_linear_backward)
+register_conv2d_autograd("fastfa::cuda_conv2d", torch.ops.fastfa.cuda_conv2d_backward)
+_LINEAR_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_linear
+_CONV2D_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_conv2d

@@ -34,6 +34,13 @@ at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional
                                    int64_t distribution);
 #endif
 
+// Pieces of the aten backend that the cuda backend reuses: the linear ops' argument checks
+// (the message names the argument) and delta = dL/dz from dL/dy and the saved activation.
+void check_linear_arguments(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias);
+at::Tensor activation_delta(const at::Tensor& grad_output, const at::Tensor& activation_saved,
+                            c10::string_view activation);
+
 // The aten backend: fastfa's transform, then ATen's GEMM / convolution. The forward ops
 // return (output, activation_saved, projection): projection is r = x W^T without bias
 // for the rules whose B gradient needs it (aa, ia), else empty. The backward ops return
@@ -63,5 +70,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
     int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
     std::array<bool, 4> output_mask);
+
+#ifdef FASTFA_WITH_FUSED_CUDA
+// The cuda backend (csrc/cuda/linear_cuda.cu): the linear ops on fastfa's fused tensor-core
+// GEMMs, with the aten ops' signatures and outputs; calls the fused kernels do not cover
+// (fp64, fp32 without tf32, GPUs below sm_80) take the aten path with a warning.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_linear_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, const at::Tensor& projection, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask);
+#endif
 
 } // namespace fastfa

@@ -1,0 +1,8 @@
+// The bf16 grad_input kernels with the rule's transform on B's tiles: usf, brsf, frsf, drawn fa.
+#include "gemm_kernel.cuh"
+
+namespace fastfa {
+namespace gemm {
+FASTFA_GEMM_INSTANTIATE_FEEDBACK(Bf16)
+} // namespace gemm
+} // namespace fastfa
