@@ -44,7 +44,7 @@ from . import feedback as fb
 from . import input_precision, launch, unsupported_reason
 from .linear import ACTIVATIONS, _SAVES_PREACTIVATION, _activation, _bucket, _configs, _draw, _load_delta, _tile
 
-_KP, _WM, _SA, _AA, _IA = 5, 6, 7, 8, 9
+_FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 _KEY = ["rows_bucket", "columns", "reduction"]
 
 
@@ -243,19 +243,21 @@ class _Geometry:
         return list(self.stride), list(self.padding), list(self.dilation), False, [0, 0], self.groups
 
 
-def _like_aten(meta_result, device):
-    """An empty tensor with the shape and strides aten (and the fake kernels) give the result."""
-    return torch.empty_strided(meta_result.shape, meta_result.stride(), dtype=meta_result.dtype, device=device)
+def _memory_format(input, weight, geometry, bias=None, bias_sizes=None):
+    """The layout aten's convolution gives its results here (as torch's fake convolution decides it,
+    so the real and the fake kernels agree): channels_last or contiguous, from the backend ATen picks."""
+    backend = torch._C._select_conv_backend(input, weight, bias, *geometry.aten(), bias_sizes)
+    return torch._C._conv_determine_backend_memory_format(input, weight, backend)
 
 
-def _meta(tensor):
-    return tensor.to("meta") if tensor is not None else None
+def _empty(shape, like, memory_format):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
 
 
 def _convolve(x, weight, bias, geometry, activation="none", saves_projection=False):
     """act(conv(x, W) + b) and what the forward op returns with it."""
-    output = _like_aten(torch.ops.aten.convolution(_meta(x), _meta(weight), _meta(bias), *geometry.aten()),
-                        x.device)
+    shape = (geometry.batch, weight.shape[0], geometry.out_h, geometry.out_w)
+    output = _empty(shape, x, _memory_format(x, weight, geometry, bias=bias))
     saved = torch.empty_like(output) if activation in _SAVES_PREACTIVATION else output.new_empty(0)
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
     if output.numel():
@@ -272,10 +274,10 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
     return output, saved, projection
 
 
-def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation, input, geometry):
+def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation, input, geometry,
+          memory_format):
     """delta B as a transposed convolution, B = T(W) made tile by tile; grad_input shaped like input."""
-    grad_input = _like_aten(torch.ops.aten.convolution_backward(
-        _meta(grad), _meta(input), _meta(weight), None, *geometry.aten(), [True, False, False])[0], input.device)
+    grad_input = _empty(input.shape, grad, memory_format)
     if not grad_input.numel():
         return grad_input
     stored = feedback if feedback is not None else weight
@@ -291,14 +293,13 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
     return grad_input
 
 
-def _outer(grad, saved, x, weight, geometry, activation="none", *, grad_weight=False, grad_bias=False,
+def _outer(grad, saved, x, weight, geometry, activation="none", *, grad_weight=None, grad_bias=False,
            grad_feedback=None, outer_scale=1.0, addend=None, addend_scale=0.0):
     """The filter gradient delta^T x (delta = act'(grad)) and its epilogues: returns (grad_weight,
-    grad_bias, grad_feedback), None where not asked; grad_feedback is the tensor to fill (B's layout)."""
-    gw = gb = None
-    if grad_weight:
-        gw = _like_aten(torch.ops.aten.convolution_backward(
-            _meta(grad), _meta(x), _meta(weight), None, *geometry.aten(), [False, True, False])[1], x.device)
+    grad_bias, grad_feedback), None where not asked; grad_weight is the memory format to make it in,
+    grad_feedback the tensor to fill (B's layout)."""
+    gw = _empty(weight.shape, x, grad_weight) if grad_weight is not None else None
+    gb = None
     if grad_bias:
         gb = x.new_empty(weight.shape[0])
     gf = grad_feedback
@@ -404,7 +405,8 @@ def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, 
         _outer(p * (2.0 * alpha) - projection * beta, None, x, weight, geometry, grad_feedback=gf,
                outer_scale=1.0 / batch)
     else:  # ia: alpha * amp + beta * null + gamma * decay, linear in outer's x
-        r_b = _back(projection, None, feedback, feedback, None, _KP, 1.0, 0, "none", x, geometry)
+        r_b = _back(projection, None, feedback, feedback, None, _KP, 1.0, 0, "none", x, geometry,
+                    suggest_memory_format(x))
         _outer(projection, None, x * (-alpha / batch) + r_b * (2.0 * beta / batch), weight, geometry,
                grad_feedback=gf, addend=feedback, addend_scale=2.0 * gamma)
     return gw, gb, gf
@@ -438,17 +440,21 @@ def triton_conv2d_backward(grad_output, input, weight, feedback, rng, activation
                                                 projection, stride, padding, dilation, groups, rule, scale,
                                                 distribution, alignment, activation, output_mask)
     saved = activation_saved if activation != "none" else grad_output
+    # The aten op hands B (a stored one as it is) to convolution_backward in W's place.
+    filter = feedback if output_mask[0] and feedback is not None and (rule == _FA or rule >= _KP) else weight
+    memory_format = _memory_format(input, filter, geometry, bias_sizes=[weight.shape[0]] if output_mask[2] else None)
+    grad_weight_format = memory_format if output_mask[1] else None
     grad_input = grad_weight = grad_bias = grad_feedback = None
     if output_mask[0]:
         grad_input = _back(grad_output, saved, weight, feedback, rng, rule, scale, distribution, activation, input,
-                           geometry)
+                           geometry, memory_format)
     if feedback_grad:
         grad_weight, grad_bias, grad_feedback = _feedback_gradient(
             rule, feedback, weight, grad_output, saved, input, projection, rng, alignment, activation, geometry,
-            output_mask[1], output_mask[2])
+            grad_weight_format, output_mask[2])
     elif output_mask[1] or output_mask[2]:
         grad_weight, grad_bias, _ = _outer(grad_output, saved, input, weight, geometry, activation,
-                                           grad_weight=output_mask[1], grad_bias=output_mask[2])
+                                           grad_weight=grad_weight_format, grad_bias=output_mask[2])
     return (grad_input if grad_input is not None else input.new_empty(0),
             grad_weight if grad_weight is not None else weight.new_empty(0),
             grad_bias if grad_bias is not None else weight.new_empty(0),
