@@ -5,6 +5,11 @@ small ragged geometries (odd channels and spatial sizes, stride, padding, dilati
 depthwise, 1x1 / 3x3 / 5x3 kernels) that are not multiples of the interpreter's blocks.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -271,3 +276,65 @@ def test_opcheck():
     backward_args = (torch.randn(y.shape), x, w, None, rng, torch.empty(0), torch.empty(0), *geometry,
                      int(Rule.BRSF), 0.4, 0, [0.0, 0.0, 0.0, 1.0], "none", [True, True, False, False])
     torch.library.opcheck(torch.ops.fastfa.triton_conv2d_backward.default, backward_args, test_utils=utils)
+
+
+SM90_SCRIPT = textwrap.dedent(r"""
+    import os, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except Exception as error:  # no NVIDIA backend in this triton
+        print("SKIP: no NVIDIA backend:", error); sys.exit(0)
+    if not ptxas or not os.path.exists(ptxas):
+        print("SKIP: ptxas not found"); sys.exit(0)
+    from triton.runtime.autotuner import Autotuner
+    import fastfa.triton_kernels.conv2d as C
+
+    BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+
+    def compile_for_sm90(kernel, dtype, constexprs, floats=()):
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*i64" if name == "rng_ptr" else f"*{dtype}"
+            else:
+                signature[name] = "fp32" if name in floats else "i32"
+        return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+
+    for rule in (0, 3, 4, 5):  # bp; brsf drawn in the kernel; frsf and kp stored
+        ptx = compile_for_sm90(C._grad_input_kernel, "bf16",
+                               dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, ACTIVATION="relu",
+                                    INPUT_PRECISION="ieee", **BLOCKS), floats=("scale",))
+        mma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+        # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".
+        assert mma and all(re.search(r"\}\s*,\s*\{", m) for m in mma), (rule, mma[:1])
+        assert "ld.local" not in ptx, f"rule {rule}: registers spilled"
+    ptx = compile_for_sm90(C._forward_kernel, "bf16", dict(HAS_BIAS=True, ACTIVATION="gelu",
+                           SAVES_PREACTIVATION=True, SAVES_PROJECTION=True, INPUT_PRECISION="ieee", **BLOCKS))
+    assert "wgmma.mma_async" in ptx
+    ptx = compile_for_sm90(C._grad_weight_kernel, "bf16", dict(ACTIVATION="silu", STORES_GRAD_WEIGHT=True,
+                           STORES_GRAD_BIAS=True, STORES_GRAD_FEEDBACK=True, HAS_ADDEND=True, INPUT_PRECISION="ieee",
+                           **BLOCKS), floats=("outer_scale", "addend_scale"))
+    assert "wgmma.mma_async" in ptx
+    print("sm_90 ok")
+""")
+
+
+def test_sm90_grad_input_keeps_the_transformed_tile_in_registers_for_wgmma():
+    """Compiled for Hopper (no GPU needed), the bf16 conv grad_input GEMM is wgmma with the transformed
+    filter tile B^T as its register operand (issue 3); every conv kernel compiles for sm_90."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(fastfa.__file__)),
+                                                      env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sm_90 ok" in result.stdout

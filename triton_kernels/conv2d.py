@@ -133,13 +133,12 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
         oc_in_group, kh, kw = _filter_position(k, kernel_h, kernel_w)
         oc = group * out_per_group + oc_in_group
         # B^T[c, (oc, kh, kw)]; the draw's index is the element's row-major index in W's shape.
-        filter_offsets = (oc[None, :], c[:, None], kh[None, :], kw[None, :])
         b_t = fb.load_feedback_tile(
             weight_ptr + oc[None, :] * sw_o + c[:, None] * sw_c + kh[None, :] * sw_h + kw[None, :] * sw_w,
             feedback_ptr + oc[None, :] * sf_o + c[:, None] * sf_c + kh[None, :] * sf_h + kw[None, :] * sf_w,
             (c[:, None] < in_per_group) & (k[None, :] < reduction),
-            ((filter_offsets[0] * in_per_group + filter_offsets[1]) * kernel_h + filter_offsets[2]) * kernel_w
-            + filter_offsets[3], seed, step, scale, RULE, HAS_FEEDBACK, DISTRIBUTION)
+            ((oc[None, :] * in_per_group + c[:, None]) * kernel_h + kh[None, :]) * kernel_w + kw[None, :],
+            seed, step, scale, RULE, HAS_FEEDBACK, DISTRIBUTION)
         # The output position each (kh, kw) reads: oh = (ih + p - kh d) / s where s divides it.
         th = ih[None, :] + pad_h - kh[:, None] * dilation_h
         tw = iw[None, :] + pad_w - kw[:, None] * dilation_w
