@@ -173,11 +173,14 @@ def test_every_geometry_against_the_oracle(geometry, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["fused", "materialised"])
 @pytest.mark.parametrize("rule,distribution", [("brsf", 0), ("brsf", 1), ("fa", 0), ("fa", 1)])
-def test_drawn_feedback_is_the_aten_draw_element_for_element(rule, distribution, dtype):
+def test_drawn_feedback_is_the_aten_draw_element_for_element(rule, distribution, path, dtype, monkeypatch):
     """With H x W = the kernel and no padding the output is 1 x 1, and delta = I (batch = out
     channels) makes grad_input[n] = B[n] for the group of out channel n: the B the kernel drew
-    tile by tile equals the aten backend's (uniform bitwise, normal to a few ulps)."""
+    tile by tile equals the aten backend's (uniform bitwise, normal to a few ulps); so does the B
+    made once at large batch (the "materialised" path, forced here by a zero threshold)."""
+    monkeypatch.setattr(conv2d, "DRAW_IN_GEMM_MAX_ROWS", 0 if path == "materialised" else 10**9)
     out_channels, in_per_group, groups, kernel = 6, 3, 2, (3, 2)
     w = torch.randn(out_channels, in_per_group, *kernel, dtype=dtype)
     w[1, 0, 0] = 0
@@ -197,6 +200,41 @@ def test_drawn_feedback_is_the_aten_draw_element_for_element(rule, distribution,
             torch.testing.assert_close(grad_input, reference, atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
         else:
             assert torch.equal(grad_input, reference)
+
+
+@pytest.mark.parametrize("rule", ["bp", "brsf", "ia"])
+def test_conv2d_fp16(rule):
+    x, w, b, feedback, conv = _tensors(GEOMETRIES[1], torch.float16, rule == "ia", True, CHANNELS_LAST)
+    options = _options(rule, dict(CASES)[rule])
+    grad_output = torch.randn(torch.nn.functional.conv2d(x.float(), w.float(), None, **conv).shape,
+                              dtype=torch.float16)
+    nchw = [t.contiguous() if t is not None else None for t in (x, w, b, feedback)]
+    for t, a in zip(_run("triton", x, w, b, feedback, rule, options, "gelu", grad_output, conv),
+                    _run("aten", *nchw, rule, options, "gelu", grad_output, conv)):
+        assert_close(t, a, torch.float16, rule)
+
+
+# ResNet-18's distinct conv layers (in, out, kernel, stride, padding, input size) at a small batch.
+RESNET18_LAYERS = [(3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (64, 128, 3, 2, 1, 56), (64, 128, 1, 2, 0, 56),
+                   (128, 128, 3, 1, 1, 28), (256, 512, 3, 2, 1, 14), (512, 512, 3, 1, 1, 7)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need the compiled kernels on a GPU")
+@pytest.mark.parametrize("rule", sorted({rule for rule, _ in CASES}))
+def test_resnet18_layers_on_gpu(rule):
+    """ResNet-18's conv layers in bf16 channels_last at batch 8: the triton backend against aten on fresh inputs."""
+    for channels, out_channels, kernel, stride, padding, size in RESNET18_LAYERS:
+        geometry = (8, channels, size, size, out_channels, (kernel, kernel), stride, padding, 1, 1)
+        stored = rule in ("frsf", *oracle.ESTIMATED)
+        x, w, b, feedback, conv = _tensors(geometry, torch.bfloat16, stored, True, CHANNELS_LAST)
+        w, feedback = w / kernel / channels**0.5, feedback / kernel / channels**0.5 if stored else None
+        options = _options(rule, dict(CASES)[rule])
+        grad_output = torch.randn(torch.nn.functional.conv2d(x, w, None, **conv).shape, dtype=torch.bfloat16)
+        grad_output = grad_output.contiguous(memory_format=CHANNELS_LAST)
+        for name, t, a in zip(("output", "grad_input", "grad_weight", "grad_bias", "grad_feedback"),
+                              _run("triton", x, w, b, feedback, rule, options, "relu", grad_output, conv),
+                              _run("aten", x, w, b, feedback, rule, options, "relu", grad_output, conv)):
+            assert_close(t, a, torch.bfloat16, f"{rule} {channels}->{out_channels} k{kernel} s{stride} {name}")
 
 
 def test_only_bias_and_strided_operands():

@@ -42,7 +42,8 @@ from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import input_precision, launch, unsupported_reason
-from .linear import ACTIVATIONS, _SAVES_PREACTIVATION, _activation, _bucket, _configs, _draw, _load_delta, _tile
+from .linear import (ACTIVATIONS, _SAVES_PREACTIVATION, _activation, _bucket, _configs, _draw, _load_delta,
+                     _materialise, _tile)
 
 _FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 _KEY = ["rows_bucket", "columns", "reduction"]
@@ -273,15 +274,25 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
     return output, saved, projection
 
 
+#: Above this many grad_input rows (N H W) a drawn B (brsf, fa without R) is made once and then read
+#: by the GEMM, as linear.DRAW_IN_GEMM_MAX_ROWS does for Linear: every row tile would otherwise draw
+#: the whole filter again. A first guess, to be tuned on a GPU; below it, B never exists in memory.
+DRAW_IN_GEMM_MAX_ROWS = 256
+
+
 def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation, input, geometry,
           memory_format):
     """delta B as a transposed convolution, B = T(W) made tile by tile; grad_input shaped like input."""
     grad_input = _empty(input.shape, grad, memory_format)
     if not grad_input.numel():
         return grad_input
+    rows = geometry.batch * geometry.in_h * geometry.in_w
+    if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
+        # W's row-major element indices are those of its [out, in/groups * kh * kw] view: the same draws.
+        b = _materialise(weight.reshape(weight.shape[0], -1), None, rng, rule, scale, distribution)
+        feedback, rule, rng = b.view(weight.shape), _FA, None
     stored = feedback if feedback is not None else weight
     saved = saved if activation != "none" else grad
-    rows = geometry.batch * geometry.in_h * geometry.in_w
     columns, reduction = geometry.in_per_group, geometry.out_per_group * geometry.kernel_h * geometry.kernel_w
     launch(_grad_input_kernel,
            lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]), geometry.groups),
