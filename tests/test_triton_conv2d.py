@@ -253,6 +253,18 @@ def test_only_bias_and_strided_operands():
         assert t.shape == a.shape and t.stride() == a.stride(), name
 
 
+def test_empty_batch():
+    """Batch 0: empty outputs and grad_input; grad_weight (kp's B gradient too) 0 and grad_bias 0, as aten."""
+    x, w, b, feedback = torch.randn(0, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(6), torch.randn(6, 2, 3, 3)
+    args = (feedback, None, [1, 1], [1, 1], [1, 1], 2, int(Rule.KP), 1.0, 0, [0.3, 0.0, 0.0, 1.0], "silu")
+    forward = torch.ops.fastfa.triton_conv2d(x, w, b, *args), torch.ops.fastfa.conv2d(x, w, b, *args)
+    backward_args = (*args[:2], forward[1][1], forward[1][2], *args[2:], [True, True, True, True])
+    backward = [op(torch.randn(0, 6, 5, 5), x, w, *backward_args)
+                for op in (torch.ops.fastfa.triton_conv2d_backward, torch.ops.fastfa.conv2d_backward)]
+    for t, a in zip([*forward[0], *backward[0]], [*forward[1], *backward[1]]):
+        assert_close(t, a, torch.float32, "batch 0")
+
+
 def test_padding_modes_pad_before_the_op():
     """fastfa.nn.Conv2d pads reflect / circular / replicate itself, then calls the op with zero padding."""
     torch.manual_seed(3)

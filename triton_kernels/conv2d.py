@@ -256,7 +256,8 @@ def _empty(shape, like, memory_format):
 
 def _convolve(x, weight, bias, geometry, activation="none", saves_projection=False):
     """act(conv(x, W) + b) and what the forward op returns with it."""
-    shape = (geometry.batch, weight.shape[0], geometry.out_h, geometry.out_w)
+    # As torch's convolution: an input without channels gives an output without channels.
+    shape = (geometry.batch, weight.shape[0] if x.shape[1] else 0, geometry.out_h, geometry.out_w)
     output = _empty(shape, x, _memory_format(x, weight, geometry, bias=bias))
     saved = torch.empty_like(output) if activation in _SAVES_PREACTIVATION else output.new_empty(0)
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
