@@ -126,8 +126,8 @@ def test_conv2d_matches_oracle_and_aten(index, dtype):
 
     triton_results = _run("triton", x, w, b, feedback, rule, options, activation, grad_output, conv)
     # aten from NCHW copies: torch's oneDNN convolution can crash on small channels_last geometries.
-    nchw = (t.contiguous() if t is not None else None for t in (x, w, b, feedback, grad_output))
-    aten_results = _run("aten", *list(nchw)[:4], rule, options, activation, grad_output.contiguous(), conv)
+    nchw = [t.contiguous() if t is not None else None for t in (x, w, b, feedback)]
+    aten_results = _run("aten", *nchw, rule, options, activation, grad_output.contiguous(), conv)
     names = ["output", "grad_input", "grad_weight", "grad_bias", "grad_feedback"]
     names = [n for n in names if n != "grad_bias" or bias][:len(triton_results)]
     for name, t, a in zip(names, triton_results, aten_results):
