@@ -52,6 +52,8 @@ GEOMETRIES = [
     (3, 3, 11, 7, 5, (1, 1), 1, 0, 1, 1),  # 1x1
     (2, 6, 10, 9, 6, (3, 3), 1, 2, 2, 6),  # depthwise, dilation 2
     (2, 4, 9, 10, 9, (3, 2), (2, 1), (0, 1), (2, 1), 1),  # mixed stride / padding / dilation
+    (2, 3, 8, 7, 5, (1, 1), 2, 0, 1, 1),  # 1x1 stride 2: odd input positions get no tap (grad_input 0)
+    (2, 4, 10, 11, 6, (3, 3), 3, 1, 2, 2),  # stride 3, dilation 2: one tap per class, some classes none
 ]
 
 
@@ -351,7 +353,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = "*i64" if name == "rng_ptr" else f"*{dtype}"
+                signature[name] = {"rng_ptr": "*i64", "taps_h_ptr": "*i32", "taps_w_ptr": "*i32"}.get(name, f"*{dtype}")
             else:
                 signature[name] = "fp32" if name in floats else "i32"
         return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),

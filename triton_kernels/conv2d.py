@@ -110,51 +110,68 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
 
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
-def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, batch, in_h,
-                       in_w, out_h, out_w, in_per_group, out_per_group, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                       pad_w, dilation_h, dilation_w, rows_bucket, columns, reduction, sg_n, sg_c, sg_h, sg_w, ss_n,
-                       ss_c, ss_h, ss_w, sw_o, sw_c, sw_h, sw_w, sf_o, sf_c, sf_h, sf_w, si_n, si_c, si_h, si_w,
-                       scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr,
-                       ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, taps_h_ptr, taps_w_ptr,
+                       grad_input_ptr, batch, in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h,
+                       kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, rows_bucket, columns,
+                       reduction, sg_n, sg_c, sg_h, sg_w, ss_n, ss_c, ss_h, ss_w, sw_o, sw_c, sw_h, sw_w, sf_o, sf_c,
+                       sf_h, sf_w, si_n, si_c, si_h, si_w, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
+                       DISTRIBUTION: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[n, c, ih, iw] = sum_(oc, kh, kw) delta[n, oc, oh, ow] B[oc, c, kh, kw] over the (kh, kw)
     with ih = oh s - p + kh d (and the same for w), as B^T [c, (oc, kh, kw)] times delta^T [(oc, kh, kw), (n, ih, iw)].
-    BLOCK_M tiles (n, ih, iw), BLOCK_N the group's in channels, BLOCK_K (oc, kh, kw)."""
-    group = tl.program_id(1)
-    rows = batch * in_h * in_w
+
+    With stride s > 1 only the taps kh with s | ih + p - kh d reach a given ih, and which they are
+    depends only on ih mod s: each program takes the input positions of one residue class
+    (rh, rw) (grid axis 1 = group * s_h s_w + class) and reduces over that class's taps alone
+    (taps_h[rh] = [count, kh...], from the launcher), so no MMA is spent on taps that read nothing.
+    BLOCK_M tiles the class's (n, ih, iw), BLOCK_N the group's in channels, BLOCK_K (oc, tap h, tap w);
+    ``reduction`` (out_per_group kh kw) is the autotuning key only."""
+    classes = stride_h * stride_w
+    group = tl.program_id(1) // classes
+    residue_h = (tl.program_id(1) % classes) // stride_w
+    residue_w = tl.program_id(1) % stride_w
+    taps_h = tl.load(taps_h_ptr + residue_h * (kernel_h + 1))
+    taps_w = tl.load(taps_w_ptr + residue_w * (kernel_w + 1))
+    class_h, class_w = tl.cdiv(in_h, stride_h), tl.cdiv(in_w, stride_w)
+    rows = batch * class_h * class_w
     tile_n, tile_m = _tile(tl.program_id(0), tl.cdiv(in_per_group, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    n, ih, iw = _spatial(row, in_h, in_w)
+    n, ih, iw = _spatial(row, class_h, class_w)
+    ih = residue_h + ih * stride_h
+    iw = residue_w + iw * stride_w
+    row_mask = (row < rows) & (ih < in_h) & (iw < in_w)
     c = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
     dtype = grad_input_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for start in range(0, reduction, BLOCK_K):
+    class_reduction = out_per_group * taps_h * taps_w  # 0 where the class has no taps: grad_input is 0 there
+    for start in range(0, class_reduction, BLOCK_K):
         k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
-        oc_in_group, kh, kw = _filter_position(k, kernel_h, kernel_w)
+        in_reduction = k < class_reduction
+        oc_in_group, tap_h, tap_w = _filter_position(k, taps_h, taps_w)
+        kh = tl.load(taps_h_ptr + residue_h * (kernel_h + 1) + 1 + tap_h, mask=in_reduction, other=0).to(tl.int64)
+        kw = tl.load(taps_w_ptr + residue_w * (kernel_w + 1) + 1 + tap_w, mask=in_reduction, other=0).to(tl.int64)
         oc = group * out_per_group + oc_in_group
         # B^T[c, (oc, kh, kw)]; the draw's index is the element's row-major index in W's shape.
         b_t = fb.load_feedback_tile(
             weight_ptr + oc[None, :] * sw_o + c[:, None] * sw_c + kh[None, :] * sw_h + kw[None, :] * sw_w,
             feedback_ptr + oc[None, :] * sf_o + c[:, None] * sf_c + kh[None, :] * sf_h + kw[None, :] * sf_w,
-            (c[:, None] < in_per_group) & (k[None, :] < reduction),
+            (c[:, None] < in_per_group) & in_reduction[None, :],
             ((oc[None, :] * in_per_group + c[:, None]) * kernel_h + kh[None, :]) * kernel_w + kw[None, :],
             seed, step, scale, RULE, HAS_FEEDBACK, DISTRIBUTION)
-        # The output position each (kh, kw) reads: oh = (ih + p - kh d) / s where s divides it.
+        # The output position each tap reads: oh = (ih + p - kh d) / s, exact for the class's taps.
         th = ih[None, :] + pad_h - kh[:, None] * dilation_h
         tw = iw[None, :] + pad_w - kw[:, None] * dilation_w
-        th_clamped = tl.maximum(th, 0)
-        tw_clamped = tl.maximum(tw, 0)
-        oh = th_clamped // stride_h
-        ow = tw_clamped // stride_w
-        delta_mask = ((k[:, None] < reduction) & (row[None, :] < rows) & (th >= 0) & (tw >= 0)
-                      & (th_clamped % stride_h == 0) & (tw_clamped % stride_w == 0) & (oh < out_h) & (ow < out_w))
+        oh = tl.maximum(th, 0) // stride_h
+        ow = tl.maximum(tw, 0) // stride_w
+        delta_mask = (in_reduction[:, None] & row_mask[None, :] & (th >= 0) & (tw >= 0) & (oh < out_h)
+                      & (ow < out_w))
         delta_t = _load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh * sg_h + ow * sg_w,
                               saved_ptr + n[None, :] * ss_n + oc[:, None] * ss_c + oh * ss_h + ow * ss_w,
                               delta_mask, ACTIVATION)
         acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
     tl.store(grad_input_ptr + n[None, :] * si_n + (group * in_per_group + c[:, None]) * si_c + ih[None, :] * si_h
-             + iw[None, :] * si_w, fb.round_to(acc, dtype), mask=(c[:, None] < in_per_group) & (row[None, :] < rows))
+             + iw[None, :] * si_w, fb.round_to(acc, dtype), mask=(c[:, None] < in_per_group) & row_mask[None, :])
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
@@ -275,6 +292,16 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
     return output, saved, projection
 
 
+def _taps(stride, padding, dilation, kernel, device):
+    """int32 [stride, kernel + 1]: row r = [count, the taps k with stride | r + padding - k dilation...]:
+    the taps that reach input positions r mod stride (the grad_input kernel's residue classes)."""
+    table = []
+    for residue in range(stride):
+        taps = [k for k in range(kernel) if (residue + padding - k * dilation) % stride == 0]
+        table.append([len(taps), *taps, *[0] * (kernel - len(taps))])
+    return torch.tensor(table, dtype=torch.int32, device=device)
+
+
 #: Above this many grad_input rows (N H W) a drawn B (brsf, fa without R) is made once and then read
 #: by the GEMM, as linear.DRAW_IN_GEMM_MAX_ROWS does for Linear: every row tile would otherwise draw
 #: the whole filter again. A first guess, to be tuned on a GPU; below it, B never exists in memory.
@@ -295,12 +322,17 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
     stored = feedback if feedback is not None else weight
     saved = saved if activation != "none" else grad
     columns, reduction = geometry.in_per_group, geometry.out_per_group * geometry.kernel_h * geometry.kernel_w
+    class_rows = geometry.batch * triton.cdiv(geometry.in_h, geometry.stride[0]) * triton.cdiv(geometry.in_w,
+                                                                                             geometry.stride[1])
+    taps_h, taps_w = (_taps(s, p, d, k, grad.device) for s, p, d, k in
+                      zip(geometry.stride, geometry.padding, geometry.dilation, (geometry.kernel_h, geometry.kernel_w)))
     launch(_grad_input_kernel,
-           lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]), geometry.groups),
-           grad, saved, weight, stored, rng, grad_input, *geometry.arguments(), _bucket(rows), columns, reduction,
-           *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), *grad_input.stride(), scale,
-           RULE=rule, HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
-           INPUT_PRECISION=input_precision(grad.dtype))
+           lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(class_rows, meta["BLOCK_M"]),
+                         geometry.groups * geometry.stride[0] * geometry.stride[1]),
+           grad, saved, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), _bucket(class_rows),
+           columns, reduction, *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(),
+           *grad_input.stride(), scale, RULE=rule, HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution,
+           ACTIVATION=activation, INPUT_PRECISION=input_precision(grad.dtype))
     return grad_input
 
 
