@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
 from .. import _backend
@@ -292,14 +293,25 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
     return output, saved, projection
 
 
-def _taps(stride, padding, dilation, kernel, device):
-    """int32 [stride, kernel + 1]: row r = [count, the taps k with stride | r + padding - k dilation...]:
-    the taps that reach input positions r mod stride (the grad_input kernel's residue classes)."""
+#: _taps's tables per (stride, padding, dilation, kernel, device): made once, as a fresh host-to-device
+#: copy in every backward would wait for the GPU.
+_TAPS: dict = {}
+
+
+def _taps(stride, padding, dilation, kernel, like):
+    """int32 [stride, kernel + 1] on like's device: row r = [count, the taps k with stride | r + padding -
+    k dilation...], the taps that reach input positions r mod stride (the grad_input kernel's residue classes)."""
+    key = (stride, padding, dilation, kernel, like.device)
+    if key in _TAPS and not is_fake(like):
+        return _TAPS[key]
     table = []
     for residue in range(stride):
         taps = [k for k in range(kernel) if (residue + padding - k * dilation) % stride == 0]
         table.append([len(taps), *taps, *[0] * (kernel - len(taps))])
-    return torch.tensor(table, dtype=torch.int32, device=device)
+    table = torch.tensor(table, dtype=torch.int32, device=like.device)
+    if not is_fake(like):
+        _TAPS[key] = table
+    return table
 
 
 #: Above this many grad_input rows (N H W) a drawn B (brsf, fa without R) is made once and then read
@@ -324,7 +336,7 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
     columns, reduction = geometry.in_per_group, geometry.out_per_group * geometry.kernel_h * geometry.kernel_w
     class_rows = geometry.batch * triton.cdiv(geometry.in_h, geometry.stride[0]) * triton.cdiv(geometry.in_w,
                                                                                              geometry.stride[1])
-    taps_h, taps_w = (_taps(s, p, d, k, grad.device) for s, p, d, k in
+    taps_h, taps_w = (_taps(s, p, d, k, grad) for s, p, d, k in
                       zip(geometry.stride, geometry.padding, geometry.dilation, (geometry.kernel_h, geometry.kernel_w)))
     launch(_grad_input_kernel,
            lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(class_rows, meta["BLOCK_M"]),
