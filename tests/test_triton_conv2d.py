@@ -390,3 +390,24 @@ def test_sm90_grad_input_keeps_the_transformed_tile_in_registers_for_wgmma():
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sm_90 ok" in result.stdout
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_ops_trace_with_fake_and_symbolic_shapes(tracing_mode):
+    """The ops' Python bodies (layout choice, tap tables) trace as torch.compile traces them; compiling
+    itself needs a GPU (torch.compile cannot run a triton_op under the interpreter)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    geometry = ([2, 1], [1, 0], [1, 2], 2, int(Rule.BRSF), 0.5, 0, [0.0, 0.0, 0.0, 1.0], "gelu")
+
+    def forward_and_backward(x, w, b, rng, grad):
+        y, saved, projection = torch.ops.fastfa.triton_conv2d(x, w, b, None, rng, *geometry)
+        return y, torch.ops.fastfa.triton_conv2d_backward(grad, x, w, None, rng, saved, projection, *geometry,
+                                                          [True, True, True, False])
+
+    x, w, b, rng = (torch.randn(2, 4, 7, 8).contiguous(memory_format=CHANNELS_LAST), torch.randn(6, 2, 3, 2),
+                    torch.randn(6), torch.tensor([3, 4]))
+    grad = torch.randn(2, 6, 4, 6)
+    graph = make_fx(forward_and_backward, tracing_mode=tracing_mode)(x, w, b, rng, grad)
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert {"fastfa.triton_conv2d.default", "fastfa.triton_conv2d_backward.default"} <= targets, targets

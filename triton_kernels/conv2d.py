@@ -301,15 +301,16 @@ _TAPS: dict = {}
 def _taps(stride, padding, dilation, kernel, like):
     """int32 [stride, kernel + 1] on like's device: row r = [count, the taps k with stride | r + padding -
     k dilation...], the taps that reach input positions r mod stride (the grad_input kernel's residue classes)."""
-    key = (stride, padding, dilation, kernel, like.device)
-    if key in _TAPS and not is_fake(like):
+    cached = not is_fake(like)  # shapes may be symbolic while tracing: hashing them would fail
+    key = (stride, padding, dilation, kernel, like.device) if cached else None
+    if cached and key in _TAPS:
         return _TAPS[key]
     table = []
     for residue in range(stride):
         taps = [k for k in range(kernel) if (residue + padding - k * dilation) % stride == 0]
         table.append([len(taps), *taps, *[0] * (kernel - len(taps))])
     table = torch.tensor(table, dtype=torch.int32, device=like.device)
-    if not is_fake(like):
+    if cached:
         _TAPS[key] = table
     return table
 
