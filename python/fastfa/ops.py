@@ -219,7 +219,7 @@ class _TritonOp:
 
 # Forward op per backend (each forward op's autograd formula calls its own backward op).
 _LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear, "triton": _TritonOp("linear", "triton_linear")}
-_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d}
+_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d, "triton": _TritonOp("conv2d", "triton_conv2d")}
 
 
 def _op_for(table: dict, kind: str, backend: str):
