@@ -20,7 +20,8 @@ from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
-conv2d = pytest.importorskip("fastfa.triton_kernels.conv2d")  # registers fastfa::triton_conv2d(_backward)
+# Registers fastfa::triton_conv2d(_backward); a broken module fails here, never skips.
+from fastfa.triton_kernels import conv2d
 pytestmark = pytest.mark.skipif(not fastfa.backends()["triton"].usable, reason="the triton backend is not usable here")
 
 F64 = torch.float64

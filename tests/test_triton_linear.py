@@ -19,7 +19,8 @@ from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
-linear = pytest.importorskip("fastfa.triton_kernels.linear")  # registers fastfa::triton_linear(_backward)
+# Registers fastfa::triton_linear(_backward); a broken module fails here, never skips.
+from fastfa.triton_kernels import linear
 pytestmark = pytest.mark.skipif(not fastfa.backends()["triton"].usable, reason="the triton backend is not usable here")
 
 F64 = torch.float64

@@ -1,7 +1,10 @@
 """fastfa's Triton kernels (installed as fastfa.triton_kernels), one module per op family.
 
     feedback.py   the rule transform as @triton.jit functions (B = T(W) per tile, the Philox draw)
-    linear.py     fastfa::triton_linear / triton_linear_backward
+    linear.py     fastfa::triton_linear / triton_linear_backward, and the GEMM pieces conv2d.py
+                  shares (gemm_configs, grouped_tile, apply_activation, load_delta, draw_noise,
+                  materialise_feedback, rows_bucket_of)
+    conv2d.py     fastfa::triton_conv2d / triton_conv2d_backward (implicit GEMMs)
 
 fastfa imports these modules on first use of the triton backend (fastfa.ops._TritonOp),
 never at ``import fastfa``: Triton reads TRITON_INTERPRET when a kernel is defined.

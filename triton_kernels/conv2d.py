@@ -43,8 +43,8 @@ from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import input_precision, launch, unsupported_reason
-from .linear import (ACTIVATIONS, _SAVES_PREACTIVATION, _activation, _bucket, _configs, _draw, _load_delta,
-                     _materialise, _tile)
+from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, apply_activation, draw_noise, gemm_configs, grouped_tile,
+                     load_delta, materialise_feedback, rows_bucket_of)
 
 _FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 _KEY = ["rows_bucket", "columns", "reduction"]
@@ -66,7 +66,7 @@ def _filter_position(k, kernel_h, kernel_w):
     return channel, rest // kernel_w, rest % kernel_w
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
 def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, projection_ptr, batch, in_h, in_w,
                     out_h, out_w, in_per_group, out_per_group, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
@@ -79,7 +79,7 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
     saved and projection share output's strides."""
     group = tl.program_id(1)
     rows = batch * out_h * out_w
-    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.cdiv(out_per_group, BLOCK_N), GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.cdiv(out_per_group, BLOCK_N), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     n, oh, ow = _spatial(row, out_h, out_w)
     oc_in_group = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -106,10 +106,10 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
         acc += tl.load(bias_ptr + oc, mask=oc_in_group < out_per_group, other=0.0).to(tl.float32)[None, :]
     if SAVES_PREACTIVATION:
         tl.store(saved_ptr + offsets, fb.round_to(acc, dtype), mask=mask)
-    tl.store(output_ptr + offsets, fb.round_to(_activation(acc, ACTIVATION), dtype), mask=mask)
+    tl.store(output_ptr + offsets, fb.round_to(apply_activation(acc, ACTIVATION), dtype), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
 def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, taps_h_ptr, taps_w_ptr,
                        grad_input_ptr, batch, in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h,
@@ -135,7 +135,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
     taps_w = tl.load(taps_w_ptr + residue_w * (kernel_w + 1))
     class_h, class_w = tl.cdiv(in_h, stride_h), tl.cdiv(in_w, stride_w)
     rows = batch * class_h * class_w
-    tile_n, tile_m = _tile(tl.program_id(0), tl.cdiv(in_per_group, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
+    tile_n, tile_m = grouped_tile(tl.program_id(0), tl.cdiv(in_per_group, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     n, ih, iw = _spatial(row, class_h, class_w)
     ih = residue_h + ih * stride_h
@@ -167,7 +167,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
         ow = tl.maximum(tw, 0) // stride_w
         delta_mask = (in_reduction[:, None] & row_mask[None, :] & (th >= 0) & (tw >= 0) & (oh < out_h)
                       & (ow < out_w))
-        delta_t = _load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh * sg_h + ow * sg_w,
+        delta_t = load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh * sg_h + ow * sg_w,
                               saved_ptr + n[None, :] * ss_n + oc[:, None] * ss_c + oh * ss_h + ow * ss_w,
                               delta_mask, ACTIVATION)
         acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
@@ -175,7 +175,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
              + iw[None, :] * si_w, fb.round_to(acc, dtype), mask=(c[:, None] < in_per_group) & row_mask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
 def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr,
                         grad_feedback_ptr, batch, in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h,
@@ -196,7 +196,7 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
         tiles_n = tl.maximum(tl.cdiv(columns, BLOCK_N), 1)
     else:
         tiles_n = 1
-    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(out_per_group, BLOCK_M), tiles_n, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(out_per_group, BLOCK_M), tiles_n, GROUP_M)
     oc_in_group = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     oc = group * out_per_group + oc_in_group
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -209,7 +209,7 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
         n, oh, ow = _spatial(r, out_h, out_w)
         delta_mask = (oc_in_group[:, None] < out_per_group) & (r[None, :] < reduction)
         delta_t = fb.round_to(
-            _load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh[None, :] * sg_h
+            load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh[None, :] * sg_h
                         + ow[None, :] * sg_w,
                         saved_ptr + n[None, :] * ss_n + oc[:, None] * ss_c + oh[None, :] * ss_h + ow[None, :] * ss_w,
                         delta_mask, ACTIVATION), dtype)
@@ -277,7 +277,7 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
     # As torch's convolution: an input without channels gives an output without channels.
     shape = (geometry.batch, weight.shape[0] if x.shape[1] else 0, geometry.out_h, geometry.out_w)
     output = _empty(shape, x, _memory_format(x, weight, geometry, bias=bias))
-    saved = torch.empty_like(output) if activation in _SAVES_PREACTIVATION else output.new_empty(0)
+    saved = torch.empty_like(output) if activation in PREACTIVATION_ACTIVATIONS else output.new_empty(0)
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
     if output.numel():
         rows = geometry.batch * geometry.out_h * geometry.out_w
@@ -286,9 +286,9 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
                lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]),
                              geometry.groups),
                x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
-               projection if saves_projection else output, *geometry.arguments(), _bucket(rows), columns, reduction,
+               projection if saves_projection else output, *geometry.arguments(), rows_bucket_of(rows), columns, reduction,
                *x.stride(), *weight.stride(), *output.stride(), HAS_BIAS=bias is not None, ACTIVATION=activation,
-               SAVES_PREACTIVATION=activation in _SAVES_PREACTIVATION, SAVES_PROJECTION=saves_projection,
+               SAVES_PREACTIVATION=activation in PREACTIVATION_ACTIVATIONS, SAVES_PROJECTION=saves_projection,
                INPUT_PRECISION=input_precision(x.dtype))
     return output, saved, projection
 
@@ -330,7 +330,7 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
     rows = geometry.batch * geometry.in_h * geometry.in_w
     if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
         # W's row-major element indices are those of its [out, in/groups * kh * kw] view: the same draws.
-        b = _materialise(weight.reshape(weight.shape[0], -1), None, rng, rule, scale, distribution)
+        b = materialise_feedback(weight.reshape(weight.shape[0], -1), None, rng, rule, scale, distribution)
         feedback, rule, rng = b.view(weight.shape), _FA, None
     stored = feedback if feedback is not None else weight
     saved = saved if activation != "none" else grad
@@ -342,7 +342,7 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
     launch(_grad_input_kernel,
            lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(class_rows, meta["BLOCK_M"]),
                          geometry.groups * geometry.stride[0] * geometry.stride[1]),
-           grad, saved, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), _bucket(class_rows),
+           grad, saved, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), rows_bucket_of(class_rows),
            columns, reduction, *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(),
            *grad_input.stride(), scale, RULE=rule, HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution,
            ACTIVATION=activation, INPUT_PRECISION=input_precision(grad.dtype))
@@ -372,7 +372,7 @@ def _outer(grad, saved, x, weight, geometry, activation="none", *, grad_weight=N
                              * (max(triton.cdiv(columns, meta["BLOCK_N"]), 1) if needs_product else 1), geometry.groups),
                grad, saved, x, addend_tensor, gw if gw is not None else placeholder,
                gb if gb is not None else placeholder, gf if gf is not None else placeholder, *geometry.arguments(),
-               _bucket(rows), columns, rows, *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
+               rows_bucket_of(rows), columns, rows, *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
                *filter_like.stride(), *(gf if gf is not None else filter_like).stride(), outer_scale, addend_scale,
                ACTIVATION=activation, STORES_GRAD_WEIGHT=gw is not None, STORES_GRAD_BIAS=gb is not None,
                STORES_GRAD_FEEDBACK=gf is not None, HAS_ADDEND=addend is not None,
@@ -452,7 +452,7 @@ def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, 
     if rule == _SA:  # alpha * decay + beta * self
         gf.copy_(feedback * (2.0 * alpha) - weight * beta)
     elif rule == _WM:  # alpha * decay + beta * amp, with x replaced by noise ~ N(0, sigma^2)
-        noise = _draw(x, rng, sigma, 1)
+        noise = draw_noise(x, rng, sigma, 1)
         noise_projection, _, _ = _convolve(noise, weight, None, geometry)
         _outer(noise_projection, None, noise, weight, geometry, grad_feedback=gf, outer_scale=-beta / batch,
                addend=feedback, addend_scale=2.0 * alpha)

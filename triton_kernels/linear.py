@@ -44,11 +44,11 @@ from . import input_precision, launch, unsupported_reason
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
-_SAVES_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+PREACTIVATION_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 _FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 
 
-def _configs():
+def gemm_configs():
     if fb.INTERPRETED.value:  # one small configuration: the interpreter is slow and times nothing
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1,
                               num_stages=1)]
@@ -62,7 +62,7 @@ _KEY = ["rows_bucket", "out_features", "in_features"]
 
 
 @triton.jit
-def _tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+def grouped_tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     """Program id -> (tile row, tile column), GROUP_M tile rows at a time, so that the programs
     running together share their operand tiles in L2."""
     per_group = GROUP_M * tiles_n
@@ -86,7 +86,7 @@ def _gelu_tanh_inner(z):
 
 
 @triton.jit
-def _activation(z, ACTIVATION: tl.constexpr):
+def apply_activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
         y = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
     elif ACTIVATION == "gelu":
@@ -105,7 +105,7 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_delta(grad_output_ptrs, saved_ptrs, mask, ACTIVATION: tl.constexpr):
+def load_delta(grad_output_ptrs, saved_ptrs, mask, ACTIVATION: tl.constexpr):
     """delta = dL/dz from dL/dy, in fp32; ``saved`` is y (relu, tanh, sigmoid) or z (gelu, silu)."""
     grad = tl.load(grad_output_ptrs, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION == "none":
@@ -132,7 +132,7 @@ def _load_delta(grad_output_ptrs, saved_ptrs, mask, ACTIVATION: tl.constexpr):
     return delta
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
 def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, projection_ptr, rows, out_features,
                     in_features, rows_bucket, stride_input_row, stride_input_col, stride_weight_out,
@@ -141,7 +141,7 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
                     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """output[rows, out] = act(input[rows, in] W[out, in]^T + bias)."""
-    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.cdiv(out_features, BLOCK_N), GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.cdiv(out_features, BLOCK_N), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     out = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -161,7 +161,7 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
         acc += tl.load(bias_ptr + out, mask=out < out_features, other=0.0).to(tl.float32)[None, :]
     if SAVES_PREACTIVATION:
         tl.store(saved_ptr + offsets, fb.round_to(acc, dtype), mask=mask)
-    tl.store(output_ptr + offsets, fb.round_to(_activation(acc, ACTIVATION), dtype), mask=mask)
+    tl.store(output_ptr + offsets, fb.round_to(apply_activation(acc, ACTIVATION), dtype), mask=mask)
 
 
 @triton.jit
@@ -185,7 +185,7 @@ def _feedback_tile_t(weight_ptr, feedback_ptr, first_col, col, out, in_features,
                              HAS_FEEDBACK)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
 def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows,
                        out_features, in_features, rows_bucket, stride_grad_row, stride_grad_col, stride_saved_row,
@@ -196,7 +196,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[rows, in] = delta[rows, out] B[out, in], computed transposed: B^T delta^T, so the
     transformed B tile is the left operand. BLOCK_M tiles rows, BLOCK_N in_features, BLOCK_K out_features."""
-    tile_n, tile_m = _tile(tl.program_id(0), tl.cdiv(in_features, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
+    tile_n, tile_m = grouped_tile(tl.program_id(0), tl.cdiv(in_features, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
@@ -208,7 +208,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
                                stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE,
                                HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR)
         delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
-        delta_t = _load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
+        delta_t = load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
                               saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row,
                               delta_mask, ACTIVATION)
         acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
@@ -232,7 +232,7 @@ def _materialise_kernel(weight_ptr, feedback_ptr, rng_ptr, out_ptr, out_features
              mask=(col[:, None] < in_features) & (out[None, :] < out_features))
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
 def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr,
                         grad_feedback_ptr, rows, out_features, in_features, rows_bucket, stride_grad_row,
@@ -251,7 +251,7 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
         tiles_n = tl.maximum(tl.cdiv(in_features, BLOCK_N), 1)
     else:
         tiles_n = 1
-    tile_m, tile_n = _tile(tl.program_id(0), tl.cdiv(out_features, BLOCK_M), tiles_n, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(out_features, BLOCK_M), tiles_n, GROUP_M)
     out = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     dtype = input_ptr.dtype.element_ty
@@ -261,7 +261,7 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
         row = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
         delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
         delta_t = fb.round_to(
-            _load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
+            load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
                         saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row, delta_mask,
                         ACTIVATION), dtype)
         if STORES_GRAD_BIAS:
@@ -293,7 +293,7 @@ def _draw_kernel(rng_ptr, out_ptr, numel, scale, DISTRIBUTION: tl.constexpr, BLO
     tl.store(out_ptr + index, fb.round_to(scale * xi, out_ptr.dtype.element_ty), mask=index < numel)
 
 
-def _bucket(rows: int) -> int:
+def rows_bucket_of(rows: int) -> int:
     return triton.next_power_of_2(max(rows, 1))
 
 
@@ -301,15 +301,15 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     """act(x W^T + b) and what the forward op returns with it: x [rows, in], W [out, in]."""
     rows, out_features, in_features = x.shape[0], weight.shape[0], weight.shape[1]
     output = x.new_empty(rows, out_features)
-    saved = torch.empty_like(output) if activation in _SAVES_PREACTIVATION else output.new_empty(0)
+    saved = torch.empty_like(output) if activation in PREACTIVATION_ACTIVATIONS else output.new_empty(0)
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
     if output.numel():
         launch(_forward_kernel,
                 lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),),
                 x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
-                projection if saves_projection else output, rows, out_features, in_features, _bucket(rows),
+                projection if saves_projection else output, rows, out_features, in_features, rows_bucket_of(rows),
                 *x.stride(), *weight.stride(), HAS_BIAS=bias is not None, ACTIVATION=activation,
-                SAVES_PREACTIVATION=activation in _SAVES_PREACTIVATION, SAVES_PROJECTION=saves_projection,
+                SAVES_PREACTIVATION=activation in PREACTIVATION_ACTIVATIONS, SAVES_PROJECTION=saves_projection,
                 INPUT_PRECISION=input_precision(x.dtype))
     return output, saved, projection
 
@@ -326,7 +326,7 @@ def _draw_arguments(rule, feedback, in_features):
     return dict(DRAWS=draws, DRAWS_BY_FOUR=draws and in_features % 4 == 0)
 
 
-def _materialise(weight, feedback, rng, rule, scale, distribution):
+def materialise_feedback(weight, feedback, rng, rule, scale, distribution):
     """B = T(W) [out, in], contiguous, in W's dtype."""
     out_features, in_features = weight.shape
     b = weight.new_empty(out_features, in_features)
@@ -346,12 +346,12 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
     if not grad_input.numel():
         return grad_input
     if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
-        feedback, rule, rng = _materialise(weight, feedback, rng, rule, scale, distribution), _FA, None
+        feedback, rule, rng = materialise_feedback(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
     saved = saved if activation != "none" else grad
     launch(_grad_input_kernel,
             lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
-            grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, _bucket(rows),
+            grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
             *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
             INPUT_PRECISION=input_precision(grad.dtype), **_draw_arguments(rule, feedback, in_features))
@@ -378,14 +378,14 @@ def _outer(grad, saved, x, activation="none", *, grad_weight=False, grad_bias=Fa
                               * (max(triton.cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
                 grad, saved, x, addend_tensor, gw if gw is not None else placeholder,
                 gb if gb is not None else placeholder, gf if gf is not None else placeholder, rows, out_features,
-                in_features, _bucket(rows), *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
+                in_features, rows_bucket_of(rows), *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
                 outer_scale, addend_scale, ACTIVATION=activation, STORES_GRAD_WEIGHT=grad_weight,
                 STORES_GRAD_BIAS=grad_bias, STORES_GRAD_FEEDBACK=grad_feedback, HAS_ADDEND=addend is not None,
                 INPUT_PRECISION=input_precision(x.dtype))
     return gw, gb, gf
 
 
-def _draw(like, rng, scale, distribution):
+def draw_noise(like, rng, scale, distribution):
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if out.numel():
         launch(_draw_kernel, lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
@@ -462,7 +462,7 @@ def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, 
     if rule == _SA:  # alpha * decay + beta * self
         gf = (feedback * (2.0 * alpha) - weight * beta).contiguous()
     elif rule == _WM:  # alpha * decay + beta * amp, with x replaced by noise ~ N(0, sigma^2)
-        noise = _draw(x, rng, sigma, 1)
+        noise = draw_noise(x, rng, sigma, 1)
         noise_projection, _, _ = _project(noise, weight)
         _, _, gf = _outer(noise_projection, None, noise, grad_feedback=True, outer_scale=-beta / batch,
                           addend=feedback, addend_scale=2.0 * alpha)
