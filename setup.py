@@ -132,12 +132,13 @@ def extension_modules():
     arches = arch_list.replace(";", " ").split()
     arch_token = "_".join(arches)
     defines = ["-DFASTFA_WITH_CUDA", f"-DFASTFA_CUDA_ARCH_LIST={arch_token}"]
-    # The cuda backend's fused GEMMs (csrc/cuda/gemm_*.cu, linear_cuda.cu): one small file
-    # per group of instantiations, so MAX_JOBS compiles them in parallel.
+    # The cuda backend's fused GEMMs (csrc/cuda/gemm_*.cu; the ops in linear_cuda.cu and
+    # conv_cuda.cu): one small file per group of instantiations, so MAX_JOBS compiles them in
+    # parallel.
     cuda_sources = ["csrc/cuda/feedback_transform.cu"]
     cutlass = cutlass_include_dirs()
     if cutlass:
-        cuda_sources += sorted(glob.glob("csrc/cuda/gemm_*.cu")) + ["csrc/cuda/linear_cuda.cu"]
+        cuda_sources += sorted(glob.glob("csrc/cuda/gemm_*.cu")) + ["csrc/cuda/linear_cuda.cu", "csrc/cuda/conv_cuda.cu"]
         defines.append("-DFASTFA_WITH_FUSED_CUDA")
         if any(arch.split("+")[0] == "9.0a" for arch in arches):
             defines.append("-DFASTFA_HAS_SM90A")  # wgmma kernels exist only in sm_90a code

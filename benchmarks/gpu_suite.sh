@@ -18,9 +18,10 @@ python -m pytest -q tests/test_cuda.py tests/test_sass.py tests/test_triton_*.py
 python -m pytest -q tests
 
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-# One ragged shape, every rule and dtype: each fused kernel (forward, identity, the four
-# transforms; bf16, fp16, tf32) runs at least once, plus the exact-transform test.
-cases="cuda_backend and (37x67x129 and none or transform_is)"
+# One ragged shape, every rule and dtype: each fused kernel (linear and conv2d: forward,
+# identity, the four transforms, conv grad_weight; bf16, fp16, tf32) runs at least once,
+# plus the exact-transform test.
+cases="cuda_backend and (37x67x129 and none or transform_is or 3-5-7-6-6-3-1-1-1)"
 for tool in memcheck racecheck; do
   "$sanitizer" --tool "$tool" --error-exitcode 1 \
     python -m pytest -q -x tests/test_cuda.py -k "$cases" -p no:cacheprovider

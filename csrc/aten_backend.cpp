@@ -125,8 +125,6 @@ at::Tensor activation_delta(const at::Tensor& grad_output, const at::Tensor& act
   return activation_backward(grad_output, activation_saved, parse_activation(activation));
 }
 
-namespace {
-
 void check_conv2d_arguments(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, int64_t groups) {
   TORCH_CHECK(weight.dim() == 4, "fastfa: conv2d weight must be 4-D (out, in/groups, kh, kw), got ",
@@ -137,6 +135,21 @@ void check_conv2d_arguments(const at::Tensor& input, const at::Tensor& weight,
               "), got shape ", input.sizes());
   check_layer_arguments(input, weight, bias);
 }
+
+std::vector<int64_t> conv2d_output_shape(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fastfa: stride, padding and dilation must have 2 values each");
+  std::vector<int64_t> shape{input.size(0), weight.size(0), 0, 0};
+  for (int axis = 0; axis < 2; ++axis) {
+    shape[2 + axis] =
+        (input.size(2 + axis) + 2 * padding[axis] - dilation[axis] * (weight.size(2 + axis) - 1) - 1) / stride[axis] +
+        1;
+  }
+  return shape;
+}
+
+namespace {
 
 at::Tensor empty_gradient(const at::Tensor& like) { return like.new_empty({0}); }
 
@@ -317,14 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   check_conv2d_arguments(input, weight, std::nullopt, groups);
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_alignment(alignment);
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "fastfa: stride, padding and dilation must have 2 values each");
-  std::vector<int64_t> expected{input.size(0), weight.size(0), 0, 0};
-  for (int axis = 0; axis < 2; ++axis) {
-    expected[2 + axis] =
-        (input.size(2 + axis) + 2 * padding[axis] - dilation[axis] * (weight.size(2 + axis) - 1) - 1) / stride[axis] +
-        1;
-  }
+  const std::vector<int64_t> expected = conv2d_output_shape(input, weight, stride, padding, dilation);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected), "fastfa: grad_output must have the output's shape ",
               at::IntArrayRef(expected), ", got ", grad_output.sizes());
   const auto kind = static_cast<Rule>(rule);

@@ -75,12 +75,12 @@ TORCH_LIBRARY_IMPL(fastfa, CUDA, m) { register_kernels(m, &fastfa::feedback_tran
 #endif
 
 #ifdef FASTFA_WITH_FUSED_CUDA
-// The cuda backend: linear on fastfa's fused tensor-core GEMMs; conv2d has no implicit-GEMM
-// kernel yet and runs the aten backend's path (the CUDA transform kernel, then cuDNN).
+// The cuda backend: linear on fastfa's fused tensor-core GEMMs, conv2d as implicit GEMMs on
+// the same kernels.
 TORCH_LIBRARY_IMPL(fastfa, CUDA, m) {
   m.impl("cuda_linear", &fastfa::cuda_linear_forward);
   m.impl("cuda_linear_backward", &fastfa::cuda_linear_backward);
-  m.impl("cuda_conv2d", &fastfa::conv2d_forward);
-  m.impl("cuda_conv2d_backward", &fastfa::conv2d_backward);
+  m.impl("cuda_conv2d", &fastfa::cuda_conv2d_forward);
+  m.impl("cuda_conv2d_backward", &fastfa::cuda_conv2d_backward);
 }
 #endif

@@ -176,6 +176,81 @@ def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
         assert_close(feedback.grad.cpu().double(), expected_feedback, like, f"{rule} {dtype} grad_feedback")
 
 
+# (batch, in channels, height, width, out channels, kernel, stride, padding, dilation): whole and
+# ragged vectors of channels, two tiles of out channels, stride 2 (grad_input on the aten
+# path), 1x1, dilation, and one long enough in K for grad_weight's split.
+CONV_SHAPES = [(2, 8, 9, 9, 16, 3, 1, 1, 1), (3, 5, 7, 6, 6, 3, 1, 1, 1), (1, 24, 5, 5, 130, 3, 1, 1, 1),
+               (2, 16, 11, 10, 24, 3, 2, 1, 1), (4, 3, 8, 8, 8, 1, 1, 0, 1), (2, 8, 9, 9, 8, 3, 1, 2, 2),
+               (16, 64, 14, 14, 64, 3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_cuda_backend_conv2d_matches_oracle(shape, rule, dtype, channels_last):
+    """The implicit-GEMM conv2d (forward with bias and gelu, grad_input through the rule's
+    transform, split-K grad_weight and grad_bias) against the oracle in fp64."""
+    _require_cuda_backend()
+    batch, channels, height, width, out_channels, kernel, stride, padding, dilation = shape
+    fan_in = channels * kernel * kernel
+    format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, channels, height, width, dtype=dtype, device="cuda").to(memory_format=format)
+    x.requires_grad_(True)
+    w = torch.randn(out_channels, channels, kernel, kernel, dtype=dtype, device="cuda") / fan_in**0.5
+    w[0, 0] = 0  # sign(0) = 0 inside the transform
+    w = w.to(memory_format=format).requires_grad_(True)
+    b = torch.randn(out_channels, dtype=dtype, device="cuda", requires_grad=True)
+    options = {}
+    feedback = None
+    if rule in ("fa", "frsf") or rule in oracle.ESTIMATED:
+        feedback = (torch.randn_like(w) / fan_in**0.5).requires_grad_(rule in oracle.ESTIMATED)
+        options["feedback"] = feedback
+    if rule in ("brsf", "wm"):
+        options.update(seed=2**35 + 17, step=2**33 + 5)
+    with _tf32(True):
+        y = fastfa.functional.conv2d(x, w, b, stride, padding, dilation, rule=rule, activation="gelu",
+                                     backend="cuda", **options)
+        g = torch.randn_like(y)
+        y.backward(g)
+    rule_options = {key: value for key, value in options.items() if key != "feedback"}
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
+    stored = feedback.detach().cpu() if feedback is not None else None
+    seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
+    B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
+                               distribution=Distribution(distribution).name.lower())
+    expected = oracle.conv2d(x.detach().cpu().double(), w.detach().cpu().double(), b.detach().cpu().double(),
+                             B.double(), g.cpu().double(), stride, padding, dilation, activation="gelu")
+    like = TOLERANCE_AS[dtype]
+    for name, ours, theirs in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                  (y, x.grad, w.grad, b.grad), expected):
+        assert ours.dtype == dtype and ours.is_cuda, name
+        assert_close(ours.detach().cpu().double(), theirs, like, f"{rule} {dtype} {name}")
+    if rule in ("kp", "sa"):
+        alpha, beta = alignment[0], alignment[1]
+        expected_feedback = (expected[2] + 2 * alpha * feedback.detach().cpu().double() if rule == "kp" else
+                             2 * alpha * feedback.detach().cpu().double() - beta * w.detach().cpu().double())
+        assert_close(feedback.grad.cpu().double(), expected_feedback, like, f"{rule} {dtype} grad_feedback")
+
+
+def test_cuda_backend_conv2d_says_what_takes_the_aten_path():
+    """groups > 1 and a strided grad_input are not implicit GEMMs here: they run on the aten path,
+    with a warning that names the reason, and give the aten backend's results."""
+    _require_cuda_backend()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    for groups, stride, reason in ((2, 1, "groups > 1"), (1, 2, "strided conv2d")):
+        w = torch.randn(8, 8 // groups, 3, 3, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        results = []
+        for backend in ("cuda", "aten"):
+            x.grad = w.grad = None
+            with pytest.warns(UserWarning, match=reason) if backend == "cuda" else contextlib.nullcontext():
+                y = fastfa.functional.conv2d(x, w, None, stride, 1, 1, groups, rule="usf", backend=backend)
+                y.backward(torch.ones_like(y))
+            results.append((y.detach(), x.grad.clone(), w.grad.clone()))
+        torch.testing.assert_close(results[0][0], results[1][0])
+        torch.testing.assert_close(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rule,distribution", [(Rule.BP, 0), (Rule.USF, 0), (Rule.FRSF, 0), (Rule.FA, 0),
                                                (Rule.FA, 1), (Rule.BRSF, 0), (Rule.BRSF, 1)])

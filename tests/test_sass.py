@@ -1,5 +1,7 @@
 """The cuda backend's GEMM kernels, read as machine code: tensor cores and no register spills;
-and their shared-memory layout and wgmma descriptors against CuTe's definitions.
+their shared-memory layout and wgmma descriptors against CuTe's definitions; and their data
+path (loaders, implicit-GEMM indices, transforms, epilogues) run on the CPU against the
+convolutions and matrix products they compute.
 
 Runs without a GPU: `cuobjdump -sass` disassembles the CUDA-built extension
 (FASTFA_SASS_LIB=path/to/_C*.so, else the imported fastfa._C when it was built with the
@@ -26,9 +28,10 @@ import pytest
 import fastfa
 
 GEMM_KERNEL = "fused_gemm_kernel"  # csrc/cuda/gemm_kernel.cuh
-# Per cubin, one body per (dtype, transform, epilogue): 3 dtypes x (forward, identity,
-# drawn fa, usf, brsf, frsf). A missing one means an instantiation was lost.
-KERNELS_PER_CUBIN = 18
+# Per architecture, one body per (dtype, operand views, transform, epilogue): 3 dtypes x
+# (linear: forward, identity, drawn fa, usf, brsf, frsf; conv: forward, grad_weight,
+# grad_input identity, drawn fa, usf, brsf, frsf). A missing one means an instantiation was lost.
+KERNELS_PER_CUBIN = 39
 # A kernel compiled for the other architecture policy is an empty stub (its body is
 # preprocessed out); anything longer than this would be a real body to check.
 STUB_INSTRUCTIONS = 16
@@ -198,11 +201,8 @@ def _nvcc() -> str | None:
     return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 
-def test_wgmma_shared_layout_matches_cute(tmp_path):
-    """tests/cuda/gemm_layout_check.cu, compiled for the host: the tile loaders' 128-byte swizzle
-    and the kernel's wgmma descriptors equal CuTe's canonical K-major SW128 layout and the
-    descriptors CuTe's TiledMMA builds for the same tile (the part of sm_90a code that no
-    SASS count can vouch for)."""
+def _host_program(tmp_path, source: str, *flags: str) -> str:
+    """tests/cuda/<source>, compiled by nvcc for the host with the CuTe headers; skips without them."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (CUDA toolkit) found")
@@ -212,10 +212,32 @@ def test_wgmma_shared_layout_matches_cute(tmp_path):
         pytest.skip("the CUTLASS / CuTe headers are missing: pip install nvidia-cutlass==4.2.0.0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cutlass = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-    program = str(tmp_path / "gemm_layout_check")
-    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(root, "csrc", "include"),
-                    "-I", cutlass, "-o", program, os.path.join(root, "tests", "cuda", "gemm_layout_check.cu")],
-                   check=True, capture_output=True, text=True)
+    program = str(tmp_path / os.path.splitext(source)[0])
+    build = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", *flags, "-I",
+                            os.path.join(root, "csrc", "include"), "-I", cutlass, "-o", program,
+                            os.path.join(root, "tests", "cuda", source)], capture_output=True, text=True)
+    assert build.returncode == 0, f"nvcc failed on tests/cuda/{source}:\n{build.stderr}"
+    return program
+
+
+def test_fused_gemm_data_path_computes_convolutions_and_products(tmp_path):
+    """tests/cuda/implicit_gemm_check.cu: the kernels' own loaders, indices, transforms, K split,
+    row sums and epilogues, run thread by thread on the CPU (the tensor-core MMA replaced by a
+    loop over the same swizzled tiles), against convolutions and products written from their
+    definitions: conv forward / grad_input for every transform / split-K grad_weight and grad_bias
+    in NCHW, channels_last and strided layouts, bf16, fp16 and tf32, and the linear GEMMs."""
+    program = _host_program(tmp_path, "implicit_gemm_check.cu", "-O2")
+    result = subprocess.run([program], capture_output=True, text=True)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_wgmma_shared_layout_matches_cute(tmp_path):
+    """tests/cuda/gemm_layout_check.cu, compiled for the host: the tile loaders' 128-byte swizzle
+    and the kernel's wgmma descriptors equal CuTe's canonical K-major SW128 layout and the
+    descriptors CuTe's TiledMMA builds for the same tile (the part of sm_90a code that no
+    SASS count can vouch for)."""
+    program = _host_program(tmp_path, "gemm_layout_check.cu")
     result = subprocess.run([program], capture_output=True, text=True)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr

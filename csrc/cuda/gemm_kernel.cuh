@@ -1,13 +1,18 @@
 // The fused GEMM template of the cuda backend (declared in fastfa/gemm.h).
 //
-// One kernel, C = A B^T, for every pass of a linear layer and every rule:
+// One kernel, C = A B^T, for every pass of a linear or conv layer and every rule:
 //   forward      A = x,        B = W,      epilogue bias + activation
 //   grad_input   A = delta,    B = T(W),   the rule's transform applied to B's tiles
 //   grad_weight  A = delta^T,  B = x^T,    A's row sums give grad_bias
-// The rule enters only through the Transform functor, applied to each B element between
-// the global load and the shared-memory store; bias, activation and grad_bias ride along
-// in the epilogue / loader. Instantiations live in gemm_<dtype>_*.cu, one small file each,
-// so a build with MAX_JOBS cores compiles them in parallel.
+// (a convolution's operands are the implicit-GEMM views of implicit_gemm.cuh: the loaders
+// gather them through an index, nothing is unfolded in memory). The rule enters only through
+// the Transform functor, applied to each B element between the global load and the
+// shared-memory store; bias, activation and grad_bias ride along in the epilogue / loader.
+// Where an operand's elements sit is the loader's Index (a strided matrix here, the conv
+// views in implicit_gemm.cuh); where C's go, the Epilogue's. Instantiations live in
+// gemm_<dtype>_*.cu, one small file each, so a build with MAX_JOBS cores compiles them in
+// parallel. The loaders, indices and epilogues are host-callable too, so that
+// tests/cuda/implicit_gemm_check.cu runs the kernel's data path on the CPU.
 //
 // Data path (both architectures): 256 threads load a 128-row x 128-byte tile of A and of B
 // from global memory into registers, transform and round them (bf16 / fp16, or fp32 to
@@ -37,6 +42,7 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -73,6 +79,43 @@ __host__ __device__ __forceinline__ uint32_t swizzled(uint32_t row, uint32_t byt
   return offset ^ ((offset >> 3) & 0x70u);
 }
 
+// Bit casts, vector loads and shared-memory adds that also compile for the host.
+FASTFA_HOST_DEVICE float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
+}
+
+FASTFA_HOST_DEVICE uint32_t bits_from_float(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+#endif
+}
+
+FASTFA_HOST_DEVICE uint4 load_vector(const void* pointer) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(static_cast<const uint4*>(pointer));
+#else
+  return *static_cast<const uint4*>(pointer);
+#endif
+}
+
+FASTFA_HOST_DEVICE void add_to_shared(float* sum, float value) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(sum, value);
+#else
+  *sum += value;  // the host check runs the threads one after another
+#endif
+}
+
 template <class Element>
 struct Traits;
 
@@ -82,10 +125,10 @@ struct Traits<Bf16> {
   using Sm80Op = cute::SM80_16x8x16_F32BF16BF16F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K,
                                                                  cute::SM90::GMMA::Major::K>;
-  __device__ static float to_float(Bits b) { return __uint_as_float(uint32_t(b) << 16); }
-  __device__ static Bits operand(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
-  __device__ static Bits output(float x) { return operand(x); }
-  __device__ static Bits operand_bits(Bits b) { return b; }
+  FASTFA_HOST_DEVICE static float to_float(Bits b) { return float_from_bits(uint32_t(b) << 16); }
+  FASTFA_HOST_DEVICE static Bits operand(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
+  FASTFA_HOST_DEVICE static Bits output(float x) { return operand(x); }
+  FASTFA_HOST_DEVICE static Bits operand_bits(Bits b) { return b; }
 };
 
 template <>
@@ -94,10 +137,10 @@ struct Traits<Fp16> {
   using Sm80Op = cute::SM80_16x8x16_F32F16F16F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K,
                                                                cute::SM90::GMMA::Major::K>;
-  __device__ static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
-  __device__ static Bits operand(float x) { return __half_as_ushort(__float2half(x)); }
-  __device__ static Bits output(float x) { return operand(x); }
-  __device__ static Bits operand_bits(Bits b) { return b; }
+  FASTFA_HOST_DEVICE static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  FASTFA_HOST_DEVICE static Bits operand(float x) { return __half_as_ushort(__float2half(x)); }
+  FASTFA_HOST_DEVICE static Bits output(float x) { return operand(x); }
+  FASTFA_HOST_DEVICE static Bits operand_bits(Bits b) { return b; }
 };
 
 template <>
@@ -105,16 +148,22 @@ struct Traits<Tf32> {
   using Bits = uint32_t;
   using Sm80Op = cute::SM80_16x8x8_F32TF32TF32F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x8_F32TF32TF32_SS_TN<>;
-  __device__ static float to_float(Bits b) { return __uint_as_float(b); }
+  FASTFA_HOST_DEVICE static float to_float(Bits b) { return float_from_bits(b); }
   // Round to nearest (ties away), as cuBLAS's tf32 path does, rather than letting the
   // tensor core truncate the low mantissa bits.
-  __device__ static Bits operand(float x) {
+  FASTFA_HOST_DEVICE static Bits operand(float x) {
+#if defined(__CUDA_ARCH__)
     uint32_t bits;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
     return bits;
+#else
+    const uint32_t bits = bits_from_float(x);
+    // cvt.rna: add half of the dropped 13 bits' range, keep 10 mantissa bits; Inf / NaN as they are.
+    return (bits & 0x7F800000u) == 0x7F800000u ? bits : (bits + 0x1000u) & 0xFFFFE000u;
+#endif
   }
-  __device__ static Bits output(float x) { return __float_as_uint(x); }  // outputs stay fp32
-  __device__ static Bits operand_bits(Bits b) { return operand(__uint_as_float(b)); }
+  FASTFA_HOST_DEVICE static Bits output(float x) { return bits_from_float(x); }  // outputs stay fp32
+  FASTFA_HOST_DEVICE static Bits operand_bits(Bits b) { return operand(float_from_bits(b)); }
 };
 
 } // namespace detail
@@ -128,8 +177,9 @@ struct IdentityTransform {
   static constexpr bool kReadsWeight = true;
   static constexpr bool kReadsStored = false;
   static constexpr bool kDraws = false;
-  __device__ void prepare() {}
-  __device__ const void* stored() const { return nullptr; }
+  static constexpr bool kMasksOutside = false;
+  FASTFA_HOST_DEVICE void prepare() {}
+  FASTFA_HOST_DEVICE const void* stored() const { return nullptr; }
 };
 
 // B = T(W) for one rule, from feedback.h's feedback_transform (the formula every backend
@@ -140,55 +190,155 @@ struct RuleTransform {
   static constexpr bool kReadsWeight = kRule != Rule::kFeedbackAlignment;  // drawn fa is R alone
   static constexpr bool kReadsStored = kRule == Rule::kFixedRandomSignFeedback;
   static constexpr bool kDraws = kRule == Rule::kBatchRandomSignFeedback || kRule == Rule::kFeedbackAlignment;
+  // The sign rules map the loaders' zero fill outside W to zero; a drawn R is not zero
+  // there, so drawn fa masks the outside itself.
+  static constexpr bool kMasksOutside = kRule == Rule::kFeedbackAlignment;
   FeedbackArgs args;
   uint64_t seed = 0, step = 0;
 
   // [seed, step] is read on the device, so a step counter living on the GPU costs no
   // host synchronisation (as in the transform kernel).
-  __device__ void prepare() {
+  FASTFA_HOST_DEVICE void prepare() {
     if constexpr (kDraws) {
       seed = static_cast<uint64_t>(args.rng[0]);
       step = static_cast<uint64_t>(args.rng[1]);
     }
   }
-  __device__ const void* stored() const { return kReadsStored ? args.stored : nullptr; }
-  __device__ float operator()(float w, float stored, float xi) const {
+  FASTFA_HOST_DEVICE const void* stored() const { return kReadsStored ? args.stored : nullptr; }
+  FASTFA_HOST_DEVICE float operator()(float w, float stored, float xi) const {
     // As feedback_transform_kernel: R is the stored tensor, or scale * xi when drawn.
     const float r = kReadsStored ? stored : args.scale * xi;
     return feedback_transform<float>(kRule, w, r, xi, args.scale);
   }
 };
 
-// ---- Epilogues ------------------------------------------------------------------------
+// ---- Where an operand's elements are: indices -----------------------------------------
+//
+// A loader reads its operand (logically rows x K) through an index:
+//   offset(row, k)       the element's offset from the operand's base, or -1 where the
+//                        element is zero (outside the matrix, or in a convolution's padding);
+//   key(row, k)          W's row-major index of the element, which keys the rule's draws
+//                        (strictly increasing along the vector direction);
+//   k_contiguous()       whether a thread's vector of elements runs along k (else along
+//                        rows): the direction in which memory is contiguous, so loads coalesce;
+//   run(row, k, length)  the offset of the `length` elements from (row, k) along that
+//                        direction when all are inside and consecutive in memory at an offset
+//                        that is a multiple of `length` (one aligned vector load), else -1;
+//   gather(row, k, out)  the offsets of those elements one by one (where run() says no).
+// A matrix with strides is this one; the convolutions' implicit-GEMM views are in
+// implicit_gemm.cuh.
+struct MatrixIndex {
+  int64_t rows = 0, k_extent = 0, row_stride = 0, k_stride = 1;
 
-template <class Element>
-struct StoreEpilogue {
-  using Bits = typename detail::Traits<Element>::Bits;
-  // (row, col) and (row, col + 1); col is even.
-  __device__ void operator()(const Problem& problem, int64_t row, int64_t col, float v0, float v1) const {
-    if (row >= problem.m || col >= problem.n) {
-      return;
-    }
-    Bits* c = static_cast<Bits*>(problem.c) + row * problem.ldc + col;
-    const Bits b0 = detail::Traits<Element>::output(v0), b1 = detail::Traits<Element>::output(v1);
-    if (col + 1 < problem.n) {
-      if ((problem.ldc & 1) == 0 && (reinterpret_cast<uintptr_t>(c) % (2 * sizeof(Bits))) == 0) {
-        if constexpr (sizeof(Bits) == 2) {
-          *reinterpret_cast<uint32_t*>(c) = uint32_t(b0) | (uint32_t(b1) << 16);
-        } else {
-          *reinterpret_cast<uint2*>(c) = make_uint2(b0, b1);
-        }
-      } else {
-        c[0] = b0;
-        c[1] = b1;
-      }
-    } else {
-      c[0] = b0;
+  FASTFA_HOST_DEVICE bool k_contiguous() const { return k_stride == 1; }
+  FASTFA_HOST_DEVICE int64_t key(int64_t row, int64_t k) const { return row * row_stride + k * k_stride; }
+  FASTFA_HOST_DEVICE int64_t offset(int64_t row, int64_t k) const {
+    return row < rows && k < k_extent ? key(row, k) : -1;
+  }
+  FASTFA_HOST_DEVICE int64_t run(int64_t row, int64_t k, int length) const {
+    const bool along_k = k_contiguous();
+    const bool unit = (along_k ? k_stride : row_stride) == 1;
+    const int64_t leading = along_k ? row_stride : k_stride;
+    const bool inside = along_k ? row < rows && k + length <= k_extent : row + length <= rows && k < k_extent;
+    return unit && inside && leading % length == 0 ? key(row, k) : -1;
+  }
+  template <int kLength>
+  FASTFA_HOST_DEVICE void gather(int64_t row, int64_t k, int64_t (&out)[kLength]) const {
+    const bool along_k = k_contiguous();
+#pragma unroll
+    for (int i = 0; i < kLength; ++i) {
+      out[i] = along_k ? offset(row, k + i) : offset(row + i, k);
     }
   }
 };
 
-__device__ __forceinline__ float activate(Activation activation, float z) {
+// A GEMM C = A B^T over the operands' indices; grid.z splits K into slices of
+// k_tiles_per_split tiles (0: one slice), each written by the epilogue as its own partial.
+template <class AIndex, class BIndex>
+struct GemmProblem {
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  AIndex a_index;
+  const void* b = nullptr;
+  BIndex b_index;
+  int64_t k_tiles_per_split = 0;
+};
+
+// ---- Where C's elements go: epilogues -------------------------------------------------
+//
+// An epilogue takes the accumulators two columns at a time, (row, col) and (row, col + 1)
+// with col even, from K slice `split`. Those with kRowSums take A's row sums over the
+// slice too (row_sum), when wants_row_sums().
+
+// C as a row-major matrix with leading dimension ldc.
+struct MatrixOutput {
+  int64_t ldc = 0;
+  FASTFA_HOST_DEVICE int64_t offset(int64_t row, int64_t col) const { return row * ldc + col; }
+};
+
+template <class Element, class Output>
+struct StoreEpilogue {
+  using Bits = typename detail::Traits<Element>::Bits;
+  static constexpr bool kRowSums = true;
+  void* c = nullptr;
+  Output output;
+  int64_t m = 0, n = 0;
+  void* row_sums = nullptr;  // A's row sums (grad_bias), in C's dtype
+
+  FASTFA_HOST_DEVICE bool wants_row_sums() const { return row_sums != nullptr; }
+  FASTFA_HOST_DEVICE void row_sum(int64_t row, int64_t /*split*/, float value) const {
+    static_cast<Bits*>(row_sums)[row] = detail::Traits<Element>::output(value);
+  }
+  FASTFA_HOST_DEVICE void operator()(int64_t row, int64_t col, int64_t /*split*/, float v0, float v1) const {
+    if (row >= m || col >= n) {
+      return;
+    }
+    Bits* out = static_cast<Bits*>(c);
+    const int64_t at = output.offset(row, col);
+    const Bits b0 = detail::Traits<Element>::output(v0), b1 = detail::Traits<Element>::output(v1);
+    if (col + 1 < n) {
+      const int64_t next = output.offset(row, col + 1);
+      if (next == at + 1 && (reinterpret_cast<uintptr_t>(out + at) % (2 * sizeof(Bits))) == 0) {
+        if constexpr (sizeof(Bits) == 2) {
+          *reinterpret_cast<uint32_t*>(out + at) = uint32_t(b0) | (uint32_t(b1) << 16);
+        } else {
+          *reinterpret_cast<uint2*>(out + at) = make_uint2(b0, b1);
+        }
+      } else {
+        out[at] = b0;
+        out[next] = b1;
+      }
+    } else {
+      out[at] = b0;
+    }
+  }
+};
+
+// One K slice's partial C and row sums in fp32 (split-K): slice `split` of
+// partial[splits][m][n] and of partial_row_sums[splits][m]; the host adds the slices.
+struct SplitEpilogue {
+  static constexpr bool kRowSums = true;
+  float* partial = nullptr;
+  float* partial_row_sums = nullptr;
+  int64_t m = 0, n = 0;
+
+  FASTFA_HOST_DEVICE bool wants_row_sums() const { return partial_row_sums != nullptr; }
+  FASTFA_HOST_DEVICE void row_sum(int64_t row, int64_t split, float value) const {
+    partial_row_sums[split * m + row] = value;
+  }
+  FASTFA_HOST_DEVICE void operator()(int64_t row, int64_t col, int64_t split, float v0, float v1) const {
+    if (row >= m || col >= n) {
+      return;
+    }
+    float* out = partial + (split * m + row) * n + col;
+    out[0] = v0;
+    if (col + 1 < n) {
+      out[1] = v1;
+    }
+  }
+};
+
+FASTFA_HOST_DEVICE float activate(Activation activation, float z) {
   switch (activation) {
   case Activation::kRelu:
     return z < 0.0f ? 0.0f : z;  // NaN stays NaN, as torch.relu
@@ -208,22 +358,30 @@ __device__ __forceinline__ float activate(Activation activation, float z) {
   }
 }
 
-// The linear forward: r = acc, z = r + b, output = act(z); z kept for gelu / silu, r for aa / ia.
-template <class Element>
-struct LinearEpilogue {
+// A layer's forward: r = acc, z = r + b[col], output = act(z); z kept for gelu / silu,
+// r for aa / ia. Columns are the layer's output features (channels for a convolution).
+template <class Element, class Output>
+struct BiasActivationEpilogue {
   using Bits = typename detail::Traits<Element>::Bits;
+  static constexpr bool kRowSums = false;
+  void* c = nullptr;
+  Output output;
+  int64_t m = 0, n = 0;
   LinearEpilogueArgs args;
-  __device__ void operator()(const Problem& problem, int64_t row, int64_t col, float v0, float v1) const {
-    if (row >= problem.m) {
+
+  FASTFA_HOST_DEVICE bool wants_row_sums() const { return false; }
+  FASTFA_HOST_DEVICE void row_sum(int64_t, int64_t, float) const {}
+  FASTFA_HOST_DEVICE void operator()(int64_t row, int64_t col, int64_t /*split*/, float v0, float v1) const {
+    if (row >= m) {
       return;
     }
     const float values[2] = {v0, v1};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      if (col + j >= problem.n) {
+      if (col + j >= n) {
         break;
       }
-      const int64_t at = row * problem.ldc + col + j;
+      const int64_t at = output.offset(row, col + j);
       const float r = values[j];
       const float z = args.bias != nullptr ? r + detail::Traits<Element>::to_float(
                                                      static_cast<const Bits*>(args.bias)[col + j])
@@ -234,7 +392,7 @@ struct LinearEpilogue {
       if (args.saved != nullptr) {
         static_cast<Bits*>(args.saved)[at] = detail::Traits<Element>::output(z);
       }
-      static_cast<Bits*>(problem.c)[at] = detail::Traits<Element>::output(activate(args.activation, z));
+      static_cast<Bits*>(c)[at] = detail::Traits<Element>::output(activate(args.activation, z));
     }
   }
 };
@@ -244,17 +402,31 @@ namespace detail {
 // feedback.h's unit_draw (uniform) for an index not known at compile time. unit_draw picks
 // the word with words[index % 4], a runtime index into an array, which the compiler puts in
 // local memory; here selects pick it from registers, and the bits are the same.
-__device__ __forceinline__ float unit_draw_in_registers(uint64_t seed, uint64_t step, uint64_t index,
-                                                        Distribution distribution) {
+FASTFA_HOST_DEVICE float unit_draw_in_registers(uint64_t seed, uint64_t step, uint64_t index,
+                                                Distribution distribution) {
   const Philox4x32 bits = draw_block(seed, step, index >> 2);
   const uint32_t lane = static_cast<uint32_t>(index & 3u);
   const uint32_t word = lane == 0 ? bits.x0 : lane == 1 ? bits.x1 : lane == 2 ? bits.x2 : bits.x3;
   return unit_from_words(&word, 0u, distribution);
 }
 
-// ---- Loading a tile: global -> registers -> (transform) -> swizzled shared memory --------
+// The K tiles [first, end) of slice `split`.
+FASTFA_HOST_DEVICE void split_tiles(int64_t k_tiles, int64_t per_split, int64_t split, int64_t& first,
+                                    int64_t& end) {
+  if (per_split <= 0) {
+    first = 0;
+    end = k_tiles;
+    return;
+  }
+  first = split * per_split;
+  end = first + per_split < k_tiles ? first + per_split : k_tiles;
+}
 
-template <class Element, class Transform, bool kRowSums>
+// ---- Loading a tile: global -> registers -> (transform) -> swizzled shared memory --------
+//
+// Thread `thread` of the CTA's 256 loads four 16-byte vectors of the 128 x 128-byte tile.
+
+template <class Element, class Transform, class Index, bool kRowSums>
 struct TileLoader {
   using Bits = typename Traits<Element>::Bits;
   static constexpr int kVector = 16 / int(sizeof(Bits));     // elements per 16-byte vector
@@ -266,20 +438,23 @@ struct TileLoader {
 
   const Bits* data;
   const Bits* stored;
-  int64_t rows, k_extent, row_stride, k_stride;
-  bool k_contiguous, vector_ok;
+  Index index;
+  int thread;
+  bool k_contiguous, aligned;
   uint4 raw[kVectorsPerThread];
   uint4 raw_stored[Transform::kReadsStored ? kVectorsPerThread : 1];
+  // Bit i of present[v]: element i of vector v is inside the operand (for transforms that
+  // do not map the zero fill to zero).
+  uint32_t present[Transform::kMasksOutside ? kVectorsPerThread : 1];
   float row_sum[kRowSums ? kVectorsPerThread : 1][kRowSums ? kVector : 1];
 
-  __device__ TileLoader(const Operand& operand, const void* stored_data, int64_t rows_, int64_t k_extent_)
-      : data(static_cast<const Bits*>(operand.data)), stored(static_cast<const Bits*>(stored_data)), rows(rows_),
-        k_extent(k_extent_), row_stride(operand.row_stride), k_stride(operand.k_stride) {
-    k_contiguous = k_stride == 1;
-    const int64_t leading = k_contiguous ? row_stride : k_stride;
-    // 16-byte vectors need a 16-byte aligned base and a leading stride in whole vectors.
-    vector_ok = (reinterpret_cast<uintptr_t>(data) % 16) == 0 && leading % kVector == 0 &&
-                (!Transform::kReadsStored || (reinterpret_cast<uintptr_t>(stored) % 16) == 0);
+  FASTFA_HOST_DEVICE TileLoader(const void* data_, const void* stored_data, const Index& index_, int thread_)
+      : data(static_cast<const Bits*>(data_)), stored(static_cast<const Bits*>(stored_data)), index(index_),
+        thread(thread_) {
+    k_contiguous = index.k_contiguous();
+    // 16-byte vector loads need 16-byte aligned bases (run() keeps offsets in whole vectors).
+    aligned = (reinterpret_cast<uintptr_t>(data) % 16) == 0 &&
+              (!Transform::kReadsStored || (reinterpret_cast<uintptr_t>(stored) % 16) == 0);
     if constexpr (kRowSums) {
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
@@ -291,12 +466,12 @@ struct TileLoader {
     }
   }
 
-  // Tile-local (row, k) of vector v's first element. K-contiguous operands: a warp covers
-  // four rows of eight 16-byte chunks (coalesced 128-byte rows, conflict-free swizzled
-  // stores). Row-contiguous operands: a warp covers 32 consecutive k of one row vector, so
-  // its element-wise stores into the K-major tile fall in distinct banks.
-  __device__ void coordinates(int v, int& row, int& k) const {
-    const int flat = int(threadIdx.x) + v * kThreads;
+  // Tile-local (row, k) of vector v's first element. Along k: a warp covers four rows of
+  // eight 16-byte chunks (coalesced 128-byte rows, conflict-free swizzled stores). Along
+  // rows: a warp covers 32 consecutive k of one row vector, so its element-wise stores into
+  // the K-major tile fall in distinct banks.
+  FASTFA_HOST_DEVICE void coordinates(int v, int& row, int& k) const {
+    const int flat = thread + v * kThreads;
     if (k_contiguous) {
       row = flat / (kRowBytes / 16);
       k = (flat % (kRowBytes / 16)) * kVector;
@@ -306,39 +481,44 @@ struct TileLoader {
     }
   }
 
-  __device__ bool inside(int64_t row, int64_t k, int i) const {
-    return k_contiguous ? (row < rows && k + i < k_extent) : (row + i < rows && k < k_extent);
-  }
+  // (row, k) of element i of the vector that starts at (row, k).
+  FASTFA_HOST_DEVICE int64_t element_row(int64_t row, int i) const { return k_contiguous ? row : row + i; }
+  FASTFA_HOST_DEVICE int64_t element_k(int64_t k, int i) const { return k_contiguous ? k + i : k; }
 
-  // Issues the global loads of the tile at (row0, k0); out-of-range elements read as zero.
-  __device__ void fetch(int64_t row0, int64_t k0) {
+  // Issues the global loads of the tile at (row0, k0); elements outside read as zero.
+  FASTFA_HOST_DEVICE void fetch(int64_t row0, int64_t k0) {
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
       coordinates(v, row, k);
       const int64_t grow = row0 + row, gk = k0 + k;
-      const int64_t offset = grow * row_stride + gk * k_stride;
-      const bool full = inside(grow, gk, kVector - 1) && inside(grow, gk, 0);
       Pack w, r;
       w.vector = make_uint4(0, 0, 0, 0);
       r.vector = make_uint4(0, 0, 0, 0);
-      if (vector_ok && full) {
+      uint32_t inside = 0;
+      const int64_t start = aligned ? index.run(grow, gk, kVector) : -1;
+      if (start >= 0) {
         if constexpr (Transform::kReadsWeight) {
-          w.vector = __ldg(reinterpret_cast<const uint4*>(data + offset));
+          w.vector = load_vector(data + start);
         }
         if constexpr (Transform::kReadsStored) {
-          r.vector = __ldg(reinterpret_cast<const uint4*>(stored + offset));
+          r.vector = load_vector(stored + start);
         }
+        inside = (1u << kVector) - 1u;
       } else {
+        int64_t offsets[kVector];
+        index.gather(grow, gk, offsets);
 #pragma unroll
         for (int i = 0; i < kVector; ++i) {
-          if (inside(grow, gk, i)) {
+          const int64_t offset = offsets[i];
+          if (offset >= 0) {
             if constexpr (Transform::kReadsWeight) {
-              w.element[i] = data[offset + i];
+              w.element[i] = data[offset];
             }
             if constexpr (Transform::kReadsStored) {
-              r.element[i] = stored[offset + i];
+              r.element[i] = stored[offset];
             }
+            inside |= 1u << i;
           }
         }
       }
@@ -346,11 +526,14 @@ struct TileLoader {
       if constexpr (Transform::kReadsStored) {
         raw_stored[v] = r.vector;
       }
+      if constexpr (Transform::kMasksOutside) {
+        present[v] = inside;
+      }
     }
   }
 
   // Transforms the fetched tile and stores it, K-major and swizzled, at `tile`.
-  __device__ void commit(unsigned char* tile, const Transform& transform, int64_t row0, int64_t k0) {
+  FASTFA_HOST_DEVICE void commit(unsigned char* tile, const Transform& transform, int64_t row0, int64_t k0) {
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
@@ -365,18 +548,20 @@ struct TileLoader {
         }
       } else {
         const int64_t grow = row0 + row, gk = k0 + k;
-        // The vector's elements are consecutive in memory (its direction has stride 1), so
-        // their draws share Philox blocks when the first one starts a block.
-        const uint64_t offset = static_cast<uint64_t>(grow * row_stride + gk * k_stride);
         float xi[kVector];
         if constexpr (Transform::kDraws) {
           // Uniform draws only: a normal draw's sinf / cosf keep a local-memory array for
           // their (never taken here) huge-argument path, and linear layers draw uniformly;
           // the host materialises normally drawn B with the transform kernel instead.
-          if ((offset & 3u) == 0) {
+          // Keys strictly increase along the vector, so a span of kVector - 1 means they are
+          // consecutive: then four share a Philox block when the first one starts a block.
+          const int64_t first = index.key(grow, gk);
+          const int64_t last = index.key(element_row(grow, kVector - 1), element_k(gk, kVector - 1));
+          if (last - first == kVector - 1 && (first & 3) == 0) {
 #pragma unroll
             for (int j = 0; j < kVector / 4; ++j) {
-              const Philox4x32 bits = draw_block(transform.seed, transform.step, (offset >> 2) + j);
+              const Philox4x32 bits =
+                  draw_block(transform.seed, transform.step, (static_cast<uint64_t>(first) >> 2) + j);
               const uint32_t words[4] = {bits.x0, bits.x1, bits.x2, bits.x3};
 #pragma unroll
               for (int lane = 0; lane < 4; ++lane) {
@@ -386,7 +571,9 @@ struct TileLoader {
           } else {
 #pragma unroll
             for (int i = 0; i < kVector; ++i) {
-              xi[i] = unit_draw_in_registers(transform.seed, transform.step, offset + i, Distribution::kUniform);
+              const int64_t key = index.key(element_row(grow, i), element_k(gk, i));
+              xi[i] = unit_draw_in_registers(transform.seed, transform.step, static_cast<uint64_t>(key),
+                                             Distribution::kUniform);
             }
           }
         } else {
@@ -403,8 +590,9 @@ struct TileLoader {
         for (int i = 0; i < kVector; ++i) {
           const float w = Traits<Element>::to_float(in.element[i]);
           const float r = Transform::kReadsStored ? Traits<Element>::to_float(stored_pack.element[i]) : 0.0f;
-          // Outside the matrix B must be zero (a drawn R is not), so the K tail adds nothing.
-          const float b = inside(grow, gk, i) ? transform(w, r, xi[i]) : 0.0f;
+          // Outside the operand B must be zero, so the K tail adds nothing.
+          const bool inside = Transform::kMasksOutside ? ((present[v] >> i) & 1u) != 0 : true;
+          const float b = inside ? transform(w, r, xi[i]) : 0.0f;
           // B rounds once to the operand type, as the aten backend's materialised B does.
           out.element[i] = Traits<Element>::operand(b);
         }
@@ -435,18 +623,18 @@ struct TileLoader {
   }
 
   // Adds this thread's row sums into sums[tile row] (shared memory).
-  __device__ void reduce_row_sums(float* sums) const {
+  FASTFA_HOST_DEVICE void reduce_row_sums(float* sums) const {
     if constexpr (kRowSums) {
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
         int row, k;
         coordinates(v, row, k);
         if (k_contiguous) {
-          atomicAdd(&sums[row], row_sum[v][0]);
+          add_to_shared(&sums[row], row_sum[v][0]);
         } else {
 #pragma unroll
           for (int i = 0; i < kVector; ++i) {
-            atomicAdd(&sums[row + i], row_sum[v][i]);
+            add_to_shared(&sums[row + i], row_sum[v][i]);
           }
         }
       }
@@ -514,7 +702,7 @@ struct Sm80Math {
   }
 
   template <class Epilogue>
-  __device__ void store(const Problem& problem, const Epilogue& epilogue, int64_t m0, int64_t n0) const {
+  __device__ void store(const Epilogue& epilogue, int64_t m0, int64_t n0, int64_t split) const {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warp_m = warp % 2, warp_n = warp / 2;
 #pragma unroll
@@ -524,8 +712,8 @@ struct Sm80Math {
         const int64_t row = m0 + warp_m * 64 + mi * 16 + lane / 4;
         const int64_t col = n0 + warp_n * 32 + nj * 8 + (lane % 4) * 2;
         const float* d = accumulator[mi][nj];
-        epilogue(problem, row, col, d[0], d[1]);
-        epilogue(problem, row + 8, col, d[2], d[3]);
+        epilogue(row, col, split, d[0], d[1]);
+        epilogue(row + 8, col, split, d[2], d[3]);
       }
   }
 };
@@ -580,14 +768,14 @@ struct Sm90Math {
   }
 
   template <class Epilogue>
-  __device__ void store(const Problem& problem, const Epilogue& epilogue, int64_t m0, int64_t n0) const {
+  __device__ void store(const Epilogue& epilogue, int64_t m0, int64_t n0, int64_t split) const {
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32, group = threadIdx.x / 128;
     const int64_t row = m0 + group * 64 + warp * 16 + lane / 4;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const int64_t col = n0 + 8 * j + (lane % 4) * 2;
-      epilogue(problem, row, col, accumulator[4 * j], accumulator[4 * j + 1]);
-      epilogue(problem, row + 8, col, accumulator[4 * j + 2], accumulator[4 * j + 3]);
+      epilogue(row, col, split, accumulator[4 * j], accumulator[4 * j + 1]);
+      epilogue(row + 8, col, split, accumulator[4 * j + 2], accumulator[4 * j + 3]);
     }
   }
 };
@@ -598,45 +786,49 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <class Arch, class Element, class Transform, class Epilogue>
-__device__ __forceinline__ void gemm_body(const Problem& problem, Transform transform, const Epilogue& epilogue) {
+template <class Arch, class Element, class Gemm, class Transform, class Epilogue>
+__device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transform, const Epilogue& epilogue) {
   extern __shared__ unsigned char shared_raw[];
   // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned.
   unsigned char* shared = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   float* row_sums = reinterpret_cast<float*>(shared + kStages * kStageBytes);
 
-  constexpr bool kRowSums = Transform::kIdentity && std::is_same<Epilogue, StoreEpilogue<Element>>::value;
-  using ALoader = TileLoader<Element, IdentityTransform, kRowSums>;
-  using BLoader = TileLoader<Element, Transform, false>;
+  // Row sums only where A is loaded as it is next to an identity B (grad_weight), so the
+  // transform kernels keep their registers.
+  constexpr bool kRowSums = Epilogue::kRowSums && Transform::kIdentity;
+  using ALoader = TileLoader<Element, IdentityTransform, decltype(problem.a_index), kRowSums>;
+  using BLoader = TileLoader<Element, Transform, decltype(problem.b_index), false>;
   using Math = std::conditional_t<Arch::kGmma, Sm90Math<Element>, Sm80Math<Element>>;
   constexpr int kTileK = ALoader::kTileK;
 
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
-  const bool sums_rows = kRowSums && problem.a_row_sums != nullptr && blockIdx.y == 0;
+  const int64_t split = blockIdx.z;
+  const bool sums_rows = kRowSums && epilogue.wants_row_sums() && blockIdx.y == 0;
   if (sums_rows && threadIdx.x < kTileRows) {
     row_sums[threadIdx.x] = 0.0f;  // published by the barrier after the first tile
   }
   transform.prepare();
   const IdentityTransform identity;
-  ALoader a_loader(problem.a, nullptr, problem.m, problem.k);
-  BLoader b_loader(problem.b, transform.stored(), problem.n, problem.k);
+  ALoader a_loader(problem.a, nullptr, problem.a_index, threadIdx.x);
+  BLoader b_loader(problem.b, transform.stored(), problem.b_index, threadIdx.x);
   Math math;
   math.clear();
 
-  const int64_t k_tiles = (problem.k + kTileK - 1) / kTileK;
-  if (k_tiles > 0) {
-    a_loader.fetch(m0, 0);
-    b_loader.fetch(n0, 0);
-    a_loader.commit(shared, identity, m0, 0);
-    b_loader.commit(shared + kTileBytes, transform, n0, 0);
+  int64_t first, end;
+  split_tiles((problem.k + kTileK - 1) / kTileK, problem.k_tiles_per_split, split, first, end);
+  if (first < end) {
+    a_loader.fetch(m0, first * kTileK);
+    b_loader.fetch(n0, first * kTileK);
+    a_loader.commit(shared, identity, m0, first * kTileK);
+    b_loader.commit(shared + kTileBytes, transform, n0, first * kTileK);
     if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
     __syncthreads();
-    for (int64_t tile = 0; tile < k_tiles; ++tile) {
-      unsigned char* stage = shared + (tile & 1) * kStageBytes;
-      unsigned char* next = shared + ((tile + 1) & 1) * kStageBytes;
-      const bool has_next = tile + 1 < k_tiles;
+    for (int64_t tile = first; tile < end; ++tile) {
+      unsigned char* stage = shared + ((tile - first) & 1) * kStageBytes;
+      unsigned char* next = shared + ((tile - first + 1) & 1) * kStageBytes;
+      const bool has_next = tile + 1 < end;
       const int64_t k_next = (tile + 1) * kTileK;
       if (has_next) {
         a_loader.fetch(m0, k_next);
@@ -657,17 +849,16 @@ __device__ __forceinline__ void gemm_body(const Problem& problem, Transform tran
   }
 
   if (sums_rows) {
-    if (k_tiles == 0) {
+    if (first >= end) {
       __syncthreads();  // the zeroing above still needs its barrier
     }
     a_loader.reduce_row_sums(row_sums);
     __syncthreads();
     if (threadIdx.x < kTileRows && m0 + threadIdx.x < problem.m) {
-      static_cast<typename Traits<Element>::Bits*>(problem.a_row_sums)[m0 + threadIdx.x] =
-          Traits<Element>::output(row_sums[threadIdx.x]);
+      epilogue.row_sum(m0 + threadIdx.x, split, row_sums[threadIdx.x]);
     }
   }
-  math.store(problem, epilogue, m0, n0);
+  math.store(epilogue, m0, n0, split);
 }
 
 } // namespace detail
@@ -675,9 +866,9 @@ __device__ __forceinline__ void gemm_body(const Problem& problem, Transform tran
 // Each kernel's body exists only for its own architecture (wgmma only on sm_90a; on an
 // sm_90a build the mma.sync policy is never launched, so it stays empty there and the
 // SASS test sees one tensor-core kind per cubin).
-template <class Arch, class Element, class Transform, class Epilogue>
+template <class Arch, class Element, class Gemm, class Transform, class Epilogue>
 __global__ void __launch_bounds__(detail::kThreads, 1)
-    fused_gemm_kernel(const Problem problem, const Transform transform, const Epilogue epilogue) {
+    fused_gemm_kernel(const Gemm problem, const Transform transform, const Epilogue epilogue) {
 #if defined(__CUDA_ARCH__)
   if constexpr (Arch::kGmma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -693,38 +884,86 @@ __global__ void __launch_bounds__(detail::kThreads, 1)
 
 namespace detail {
 
-template <class Arch, class Element, class Transform, class Epilogue>
-cudaError_t launch(const Problem& problem, const Transform& transform, const Epilogue& epilogue,
+template <class Arch, class Element, class Gemm, class Transform, class Epilogue>
+cudaError_t launch(const Gemm& problem, const Transform& transform, const Epilogue& epilogue,
                    cudaStream_t stream) {
   if (problem.m == 0 || problem.n == 0) {
     return cudaSuccess;
   }
+  constexpr int64_t kTileK = kRowBytes / int64_t(sizeof(typename Traits<Element>::Bits));
   const int64_t grid_m = (problem.m + kTileRows - 1) / kTileRows, grid_n = (problem.n + kTileRows - 1) / kTileRows;
-  if (grid_m > 0x7FFFFFFF || grid_n > 65535) {
+  const int64_t k_tiles = (problem.k + kTileK - 1) / kTileK;
+  const int64_t splits = problem.k_tiles_per_split > 0 && k_tiles > 0
+                             ? (k_tiles + problem.k_tiles_per_split - 1) / problem.k_tiles_per_split
+                             : 1;
+  if (grid_m > 0x7FFFFFFF || grid_n > 65535 || splits > 65535) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = fused_gemm_kernel<Arch, Element, Transform, Epilogue>;
+  auto kernel = fused_gemm_kernel<Arch, Element, Gemm, Transform, Epilogue>;
   // More than the default 48 KiB of dynamic shared memory needs the opt-in.
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
   if (status != cudaSuccess) {
     return status;
   }
-  kernel<<<dim3(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_n)), kThreads, kSharedBytes, stream>>>(
-      problem, transform, epilogue);
+  const dim3 grid(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_n), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, kSharedBytes, stream>>>(problem, transform, epilogue);
   return cudaGetLastError();
 }
 
-template <class Element, class Transform, class Epilogue>
-cudaError_t launch_for(Arch arch, const Problem& problem, const Transform& transform, const Epilogue& epilogue,
+template <class Element, class Gemm, class Transform, class Epilogue>
+cudaError_t launch_for(Arch arch, const Gemm& problem, const Transform& transform, const Epilogue& epilogue,
                        cudaStream_t stream) {
   return arch == Arch::kSm90a ? launch<Sm90Gmma, Element>(problem, transform, epilogue, stream)
                               : launch<Sm80Mma, Element>(problem, transform, epilogue, stream);
 }
 
-// C = A T(B)^T with a plain store: grad_input (every transform) and grad_weight (identity).
-template <class Element, class Transform>
-cudaError_t store_gemm(Arch arch, const Problem& problem, const Transform& transform, cudaStream_t stream) {
-  return launch_for<Element>(arch, problem, transform, StoreEpilogue<Element>{}, stream);
+// C = A T(B)^T for one rule's transform of B: the switch from the runtime rule to the
+// transform types, shared by the linear and conv grad_input GEMMs. B used as it is (bp,
+// stored R or B) is the identity kernel, instantiated with the other identity ones.
+template <class Element, class Gemm, class Epilogue>
+cudaError_t transformed_gemm(Arch arch, Rule rule, const Gemm& problem, const FeedbackArgs& feedback,
+                             const Epilogue& epilogue, cudaStream_t stream) {
+  switch (rule) {
+  case Rule::kFeedbackAlignment:
+    return launch_for<Element>(arch, problem, RuleTransform<Rule::kFeedbackAlignment>{feedback}, epilogue, stream);
+  case Rule::kUniformSignSymmetry:
+    return launch_for<Element>(arch, problem, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, epilogue,
+                               stream);
+  case Rule::kBatchRandomSignFeedback:
+    return launch_for<Element>(arch, problem, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, epilogue,
+                               stream);
+  case Rule::kFixedRandomSignFeedback:
+    return launch_for<Element>(arch, problem, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, epilogue,
+                               stream);
+  default:
+    return cudaErrorInvalidValue;
+  }
+}
+
+using MatrixProblem = GemmProblem<MatrixIndex, MatrixIndex>;
+
+inline MatrixProblem matrix_problem(const Problem& problem) {
+  MatrixProblem gemm;
+  gemm.m = problem.m;
+  gemm.n = problem.n;
+  gemm.k = problem.k;
+  gemm.a = problem.a.data;
+  gemm.a_index = {problem.m, problem.k, problem.a.row_stride, problem.a.k_stride};
+  gemm.b = problem.b.data;
+  gemm.b_index = {problem.n, problem.k, problem.b.row_stride, problem.b.k_stride};
+  return gemm;
+}
+
+template <class Element>
+StoreEpilogue<Element, MatrixOutput> matrix_store(const Problem& problem) {
+  return {problem.c, MatrixOutput{problem.ldc}, problem.m, problem.n, problem.a_row_sums};
+}
+
+// C = A B^T with a plain store (and A's row sums): grad_weight, and grad_input for bp.
+template <class Element>
+cudaError_t store_gemm(Arch arch, const Problem& problem, cudaStream_t stream) {
+  return launch_for<Element>(arch, matrix_problem(problem), IdentityTransform{}, matrix_store<Element>(problem),
+                             stream);
 }
 
 } // namespace detail
@@ -732,38 +971,27 @@ cudaError_t store_gemm(Arch arch, const Problem& problem, const Transform& trans
 template <typename Element>
 cudaError_t linear_forward_gemm(Arch arch, const Problem& problem, const LinearEpilogueArgs& epilogue,
                                 cudaStream_t stream) {
-  return detail::launch_for<Element>(arch, problem, IdentityTransform{}, LinearEpilogue<Element>{epilogue}, stream);
+  const BiasActivationEpilogue<Element, MatrixOutput> store{problem.c, MatrixOutput{problem.ldc}, problem.m,
+                                                            problem.n, epilogue};
+  return detail::launch_for<Element>(arch, detail::matrix_problem(problem), IdentityTransform{}, store, stream);
 }
 
 template <typename Element>
 cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
                           cudaStream_t stream) {
-  switch (rule) {
-  case Rule::kBackprop:
-    return detail::store_gemm<Element>(arch, problem, IdentityTransform{}, stream);
-  case Rule::kFeedbackAlignment:
-    return detail::store_gemm<Element>(arch, problem, RuleTransform<Rule::kFeedbackAlignment>{feedback}, stream);
-  case Rule::kUniformSignSymmetry:
-    return detail::store_gemm<Element>(arch, problem, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, stream);
-  case Rule::kBatchRandomSignFeedback:
-    return detail::store_gemm<Element>(arch, problem, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback},
-                                       stream);
-  case Rule::kFixedRandomSignFeedback:
-    return detail::store_gemm<Element>(arch, problem, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback},
-                                       stream);
-  default:
-    return cudaErrorInvalidValue;
+  if (rule == Rule::kBackprop) {
+    return detail::store_gemm<Element>(arch, problem, stream);
   }
+  return detail::transformed_gemm<Element>(arch, rule, detail::matrix_problem(problem), feedback,
+                                           detail::matrix_store<Element>(problem), stream);
 }
 
 // Splits the instantiations of one element type across files (gemm_<dtype>_*.cu).
-#define FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                                     \
-  extern template cudaError_t detail::store_gemm<Element, IdentityTransform>(Arch, const Problem&,                \
-                                                                             const IdentityTransform&, cudaStream_t);
+#define FASTFA_GEMM_EXTERN_IDENTITY(Element) \
+  extern template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_IDENTITY(Element)                                                                \
   template cudaError_t linear_forward_gemm<Element>(Arch, const Problem&, const LinearEpilogueArgs&, cudaStream_t); \
-  template cudaError_t detail::store_gemm<Element, IdentityTransform>(Arch, const Problem&,                       \
-                                                                      const IdentityTransform&, cudaStream_t);
+  template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_FEEDBACK(Element)                                                                \
   FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                                           \
   template cudaError_t feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, cudaStream_t);

@@ -108,9 +108,10 @@ def _cuda_status() -> BackendStatus:
                                     f"({major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}"
                                     + ("a" if (major, minor) == (9, 0) else ""))
     path = "wgmma" if (major, minor) == (9, 0) and "9.0a" in [a.split("+")[0] for a in arches] else "mma.sync"
-    return BackendStatus(True, f"fastfa's fused tensor-core GEMMs ({path}) for linear, fp16 / bf16 / tf32; "
-                               "conv2d, fp64, and fp32 while torch.backends.cuda.matmul.allow_tf32 is False run the "
-                               "aten path on the GPU, as does B's gradient for wm, aa and ia")
+    return BackendStatus(True, f"fastfa's fused tensor-core GEMMs ({path}) for linear and conv2d (implicit GEMMs), "
+                               "fp16 / bf16 / tf32; fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is False, "
+                               "grouped conv2d and a strided conv2d's grad_input run the aten path on the GPU (with "
+                               "a warning), as does B's gradient for wm, aa and ia")
 
 
 def backends() -> dict:

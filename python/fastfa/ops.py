@@ -241,8 +241,7 @@ def conv2d_op(backend: str):
 
 
 # The cuda backend's ops (pybind_src/ops_registration.cpp) have the aten ops' schemas, so the same
-# fakes and setup_context apply. cuda_conv2d / cuda_conv2d_backward run the aten path on the GPU
-# (no implicit-GEMM kernel yet; backends()["cuda"] says so).
+# fakes and setup_context apply.
 for _op, _fake in (("cuda_linear", _linear_fake), ("cuda_linear_backward", _linear_backward_fake),
                    ("cuda_conv2d", _conv2d_fake), ("cuda_conv2d_backward", _conv2d_backward_fake)):
     torch.library.register_fake(f"fastfa::{_op}", _fake)

@@ -73,6 +73,53 @@ template <typename Element>
 cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
                           cudaStream_t stream);
 
+// ---- Convolutions as implicit GEMMs (csrc/cuda/implicit_gemm.cuh) -----------------------
+//
+// A convolution with groups = 1. The filter's taps are ordered (c, kh, kw), or (kh, kw, c)
+// when channels_last (then channels are the contiguous direction of every operand, and
+// 16-byte vectors run along them). Activations are addressed through their element strides
+// in (N, C, H, W) order, so any layout is read correctly; every element a kernel touches
+// must lie within 2^31 elements of its tensor's base (offsets are 32-bit).
+struct ConvShape {
+  int64_t batch = 0, in_channels = 0, in_h = 0, in_w = 0;
+  int64_t out_channels = 0, kernel_h = 0, kernel_w = 0, out_h = 0, out_w = 0;
+  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dilation_h = 1, dilation_w = 1;
+  bool channels_last = false;
+};
+
+struct ImageStrides {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+};
+
+// K elements per tile (128 bytes of each row): what a split-K slice is counted in.
+inline int64_t tile_k(int64_t element_bytes) { return 128 / element_bytes; }
+
+// y = act(conv(x, W) + b): rows = output pixels, columns = output channels; W is the
+// out_channels x K matrix in the shape's tap order (a contiguous filter of that layout).
+template <typename Element>
+cudaError_t conv_forward_gemm(Arch arch, const ConvShape& shape, const void* x, const ImageStrides& x_strides,
+                              const void* weight, void* y, const ImageStrides& y_strides,
+                              const LinearEpilogueArgs& epilogue, cudaStream_t stream);
+
+// grad_x = the transposed convolution of delta with T(W): rows = input pixels, columns =
+// input channels, K = (out channel, kh, kw) in the shape's order; the rule's transform
+// applied to W's elements (keyed by their logical (oc, c, kh, kw) index) as they load.
+// W (or the stored R / B passed in W's place with kBackprop) is read through its strides.
+template <typename Element>
+cudaError_t conv_grad_input_gemm(Arch arch, Rule rule, const ConvShape& shape, const void* delta,
+                                 const ImageStrides& delta_strides, const void* weight,
+                                 const ImageStrides& weight_strides, const FeedbackArgs& feedback, void* grad_x,
+                                 const ImageStrides& grad_x_strides, cudaStream_t stream);
+
+// grad_W = delta^T im2col(x) and grad_b = the sums of delta, split over K = output pixels:
+// slice s of k_tiles_per_split tiles writes partial[s] (out_channels x K in the shape's tap
+// order) and partial_row_sums[s] (out_channels), in fp32; the caller adds the slices.
+template <typename Element>
+cudaError_t conv_grad_weight_gemm(Arch arch, const ConvShape& shape, const void* delta,
+                                  const ImageStrides& delta_strides, const void* x, const ImageStrides& x_strides,
+                                  float* partial, float* partial_row_sums, int64_t k_tiles_per_split,
+                                  cudaStream_t stream);
+
 // The transforms feedback_gemm has a kernel for.
 inline bool has_feedback_kernel(Rule rule) {
   return rule == Rule::kBackprop || rule == Rule::kFeedbackAlignment || rule == Rule::kUniformSignSymmetry ||

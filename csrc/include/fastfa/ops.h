@@ -9,6 +9,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace fastfa {
 
@@ -40,6 +41,11 @@ void check_linear_arguments(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias);
 at::Tensor activation_delta(const at::Tensor& grad_output, const at::Tensor& activation_saved,
                             c10::string_view activation);
+// The conv2d ops' argument checks, and the output's (N, C, H, W) for stride, padding, dilation.
+void check_conv2d_arguments(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t groups);
+std::vector<int64_t> conv2d_output_shape(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // The aten backend: fastfa's transform, then ATen's GEMM / convolution. The forward ops
 // return (output, activation_saved, projection): projection is r = x W^T without bias
@@ -84,6 +90,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
     const at::Tensor& activation_saved, const at::Tensor& projection, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask);
+
+// The cuda backend's conv2d (csrc/cuda/conv_cuda.cu): implicit GEMMs on the same kernels;
+// what they do not cover (groups > 1, strided grad_input, the linear ops' reasons) takes the
+// aten path (cuDNN, with the CUDA transform kernel) with a warning.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, const at::Tensor& projection, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
     int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
     std::array<bool, 4> output_mask);
 #endif

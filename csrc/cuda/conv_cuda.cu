@@ -1,0 +1,291 @@
+// The cuda backend's conv2d ops: implicit GEMMs on fastfa's fused tensor-core kernel
+// (implicit_gemm.cuh), nothing unfolded in memory.
+//
+//   forward      y = act(conv(x, W) + b)        one GEMM, bias and activation in its epilogue
+//   grad_input   conv_transpose(delta, T(W))    one GEMM, the rule's transform on W as it loads
+//   grad_weight  delta^T im2col(x), grad_b      one split-K GEMM: fp32 slices that ATen adds
+//                                               (K is batch x pixels, far longer than M x N)
+// Activations are read through their strides (copied only where an element lies 2^31 or
+// more elements from the base) and outputs are made in the input's memory format; channels_last runs 16-byte vector loads along channels. delta = dL/dz comes from
+// ATen when there is an activation, as in the linear op. The estimated rules' B gradient:
+// kp and sa from tensors this op has, wm / aa / ia by the aten backend's convolutions.
+// Not covered, and run on the aten path (cuDNN after the CUDA transform kernel) with a
+// warning that says why (Python shows it once per call site): the linear ops' reasons (fp64, fp32 without tf32, GPUs below sm_80),
+// groups > 1, tensors of 2^31 elements or more, and grad_input of a strided convolution (as
+// one implicit GEMM it would multiply the stride's skipped pixels by zero: stride^2 the work).
+// Only the kernels' declarations (fastfa/gemm.h, through fused_ops.h): their instantiations
+// live in gemm_<dtype>_conv*.cu, compiled once.
+#include "fused_ops.h"
+
+#include "fastfa/ops.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+
+namespace fastfa {
+namespace {
+
+using namespace fused;
+
+constexpr int64_t kMaxElements = std::numeric_limits<int32_t>::max();  // the indices' 32-bit coordinates
+
+void check_geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fastfa: stride, padding and dilation must have 2 values each");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, "fastfa: conv2d stride must be positive, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "fastfa: conv2d padding must be non-negative, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, "fastfa: conv2d dilation must be positive, got ", dilation);
+}
+
+gemm::ImageStrides strides_of(const at::Tensor& tensor) {
+  return {tensor.stride(0), tensor.stride(1), tensor.stride(2), tensor.stride(3)};
+}
+
+// The tensor itself where every element lies within 2^31 elements of its base (the kernels'
+// 32-bit offsets), else a dense copy in `format` (the op checked numel < 2^31).
+at::Tensor within_32bit_offsets(const at::Tensor& tensor, at::MemoryFormat format) {
+  int64_t span = 0;
+  for (int64_t axis = 0; axis < tensor.dim(); ++axis) {
+    span += (tensor.size(axis) - 1) * tensor.stride(axis);
+  }
+  return span < kMaxElements ? tensor : tensor.contiguous(format);
+}
+
+gemm::ConvShape conv_shape(const at::Tensor& input, const at::Tensor& weight, const std::vector<int64_t>& output,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           bool channels_last) {
+  gemm::ConvShape shape;
+  shape.batch = input.size(0);
+  shape.in_channels = input.size(1);
+  shape.in_h = input.size(2);
+  shape.in_w = input.size(3);
+  shape.out_channels = weight.size(0);
+  shape.kernel_h = weight.size(2);
+  shape.kernel_w = weight.size(3);
+  shape.out_h = output[2];
+  shape.out_w = output[3];
+  shape.stride_h = stride[0];
+  shape.stride_w = stride[1];
+  shape.pad_h = padding[0];
+  shape.pad_w = padding[1];
+  shape.dilation_h = dilation[0];
+  shape.dilation_w = dilation[1];
+  shape.channels_last = channels_last;
+  return shape;
+}
+
+// Why this convolution cannot run as implicit GEMMs (then it takes the aten path), or nullptr.
+const char* conv_aten_path_reason(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::vector<int64_t>& output, int64_t groups) {
+  if (const char* reason = aten_path_reason(input)) {
+    return reason;
+  }
+  if (groups != 1) {
+    return "with groups > 1 (the implicit GEMMs cover groups = 1)";
+  }
+  const int64_t output_numel = output[0] * output[1] * output[2] * output[3];
+  if (input.numel() > kMaxElements || output_numel > kMaxElements || weight.numel() > kMaxElements) {
+    return "on tensors of 2^31 elements or more (the implicit GEMMs index in 32 bits)";
+  }
+  return nullptr;
+}
+
+at::MemoryFormat layout_of(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                         : at::MemoryFormat::Contiguous;
+}
+
+// K slices for grad_weight: enough CTAs for two per SM, each slice at least four K tiles.
+int64_t k_tiles_per_split(const at::Tensor& input, int64_t m, int64_t n, int64_t k) {
+  const int64_t tile_k = gemm::tile_k(input.element_size());
+  const int64_t k_tiles = (k + tile_k - 1) / tile_k;
+  const int64_t ctas = ((m + 127) / 128) * ((n + 127) / 128);
+  const int64_t sms = at::cuda::getDeviceProperties(input.get_device())->multiProcessorCount;
+  const int64_t wanted = std::max<int64_t>(1, (2 * sms + ctas - 1) / ctas);
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, k_tiles / 4));
+  return (k_tiles + splits - 1) / splits;
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation) {
+  check_conv2d_arguments(input, weight, bias, groups);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  TORCH_CHECK(alignment.size() == 4, "fastfa: alignment must be [alpha, beta, gamma, sigma], got ",
+              alignment.size(), " values");
+  check_geometry(stride, padding, dilation);
+  const gemm::Activation kind = device_activation(activation);
+  const std::vector<int64_t> output = conv2d_output_shape(input, weight, stride, padding, dilation);
+  TORCH_CHECK(output[2] > 0 && output[3] > 0, "fastfa: conv2d output would be empty: input ", input.sizes(),
+              ", kernel ", weight.sizes().slice(2), ", stride ", stride, ", padding ", padding, ", dilation ",
+              dilation);
+  const char* reason = conv_aten_path_reason(input, weight, output, groups);
+  if (reason != nullptr || input.numel() == 0 || weight.numel() == 0) {
+    if (reason != nullptr) {
+      TORCH_WARN("fastfa: the cuda backend runs conv2d ", reason, " on the aten path (cuDNN)");
+    }
+    return conv2d_forward(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
+                          distribution, alignment, activation);
+  }
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::MemoryFormat format = layout_of(input);
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  // The forward's B is W as out_channels x taps in the layout's tap order: its contiguous form.
+  const at::Tensor w = weight.contiguous(format);
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const auto options = input.options().memory_format(format);
+  at::Tensor y = at::empty(output, options);
+  const bool keeps_z = derivative_needs_preactivation(kind), keeps_r = saves_projection(rule);
+  at::Tensor saved = keeps_z ? at::empty(output, options) : input.new_empty({0});
+  at::Tensor projection = keeps_r ? at::empty(output, options) : input.new_empty({0});
+  const gemm::ConvShape shape = conv_shape(input, weight, output, stride, padding, dilation, channels_last);
+  const at::Tensor x = within_32bit_offsets(input, format);
+  gemm::LinearEpilogueArgs epilogue;
+  epilogue.bias = data_or_null(b);
+  epilogue.saved = keeps_z ? saved.mutable_data_ptr() : nullptr;
+  epilogue.projection = keeps_r ? projection.mutable_data_ptr() : nullptr;
+  epilogue.activation = kind;
+  const gemm::Arch arch = device_arch(input);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  check_launch(with_element(input.scalar_type(),
+                            [&](auto element) {
+                              return gemm::conv_forward_gemm<decltype(element)>(
+                                  arch, shape, x.const_data_ptr(), strides_of(x), w.const_data_ptr(),
+                                  y.mutable_data_ptr(), strides_of(y), epilogue, stream);
+                            }),
+               "conv2d forward");
+  return {y, saved, projection};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+    const at::Tensor& activation_saved, const at::Tensor& projection, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
+    std::array<bool, 4> output_mask) {
+  check_conv2d_arguments(input, weight, std::nullopt, groups);
+  check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
+  TORCH_CHECK(alignment.size() == 4, "fastfa: alignment must be [alpha, beta, gamma, sigma], got ",
+              alignment.size(), " values");
+  check_geometry(stride, padding, dilation);
+  device_activation(activation);  // refuses an unknown name before any kernel runs
+  const std::vector<int64_t> output = conv2d_output_shape(input, weight, stride, padding, dilation);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output), "fastfa: grad_output must have the output's shape ",
+              at::IntArrayRef(output), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
+              "fastfa: grad_output must have input's dtype and device (", input.scalar_type(), ", ", input.device(),
+              "), got ", grad_output.scalar_type(), ", ", grad_output.device());
+  const char* reason = conv_aten_path_reason(input, weight, output, groups);
+  if (reason != nullptr || input.numel() == 0 || grad_output.numel() == 0 || weight.numel() == 0) {
+    if (reason != nullptr) {
+      TORCH_WARN("fastfa: the cuda backend runs conv2d's backward ", reason, " on the aten path (cuDNN)");
+    }
+    return conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, stride, padding,
+                           dilation, groups, rule, scale, distribution, alignment, activation, output_mask);
+  }
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const auto kind = static_cast<Rule>(rule);
+  const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
+  const at::MemoryFormat format = layout_of(input);
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  const gemm::ConvShape shape = conv_shape(input, weight, output, stride, padding, dilation, channels_last);
+  const at::Tensor delta = within_32bit_offsets(activation_delta(grad_output, activation_saved, activation), format);
+  const at::Tensor x = within_32bit_offsets(input, format);
+  const gemm::Arch arch = device_arch(input);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool has_feedback = feedback.has_value() && feedback->defined();
+
+  at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
+  if (output_mask[0] && (stride[0] > 1 || stride[1] > 1)) {
+    TORCH_WARN("fastfa: the cuda backend runs grad_input of a strided conv2d on the aten path (cuDNN after "
+                    "the CUDA transform kernel); its implicit GEMM would do stride^2 the work");
+    grad_input = std::get<0>(conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved, projection,
+                                             stride, padding, dilation, groups, rule, scale, distribution, alignment,
+                                             activation, {true, false, false, false}));
+  } else if (output_mask[0]) {
+    // grad_x = conv_transpose(delta, B), B = T(W) made element by element as W loads. Where B
+    // is a stored tensor (fa's R, the estimated rules' B) it is the operand itself.
+    Rule transform = kind;
+    at::Tensor operand = weight.contiguous(format), stored;
+    if (estimates_feedback(kind) || (kind == Rule::kFeedbackAlignment && has_feedback)) {
+      operand = feedback->contiguous(format);
+      transform = Rule::kBackprop;
+    } else if (kind == Rule::kFixedRandomSignFeedback) {
+      stored = feedback->contiguous(format);  // read at W's offsets
+    } else if ((kind == Rule::kBatchRandomSignFeedback || kind == Rule::kFeedbackAlignment) &&
+               static_cast<Distribution>(distribution) == Distribution::kNormal) {
+      // The kernels draw uniformly; a normal draw's B comes from the transform kernel.
+      operand = feedback_transform_cuda(operand, feedback, rng, rule, scale, distribution).contiguous(format);
+      transform = Rule::kBackprop;
+    }
+    TORCH_CHECK(gemm::has_feedback_kernel(transform), "fastfa: no fused grad_input kernel for rule ", rule);
+    const at::Tensor state = rng.has_value() && rng->defined() ? rng->contiguous() : at::Tensor();
+    grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+    gemm::FeedbackArgs args;
+    args.stored = data_or_null(stored);
+    args.rng = state.defined() ? state.const_data_ptr<int64_t>() : nullptr;
+    args.scale = static_cast<float>(scale);
+    check_launch(with_element(input.scalar_type(),
+                              [&](auto element) {
+                                return gemm::conv_grad_input_gemm<decltype(element)>(
+                                    arch, transform, shape, delta.const_data_ptr(), strides_of(delta),
+                                    operand.const_data_ptr(), strides_of(operand), args,
+                                    grad_input.mutable_data_ptr(), strides_of(grad_input), stream);
+                              }),
+                 "conv2d grad_input");
+  }
+  const bool needs_grad_weight = output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack);
+  if (needs_grad_weight || output_mask[2]) {
+    const int64_t out_channels = weight.size(0), taps = weight.numel() / out_channels;
+    const int64_t per_split = k_tiles_per_split(input, out_channels, taps, grad_output.numel() / out_channels);
+    const int64_t tile_k = gemm::tile_k(input.element_size());
+    const int64_t k_tiles = (grad_output.numel() / out_channels + tile_k - 1) / tile_k;
+    const int64_t splits = std::max<int64_t>(1, (k_tiles + per_split - 1) / per_split);
+    const auto fp32 = input.options().dtype(at::kFloat);
+    at::Tensor partial = at::empty({splits, out_channels, taps}, fp32);
+    at::Tensor partial_sums = at::empty({splits, out_channels}, fp32);
+    check_launch(with_element(input.scalar_type(),
+                              [&](auto element) {
+                                return gemm::conv_grad_weight_gemm<decltype(element)>(
+                                    arch, shape, delta.const_data_ptr(), strides_of(delta), x.const_data_ptr(),
+                                    strides_of(x), partial.mutable_data_ptr<float>(),
+                                    partial_sums.mutable_data_ptr<float>(), per_split, stream);
+                              }),
+                 "conv2d grad_weight");
+    if (needs_grad_weight) {
+      // Columns are taps in the layout's order: (c, kh, kw), or (kh, kw, c) for channels_last.
+      const at::Tensor sum = partial.sum(0);
+      grad_weight = channels_last ? sum.view({out_channels, weight.size(2), weight.size(3), weight.size(1)})
+                                        .permute({0, 3, 1, 2})
+                                  : sum.view(weight.sizes());
+      grad_weight = grad_weight.to(weight.scalar_type());
+    }
+    if (output_mask[2]) {
+      grad_bias = partial_sums.sum(0).to(weight.scalar_type());
+    }
+  }
+  if (feedback_grad) {
+    const double alpha = alignment[0], beta = alignment[1];
+    if (kind == Rule::kKolenPollack) {  // grad_W + alpha * decay
+      grad_feedback = (grad_weight + *feedback * (2.0 * alpha)).contiguous(feedback->suggest_memory_format());
+    } else if (kind == Rule::kSymmetricAlignment) {  // alpha * decay + beta * self
+      grad_feedback = (*feedback * (2.0 * alpha) - weight * beta).contiguous(feedback->suggest_memory_format());
+    } else {
+      // wm, aa, ia: the aten backend's alignment convolutions (cuDNN), not fused here.
+      grad_feedback = std::get<3>(conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
+                                                  projection, stride, padding, dilation, groups, rule, scale,
+                                                  distribution, alignment, activation, {false, false, false, true}));
+    }
+  }
+  return {output_mask[0] ? grad_input : input.new_empty({0}), output_mask[1] ? grad_weight : weight.new_empty({0}),
+          output_mask[2] ? grad_bias : weight.new_empty({0}), feedback_grad ? grad_feedback : weight.new_empty({0})};
+}
+
+} // namespace fastfa

@@ -1,0 +1,591 @@
+// The fused GEMM's data path, run on the CPU (by tests/test_sass.py; no GPU needed): the tile
+// loaders (indices, 16-byte and gathered loads, zero fill, the rule's transform and its
+// Philox keys, operand rounding, the swizzled shared-memory stores), the K-slice split, the
+// row sums and the epilogues are the kernel's own code, called for each of the 256 threads
+// of each CTA in turn; only the tensor-core MMA is replaced by a plain loop over the same
+// swizzled tiles. Checked against convolutions and matrix products written from their
+// definitions in double precision: the conv implicit GEMMs (forward with bias and
+// activation, grad_input for every transform, split-K grad_weight with grad_bias) in NCHW,
+// channels_last and strided layouts, and the linear layer's three GEMMs as linear_cuda.cu
+// builds them. What this cannot see: the MMA fragments (gemm_layout_check.cu compares the
+// wgmma layout with CuTe), barriers and timing; those need a GPU (tests/test_cuda.py).
+#include "../../csrc/cuda/implicit_gemm.cuh"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace fastfa;
+using namespace fastfa::gemm;
+using namespace fastfa::gemm::detail;
+
+// ---- The kernel's body, one thread at a time -------------------------------------------
+
+template <class Element, class Gemm, class Transform, class Epilogue>
+void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue) {
+  using Bits = typename Traits<Element>::Bits;
+  constexpr bool kRowSums = Epilogue::kRowSums && Transform::kIdentity;
+  using ALoader = TileLoader<Element, IdentityTransform, decltype(problem.a_index), kRowSums>;
+  using BLoader = TileLoader<Element, Transform, decltype(problem.b_index), false>;
+  constexpr int kTileK = ALoader::kTileK;
+  if (problem.m == 0 || problem.n == 0) {
+    return;
+  }
+  const int64_t k_tiles = (problem.k + kTileK - 1) / kTileK;
+  const int64_t splits = problem.k_tiles_per_split > 0 && k_tiles > 0
+                             ? (k_tiles + problem.k_tiles_per_split - 1) / problem.k_tiles_per_split
+                             : 1;
+  transform.prepare();
+  const IdentityTransform identity;
+  alignas(1024) static unsigned char tiles[2 * kTileBytes];
+  std::vector<float> accumulator(kTileRows * kTileRows);
+  for (int64_t m0 = 0; m0 < problem.m; m0 += kTileRows) {
+    for (int64_t n0 = 0; n0 < problem.n; n0 += kTileRows) {
+      for (int64_t split = 0; split < splits; ++split) {
+        std::vector<ALoader> a;
+        std::vector<BLoader> b;
+        for (int thread = 0; thread < kThreads; ++thread) {
+          a.emplace_back(problem.a, nullptr, problem.a_index, thread);
+          b.emplace_back(problem.b, transform.stored(), problem.b_index, thread);
+        }
+        std::fill(accumulator.begin(), accumulator.end(), 0.0f);
+        int64_t first, end;
+        split_tiles(k_tiles, problem.k_tiles_per_split, split, first, end);
+        for (int64_t tile = first; tile < end; ++tile) {
+          const int64_t k0 = tile * kTileK;
+          std::memset(tiles, 0xFF, sizeof(tiles));  // NaN in every dtype: a byte no thread wrote shows
+          for (int thread = 0; thread < kThreads; ++thread) {
+            a[thread].fetch(m0, k0);
+            b[thread].fetch(n0, k0);
+            a[thread].commit(tiles, identity, m0, k0);
+            b[thread].commit(tiles + kTileBytes, transform, n0, k0);
+          }
+          for (int row = 0; row < kTileRows; ++row) {
+            for (int col = 0; col < kTileRows; ++col) {
+              float sum = 0.0f;
+              for (int k = 0; k < kTileK; ++k) {
+                const Bits x = *reinterpret_cast<const Bits*>(tiles + swizzled(row, k * sizeof(Bits)));
+                const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + swizzled(col, k * sizeof(Bits)));
+                sum += Traits<Element>::to_float(x) * Traits<Element>::to_float(y);
+              }
+              accumulator[row * kTileRows + col] += sum;
+            }
+          }
+        }
+        if (kRowSums && epilogue.wants_row_sums() && n0 == 0) {
+          float sums[kTileRows] = {};
+          for (int thread = 0; thread < kThreads; ++thread) {
+            a[thread].reduce_row_sums(sums);
+          }
+          for (int row = 0; row < kTileRows && m0 + row < problem.m; ++row) {
+            epilogue.row_sum(m0 + row, split, sums[row]);
+          }
+        }
+        for (int row = 0; row < kTileRows; ++row) {
+          for (int col = 0; col < kTileRows; col += 2) {
+            epilogue(m0 + row, n0 + col, split, accumulator[row * kTileRows + col],
+                     accumulator[row * kTileRows + col + 1]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- Tensors: operand bits in memory, logical values in double ------------------------
+
+std::mt19937_64 generator(20261128);
+
+template <class Element>
+struct Tensor4 {
+  using Bits = typename Traits<Element>::Bits;
+  int64_t size[4];
+  ImageStrides strides;
+  std::vector<Bits> memory;
+
+  // Logical (N, C, H, W) in the given layout: "nchw", "channels_last", or "strided" (every
+  // dimension padded, channels innermost-but-one, so no stride is the contiguous one).
+  Tensor4(int64_t n, int64_t c, int64_t h, int64_t w, const std::string& layout) : size{n, c, h, w} {
+    if (layout == "channels_last") {
+      strides = {h * w * c, 1, w * c, c};
+    } else if (layout == "strided") {
+      strides = {(c + 1) * (h + 2) * (w + 3) * 2, (h + 2) * (w + 3) * 2, (w + 3) * 2, 2};
+    } else {
+      strides = {c * h * w, h * w, w, 1};
+    }
+    const int64_t extent = (n - 1) * strides.n + (c - 1) * strides.c + (h - 1) * strides.h + (w - 1) * strides.w + 1;
+    memory.assign(static_cast<size_t>(extent), Traits<Element>::operand(std::nanf("")));
+    std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+    for (int64_t a = 0; a < n; ++a)
+      for (int64_t b = 0; b < c; ++b)
+        for (int64_t y = 0; y < h; ++y)
+          for (int64_t x = 0; x < w; ++x) at(a, b, y, x) = Traits<Element>::operand(uniform(generator));
+  }
+  Bits& at(int64_t a, int64_t b, int64_t y, int64_t x) {
+    return memory[a * strides.n + b * strides.c + y * strides.h + x * strides.w];
+  }
+  double value(int64_t a, int64_t b, int64_t y, int64_t x) {
+    return Traits<Element>::to_float(at(a, b, y, x));
+  }
+};
+
+// Compares got with want where |got - want| <= relative |want| + absolute (abs_sum: the sum of
+// the magnitudes of the terms, the scale of the accumulation's own error).
+struct Comparison {
+  const char* what;
+  double relative;
+  int64_t checked = 0, failed = 0;
+  double worst = 0.0;
+
+  void operator()(double got, double want, double abs_sum) {
+    const double bound = relative * std::fabs(want) + 1e-5 * abs_sum + 1e-30;
+    const double error = std::fabs(got - want);
+    ++checked;
+    worst = std::max(worst, std::isnan(error) ? INFINITY : error / bound);
+    if (!(error <= bound)) {
+      if (failed++ < 3) std::printf("    %s: got %.6g, want %.6g (bound %.3g)\n", what, got, want, bound);
+    }
+  }
+};
+
+int report(const std::string& name, const Comparison& comparison) {
+  std::printf("%-58s %-14s %7lld values, worst error / bound %.3f%s\n", name.c_str(), comparison.what,
+              static_cast<long long>(comparison.checked), comparison.worst, comparison.failed ? "  FAILED" : "");
+  return comparison.failed != 0 || comparison.checked == 0;
+}
+
+template <class Element>
+double output_tolerance() {
+  return std::is_same<Element, Tf32>::value ? 1e-6 : std::is_same<Element, Bf16>::value ? 1.0 / 256 : 1.0 / 2048;
+}
+
+template <class Element>
+double round_operand(double v) {
+  return Traits<Element>::to_float(Traits<Element>::operand(static_cast<float>(v)));
+}
+
+struct Geometry {
+  int64_t batch, in_channels, in_h, in_w, out_channels, kernel_h, kernel_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+};
+
+ConvShape shape_of(const Geometry& g, bool channels_last) {
+  ConvShape s;
+  s.batch = g.batch;
+  s.in_channels = g.in_channels;
+  s.in_h = g.in_h;
+  s.in_w = g.in_w;
+  s.out_channels = g.out_channels;
+  s.kernel_h = g.kernel_h;
+  s.kernel_w = g.kernel_w;
+  s.out_h = (g.in_h + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  s.out_w = (g.in_w + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  s.stride_h = g.stride_h;
+  s.stride_w = g.stride_w;
+  s.pad_h = g.pad_h;
+  s.pad_w = g.pad_w;
+  s.dilation_h = g.dilation_h;
+  s.dilation_w = g.dilation_w;
+  s.channels_last = channels_last;
+  return s;
+}
+
+// The input position tap (kh, kw) of output pixel (oh, ow) reads, or false in the padding.
+bool tap_position(const ConvShape& s, int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t& h, int64_t& w) {
+  h = oh * s.stride_h - s.pad_h + kh * s.dilation_h;
+  w = ow * s.stride_w - s.pad_w + kw * s.dilation_w;
+  return 0 <= h && h < s.in_h && 0 <= w && w < s.in_w;
+}
+
+// The flat tap index of (c, kh, kw) in the shape's order (the GEMM's K / column order).
+int64_t tap_index(const ConvShape& s, int64_t channels, int64_t c, int64_t kh, int64_t kw) {
+  return s.channels_last ? (kh * s.kernel_w + kw) * channels + c : (c * s.kernel_h + kh) * s.kernel_w + kw;
+}
+
+// ---- The convolution's three passes ------------------------------------------------------
+
+template <class Element>
+int check_conv(const Geometry& geometry, const std::string& layout) {
+  using Bits = typename Traits<Element>::Bits;
+  const bool channels_last = layout == "channels_last";
+  const ConvShape s = shape_of(geometry, channels_last);
+  const std::string name = std::string(std::is_same<Element, Bf16>::value   ? "bf16"
+                                       : std::is_same<Element, Fp16>::value ? "fp16"
+                                                                            : "tf32") +
+                           " conv " + std::to_string(s.batch) + "x" + std::to_string(s.in_channels) + "x" +
+                           std::to_string(s.in_h) + "x" + std::to_string(s.in_w) + " -> " +
+                           std::to_string(s.out_channels) + " k" + std::to_string(s.kernel_h) + "x" +
+                           std::to_string(s.kernel_w) + " s" + std::to_string(s.stride_h) + std::to_string(s.stride_w) +
+                           " p" + std::to_string(s.pad_h) + std::to_string(s.pad_w) + " d" +
+                           std::to_string(s.dilation_h) + std::to_string(s.dilation_w) + " " + layout;
+  int failures = 0;
+  Tensor4<Element> x(s.batch, s.in_channels, s.in_h, s.in_w, layout);
+  Tensor4<Element> delta(s.batch, s.out_channels, s.out_h, s.out_w, layout);
+  // The filter: logical (oc, c, kh, kw); the forward's B is its contiguous form in tap order.
+  Tensor4<Element> weight(s.out_channels, s.in_channels, s.kernel_h, s.kernel_w, layout);
+  Tensor4<Element> stored(s.out_channels, s.in_channels, s.kernel_h, s.kernel_w, layout);
+  const int64_t taps = s.in_channels * s.kernel_h * s.kernel_w;
+  std::vector<Bits> filter(static_cast<size_t>(s.out_channels * taps));
+  for (int64_t oc = 0; oc < s.out_channels; ++oc)
+    for (int64_t c = 0; c < s.in_channels; ++c)
+      for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < s.kernel_w; ++kw)
+          filter[oc * taps + tap_index(s, s.in_channels, c, kh, kw)] = weight.at(oc, c, kh, kw);
+  std::vector<Bits> bias(static_cast<size_t>(s.out_channels));
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (auto& b : bias) b = Traits<Element>::operand(uniform(generator));
+
+  // forward: y = silu(conv(x, W) + b), with z and r kept.
+  {
+    Tensor4<Element> y(s.batch, s.out_channels, s.out_h, s.out_w, layout), z = y, r = y;
+    LinearEpilogueArgs args;
+    args.bias = bias.data();
+    args.saved = z.memory.data();
+    args.projection = r.memory.data();
+    args.activation = Activation::kSilu;
+    const auto problem = conv_forward_problem<Element>(s, x.memory.data(), x.strides, filter.data());
+    const BiasActivationEpilogue<Element, ImageOutput> store{
+        y.memory.data(), ImageOutput{Order3(s.out_h, s.out_w), y.strides}, problem.m, problem.n, args};
+    emulate<Element>(problem, IdentityTransform{}, store);
+    Comparison out{"forward y", output_tolerance<Element>()}, pre{"forward z", output_tolerance<Element>()},
+        projection{"forward r", output_tolerance<Element>()};
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t oc = 0; oc < s.out_channels; ++oc)
+        for (int64_t oh = 0; oh < s.out_h; ++oh)
+          for (int64_t ow = 0; ow < s.out_w; ++ow) {
+            double sum = 0.0, abs_sum = 0.0;
+            for (int64_t c = 0; c < s.in_channels; ++c)
+              for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+                for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+                  int64_t h, w;
+                  if (tap_position(s, oh, ow, kh, kw, h, w)) {
+                    const double term = x.value(n, c, h, w) * weight.value(oc, c, kh, kw);
+                    sum += term;
+                    abs_sum += std::fabs(term);
+                  }
+                }
+            const double zv = sum + Traits<Element>::to_float(bias[oc]);
+            projection(r.value(n, oc, oh, ow), sum, abs_sum);
+            pre(z.value(n, oc, oh, ow), zv, abs_sum);
+            out(y.value(n, oc, oh, ow), zv / (1.0 + std::exp(-zv)), abs_sum);
+          }
+    failures += report(name, out) + report(name, pre) + report(name, projection);
+  }
+
+  // grad_input for every transform: grad_x = the transposed convolution of delta with T(W).
+  const int64_t rng[2] = {0x5EED1234, 7};
+  const float scale = 0.375f;
+  const Rule rules[] = {Rule::kBackprop, Rule::kFeedbackAlignment, Rule::kUniformSignSymmetry,
+                        Rule::kBatchRandomSignFeedback, Rule::kFixedRandomSignFeedback};
+  const char* rule_names[] = {"bp", "fa", "usf", "brsf", "frsf"};
+  for (int which = 0; which < 5; ++which) {
+    const Rule rule = rules[which];
+    Tensor4<Element> grad_x(s.batch, s.in_channels, s.in_h, s.in_w, layout);
+    FeedbackArgs feedback;
+    feedback.stored = rule == Rule::kFixedRandomSignFeedback ? stored.memory.data() : nullptr;
+    feedback.rng = rng;
+    feedback.scale = scale;
+    const auto problem =
+        conv_grad_input_problem<Element>(s, delta.memory.data(), delta.strides, weight.memory.data(), weight.strides);
+    const auto store = conv_grad_input_epilogue<Element>(s, grad_x.memory.data(), grad_x.strides);
+    switch (rule) {
+    case Rule::kBackprop:
+      emulate<Element>(problem, IdentityTransform{}, store);
+      break;
+    case Rule::kFeedbackAlignment:
+      emulate<Element>(problem, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
+      break;
+    case Rule::kUniformSignSymmetry:
+      emulate<Element>(problem, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, store);
+      break;
+    case Rule::kBatchRandomSignFeedback:
+      emulate<Element>(problem, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
+      break;
+    default:
+      emulate<Element>(problem, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
+      break;
+    }
+    // B = T(W) from learning-rules.md's formulas, each draw keyed by the element's row-major
+    // index in W's logical shape, rounded to the operand type as the kernel rounds it.
+    std::vector<double> feedback_weight(static_cast<size_t>(s.out_channels * taps));
+    for (int64_t oc = 0; oc < s.out_channels; ++oc)
+      for (int64_t c = 0; c < s.in_channels; ++c)
+        for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+          for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+            const int64_t key = ((oc * s.in_channels + c) * s.kernel_h + kh) * s.kernel_w + kw;
+            const float xi = unit_draw(rng[0], rng[1], key, Distribution::kUniform);
+            const float w = static_cast<float>(weight.value(oc, c, kh, kw));
+            const float r = rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(stored.value(oc, c, kh, kw))
+                                                                   : scale * xi;
+            feedback_weight[key] = round_operand<Element>(feedback_transform<float>(rule, w, r, xi, scale));
+          }
+    Comparison compare{"grad_input", output_tolerance<Element>()};
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t c = 0; c < s.in_channels; ++c)
+        for (int64_t h = 0; h < s.in_h; ++h)
+          for (int64_t w = 0; w < s.in_w; ++w) {
+            double sum = 0.0, abs_sum = 0.0;
+            for (int64_t oc = 0; oc < s.out_channels; ++oc)
+              for (int64_t oh = 0; oh < s.out_h; ++oh)
+                for (int64_t ow = 0; ow < s.out_w; ++ow)
+                  for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+                    for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+                      int64_t th, tw;
+                      if (tap_position(s, oh, ow, kh, kw, th, tw) && th == h && tw == w) {
+                        const double term =
+                            delta.value(n, oc, oh, ow) *
+                            feedback_weight[((oc * s.in_channels + c) * s.kernel_h + kh) * s.kernel_w + kw];
+                        sum += term;
+                        abs_sum += std::fabs(term);
+                      }
+                    }
+            compare(grad_x.value(n, c, h, w), sum, abs_sum);
+          }
+    failures += report(name + " " + rule_names[which], compare);
+  }
+
+  // grad_weight and grad_bias, split over K (the output pixels) into slices of one tile.
+  for (int64_t per_split : {int64_t(0), int64_t(1)}) {
+    const auto problem =
+        conv_grad_weight_problem<Element>(s, delta.memory.data(), delta.strides, x.memory.data(), x.strides, per_split);
+    const int64_t k_tiles = (problem.k + TileLoader<Element, IdentityTransform, MatrixIndex, false>::kTileK - 1) /
+                            TileLoader<Element, IdentityTransform, MatrixIndex, false>::kTileK;
+    const int64_t splits = per_split > 0 ? (k_tiles + per_split - 1) / per_split : 1;
+    std::vector<float> partial(static_cast<size_t>(splits * problem.m * problem.n), NAN),
+        partial_sums(static_cast<size_t>(splits * problem.m), NAN);
+    emulate<Element>(problem, IdentityTransform{}, SplitEpilogue{partial.data(), partial_sums.data(), problem.m,
+                                                                 problem.n});
+    Comparison weights{"grad_weight", 1e-6}, sums{"grad_bias", 1e-6};
+    for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+      double bias_sum = 0.0, bias_abs = 0.0, got_bias = 0.0;
+      for (int64_t split = 0; split < splits; ++split) got_bias += partial_sums[split * problem.m + oc];
+      for (int64_t n = 0; n < s.batch; ++n)
+        for (int64_t oh = 0; oh < s.out_h; ++oh)
+          for (int64_t ow = 0; ow < s.out_w; ++ow) {
+            bias_sum += delta.value(n, oc, oh, ow);
+            bias_abs += std::fabs(delta.value(n, oc, oh, ow));
+          }
+      sums(got_bias, bias_sum, bias_abs);
+      for (int64_t c = 0; c < s.in_channels; ++c)
+        for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+          for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+            double sum = 0.0, abs_sum = 0.0, got = 0.0;
+            for (int64_t n = 0; n < s.batch; ++n)
+              for (int64_t oh = 0; oh < s.out_h; ++oh)
+                for (int64_t ow = 0; ow < s.out_w; ++ow) {
+                  int64_t h, w;
+                  if (tap_position(s, oh, ow, kh, kw, h, w)) {
+                    const double term = delta.value(n, oc, oh, ow) * x.value(n, c, h, w);
+                    sum += term;
+                    abs_sum += std::fabs(term);
+                  }
+                }
+            const int64_t column = tap_index(s, s.in_channels, c, kh, kw);
+            for (int64_t split = 0; split < splits; ++split) got += partial[(split * problem.m + oc) * problem.n + column];
+            weights(got, sum, abs_sum);
+          }
+    }
+    const std::string slices = " in " + std::to_string(splits) + " K slice" + (splits > 1 ? "s" : "");
+    failures += report(name + slices, weights) + report(name + slices, sums);
+  }
+  return failures;
+}
+
+// ---- The linear layer's GEMMs, with the strides linear_cuda.cu gives them -----------------
+
+template <class Element>
+std::vector<typename Traits<Element>::Bits> random_matrix(int64_t count) {
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<typename Traits<Element>::Bits> out(static_cast<size_t>(count));
+  for (auto& v : out) v = Traits<Element>::operand(uniform(generator));
+  return out;
+}
+
+template <class Element>
+int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
+  using Bits = typename Traits<Element>::Bits;
+  const auto f = [](Bits b) { return static_cast<double>(Traits<Element>::to_float(b)); };
+  const std::string name = std::string(std::is_same<Element, Bf16>::value ? "bf16" : "tf32") + " linear " +
+                           std::to_string(rows) + "x" + std::to_string(in_features) + " -> " +
+                           std::to_string(out_features);
+  int failures = 0;
+  const auto x = random_matrix<Element>(rows * in_features), w = random_matrix<Element>(out_features * in_features),
+             delta = random_matrix<Element>(rows * out_features), stored = random_matrix<Element>(out_features * in_features);
+  // forward: y = gelu(x W^T + b), z and r kept (A and B K-contiguous).
+  {
+    const auto bias = random_matrix<Element>(out_features);
+    Problem problem;
+    problem.m = rows;
+    problem.n = out_features;
+    problem.k = in_features;
+    problem.a = {x.data(), in_features, 1};
+    problem.b = {w.data(), in_features, 1};
+    std::vector<Bits> y(static_cast<size_t>(rows * out_features)), z = y, r = y;
+    LinearEpilogueArgs args;
+    args.bias = bias.data();
+    args.saved = z.data();
+    args.projection = r.data();
+    args.activation = Activation::kGelu;
+    const BiasActivationEpilogue<Element, MatrixOutput> store{y.data(), MatrixOutput{out_features}, rows,
+                                                              out_features, args};
+    emulate<Element>(matrix_problem(problem), IdentityTransform{}, store);
+    Comparison out{"forward y", output_tolerance<Element>()}, pre{"forward z", output_tolerance<Element>()},
+        projection{"forward r", output_tolerance<Element>()};
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t o = 0; o < out_features; ++o) {
+        double sum = 0.0, abs_sum = 0.0;
+        for (int64_t k = 0; k < in_features; ++k) {
+          sum += f(x[i * in_features + k]) * f(w[o * in_features + k]);
+          abs_sum += std::fabs(f(x[i * in_features + k]) * f(w[o * in_features + k]));
+        }
+        const double zv = sum + f(bias[o]);
+        projection(f(r[i * out_features + o]), sum, abs_sum);
+        pre(f(z[i * out_features + o]), zv, abs_sum);
+        out(f(y[i * out_features + o]), 0.5 * zv * (1.0 + std::erf(zv / std::sqrt(2.0))), abs_sum);
+      }
+    failures += report(name, out) + report(name, pre) + report(name, projection);
+  }
+  // grad_input = delta T(W): B[n][k] = W[k][n] (row stride 1), for brsf's draws keyed by W's index.
+  const int64_t rng[2] = {99, 3};
+  FeedbackArgs feedback;
+  feedback.rng = rng;
+  feedback.scale = 0.25f;
+  for (Rule rule : {Rule::kBatchRandomSignFeedback, Rule::kFeedbackAlignment, Rule::kFixedRandomSignFeedback}) {
+    feedback.stored = rule == Rule::kFixedRandomSignFeedback ? stored.data() : nullptr;
+    Problem problem;
+    problem.m = rows;
+    problem.n = in_features;
+    problem.k = out_features;
+    problem.a = {delta.data(), out_features, 1};
+    problem.b = {w.data(), 1, in_features};
+    std::vector<Bits> grad_x(static_cast<size_t>(rows * in_features));
+    problem.c = grad_x.data();
+    problem.ldc = in_features;
+    const auto gemm = matrix_problem(problem);
+    const auto store = matrix_store<Element>(problem);
+    if (rule == Rule::kBatchRandomSignFeedback) {
+      emulate<Element>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
+    } else if (rule == Rule::kFeedbackAlignment) {
+      emulate<Element>(gemm, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
+    } else {
+      emulate<Element>(gemm, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
+    }
+    Comparison compare{"grad_input", output_tolerance<Element>()};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < in_features; ++i) {
+        double sum = 0.0, abs_sum = 0.0;
+        for (int64_t o = 0; o < out_features; ++o) {
+          const int64_t key = o * in_features + i;
+          const float xi = unit_draw(rng[0], rng[1], key, Distribution::kUniform);
+          const float stored_r = rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(f(stored[key])) : 0.25f * xi;
+          const double b = round_operand<Element>(
+              feedback_transform<float>(rule, static_cast<float>(f(w[key])), stored_r, xi, 0.25f));
+          sum += f(delta[r * out_features + o]) * b;
+          abs_sum += std::fabs(f(delta[r * out_features + o]) * b);
+        }
+        compare(f(grad_x[r * in_features + i]), sum, abs_sum);
+      }
+    failures += report(name + (rule == Rule::kBatchRandomSignFeedback ? " brsf"
+                               : rule == Rule::kFeedbackAlignment    ? " fa"
+                                                                     : " frsf"),
+                       compare);
+  }
+  // grad_weight = delta^T x with grad_bias as A's row sums (A and B row-contiguous).
+  {
+    Problem problem;
+    problem.m = out_features;
+    problem.n = in_features;
+    problem.k = rows;
+    problem.a = {delta.data(), 1, out_features};
+    problem.b = {x.data(), 1, in_features};
+    std::vector<Bits> grad_w(static_cast<size_t>(out_features * in_features)), grad_b(static_cast<size_t>(out_features));
+    problem.c = grad_w.data();
+    problem.ldc = in_features;
+    problem.a_row_sums = grad_b.data();
+    emulate<Element>(matrix_problem(problem), IdentityTransform{}, matrix_store<Element>(problem));
+    Comparison weights{"grad_weight", output_tolerance<Element>()}, sums{"grad_bias", output_tolerance<Element>()};
+    for (int64_t o = 0; o < out_features; ++o) {
+      double bias_sum = 0.0, bias_abs = 0.0;
+      for (int64_t r = 0; r < rows; ++r) {
+        bias_sum += f(delta[r * out_features + o]);
+        bias_abs += std::fabs(f(delta[r * out_features + o]));
+      }
+      sums(f(grad_b[o]), bias_sum, bias_abs);
+      for (int64_t i = 0; i < in_features; ++i) {
+        double sum = 0.0, abs_sum = 0.0;
+        for (int64_t r = 0; r < rows; ++r) {
+          sum += f(delta[r * out_features + o]) * f(x[r * in_features + i]);
+          abs_sum += std::fabs(f(delta[r * out_features + o]) * f(x[r * in_features + i]));
+        }
+        weights(f(grad_w[o * in_features + i]), sum, abs_sum);
+      }
+    }
+    failures += report(name, weights) + report(name, sums);
+  }
+  return failures;
+}
+
+} // namespace
+
+// Divisor's multiply-and-shift against the division, for divisors and dividends up to 2^31 - 1.
+int check_divisor() {
+  std::uniform_int_distribution<int64_t> any(0, (int64_t(1) << 31) - 1), small(1, 1 << 12);
+  int64_t failed = 0, checked = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    const int64_t d = trial < 4096 ? trial + 1 : trial % 2 ? small(generator) : any(generator) + 1 - (trial % 3);
+    if (d < 1) continue;
+    const Divisor divisor(d);
+    const int64_t edges[] = {0, 1, d - 1, d, d + 1, 2 * d - 1, (int64_t(1) << 31) - 1, (int64_t(1) << 31) - 2};
+    for (int64_t n : edges) {
+      if (n < 0 || n > (int64_t(1) << 31) - 1) continue;
+      ++checked;
+      failed += divisor.divide(int(n)) != n / d;
+    }
+    for (int i = 0; i < 64; ++i) {
+      const int64_t n = any(generator);
+      ++checked;
+      failed += divisor.divide(int(n)) != n / d;
+    }
+  }
+  std::printf("%-58s %-14s %7lld values, %lld wrong%s\n", "Divisor", "n / d", static_cast<long long>(checked),
+              static_cast<long long>(failed), failed ? "  FAILED" : "");
+  return failed != 0;
+}
+
+int main() {
+  int failures = check_divisor();
+  // batch, in channels, in h, in w, out channels, kernel h, w, stride h, w, pad h, w, dilation h, w
+  const Geometry geometries[] = {
+      {2, 8, 9, 9, 16, 3, 3, 1, 1, 1, 1, 1, 1},     // whole vectors of channels
+      {2, 5, 7, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1},      // ragged channels and pixels
+      {1, 16, 11, 10, 24, 3, 3, 2, 2, 1, 1, 1, 1},  // stride 2: grad_input skips pixels
+      {3, 3, 8, 8, 8, 1, 1, 1, 1, 0, 0, 1, 1},      // 1x1
+      {2, 8, 9, 9, 8, 3, 3, 1, 1, 2, 2, 2, 2},      // dilation 2
+      {2, 4, 6, 7, 4, 2, 3, 1, 2, 0, 1, 1, 1},      // 2x3 kernel, mixed stride and padding
+      {1, 24, 5, 5, 130, 3, 3, 1, 1, 1, 1, 1, 1},   // two tiles of out channels
+      {4, 16, 12, 12, 16, 3, 3, 1, 1, 1, 1, 1, 1},  // several tiles of pixels
+  };
+  for (const auto& geometry : geometries) {
+    for (const char* layout : {"nchw", "channels_last"}) {
+      failures += check_conv<Bf16>(geometry, layout);
+    }
+  }
+  failures += check_conv<Bf16>(geometries[1], "strided");
+  failures += check_conv<Fp16>(geometries[0], "channels_last");
+  failures += check_conv<Fp16>(geometries[2], "nchw");
+  for (int g : {0, 1, 2}) {
+    for (const char* layout : {"nchw", "channels_last"}) {
+      failures += check_conv<Tf32>(geometries[g], layout);
+    }
+  }
+  failures += check_linear<Bf16>(37, 70, 130);
+  failures += check_linear<Bf16>(200, 64, 16);
+  failures += check_linear<Tf32>(19, 33, 45);
+  std::printf("%s\n", failures ? "MISMATCH" : "every pass matches its definition");
+  return failures != 0;
+}
