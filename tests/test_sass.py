@@ -235,8 +235,10 @@ def test_fused_gemm_data_path_computes_convolutions_and_products(tmp_path):
 def test_wgmma_shared_layout_matches_cute(tmp_path):
     """tests/cuda/gemm_layout_check.cu, compiled for the host: the tile loaders' 128-byte swizzle
     and the kernel's wgmma descriptors equal CuTe's canonical K-major SW128 layout and the
-    descriptors CuTe's TiledMMA builds for the same tile (the part of sm_90a code that no
-    SASS count can vouch for)."""
+    descriptors CuTe's TiledMMA builds for the same tile; the mma.sync path's ldmatrix
+    addresses put in every register the element CuTe's MMA_Traits assign to it; and the
+    accumulators' tile positions (both paths' epilogues) are CuTe's CLayout (the parts of the
+    MMA that no SASS count, and no CPU run of the data path, can vouch for)."""
     program = _host_program(tmp_path, "gemm_layout_check.cu")
     result = subprocess.run([program], capture_output=True, text=True)
     print(result.stdout)

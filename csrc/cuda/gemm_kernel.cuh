@@ -663,6 +663,26 @@ struct Sm80Math {
         for (int e = 0; e < 4; ++e) accumulator[mi][nj][e] = 0.0f;
   }
 
+  // The tile row and 16-byte chunk that `lane` addresses in the ldmatrix.x4 of A's m16 block
+  // mi at K step `step`: lanes 0-15 rows 0-15 of the block at chunk 2 step, lanes 16-31 the
+  // same rows at the next chunk -> a0..a3 of the m16n8k(32 bytes) A fragment.
+  FASTFA_HOST_DEVICE static void a_address(int lane, int warp_m, int mi, int step, int& row, int& chunk) {
+    row = warp_m * 64 + mi * 16 + lane % 16;
+    chunk = 2 * step + lane / 16;
+  }
+  // ... and of B's n8 blocks 2 pair, 2 pair + 1: lanes 0-7 / 8-15 columns 0-7 at chunks
+  // 2 step / 2 step + 1 (b0, b1 of block 2 pair); lanes 16-31 columns 8-15 likewise.
+  FASTFA_HOST_DEVICE static void b_address(int lane, int warp_n, int pair, int step, int& row, int& chunk) {
+    row = warp_n * 32 + pair * 16 + lane % 8 + (lane / 16) * 8;
+    chunk = 2 * step + (lane / 8) % 2;
+  }
+  // The tile (row, column) of accumulator[mi][nj][e] in `lane` of warp (warp_m, warp_n).
+  FASTFA_HOST_DEVICE static void accumulator_position(int lane, int warp_m, int warp_n, int mi, int nj, int e,
+                                                      int& row, int& col) {
+    row = warp_m * 64 + mi * 16 + lane / 4 + 8 * (e / 2);
+    col = warp_n * 32 + nj * 8 + (lane % 4) * 2 + e % 2;
+  }
+
   __device__ void multiply(const unsigned char* tile_a, const unsigned char* tile_b) {
     using Op = typename Traits<Element>::Sm80Op;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -672,20 +692,16 @@ struct Sm80Math {
       uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) {
-        // ldmatrix.x4: lanes 0-15 address rows 0-15 of the m16 block at chunk 2 step,
-        // lanes 16-31 the same rows at the next chunk -> a0..a3 of the m16n8k(32 bytes) A fragment.
-        const int row = warp_m * 64 + mi * 16 + lane % 16;
-        const int chunk = 2 * step + lane / 16;
+        int row, chunk;
+        a_address(lane, warp_m, mi, step, row, chunk);
         cute::SM75_U32x4_LDSM_N::copy(
             *reinterpret_cast<const cute::uint128_t*>(tile_a + swizzled(row, chunk * 16)), a[mi][0], a[mi][1],
             a[mi][2], a[mi][3]);
       }
 #pragma unroll
       for (int pair = 0; pair < 2; ++pair) {
-        // Lanes 0-7 / 8-15: columns 0-7 at chunks 2 step / 2 step + 1 (b0, b1 of block 2 pair);
-        // lanes 16-31: columns 8-15 likewise (block 2 pair + 1).
-        const int row = warp_n * 32 + pair * 16 + lane % 8 + (lane / 16) * 8;
-        const int chunk = 2 * step + (lane / 8) % 2;
+        int row, chunk;
+        b_address(lane, warp_n, pair, step, row, chunk);
         cute::SM75_U32x4_LDSM_N::copy(
             *reinterpret_cast<const cute::uint128_t*>(tile_b + swizzled(row, chunk * 16)), b[2 * pair][0],
             b[2 * pair][1], b[2 * pair + 1][0], b[2 * pair + 1][1]);
@@ -709,20 +725,30 @@ struct Sm80Math {
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
       for (int nj = 0; nj < 4; ++nj) {
-        const int64_t row = m0 + warp_m * 64 + mi * 16 + lane / 4;
-        const int64_t col = n0 + warp_n * 32 + nj * 8 + (lane % 4) * 2;
         const float* d = accumulator[mi][nj];
-        epilogue(row, col, split, d[0], d[1]);
-        epilogue(row + 8, col, split, d[2], d[3]);
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          int row, col;
+          accumulator_position(lane, warp_m, warp_n, mi, nj, e, row, col);
+          epilogue(m0 + row, n0 + col, split, d[e], d[e + 1]);
+        }
       }
   }
 };
 
-// wgmma: warpgroup g owns rows 64 g.. and all 128 columns; accumulator[4 j + e] is
-// (row 16 warp + lane / 4 + 8 (e / 2), column 8 j + 2 (lane % 4) + e % 2).
+// wgmma: warpgroup g owns rows 64 g.. and all 128 columns.
 template <class Element>
 struct Sm90Math {
   float accumulator[64];
+
+  // The tile (row, column) of accumulator[i] in thread `thread` of the CTA: i = 4 j + e is
+  // (row 16 warp + lane / 4 + 8 (e / 2), column 8 j + 2 (lane % 4) + e % 2) of its warpgroup's slab.
+  FASTFA_HOST_DEVICE static void accumulator_position(int thread, int i, int& row, int& col) {
+    const int lane = thread % 32, warp = (thread % 128) / 32, group = thread / 128;
+    const int j = i / 4, e = i % 4;
+    row = group * 64 + warp * 16 + lane / 4 + 8 * (e / 2);
+    col = 8 * j + 2 * (lane % 4) + e % 2;
+  }
 
   __device__ void clear() {
 #pragma unroll
@@ -769,13 +795,11 @@ struct Sm90Math {
 
   template <class Epilogue>
   __device__ void store(const Epilogue& epilogue, int64_t m0, int64_t n0, int64_t split) const {
-    const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32, group = threadIdx.x / 128;
-    const int64_t row = m0 + group * 64 + warp * 16 + lane / 4;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int64_t col = n0 + 8 * j + (lane % 4) * 2;
-      epilogue(row, col, split, accumulator[4 * j], accumulator[4 * j + 1]);
-      epilogue(row + 8, col, split, accumulator[4 * j + 2], accumulator[4 * j + 3]);
+    for (int i = 0; i < 64; i += 2) {
+      int row, col;
+      accumulator_position(threadIdx.x, i, row, col);
+      epilogue(m0 + row, n0 + col, split, accumulator[i], accumulator[i + 1]);
     }
   }
 };

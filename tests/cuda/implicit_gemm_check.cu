@@ -1,9 +1,9 @@
 // The fused GEMM's data path, run on the CPU (by tests/test_sass.py; no GPU needed): the tile
 // loaders (indices, 16-byte and gathered loads, zero fill, the rule's transform and its
 // Philox keys, operand rounding, the swizzled shared-memory stores), the K-slice split, the
-// row sums and the epilogues are the kernel's own code, called for each of the 256 threads
-// of each CTA in turn; only the tensor-core MMA is replaced by a plain loop over the same
-// swizzled tiles. Checked against convolutions and matrix products written from their
+// row sums and the epilogues (with the wgmma path's accumulator positions) are the kernel's
+// own code, called for each of the 256 threads of each CTA in turn; only the tensor-core MMA
+// is replaced by a plain loop over the same swizzled tiles. Checked against convolutions and matrix products written from their
 // definitions in double precision: the conv implicit GEMMs (forward with bias and
 // activation, grad_input for every transform, split-K grad_weight with grad_bias) in NCHW,
 // channels_last and strided layouts, and the linear layer's three GEMMs as linear_cuda.cu
@@ -86,8 +86,11 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
             epilogue.row_sum(m0 + row, split, sums[row]);
           }
         }
-        for (int row = 0; row < kTileRows; ++row) {
-          for (int col = 0; col < kTileRows; col += 2) {
+        // The wgmma path's store: each thread's accumulators, pairwise, where the kernel puts them.
+        for (int thread = 0; thread < kThreads; ++thread) {
+          for (int i = 0; i < 64; i += 2) {
+            int row, col;
+            Sm90Math<Element>::accumulator_position(thread, i, row, col);
             epilogue(m0 + row, n0 + col, split, accumulator[row * kTileRows + col],
                      accumulator[row * kTileRows + col + 1]);
           }
