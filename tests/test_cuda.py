@@ -96,7 +96,9 @@ def test_cuda_compile_fullgraph():
 # (rows as the input's leading dims, in_features, out_features): ragged against the 128 x 128
 # tiles and the 64 (16-bit) / 32 (tf32) element K tiles, K tails of one element, odd strides
 # that refuse the vector loads, and several tiles in every dimension.
-LINEAR_SHAPES = [((37,), 67, 129), ((5, 7), 200, 75), ((1,), 3, 131), ((300,), 257, 130), ((129,), 64, 256)]
+# The last one: a long batch over one output tile, so grad_weight runs split over K.
+LINEAR_SHAPES = [((37,), 67, 129), ((5, 7), 200, 75), ((1,), 3, 131), ((300,), 257, 130), ((129,), 64, 256),
+                 ((4099,), 64, 96)]
 # fp32 goes through tf32 (10 mantissa bits, like fp16), so it gets fp16's tolerance.
 TOLERANCE_AS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16, torch.float32: torch.float16}
 
@@ -117,13 +119,22 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _rule_inputs(rule, out_features, in_features, dtype):
-    """Options for functional.linear, and what the oracle needs to build B."""
+def _oracle_feedback(rule, w, feedback, options):
+    """The oracle's B for a layer called with `options`, and the rule's alignment options."""
+    rule_options = {key: value for key, value in options.items() if key != "feedback"}
+    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
+    stored = feedback.detach().cpu() if feedback is not None else None
+    seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
+    B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
+                               distribution=Distribution(distribution).name.lower())
+    return B, alignment
+
+
+def _rule_inputs(rule, weight, fan_in):
+    """Options for functional.linear / conv2d, and the stored R or B (shaped and laid out like W)."""
     options, feedback = {}, None
     if rule in ("fa", "frsf") or rule in oracle.ESTIMATED:
-        feedback = torch.randn(out_features, in_features, dtype=dtype, device="cuda") / in_features**0.5
-        if rule in oracle.ESTIMATED:
-            feedback.requires_grad_(True)
+        feedback = (torch.randn_like(weight) / fan_in**0.5).requires_grad_(rule in oracle.ESTIMATED)
         options["feedback"] = feedback
     if rule in ("brsf", "wm"):
         options.update(seed=2**35 + 17, step=2**33 + 5)
@@ -141,17 +152,12 @@ def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
     w = (torch.randn(out_features, in_features, dtype=dtype, device="cuda") / in_features**0.5).requires_grad_(True)
     b = torch.randn(out_features, dtype=dtype, device="cuda", requires_grad=True)
     w.data[0, : min(3, in_features)] = 0  # sign(0) = 0 inside the transform
-    options, feedback = _rule_inputs(rule, out_features, in_features, dtype)
+    options, feedback = _rule_inputs(rule, w, in_features)
     g = torch.randn(*leading, out_features, dtype=dtype, device="cuda")
     with _tf32(True):
         y = fastfa.functional.linear(x, w, b, rule=rule, activation=activation, backend="cuda", **options)
         y.backward(g)
-    rule_options = {key: value for key, value in options.items() if key != "feedback"}
-    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
-    stored = feedback.detach().cpu() if feedback is not None else None
-    seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
-    B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
-                               distribution=Distribution(distribution).name.lower())
+    B, alignment = _oracle_feedback(rule, w, feedback, options)
     expected = oracle.linear(x.detach().cpu().double(), w.detach().cpu().double(), b.detach().cpu().double(),
                              B.double(), g.cpu().double(), activation)
     like = TOLERANCE_AS[dtype]
@@ -201,24 +207,13 @@ def test_cuda_backend_conv2d_matches_oracle(shape, rule, dtype, channels_last):
     w[0, 0] = 0  # sign(0) = 0 inside the transform
     w = w.to(memory_format=format).requires_grad_(True)
     b = torch.randn(out_channels, dtype=dtype, device="cuda", requires_grad=True)
-    options = {}
-    feedback = None
-    if rule in ("fa", "frsf") or rule in oracle.ESTIMATED:
-        feedback = (torch.randn_like(w) / fan_in**0.5).requires_grad_(rule in oracle.ESTIMATED)
-        options["feedback"] = feedback
-    if rule in ("brsf", "wm"):
-        options.update(seed=2**35 + 17, step=2**33 + 5)
+    options, feedback = _rule_inputs(rule, w, fan_in)
     with _tf32(True):
         y = fastfa.functional.conv2d(x, w, b, stride, padding, dilation, rule=rule, activation="gelu",
                                      backend="cuda", **options)
         g = torch.randn_like(y)
         y.backward(g)
-    rule_options = {key: value for key, value in options.items() if key != "feedback"}
-    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
-    stored = feedback.detach().cpu() if feedback is not None else None
-    seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
-    B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
-                               distribution=Distribution(distribution).name.lower())
+    B, alignment = _oracle_feedback(rule, w, feedback, options)
     expected = oracle.conv2d(x.detach().cpu().double(), w.detach().cpu().double(), b.detach().cpu().double(),
                              B.double(), g.cpu().double(), stride, padding, dilation, activation="gelu")
     like = TOLERANCE_AS[dtype]

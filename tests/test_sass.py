@@ -29,9 +29,10 @@ import fastfa
 
 GEMM_KERNEL = "fused_gemm_kernel"  # csrc/cuda/gemm_kernel.cuh
 # Per architecture, one body per (dtype, operand views, transform, epilogue): 3 dtypes x
-# (linear: forward, identity, drawn fa, usf, brsf, frsf; conv: forward, grad_weight,
-# grad_input identity, drawn fa, usf, brsf, frsf). A missing one means an instantiation was lost.
-KERNELS_PER_CUBIN = 39
+# (linear: forward, identity, split-K identity, drawn fa, usf, brsf, frsf; conv: forward,
+# grad_weight, grad_input identity, drawn fa, usf, brsf, frsf). A missing one means an
+# instantiation was lost.
+KERNELS_PER_CUBIN = 42
 # A kernel compiled for the other architecture policy is an empty stub (its body is
 # preprocessed out); anything longer than this would be a real body to check.
 STUB_INSTRUCTIONS = 16

@@ -97,17 +97,6 @@ at::MemoryFormat layout_of(const at::Tensor& input) {
                                                                          : at::MemoryFormat::Contiguous;
 }
 
-// K slices for grad_weight: enough CTAs for two per SM, each slice at least four K tiles.
-int64_t k_tiles_per_split(const at::Tensor& input, int64_t m, int64_t n, int64_t k) {
-  const int64_t tile_k = gemm::tile_k(input.element_size());
-  const int64_t k_tiles = (k + tile_k - 1) / tile_k;
-  const int64_t ctas = ((m + 127) / 128) * ((n + 127) / 128);
-  const int64_t sms = at::cuda::getDeviceProperties(input.get_device())->multiProcessorCount;
-  const int64_t wanted = std::max<int64_t>(1, (2 * sms + ctas - 1) / ctas);
-  const int64_t splits = std::max<int64_t>(1, std::min(wanted, k_tiles / 4));
-  return (k_tiles + splits - 1) / splits;
-}
-
 } // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
@@ -139,28 +128,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
   // The forward's B is W as out_channels x taps in the layout's tap order: its contiguous form.
   const at::Tensor w = weight.contiguous(format);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const auto options = input.options().memory_format(format);
-  at::Tensor y = at::empty(output, options);
-  const bool keeps_z = derivative_needs_preactivation(kind), keeps_r = saves_projection(rule);
-  at::Tensor saved = keeps_z ? at::empty(output, options) : input.new_empty({0});
-  at::Tensor projection = keeps_r ? at::empty(output, options) : input.new_empty({0});
+  at::Tensor y = at::empty(output, input.options().memory_format(format));
+  const ForwardOutputs outputs = forward_outputs(y, b, kind, rule);
   const gemm::ConvShape shape = conv_shape(input, weight, output, stride, padding, dilation, channels_last);
   const at::Tensor x = within_32bit_offsets(input, format);
-  gemm::LinearEpilogueArgs epilogue;
-  epilogue.bias = data_or_null(b);
-  epilogue.saved = keeps_z ? saved.mutable_data_ptr() : nullptr;
-  epilogue.projection = keeps_r ? projection.mutable_data_ptr() : nullptr;
-  epilogue.activation = kind;
   const gemm::Arch arch = device_arch(input);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   check_launch(with_element(input.scalar_type(),
                             [&](auto element) {
                               return gemm::conv_forward_gemm<decltype(element)>(
                                   arch, shape, x.const_data_ptr(), strides_of(x), w.const_data_ptr(),
-                                  y.mutable_data_ptr(), strides_of(y), epilogue, stream);
+                                  y.mutable_data_ptr(), strides_of(y), outputs.epilogue, stream);
                             }),
                "conv2d forward");
-  return {y, saved, projection};
+  return {y, outputs.saved, outputs.projection};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
@@ -200,7 +181,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
   const at::Tensor x = within_32bit_offsets(input, format);
   const gemm::Arch arch = device_arch(input);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool has_feedback = feedback.has_value() && feedback->defined();
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0] && (stride[0] > 1 || stride[1] > 1)) {
@@ -210,33 +190,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
                                              stride, padding, dilation, groups, rule, scale, distribution, alignment,
                                              activation, {true, false, false, false}));
   } else if (output_mask[0]) {
-    // grad_x = conv_transpose(delta, B), B = T(W) made element by element as W loads. Where B
-    // is a stored tensor (fa's R, the estimated rules' B) it is the operand itself.
-    Rule transform = kind;
-    at::Tensor operand = weight.contiguous(format), stored;
-    if (estimates_feedback(kind) || (kind == Rule::kFeedbackAlignment && has_feedback)) {
-      operand = feedback->contiguous(format);
-      transform = Rule::kBackprop;
-    } else if (kind == Rule::kFixedRandomSignFeedback) {
-      stored = feedback->contiguous(format);  // read at W's offsets
-    } else if ((kind == Rule::kBatchRandomSignFeedback || kind == Rule::kFeedbackAlignment) &&
-               static_cast<Distribution>(distribution) == Distribution::kNormal) {
-      // The kernels draw uniformly; a normal draw's B comes from the transform kernel.
-      operand = feedback_transform_cuda(operand, feedback, rng, rule, scale, distribution).contiguous(format);
-      transform = Rule::kBackprop;
-    }
-    TORCH_CHECK(gemm::has_feedback_kernel(transform), "fastfa: no fused grad_input kernel for rule ", rule);
-    const at::Tensor state = rng.has_value() && rng->defined() ? rng->contiguous() : at::Tensor();
+    // grad_x = conv_transpose(delta, B), B = T(W) made element by element as W loads.
+    const FeedbackOperand b(kind, weight, feedback, rng, scale, distribution, format);
     grad_input = at::empty(input.sizes(), input.options().memory_format(format));
-    gemm::FeedbackArgs args;
-    args.stored = data_or_null(stored);
-    args.rng = state.defined() ? state.const_data_ptr<int64_t>() : nullptr;
-    args.scale = static_cast<float>(scale);
     check_launch(with_element(input.scalar_type(),
                               [&](auto element) {
                                 return gemm::conv_grad_input_gemm<decltype(element)>(
-                                    arch, transform, shape, delta.const_data_ptr(), strides_of(delta),
-                                    operand.const_data_ptr(), strides_of(operand), args,
+                                    arch, b.transform, shape, delta.const_data_ptr(), strides_of(delta),
+                                    b.operand.const_data_ptr(), strides_of(b.operand), b.args,
                                     grad_input.mutable_data_ptr(), strides_of(grad_input), stream);
                               }),
                  "conv2d grad_input");
@@ -244,10 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
   const bool needs_grad_weight = output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack);
   if (needs_grad_weight || output_mask[2]) {
     const int64_t out_channels = weight.size(0), taps = weight.numel() / out_channels;
-    const int64_t per_split = k_tiles_per_split(input, out_channels, taps, grad_output.numel() / out_channels);
-    const int64_t tile_k = gemm::tile_k(input.element_size());
-    const int64_t k_tiles = (grad_output.numel() / out_channels + tile_k - 1) / tile_k;
-    const int64_t splits = std::max<int64_t>(1, (k_tiles + per_split - 1) / per_split);
+    const int64_t pixels = grad_output.numel() / out_channels;
+    const int64_t per_split = k_tiles_per_split(input, out_channels, taps, pixels);
+    const int64_t splits = std::max<int64_t>(1, (k_tiles(input, pixels) + per_split - 1) / per_split);
     const auto fp32 = input.options().dtype(at::kFloat);
     at::Tensor partial = at::empty({splits, out_channels, taps}, fp32);
     at::Tensor partial_sums = at::empty({splits, out_channels}, fp32);

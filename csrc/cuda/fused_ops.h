@@ -4,10 +4,13 @@
 
 #include "fastfa/feedback.h"
 #include "fastfa/gemm.h"
+#include "fastfa/ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
+
+#include <algorithm>
 
 namespace fastfa {
 namespace fused {
@@ -84,7 +87,79 @@ inline void check_launch(cudaError_t status, const char* what) {
               cudaGetErrorString(status));
 }
 
-inline const void* data_or_null(const at::Tensor& tensor) { return tensor.defined() ? tensor.const_data_ptr() : nullptr; }
+// K tiles per slice for a split-K GEMM of m x n x k: enough CTAs for two per SM, each slice
+// at least four K tiles (at or above k's tile count: no split).
+// The forward's tensors besides y, made like y (empty where the rule and activation need
+// none): z where the activation's derivative reads it, r = the GEMM without bias for aa / ia;
+// and the epilogue that writes them with bias and activation.
+struct ForwardOutputs {
+  at::Tensor saved, projection;
+  gemm::LinearEpilogueArgs epilogue;
+};
+
+inline ForwardOutputs forward_outputs(const at::Tensor& output, const at::Tensor& bias, gemm::Activation activation,
+                                      int64_t rule) {
+  ForwardOutputs outputs;
+  const bool keeps_z = derivative_needs_preactivation(activation), keeps_r = saves_projection(rule);
+  outputs.saved = keeps_z ? at::empty_like(output) : output.new_empty({0});
+  outputs.projection = keeps_r ? at::empty_like(output) : output.new_empty({0});
+  outputs.epilogue.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  outputs.epilogue.saved = keeps_z ? outputs.saved.mutable_data_ptr() : nullptr;
+  outputs.epilogue.projection = keeps_r ? outputs.projection.mutable_data_ptr() : nullptr;
+  outputs.epilogue.activation = activation;
+  return outputs;
+}
+
+// What grad_input's GEMM reads as B and how it transforms it. Where B is a stored tensor (fa's
+// R, the estimated rules' B) it is the operand itself, untransformed; frsf reads R beside W at
+// W's offsets; the kernels draw uniformly, so a normal draw's B comes from the transform
+// kernel first, as on the aten path. The tensors live while this object does.
+struct FeedbackOperand {
+  Rule transform;
+  at::Tensor operand, stored, state;
+  gemm::FeedbackArgs args;
+
+  FeedbackOperand(Rule rule, const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                  const std::optional<at::Tensor>& rng, double scale, int64_t distribution,
+                  at::MemoryFormat format)
+      : transform(rule), operand(weight.contiguous(format)) {
+    const bool has_feedback = feedback.has_value() && feedback->defined();
+    if (estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_feedback)) {
+      operand = feedback->contiguous(format);
+      transform = Rule::kBackprop;
+    } else if (rule == Rule::kFixedRandomSignFeedback) {
+      stored = feedback->contiguous(format);
+    } else if ((rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment) &&
+               static_cast<Distribution>(distribution) == Distribution::kNormal) {
+      operand = feedback_transform_cuda(operand, feedback, rng, static_cast<int64_t>(rule), scale, distribution)
+                    .contiguous(format);
+      transform = Rule::kBackprop;
+    }
+    TORCH_CHECK(gemm::has_feedback_kernel(transform), "fastfa: no fused grad_input kernel for rule ",
+                static_cast<int64_t>(rule));
+    state = rng.has_value() && rng->defined() ? rng->contiguous() : at::Tensor();
+    args.stored = stored.defined() ? stored.const_data_ptr() : nullptr;
+    args.rng = state.defined() ? state.const_data_ptr<int64_t>() : nullptr;
+    args.scale = static_cast<float>(scale);
+  }
+};
+
+inline int64_t k_tiles(const at::Tensor& like, int64_t k) {
+  const int64_t tile_k = gemm::tile_k(like.element_size());
+  return (k + tile_k - 1) / tile_k;
+}
+
+// K tiles per slice for a split-K GEMM of m x n x k: enough CTAs for two per SM, each slice
+// at least four K tiles (at or above k's tile count: no split).
+inline int64_t k_tiles_per_split(const at::Tensor& like, int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = k_tiles(like, k);
+  const int64_t ctas = ((m + 127) / 128) * ((n + 127) / 128);
+  const int64_t sms = at::cuda::getDeviceProperties(like.get_device())->multiProcessorCount;
+  const int64_t wanted = std::max<int64_t>(1, (2 * sms + ctas - 1) / ctas);
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, tiles / 4));
+  return std::max<int64_t>(1, (tiles + splits - 1) / splits);
+}
+
 
 } // namespace fused
 } // namespace fastfa

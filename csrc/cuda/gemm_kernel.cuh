@@ -1001,6 +1001,15 @@ cudaError_t linear_forward_gemm(Arch arch, const Problem& problem, const LinearE
 }
 
 template <typename Element>
+cudaError_t split_gemm(Arch arch, const Problem& problem, float* partial, float* partial_row_sums,
+                       int64_t k_tiles_per_split, cudaStream_t stream) {
+  auto gemm = detail::matrix_problem(problem);
+  gemm.k_tiles_per_split = k_tiles_per_split;
+  return detail::launch_for<Element>(arch, gemm, IdentityTransform{},
+                                     SplitEpilogue{partial, partial_row_sums, problem.m, problem.n}, stream);
+}
+
+template <typename Element>
 cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
                           cudaStream_t stream) {
   if (rule == Rule::kBackprop) {
@@ -1015,7 +1024,8 @@ cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const Fe
   extern template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_IDENTITY(Element)                                                                \
   template cudaError_t linear_forward_gemm<Element>(Arch, const Problem&, const LinearEpilogueArgs&, cudaStream_t); \
-  template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);
+  template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);                          \
+  template cudaError_t split_gemm<Element>(Arch, const Problem&, float*, float*, int64_t, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_FEEDBACK(Element)                                                                \
   FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                                           \
   template cudaError_t feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, cudaStream_t);

@@ -3,6 +3,7 @@
 //   forward      y = act(x W^T + b)         one GEMM, bias and activation in its epilogue
 //   grad_input   delta T(W)                 one GEMM, the rule's transform on W's tiles
 //   grad_weight  delta^T x, grad_bias       one GEMM, grad_bias from its A loader's row sums
+//                                           (split over K in fp32 slices for a long batch)
 // delta = dL/dz is materialised by ATen when there is an activation (one elementwise pass,
 // shared by both backward GEMMs). The kernels draw brsf's / fa's R uniformly, as linear
 // layers do; a normal draw (only reachable through the op itself) makes B with the
@@ -54,9 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_linear_forward(
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor output = at::empty({rows, out_features}, input.options());
-  const bool keeps_z = derivative_needs_preactivation(kind), keeps_r = saves_projection(rule);
-  at::Tensor saved = keeps_z ? at::empty_like(output) : input.new_empty({0});
-  at::Tensor projection = keeps_r ? at::empty_like(output) : input.new_empty({0});
+  const ForwardOutputs outputs = forward_outputs(output, b, kind, rule);
 
   gemm::Problem problem;
   problem.m = rows;
@@ -66,20 +65,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_linear_forward(
   problem.b = {w.const_data_ptr(), in_features, 1};
   problem.c = output.mutable_data_ptr();
   problem.ldc = out_features;
-  gemm::LinearEpilogueArgs epilogue;
-  epilogue.bias = data_or_null(b);
-  epilogue.saved = keeps_z ? saved.mutable_data_ptr() : nullptr;
-  epilogue.projection = keeps_r ? projection.mutable_data_ptr() : nullptr;
-  epilogue.activation = kind;
   const gemm::Arch arch = device_arch(input);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   check_launch(with_element(input.scalar_type(),
                             [&](auto element) {
-                              return gemm::linear_forward_gemm<decltype(element)>(arch, problem, epilogue, stream);
+                              return gemm::linear_forward_gemm<decltype(element)>(arch, problem, outputs.epilogue,
+                                                                                  stream);
                             }),
                "linear forward");
   const auto shape = output_shape(input, out_features);
-  return {output.view(shape), keeps_z ? saved.view(shape) : saved, keeps_r ? projection.view(shape) : projection};
+  const auto in_shape = [&](const at::Tensor& t) { return t.numel() > 0 ? t.view(shape) : t; };
+  return {output.view(shape), in_shape(outputs.saved), in_shape(outputs.projection)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
@@ -112,73 +108,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
       activation_delta(grad_output, activation_saved, activation).reshape({rows, out_features}).contiguous();
   const at::Tensor x = input.reshape({rows, in_features}).contiguous();
   const at::Tensor w = weight.contiguous();
-  const bool has_feedback = feedback.has_value() && feedback->defined();
   const gemm::Arch arch = device_arch(input);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
-    // grad_x = delta B, B = T(W) made tile by tile inside the GEMM. Where B is a stored
-    // tensor (fa's R, the estimated rules' B) it is the operand itself, untransformed.
-    Rule transform = kind;
-    at::Tensor operand = w, stored;
-    if (estimates_feedback(kind) || (kind == Rule::kFeedbackAlignment && has_feedback)) {
-      operand = feedback->contiguous();
-      transform = Rule::kBackprop;
-    } else if (kind == Rule::kFixedRandomSignFeedback) {
-      stored = feedback->contiguous();
-    } else if ((kind == Rule::kBatchRandomSignFeedback || kind == Rule::kFeedbackAlignment) &&
-               static_cast<Distribution>(distribution) == Distribution::kNormal) {
-      // The kernels draw uniformly (what linear layers use); a normal draw's B comes from
-      // the transform kernel, as on the aten path, and the GEMM takes it as it is.
-      operand = feedback_transform_cuda(w, feedback, rng, rule, scale, distribution);
-      transform = Rule::kBackprop;
-    }
-    TORCH_CHECK(gemm::has_feedback_kernel(transform), "fastfa: no fused grad_input kernel for rule ", rule);
-    const at::Tensor state = rng.has_value() && rng->defined() ? rng->contiguous() : at::Tensor();
+    // grad_x = delta B, B = T(W) made tile by tile inside the GEMM.
+    const FeedbackOperand b(kind, w, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous);
     grad_input = at::empty({rows, in_features}, input.options());
     gemm::Problem problem;
     problem.m = rows;
     problem.n = in_features;
     problem.k = out_features;
     problem.a = {delta.const_data_ptr(), out_features, 1};
-    problem.b = {operand.const_data_ptr(), 1, in_features};  // B[n][k] = W[k][n]: offsets are W's indices
+    problem.b = {b.operand.const_data_ptr(), 1, in_features};  // B[n][k] = W[k][n]: offsets are W's indices
     problem.c = grad_input.mutable_data_ptr();
     problem.ldc = in_features;
-    gemm::FeedbackArgs args;
-    args.stored = data_or_null(stored);
-    args.rng = state.defined() ? state.const_data_ptr<int64_t>() : nullptr;
-    args.scale = static_cast<float>(scale);
     check_launch(with_element(input.scalar_type(),
                               [&](auto element) {
-                                return gemm::feedback_gemm<decltype(element)>(arch, transform, problem, args, stream);
+                                return gemm::feedback_gemm<decltype(element)>(arch, b.transform, problem, b.args,
+                                                                              stream);
                               }),
                  "grad_input");
     grad_input = grad_input.view(input.sizes());
   }
   const bool needs_grad_weight = output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack);
   if (needs_grad_weight) {
-    grad_weight = at::empty({out_features, in_features}, weight.options());
     // grad_bias rides along as the row sums of A = delta^T; with no columns there is no CTA.
     const bool fused_bias = output_mask[2] && in_features > 0;
-    if (fused_bias) {
-      grad_bias = at::empty({out_features}, weight.options());
-    }
     gemm::Problem problem;
     problem.m = out_features;
     problem.n = in_features;
     problem.k = rows;
     problem.a = {delta.const_data_ptr(), 1, out_features};
     problem.b = {x.const_data_ptr(), 1, in_features};
-    problem.c = grad_weight.mutable_data_ptr();
     problem.ldc = in_features;
-    problem.a_row_sums = fused_bias ? grad_bias.mutable_data_ptr() : nullptr;
-    check_launch(with_element(input.scalar_type(),
-                              [&](auto element) {
-                                return gemm::feedback_gemm<decltype(element)>(arch, Rule::kBackprop, problem, {},
-                                                                              stream);
-                              }),
-                 "grad_weight");
+    const int64_t per_split = k_tiles_per_split(input, out_features, in_features, rows);
+    const int64_t splits = (k_tiles(input, rows) + per_split - 1) / per_split;
+    if (splits > 1) {
+      // A long batch over few output tiles: K slices in fp32, added here.
+      const auto fp32 = input.options().dtype(at::kFloat);
+      at::Tensor partial = at::empty({splits, out_features, in_features}, fp32);
+      at::Tensor partial_sums = at::empty({splits, out_features}, fp32);
+      check_launch(with_element(input.scalar_type(),
+                                [&](auto element) {
+                                  return gemm::split_gemm<decltype(element)>(
+                                      arch, problem, partial.mutable_data_ptr<float>(),
+                                      partial_sums.mutable_data_ptr<float>(), per_split, stream);
+                                }),
+                   "grad_weight");
+      grad_weight = partial.sum(0).to(weight.scalar_type());
+      if (fused_bias) {
+        grad_bias = partial_sums.sum(0).to(weight.scalar_type());
+      }
+    } else {
+      grad_weight = at::empty({out_features, in_features}, weight.options());
+      if (fused_bias) {
+        grad_bias = at::empty({out_features}, weight.options());
+      }
+      problem.c = grad_weight.mutable_data_ptr();
+      problem.a_row_sums = fused_bias ? grad_bias.mutable_data_ptr() : nullptr;
+      check_launch(with_element(input.scalar_type(),
+                                [&](auto element) {
+                                  return gemm::feedback_gemm<decltype(element)>(arch, Rule::kBackprop, problem, {},
+                                                                                stream);
+                                }),
+                   "grad_weight");
+    }
   }
   if (output_mask[2] && !grad_bias.defined()) {
     grad_bias = delta.sum(0);

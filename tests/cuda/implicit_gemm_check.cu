@@ -529,6 +529,36 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
       }
     }
     failures += report(name, weights) + report(name, sums);
+    // The same in K slices of one tile (split_gemm, for a long batch): fp32 partials added here.
+    auto sliced = matrix_problem(problem);
+    sliced.k_tiles_per_split = 1;
+    const int64_t tile_k = TileLoader<Element, IdentityTransform, MatrixIndex, false>::kTileK;
+    const int64_t splits = (rows + tile_k - 1) / tile_k;
+    std::vector<float> partial(static_cast<size_t>(splits * out_features * in_features), NAN),
+        partial_sums(static_cast<size_t>(splits * out_features), NAN);
+    emulate<Element>(sliced, IdentityTransform{}, SplitEpilogue{partial.data(), partial_sums.data(), out_features,
+                                                                in_features});
+    Comparison split_weights{"grad_weight", 1e-6}, split_sums{"grad_bias", 1e-6};
+    for (int64_t o = 0; o < out_features; ++o) {
+      double bias_sum = 0.0, bias_abs = 0.0, got_bias = 0.0;
+      for (int64_t r = 0; r < rows; ++r) {
+        bias_sum += f(delta[r * out_features + o]);
+        bias_abs += std::fabs(f(delta[r * out_features + o]));
+      }
+      for (int64_t s = 0; s < splits; ++s) got_bias += partial_sums[s * out_features + o];
+      split_sums(got_bias, bias_sum, bias_abs);
+      for (int64_t i = 0; i < in_features; ++i) {
+        double sum = 0.0, abs_sum = 0.0, got = 0.0;
+        for (int64_t r = 0; r < rows; ++r) {
+          sum += f(delta[r * out_features + o]) * f(x[r * in_features + i]);
+          abs_sum += std::fabs(f(delta[r * out_features + o]) * f(x[r * in_features + i]));
+        }
+        for (int64_t s = 0; s < splits; ++s) got += partial[(s * out_features + o) * in_features + i];
+        split_weights(got, sum, abs_sum);
+      }
+    }
+    const std::string slices = " in " + std::to_string(splits) + " K slices";
+    failures += report(name + slices, split_weights) + report(name + slices, split_sums);
   }
   return failures;
 }

@@ -67,6 +67,14 @@ template <typename Element>
 cudaError_t linear_forward_gemm(Arch arch, const Problem& problem, const LinearEpilogueArgs& epilogue,
                                 cudaStream_t stream);
 
+// C = A B^T split over K into slices of k_tiles_per_split tiles: slice s writes its C to
+// partial[s] (m x n) and A's row sums to partial_row_sums[s] (m), in fp32; the caller adds
+// the slices (problem.c and problem.a_row_sums are not used). For a long K (grad_weight of a
+// large batch), where the m x n tiles alone would leave SMs idle.
+template <typename Element>
+cudaError_t split_gemm(Arch arch, const Problem& problem, float* partial, float* partial_row_sums,
+                       int64_t k_tiles_per_split, cudaStream_t stream);
+
 // C = A T(B)^T with the transform of `rule` applied to B's tiles (kBackprop: B as it is,
 // also for a stored fa R or an estimated B, which the caller passes as B itself).
 template <typename Element>
