@@ -6,13 +6,15 @@
 //   grad_weight  delta^T im2col(x), grad_b      one split-K GEMM: fp32 slices that ATen adds
 //                                               (K is batch x pixels, far longer than M x N)
 // Activations are read through their strides (copied only where an element lies 2^31 or
-// more elements from the base) and outputs are made in the input's memory format; channels_last runs 16-byte vector loads along channels. delta = dL/dz comes from
-// ATen when there is an activation, as in the linear op. The estimated rules' B gradient:
-// kp and sa from tensors this op has, wm / aa / ia by the aten backend's convolutions.
+// more elements from the base) and outputs are made in the input's memory format;
+// channels_last runs 16-byte vector loads along channels. delta = dL/dz comes from ATen when
+// there is an activation, as in the linear op. The estimated rules' B gradient: kp and sa
+// from tensors this op has, wm / aa / ia by the aten backend's convolutions.
 // Not covered, and run on the aten path (cuDNN after the CUDA transform kernel) with a
-// warning that says why (Python shows it once per call site): the linear ops' reasons (fp64, fp32 without tf32, GPUs below sm_80),
-// groups > 1, tensors of 2^31 elements or more, and grad_input of a strided convolution (as
-// one implicit GEMM it would multiply the stride's skipped pixels by zero: stride^2 the work).
+// warning that says why (Python shows it once per call site): the linear ops' reasons (fp64,
+// fp32 without tf32, GPUs below sm_80), groups > 1, tensors of 2^31 elements or more, and
+// grad_input of a strided convolution (as one implicit GEMM it would multiply the stride's
+// skipped pixels by zero: stride^2 the work).
 // Only the kernels' declarations (fastfa/gemm.h, through fused_ops.h): their instantiations
 // live in gemm_<dtype>_conv*.cu, compiled once.
 #include "fused_ops.h"

@@ -113,7 +113,8 @@ int check_sm80(const char* name) {
         for (int mi = 0; mi < 4; ++mi) {  // A: m16 block mi, as the kernel loads it for the operand
           uint32_t a[4];
           for (int j = 0; j < 4; ++j) {
-            a[j] = ldmatrix_register(tile, lane, j, [&](int l, int& r, int& c) { Math::a_address(l, warp_m, mi, step, r, c); });
+            a[j] = ldmatrix_register(tile, lane, j,
+                                     [&](int l, int& r, int& c) { Math::a_address(l, warp_m, mi, step, r, c); });
           }
           for (int v = 0; v < int(size<1>(typename Traits::ALayout{})); ++v) {
             const int index = typename Traits::ALayout{}(lane, v);  // m + 16 k
@@ -127,7 +128,8 @@ int check_sm80(const char* name) {
         for (int pair = 0; pair < 2; ++pair) {  // B: n8 blocks 2 pair and 2 pair + 1
           uint32_t b[4];
           for (int j = 0; j < 4; ++j) {
-            b[j] = ldmatrix_register(tile, lane, j, [&](int l, int& r, int& c) { Math::b_address(l, warp_n, pair, step, r, c); });
+            b[j] = ldmatrix_register(tile, lane, j,
+                                     [&](int l, int& r, int& c) { Math::b_address(l, warp_n, pair, step, r, c); });
           }
           for (int block = 0; block < 2; ++block) {
             for (int v = 0; v < int(size<1>(typename Traits::BLayout{})); ++v) {
@@ -150,7 +152,9 @@ int check_sm80(const char* name) {
             int row, col;
             Math::accumulator_position(lane, warp_m, warp_n, mi, nj, e, row, col);
             if (row != warp_m * 64 + mi * 16 + index % 16 || col != warp_n * 32 + nj * 8 + index / 16) {
-              if (failures++ == 0) std::printf("%s: accumulator lane %d value %d at (%d, %d)\n", name, lane, e, row, col);
+              if (failures++ == 0) {
+                std::printf("%s: accumulator lane %d value %d at (%d, %d)\n", name, lane, e, row, col);
+              }
             }
           }
     }
@@ -189,8 +193,8 @@ int main() {
   failures += check_sm80<fastfa::gemm::Bf16, uint16_t, SM80_16x8x16_F32BF16BF16F32_TN>("bf16 sm80");
   failures += check_sm80<fastfa::gemm::Fp16, uint16_t, SM80_16x8x16_F32F16F16F32_TN>("fp16 sm80");
   failures += check_sm80<fastfa::gemm::Tf32, uint32_t, SM80_16x8x8_F32TF32TF32F32_TN>("tf32 sm80");
-  failures += check_sm90_accumulators<fastfa::gemm::Bf16, SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>>(
-      "bf16 sm90");
+  using Bf16Gmma = SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+  failures += check_sm90_accumulators<fastfa::gemm::Bf16, Bf16Gmma>("bf16 sm90");
   failures += check_sm90_accumulators<fastfa::gemm::Tf32, SM90_64x128x8_F32TF32TF32_SS_TN<>>("tf32 sm90");
   return failures != 0;
 }

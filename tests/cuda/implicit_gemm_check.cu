@@ -3,12 +3,13 @@
 // Philox keys, operand rounding, the swizzled shared-memory stores), the K-slice split, the
 // row sums and the epilogues (with the wgmma path's accumulator positions) are the kernel's
 // own code, called for each of the 256 threads of each CTA in turn; only the tensor-core MMA
-// is replaced by a plain loop over the same swizzled tiles. Checked against convolutions and matrix products written from their
-// definitions in double precision: the conv implicit GEMMs (forward with bias and
-// activation, grad_input for every transform, split-K grad_weight with grad_bias) in NCHW,
-// channels_last and strided layouts, and the linear layer's three GEMMs as linear_cuda.cu
-// builds them. What this cannot see: the MMA fragments (gemm_layout_check.cu compares the
-// wgmma layout with CuTe), barriers and timing; those need a GPU (tests/test_cuda.py).
+// is replaced by a plain loop over the same swizzled tiles. Checked against convolutions and
+// matrix products written from their definitions in double precision: the conv implicit
+// GEMMs (forward with bias and activation, grad_input for every transform, split-K
+// grad_weight with grad_bias) in NCHW, channels_last and strided layouts, and the linear
+// layer's GEMMs as linear_cuda.cu builds them. What the replaced MMA does with the tiles
+// (ldmatrix fragments, wgmma descriptors, accumulator layout) gemm_layout_check.cu compares
+// with CuTe; barriers and timing need a GPU (tests/test_cuda.py).
 #include "../../csrc/cuda/implicit_gemm.cuh"
 
 #include <cmath>
@@ -389,7 +390,9 @@ int check_conv(const Geometry& geometry, const std::string& layout) {
                   }
                 }
             const int64_t column = tap_index(s, s.in_channels, c, kh, kw);
-            for (int64_t split = 0; split < splits; ++split) got += partial[(split * problem.m + oc) * problem.n + column];
+            for (int64_t split = 0; split < splits; ++split) {
+              got += partial[(split * problem.m + oc) * problem.n + column];
+            }
             weights(got, sum, abs_sum);
           }
     }
@@ -417,8 +420,9 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
                            std::to_string(rows) + "x" + std::to_string(in_features) + " -> " +
                            std::to_string(out_features);
   int failures = 0;
-  const auto x = random_matrix<Element>(rows * in_features), w = random_matrix<Element>(out_features * in_features),
-             delta = random_matrix<Element>(rows * out_features), stored = random_matrix<Element>(out_features * in_features);
+  const auto x = random_matrix<Element>(rows * in_features), w = random_matrix<Element>(out_features * in_features);
+  const auto delta = random_matrix<Element>(rows * out_features);
+  const auto stored = random_matrix<Element>(out_features * in_features);
   // forward: y = gelu(x W^T + b), z and r kept (A and B K-contiguous).
   {
     const auto bias = random_matrix<Element>(out_features);
@@ -485,7 +489,8 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
         for (int64_t o = 0; o < out_features; ++o) {
           const int64_t key = o * in_features + i;
           const float xi = unit_draw(rng[0], rng[1], key, Distribution::kUniform);
-          const float stored_r = rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(f(stored[key])) : 0.25f * xi;
+          const float stored_r =
+              rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(f(stored[key])) : 0.25f * xi;
           const double b = round_operand<Element>(
               feedback_transform<float>(rule, static_cast<float>(f(w[key])), stored_r, xi, 0.25f));
           sum += f(delta[r * out_features + o]) * b;
@@ -506,7 +511,8 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     problem.k = rows;
     problem.a = {delta.data(), 1, out_features};
     problem.b = {x.data(), 1, in_features};
-    std::vector<Bits> grad_w(static_cast<size_t>(out_features * in_features)), grad_b(static_cast<size_t>(out_features));
+    std::vector<Bits> grad_w(static_cast<size_t>(out_features * in_features));
+    std::vector<Bits> grad_b(static_cast<size_t>(out_features));
     problem.c = grad_w.data();
     problem.ldc = in_features;
     problem.a_row_sums = grad_b.data();
