@@ -56,9 +56,11 @@ def _check_common(results, out):
 
 
 def test_bench_quick(tmp_path, capsys):
-    """Layers and a model, fastfa and the autograd and BioTorch peers, with CPU peak memory."""
+    """Layers and a model, fastfa and the autograd and BioTorch peers (BioTorch where it is
+    installed: pip install --no-deps biotorch), with CPU peak memory."""
     out = tmp_path / "bench.json"
-    code = cli.main(["bench", "--quick", "--device", "cpu", "--rules", "bp,usf,kp", "--peers", "autograd,biotorch",
+    named = "autograd,biotorch" if peers.biotorch_status()[0] else "autograd"
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--rules", "bp,usf,kp", "--peers", named,
                      "--out", str(out), "--no-plot"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -145,6 +147,15 @@ def test_bench_cases_cover_the_sweep():
     assert {case.op for case in cuda if case.is_model} == {f"model:{name}" for name in bench.MODELS}
     cpu = bench.default_cases("cpu")
     assert {case.op for case in cpu} == {"linear", "conv2d", "model:resnet18"}
+
+
+def test_bench_refuses_a_named_peer_that_cannot_run(tmp_path, capsys, monkeypatch):
+    """Asked for by name, a missing peer is an error that says how to install it, not a silent skip."""
+    monkeypatch.setattr(peers, "biotorch_status", lambda: (False, "not installed (pip install --no-deps biotorch)"))
+    out = tmp_path / "x.json"
+    assert cli.main(["bench", "--quick", "--peers", "autograd,biotorch", "--out", str(out), "--no-plot"]) == 2
+    assert "pip install --no-deps biotorch" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("argv,message", [
