@@ -27,7 +27,9 @@
 //           shared memory through matrix descriptors), 64 fp32 accumulators per thread.
 //   sm_80+: eight warps in 2x4, each a 64x32 slab with mma.sync.m16n8 fed by ldmatrix.
 // Each K step of either MMA consumes 32 bytes of every row (k16 for 16-bit types, k8 for
-// tf32), so one 128-byte tile row is four steps for every dtype.
+// tf32), so one 128-byte tile row is four steps for every dtype. The grid: x over C's
+// 128-row tiles, y over its 128-column tiles, z over K slices (split-K, for a long K such as
+// grad_weight's batch; SplitEpilogue writes each slice's fp32 partial).
 #pragma once
 
 #include "fastfa/feedback.h"
