@@ -1,5 +1,6 @@
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -32,8 +33,24 @@ def assert_close(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+def away_from_relu_kink(grad_output, preactivation, activation):
+    """grad_output with zeros where relu's derivative would read a pre-activation near 0.
+
+    relu' jumps at 0, and two backends (or a backend and the fp64 oracle) that sum a
+    pre-activation in different orders may round a tiny one to opposite sides, so one
+    output's whole gradient differs while both are right. No gradient flows through those
+    outputs here; everything else is compared as it is. Other activations are smooth.
+    """
+    if activation != "relu":
+        return grad_output
+    z = preactivation.detach().abs()
+    near = (z <= 1e-2 * z.max()).to(grad_output.device)
+    return grad_output.masked_fill(near, 0)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs for every test, but reproducible from the test's name.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    # Fresh random inputs for every test, reproducible from the test's name: crc32, not hash(),
+    # which Python salts per process.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield

@@ -15,7 +15,7 @@ import torch
 
 import fastfa
 import oracle
-from conftest import assert_close
+from conftest import assert_close, away_from_relu_kink
 from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
@@ -63,6 +63,12 @@ def _options(rule, options):
     chosen = {key: value for key, value in ALIGNMENT.items() if key in taken}
     chosen.update({key: value for key, value in options.items() if key != "stored"})
     return chosen
+
+
+def _preactivation(x, w, b, conv):
+    """z = conv2d(x, W) + b in fp64 on the CPU."""
+    return torch.nn.functional.conv2d(x.double().cpu(), w.double().cpu(),
+                                      b.double().cpu() if b is not None else None, **conv)
 
 
 def _tensors(geometry, dtype, stored, bias, layout):
@@ -126,6 +132,7 @@ def test_conv2d_matches_oracle_and_aten(index, dtype):
     spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, dict(options))
     output_shape = torch.nn.functional.conv2d(x.float(), w.float(), None, **conv).shape
     grad_output = torch.randn(output_shape, dtype=dtype).contiguous(memory_format=layout)
+    grad_output = away_from_relu_kink(grad_output, _preactivation(x, w, b, conv), activation)
 
     triton_results = _run("triton", x, w, b, feedback, rule, options, activation, grad_output, conv)
     # aten from NCHW copies: torch's oneDNN convolution can crash on small channels_last geometries.
@@ -166,6 +173,7 @@ def test_every_geometry_against_the_oracle(geometry, layout):
     x, w, b, _, conv = _tensors(GEOMETRIES[geometry], torch.float32, False, bias, memory_format)
     output_shape = torch.nn.functional.conv2d(x, w, None, **conv).shape
     grad_output = torch.randn(output_shape).contiguous(memory_format=memory_format)
+    grad_output = away_from_relu_kink(grad_output, _preactivation(x, w, b, conv), "relu")
     results = _run("triton", x, w, b, None, "usf", {"scale": 0.3}, "relu", grad_output, conv)
     big_b = oracle.feedback_matrix("usf", w.cpu(), scale=0.3)
     expected = oracle.conv2d(*(t.cpu().to(F64) if t is not None else None for t in (x, w, b, big_b, grad_output)),
@@ -233,6 +241,7 @@ def test_resnet18_layers_on_gpu(rule):
         w, feedback = w / kernel / channels**0.5, feedback / kernel / channels**0.5 if stored else None
         options = _options(rule, dict(CASES)[rule])
         grad_output = torch.randn(torch.nn.functional.conv2d(x, w, None, **conv).shape, dtype=torch.bfloat16)
+        grad_output = away_from_relu_kink(grad_output, _preactivation(x, w, b, conv), "relu")
         grad_output = grad_output.contiguous(memory_format=CHANNELS_LAST)
         for name, t, a in zip(("output", "grad_input", "grad_weight", "grad_bias", "grad_feedback"),
                               _run("triton", x, w, b, feedback, rule, options, "relu", grad_output, conv),

@@ -14,7 +14,7 @@ import torch
 
 import fastfa
 import oracle
-from conftest import assert_close
+from conftest import assert_close, away_from_relu_kink
 from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
@@ -98,6 +98,8 @@ def test_linear_matches_oracle_and_aten(index, dtype):
     options = _options(rule, given)
     spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, dict(options))
     grad_output = torch.randn(3, 11, out_features, dtype=dtype)
+    preactivation = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    grad_output = away_from_relu_kink(grad_output, preactivation, activation)
 
     triton_results = _run("triton", x, w, b, feedback, rule, options, activation, grad_output)
     aten_results = _run("aten", x, w, b, feedback, rule, options, activation, grad_output)
