@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, away_from_relu_kink
 
 import fastfa
 import oracle
@@ -154,6 +154,8 @@ def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
     w.data[0, : min(3, in_features)] = 0  # sign(0) = 0 inside the transform
     options, feedback = _rule_inputs(rule, w, in_features)
     g = torch.randn(*leading, out_features, dtype=dtype, device="cuda")
+    preactivation = x.detach().double() @ w.detach().double().t() + b.detach().double()
+    g = away_from_relu_kink(g, preactivation, activation)
     with _tf32(True):
         y = fastfa.functional.linear(x, w, b, rule=rule, activation=activation, backend="cuda", **options)
         y.backward(g)
