@@ -1,9 +1,10 @@
 """Conv2d on Triton: fastfa::triton_conv2d and fastfa::triton_conv2d_backward.
 
-The same schemas and results as the aten ops fastfa::conv2d / conv2d_backward
-(python/fastfa/ops.py), as implicit GEMMs: no im2col buffer, each tile's addresses come
-from the convolution's geometry (stride, zero padding, dilation, groups), and every tensor
-is read through its own strides, so NCHW, channels_last and other layouts run as they are.
+The same arguments (schemas inferred as linear.py says) and results as the aten ops
+fastfa::conv2d / conv2d_backward (python/fastfa/ops.py), as implicit GEMMs: no im2col
+buffer, each tile's addresses come from the convolution's geometry (stride, zero padding,
+dilation, groups), and every tensor is read through its own strides, so NCHW,
+channels_last and other layouts run as they are.
 Per group g (the grid's second axis), with rows the GEMM's M dimension:
 
     forward      rows = (n, oh, ow), columns = out channels of g, reduction = (c, kh, kw):
@@ -32,9 +33,12 @@ rounded up to a power of two, the same for a layer's forward and backward kernel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
@@ -409,18 +413,11 @@ def _check_conv2d(input, weight, bias, stride, padding, dilation, groups, alignm
         raise RuntimeError(f"fastfa: activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
 
 
-_CONV2D_SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, int[2] stride, "
-                  "int[2] padding, int[2] dilation, int groups, int rule, float scale, int distribution, "
-                  "float[] alignment, str activation) -> (Tensor, Tensor, Tensor)")
-_CONV2D_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, Tensor? rng, "
-                           "Tensor activation_saved, Tensor projection, int[2] stride, int[2] padding, "
-                           "int[2] dilation, int groups, int rule, float scale, int distribution, float[] alignment, "
-                           "str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
-
-
-@triton_op("fastfa::triton_conv2d", mutates_args=(), schema=_CONV2D_SCHEMA)
-def triton_conv2d(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution,
-                  alignment, activation):
+@triton_op("fastfa::triton_conv2d", mutates_args=())
+def triton_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None, rng: Tensor | None,
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, rule: int,
+                  scale: float, distribution: int, alignment: Sequence[float],
+                  activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """fastfa::conv2d on Triton: (output, activation_saved, projection), see the module docstring.
 
     input (N, C, H, W), weight and feedback (C_out, C/groups, kh, kw), bias (C_out,);
@@ -468,9 +465,12 @@ def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, 
     return gw, gb, gf
 
 
-@triton_op("fastfa::triton_conv2d_backward", mutates_args=(), schema=_CONV2D_BACKWARD_SCHEMA)
-def triton_conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, stride, padding,
-                           dilation, groups, rule, scale, distribution, alignment, activation, output_mask):
+@triton_op("fastfa::triton_conv2d_backward", mutates_args=())
+def triton_conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, feedback: Tensor | None,
+                           rng: Tensor | None, activation_saved: Tensor, projection: Tensor, stride: Sequence[int],
+                           padding: Sequence[int], dilation: Sequence[int], groups: int, rule: int, scale: float,
+                           distribution: int, alignment: Sequence[float], activation: str,
+                           output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """fastfa::conv2d_backward on Triton: (grad_input, grad_weight, grad_bias, grad_feedback).
 
     grad_input = the transposed convolution of delta with B (B = T(W) per rule, fused),

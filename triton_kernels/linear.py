@@ -1,8 +1,10 @@
 """Linear on Triton: fastfa::triton_linear and fastfa::triton_linear_backward.
 
-The same schemas and results as the aten ops fastfa::linear / linear_backward
+The same arguments and results as the aten ops fastfa::linear / linear_backward
 (python/fastfa/ops.py), with the rule fused into the GEMMs instead of a separate pass
-that writes B:
+that writes B. torch infers each op's schema from the op function's annotations (torch
+2.11's triton_op ignores schema=), so it reads SymInt where the aten op's reads int, and
+bool[] where it reads bool[4]; the same values pass (tests/test_triton_schema.py).
 
     forward         output = act(x W^T + b): one GEMM, bias and activation in its epilogue;
                     also activation_saved (the pre-activation, for gelu / silu) and
@@ -31,10 +33,12 @@ backward tune once per shape, and a ragged last batch does not re-tune.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 from torch.library import triton_op
 
 from .. import _backend
@@ -419,15 +423,10 @@ def _rows(input, in_features: int) -> int:
     return input.numel() // in_features if in_features else math.prod(input.shape[:-1])
 
 
-_LINEAR_SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? feedback, Tensor? rng, int rule, float scale, "
-                  "int distribution, float[] alignment, str activation) -> (Tensor, Tensor, Tensor)")
-_LINEAR_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor weight, Tensor? feedback, Tensor? rng, "
-                           "Tensor activation_saved, Tensor projection, int rule, float scale, int distribution, "
-                           "float[] alignment, str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
-
-
-@triton_op("fastfa::triton_linear", mutates_args=(), schema=_LINEAR_SCHEMA)
-def triton_linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation):
+@triton_op("fastfa::triton_linear", mutates_args=())
+def triton_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None, rng: Tensor | None,
+                  rule: int, scale: float, distribution: int, alignment: Sequence[float],
+                  activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """fastfa::linear on Triton: (output, activation_saved, projection), see the module docstring.
 
     input (*, in), weight and feedback (out, in), bias (out,); output (*, out);
@@ -476,9 +475,11 @@ def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, 
     return gw, gb, gf
 
 
-@triton_op("fastfa::triton_linear_backward", mutates_args=(), schema=_LINEAR_BACKWARD_SCHEMA)
-def triton_linear_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale,
-                           distribution, alignment, activation, output_mask):
+@triton_op("fastfa::triton_linear_backward", mutates_args=())
+def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, feedback: Tensor | None,
+                           rng: Tensor | None, activation_saved: Tensor, projection: Tensor, rule: int, scale: float,
+                           distribution: int, alignment: Sequence[float], activation: str,
+                           output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """fastfa::linear_backward on Triton: (grad_input, grad_weight, grad_bias, grad_feedback).
 
     grad_input = delta B (B = T(W) per rule, fused), grad_weight = delta^T x, grad_bias = the
