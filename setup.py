@@ -174,7 +174,7 @@ setup(
     packages=find_packages("python") + ["fastfa.triton_kernels"],
     ext_modules=extension_modules(),
     cmdclass={"build_ext": build_ext_class()},
-    install_requires=["torch>=2.6", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
         "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark", "scikit-learn"],
         "bench": ["numpy", "matplotlib"],

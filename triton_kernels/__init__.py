@@ -27,9 +27,12 @@ __all__ = ["launch", "input_precision", "unsupported_reason"]
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``wrap_triton(kernel)[grid](*args, **kwargs)``, so torch.compile sees the kernel."""
-    # Under the interpreter wrap_triton hands back the plain kernel, which needs real data: a
-    # shape-only (fake) pass, as opcheck runs, has made its outputs already and launches nothing.
-    if INTERPRETED.value and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    if INTERPRETED.value:
+        # An interpreted kernel cannot be traced: it is launched as it is (as newer torch's
+        # wrap_triton hands it back; torch 2.11's refuses a plain @triton.jit one), and needs
+        # real data: a shape-only (fake) pass, as opcheck runs, has made its outputs already.
+        if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            kernel[grid](*args, **kwargs)
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 
