@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 
 import pytest
 
@@ -207,6 +208,34 @@ def test_fused_gemm_kernels_use_tensor_cores_without_spills():
                   f"LDL={kernel.opcodes['LDL']} STL={kernel.opcodes['STL']} {kernel.name}")
     problems = check_kernels(kernels, registers)
     assert not problems, "\n".join(problems)
+
+
+# The positive control of the Triton kernels' spill check (tests/triton_sm90.py): one warp
+# holding 32 values per thread fits its registers; 256 per thread cannot (255 is the limit).
+SPILL_CONTROL_SCRIPT = textwrap.dedent(r"""
+    import triton
+    from triton_sm90 import SpillRecord, compile_for_sm90, register_hungry_kernel
+
+    record = SpillRecord()
+    one_warp = triton.Config({}, num_warps=1, num_stages=1)
+    for per_thread in (32, 256):
+        record.add(f"{per_thread} per thread", compile_for_sm90(register_hungry_kernel, "fp32",
+                                                                 dict(BLOCK=32 * per_thread), config=one_warp))
+    record.print()
+""")
+
+
+def test_triton_spill_check_sees_a_kernel_that_spills():
+    """The check the Triton tests run on their sm_90 cubins reports a kernel made to spill, and
+    passes the same kernel with a working set that fits."""
+    pytest.importorskip("triton")
+    import triton_sm90
+
+    spills = triton_sm90.compile_and_read_spills(SPILL_CONTROL_SCRIPT)
+    assert spills["32 per thread"] is None, spills
+    assert spills["256 per thread"] and "STL" in spills["256 per thread"], spills
+    with pytest.raises(triton_sm90.Spilled, match="256 per thread"):
+        triton_sm90.assert_no_spills(spills)
 
 
 def _nvcc() -> str | None:
