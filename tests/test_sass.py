@@ -10,7 +10,8 @@ the tensor-core instruction of that architecture (HGMMA from wgmma on sm_90a, HM
 mma.sync elsewhere), no local-memory loads or stores (LDL / STL: spilled registers), and use
 no more registers per thread than REGISTER_CEILINGS allows. Without a build the test skips,
 unless FASTFA_EXPECT_SM90A=1 (CI's SASS stage): then a missing build or tool, or a build
-without sm_90a code, fails.
+without sm_90a code, fails. The CPU checks of the data path skip without nvcc or the CUTLASS
+headers (nvidia-cutlass, in the test extra), unless FASTFA_EXPECT_CUDA_TOOLKIT=1 (CI).
 cuobjdump and nvdisasm come from `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`.
 """
 from __future__ import annotations
@@ -166,9 +167,20 @@ def test_register_families_name_every_sm90a_body():
         assert register_family(Kernel("sm_90a", prefix + suffix)) == family, suffix
 
 
-def _expects_sm90a() -> bool:
-    """FASTFA_EXPECT_SM90A=1 (CI's SASS stage): a CUDA build for sm_90a must be here to read."""
-    return os.environ.get("FASTFA_EXPECT_SM90A", "0") not in ("", "0")
+# Set where a skip would hide a check that must run: FASTFA_EXPECT_SM90A=1 (CI's SASS stage) says
+# a CUDA build for sm_90a is here to read; FASTFA_EXPECT_CUDA_TOOLKIT=1 (CI) that nvcc and the
+# CUTLASS headers are, for the CPU checks of the data path.
+EXPECT_SM90A, EXPECT_CUDA_TOOLKIT = "FASTFA_EXPECT_SM90A", "FASTFA_EXPECT_CUDA_TOOLKIT"
+
+
+def _expected(variable: str) -> bool:
+    return os.environ.get(variable, "0") not in ("", "0")
+
+
+def _skip_unless_expected(variable: str, reason: str):
+    if _expected(variable):
+        pytest.fail(f"{variable}=1, but {reason}")
+    pytest.skip(reason)
 
 
 def _library() -> str | None:
@@ -181,25 +193,21 @@ def _library() -> str | None:
     return None
 
 
-def _skip_unless_expected(reason: str):
-    if _expects_sm90a():
-        pytest.fail(f"FASTFA_EXPECT_SM90A=1, but {reason}")
-    pytest.skip(reason)
-
-
 def test_fused_gemm_kernels_use_tensor_cores_without_spills():
     library = _library()
     if library is None:
-        _skip_unless_expected("fastfa._C was built without the fused CUDA kernels and FASTFA_SASS_LIB is not "
-                              "set (build with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a and nvidia-cutlass installed)")
+        _skip_unless_expected(EXPECT_SM90A, "fastfa._C was built without the fused CUDA kernels and FASTFA_SASS_LIB "
+                                            "is not set (build with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a and "
+                                            "nvidia-cutlass installed)")
     tools = find_tool("cuobjdump"), find_tool("nvdisasm")
     if None in tools:
-        _skip_unless_expected("cuobjdump / nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+        _skip_unless_expected(EXPECT_SM90A, "cuobjdump / nvdisasm not found: "
+                                            "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
     kernels = parse_sass(cuobjdump(*tools, "-sass", library))
     registers = parse_registers(cuobjdump(*tools, "-res-usage", library))
     arches = sorted({kernel.arch for kernel in kernels if GEMM_KERNEL in kernel.name})
-    if _expects_sm90a():
-        assert "sm_90a" in arches, f"FASTFA_EXPECT_SM90A=1, but {library} holds fused GEMMs for {arches} only"
+    if _expected(EXPECT_SM90A):
+        assert "sm_90a" in arches, f"{EXPECT_SM90A}=1, but {library} holds fused GEMMs for {arches} only"
     for kernel in kernels:
         if GEMM_KERNEL in kernel.name and policy(kernel) == expected_policy(kernel.arch)[0]:
             opcode = expected_policy(kernel.arch)[1]
@@ -245,14 +253,16 @@ def _nvcc() -> str | None:
 
 
 def _host_program(tmp_path, source: str, *flags: str) -> str:
-    """tests/cuda/<source>, compiled by nvcc for the host with the CuTe headers; skips without them."""
+    """tests/cuda/<source>, compiled by nvcc for the host with the CuTe headers; skips without them
+    (fails under FASTFA_EXPECT_CUDA_TOOLKIT=1)."""
     nvcc = _nvcc()
     if nvcc is None:
-        pytest.skip("no nvcc (CUDA toolkit) found")
+        _skip_unless_expected(EXPECT_CUDA_TOOLKIT, "no nvcc (CUDA toolkit) found")
     try:
         import cutlass_library
     except ImportError:
-        pytest.skip("the CUTLASS / CuTe headers are missing: pip install nvidia-cutlass==4.2.0.0")
+        _skip_unless_expected(EXPECT_CUDA_TOOLKIT, "the CUTLASS / CuTe headers are missing: pip install "
+                                                   "nvidia-cutlass==4.2.0.0 (in the test extra)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cutlass = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
     program = str(tmp_path / os.path.splitext(source)[0])
