@@ -21,6 +21,9 @@ import tempfile
 import pytest
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
 from machine_code import Kernel, cuobjdump, parse_registers, parse_sass
 
@@ -85,10 +88,6 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, floats=(), config=Non
     triton.Config's block sizes, warps and stages (else 4 warps, 3 stages)."""
     if config is not None:
         constexprs = {**constexprs, **config.kwargs}
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.autotuner import Autotuner
-
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     signature = {}
     for name in fn.arg_names:
