@@ -176,7 +176,10 @@ setup(
     cmdclass={"build_ext": build_ext_class()},
     install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
-        "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark", "scikit-learn"],
+        # nvidia-cutlass: tests/test_sass.py's CPU checks of the cuda kernels' data path compile
+        # against its CuTe headers (with nvcc; without the toolkit they skip).
+        "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark", "scikit-learn",
+                 "nvidia-cutlass==4.2.0.0"],
         "bench": ["numpy", "matplotlib"],
         # fastfa train: digits ships inside scikit-learn; the plot needs matplotlib; torchvision for
         # the ResNet / AlexNet models and ImageFolder data.

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 import zlib
@@ -14,6 +15,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastfa  # noqa: E402
+
+
+def pytest_configure(config):
+    # TRITON_INTERPRET=0 on a machine without a GPU leaves the triton backend nowhere to run, and
+    # every Triton test would skip on one line of pytest's summary: refuse the run, with the reason.
+    triton = fastfa.backends()["triton"]
+    if not torch.cuda.is_available() and importlib.util.find_spec("triton") and not triton.usable:
+        raise pytest.UsageError(
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} and no GPU: the Triton tests cannot run "
+            f"({triton.reason}). Unset TRITON_INTERPRET (the tests then run Triton's interpreter on CPU "
+            "tensors) or run on a GPU.")
 
 # (atol, rtol) per dtype, relative to the oracle computed from the same inputs.
 TOLERANCES = {

@@ -1,31 +1,32 @@
-"""The cuda backend's GEMM kernels, read as machine code: tensor cores and no register spills;
-their shared-memory layout and wgmma descriptors against CuTe's definitions; and their data
-path (loaders, implicit-GEMM indices, transforms, epilogues) run on the CPU against the
-convolutions and matrix products they compute.
+"""The cuda backend's GEMM kernels, read as machine code: tensor cores, no register spills and
+registers within each family's ceiling; their shared-memory layout and wgmma descriptors against
+CuTe's definitions; and their data path (loaders, implicit-GEMM indices, transforms, epilogues)
+run on the CPU against the convolutions and matrix products they compute.
 
 Runs without a GPU: `cuobjdump -sass` disassembles the CUDA-built extension
 (FASTFA_SASS_LIB=path/to/_C*.so, else the imported fastfa._C when it was built with the
 fused kernels). Every fused GEMM kernel whose body is compiled for a cubin must contain
 the tensor-core instruction of that architecture (HGMMA from wgmma on sm_90a, HMMA from
-mma.sync elsewhere) and no local-memory loads or stores (LDL / STL: spilled registers).
+mma.sync elsewhere), no local-memory loads or stores (LDL / STL: spilled registers), and use
+no more registers per thread than REGISTER_CEILINGS allows. Without a build the test skips,
+unless FASTFA_EXPECT_SM90A=1 (CI's SASS stage): then a missing build or tool, or a build
+without sm_90a code, fails. The CPU checks of the data path skip without nvcc or the CUTLASS
+headers (nvidia-cutlass, in the test extra), unless FASTFA_EXPECT_CUDA_TOOLKIT=1 (CI).
 cuobjdump and nvdisasm come from `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`.
 """
-
 from __future__ import annotations
 
 import glob
 import os
 import re
 import shutil
-import stat
 import subprocess
-import sys
-from collections import Counter
-from dataclasses import dataclass, field
+import textwrap
 
 import pytest
 
 import fastfa
+from machine_code import Kernel, cuobjdump, find_tool, parse_registers, parse_sass
 
 GEMM_KERNEL = "fused_gemm_kernel"  # csrc/cuda/gemm_kernel.cuh
 # Per architecture, one body per (dtype, operand views, transform, epilogue): 3 dtypes x
@@ -37,39 +38,17 @@ KERNELS_PER_CUBIN = 42
 # preprocessed out); anything longer than this would be a real body to check.
 STUB_INSTRUCTIONS = 16
 
-_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][\w.]*)")
 # The kernels' own MMA shapes. Shape matters: around wgmma.fence / commit without a real
 # wgmma, ptxas emits a placeholder HGMMA.64x8x16, so "some HGMMA" would prove nothing.
 TENSOR_CORE_SHAPES = {"HGMMA": ("HGMMA.64x128x",), "HMMA": ("HMMA.16816.F32", "HMMA.1688.F32")}
 
 
-@dataclass
-class Kernel:
-    arch: str
-    name: str
-    opcodes: Counter = field(default_factory=Counter)  # base opcode: HGMMA, LDL, ...
-    instructions: Counter = field(default_factory=Counter)  # with modifiers: HGMMA.64x128x16.F32.BF16
-
-    def tensor_core_count(self, opcode: str) -> int:
-        return sum(n for name, n in self.instructions.items() if name.startswith(TENSOR_CORE_SHAPES[opcode]))
-
-    @property
-    def policy(self) -> str:
-        return "Sm90Gmma" if "Sm90Gmma" in self.name else "Sm80Mma" if "Sm80Mma" in self.name else "?"
+def tensor_core_count(kernel: Kernel, opcode: str) -> int:
+    return sum(n for name, n in kernel.instructions.items() if name.startswith(TENSOR_CORE_SHAPES[opcode]))
 
 
-def parse_sass(text: str) -> list[Kernel]:
-    """Kernels of a `cuobjdump -sass` listing with their opcode counts (modifiers dropped)."""
-    kernels, arch = [], None
-    for line in text.splitlines():
-        if match := re.search(r"code for (sm_\w+)", line):
-            arch = match.group(1)
-        elif match := re.search(r"Function : (\S+)", line):
-            kernels.append(Kernel(arch, match.group(1)))
-        elif kernels and (match := _INSTRUCTION.search(line)):
-            kernels[-1].opcodes[match.group(1).split(".")[0]] += 1
-            kernels[-1].instructions[match.group(1)] += 1
-    return kernels
+def policy(kernel: Kernel) -> str:
+    return "Sm90Gmma" if "Sm90Gmma" in kernel.name else "Sm80Mma" if "Sm80Mma" in kernel.name else "?"
 
 
 def expected_policy(arch: str) -> tuple[str, str]:
@@ -80,120 +59,191 @@ def expected_policy(arch: str) -> tuple[str, str]:
     return ("Sm80Mma", "HMMA") if int(re.sub(r"\D", "", arch)) >= 80 else ("none", "HMMA")
 
 
-def check_kernels(kernels: list[Kernel]) -> list[str]:
-    """Everything wrong with the fused GEMM kernels of a listing, one line each."""
+# Registers per thread that each family of sm_90a kernel bodies may use: the build of 79451c5
+# (nvcc 13.0, the setup.py flags) measured, with a margin below. 255 is the hardware's limit;
+# a kernel that reaches it has most likely spilled or is about to, whatever LDL / STL show.
+# Measured: forward (bias / activation epilogue) 151-162; the GEMMs that use B unchanged
+# (grad_input of bp / stored fa / the estimated rules, grad_weight, split or not) 182-222;
+# grad_input through a drawn transform (fa drawn, brsf) 188-213; through a sign transform of
+# W (usf, frsf) 200-248, which leaves no margin below the limit itself.
+REGISTER_CEILINGS = {"forward": 192, "unchanged B": 240, "drawn B": 232, "sign of W": 254}
+HARDWARE_REGISTERS = 255
+_RULE_TRANSFORM = re.compile(r"RuleTransformILN\w*?RuleE(\d+)E")
+DRAWN_RULES = {1, 3}  # fa drawn from (seed, step), brsf (csrc/include/fastfa/feedback.h)
+
+
+def register_family(kernel: Kernel) -> str:
+    """The REGISTER_CEILINGS family of a fused GEMM, from its mangled name."""
+    if "BiasActivationEpilogue" in kernel.name:
+        return "forward"
+    if rule := _RULE_TRANSFORM.search(kernel.name):
+        return "drawn B" if int(rule.group(1)) in DRAWN_RULES else "sign of W"
+    return "unchanged B"
+
+
+def register_ceiling(kernel: Kernel) -> int:
+    # Only sm_90a's counts were measured; other architectures must stay below the hardware limit.
+    return REGISTER_CEILINGS[register_family(kernel)] if kernel.arch == "sm_90a" else HARDWARE_REGISTERS - 1
+
+
+def check_kernels(kernels: list[Kernel], registers: dict) -> list[str]:
+    """Everything wrong with the fused GEMM kernels of a listing, one line each; `registers` is
+    parse_registers' {(arch, name): registers per thread}."""
     problems = []
     gemms = [k for k in kernels if GEMM_KERNEL in k.name]
     if not gemms:
         return [f"no {GEMM_KERNEL} in the listing"]
     for arch in sorted({k.arch for k in gemms}):
-        policy, opcode = expected_policy(arch)
-        bodies = [k for k in gemms if k.arch == arch and k.policy == policy]
-        if policy != "none" and len(bodies) != KERNELS_PER_CUBIN:
-            problems.append(f"{arch}: {len(bodies)} {policy} kernels, expected {KERNELS_PER_CUBIN}")
+        expected, opcode = expected_policy(arch)
+        bodies = [k for k in gemms if k.arch == arch and policy(k) == expected]
+        if expected != "none" and len(bodies) != KERNELS_PER_CUBIN:
+            problems.append(f"{arch}: {len(bodies)} {expected} kernels, expected {KERNELS_PER_CUBIN}")
         for kernel in gemms:
             if kernel.arch != arch:
                 continue
-            if kernel.policy == policy:
-                if kernel.tensor_core_count(opcode) == 0:
+            if policy(kernel) == expected:
+                if tensor_core_count(kernel, opcode) == 0:
                     problems.append(f"{arch} {kernel.name}: no {' / '.join(TENSOR_CORE_SHAPES[opcode])} "
                                     "(tensor cores unused)")
-                spills = kernel.opcodes["LDL"] + kernel.opcodes["STL"]
-                if spills:
-                    problems.append(f"{arch} {kernel.name}: {spills} LDL/STL (registers spilled to local memory)")
+                if kernel.local_memory_accesses:
+                    problems.append(f"{arch} {kernel.name}: {kernel.local_memory_accesses} LDL/STL "
+                                    "(registers spilled to local memory)")
+                used, ceiling = registers.get((arch, kernel.name)), register_ceiling(kernel)
+                if used is None:
+                    problems.append(f"{arch} {kernel.name}: no register count in the resource listing")
+                elif used > ceiling:
+                    problems.append(f"{arch} {kernel.name}: {used} registers per thread, above the "
+                                    f"{register_family(kernel)!r} ceiling of {ceiling}")
             elif sum(kernel.opcodes.values()) > STUB_INSTRUCTIONS:
-                problems.append(f"{arch} {kernel.name}: a {kernel.policy} body in a {arch} cubin "
-                                f"({sum(kernel.opcodes.values())} instructions), where only {policy} runs")
+                problems.append(f"{arch} {kernel.name}: a {policy(kernel)} body in a {arch} cubin "
+                                f"({sum(kernel.opcodes.values())} instructions), where only {expected} runs")
     return problems
 
 
-def test_checker_flags_kernels_without_tensor_cores_or_with_spills():
+def test_checker_flags_kernels_without_tensor_cores_with_spills_or_too_many_registers():
     """The checker itself fails a GEMM without its HGMMA (FFMA and ptxas's placeholder HGMMA only),
-    one with STL, and a missing instantiation."""
+    one with STL, one above its family's register ceiling, one without a register count, and a
+    missing instantiation."""
     name = "_ZN6fastfa4gemm17fused_gemm_kernelINS0_8Sm90GmmaENS0_4Bf16E{}EEvNS0_7ProblemET1_T2_"
+    usf = "NS0_13RuleTransformILNS_4RuleE2EEENS0_13StoreEpilogueIS3_NS0_12MatrixOutputEEE{}"
+    forward = "NS0_17IdentityTransformENS0_22BiasActivationEpilogueIS3_NS5_11ImageOutputEEE{}"
+    names = [name.format(usf.format(0) if index == 2 else forward.format(3) if index == 3 else index)
+             for index in range(KERNELS_PER_CUBIN)]
     listing = ["\tcode for sm_90a"]
-    for index in range(KERNELS_PER_CUBIN):
+    registers = {("sm_90a", kernel): 160 for kernel in names}
+    registers[("sm_90a", names[2])] = 255  # usf: the hardware's limit, above its ceiling
+    registers[("sm_90a", names[3])] = REGISTER_CEILINGS["forward"] + 1
+    del registers[("sm_90a", names[4])]
+    for index, kernel in enumerate(names):
         body = (["FFMA R1, R2, R3, R4 ;", "HGMMA.64x8x16.F16 R0, gdesc[UR4], RZ ;"] if index == 0
                 else ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;"])
         if index == 1:
             body.append("STL [R1+0x10], R5 ;")
-        listing.append(f"\t\tFunction : {name.format(index)}")
+        listing.append(f"\t\tFunction : {kernel}")
         listing += [f"        /*{16 * i:04x}*/                   {op}   /* 0x0 */" for i, op in enumerate(body)]
-    problems = check_kernels(parse_sass("\n".join(listing)))
-    assert any("no HGMMA.64x128x" in p and name.format(0) in p for p in problems), problems
-    assert any("LDL/STL" in p and name.format(1) in p for p in problems), problems
-    assert len(problems) == 2, problems
-    problems = check_kernels(parse_sass("\n".join(listing[:-2])))  # one kernel fewer
+    problems = check_kernels(parse_sass("\n".join(listing)), registers)
+    assert any("no HGMMA.64x128x" in p and names[0] in p for p in problems), problems
+    assert any("LDL/STL" in p and names[1] in p for p in problems), problems
+    assert any("255 registers" in p and "'sign of W' ceiling of 254" in p and names[2] in p for p in problems), problems
+    assert any(f"{REGISTER_CEILINGS['forward'] + 1} registers" in p and "'forward'" in p and names[3] in p
+               for p in problems), problems
+    assert any("no register count" in p and names[4] in p for p in problems), problems
+    assert len(problems) == 5, problems
+    problems = check_kernels(parse_sass("\n".join(listing[:-2])), registers)  # one kernel fewer
     assert any("expected" in p for p in problems), problems
+
+
+def test_register_families_name_every_sm90a_body():
+    """Each transform and epilogue the build instantiates falls in the family it was measured in."""
+    prefix = "_ZN6fastfa4gemm17fused_gemm_kernelINS0_8Sm90GmmaENS0_4Bf16ENS0_11GemmProblemINS0_11MatrixIndexES5_EENS0_"
+    cases = {"13RuleTransformILNS_4RuleE1EEENS0_13StoreEpilogue": "drawn B",
+             "13RuleTransformILNS_4RuleE2EEENS0_13StoreEpilogue": "sign of W",
+             "13RuleTransformILNS_4RuleE3EEENS0_13StoreEpilogue": "drawn B",
+             "13RuleTransformILNS_4RuleE4EEENS0_13StoreEpilogue": "sign of W",
+             "17IdentityTransformENS0_13SplitEpilogueEEEvT1_T2_T3_": "unchanged B",
+             "17IdentityTransformENS0_13StoreEpilogueIS3_NS0_12MatrixOutputEEEEEvT1_T2_T3_": "unchanged B",
+             "17IdentityTransformENS0_22BiasActivationEpilogueIS3_NS0_12MatrixOutputEEEEEvT1_T2_T3_": "forward"}
+    for suffix, family in cases.items():
+        assert register_family(Kernel("sm_90a", prefix + suffix)) == family, suffix
+
+
+# Set where a skip would hide a check that must run: FASTFA_EXPECT_SM90A=1 (CI's SASS stage) says
+# a CUDA build for sm_90a is here to read; FASTFA_EXPECT_CUDA_TOOLKIT=1 (CI) that nvcc and the
+# CUTLASS headers are, for the CPU checks of the data path.
+EXPECT_SM90A, EXPECT_CUDA_TOOLKIT = "FASTFA_EXPECT_SM90A", "FASTFA_EXPECT_CUDA_TOOLKIT"
+
+
+def _expected(variable: str) -> bool:
+    return os.environ.get(variable, "0") not in ("", "0")
+
+
+def _skip_unless_expected(variable: str, reason: str):
+    if _expected(variable):
+        pytest.fail(f"{variable}=1, but {reason}")
+    pytest.skip(reason)
 
 
 def _library() -> str | None:
     if os.environ.get("FASTFA_SASS_LIB"):
-        return os.environ["FASTFA_SASS_LIB"]
+        library = os.environ["FASTFA_SASS_LIB"]
+        assert os.path.isfile(library), f"FASTFA_SASS_LIB={library!r} is not a file"
+        return library
     if fastfa._C.build_info().get("fused_cuda"):
         return fastfa._C.__file__
     return None
 
 
-def _tool(name: str) -> str | None:
-    """A CUDA binary tool: on PATH, in CUDA_HOME, or in pip's nvidia/*/bin (made executable)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name)]
-    for site in sys.path:
-        candidates += sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin", name)))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            if not os.access(candidate, os.X_OK):
-                try:
-                    os.chmod(candidate, os.stat(candidate).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-                except OSError:
-                    continue
-            return candidate
-    return None
-
-
-def _run(tool: str, *args: str) -> str:
-    # cuobjdump calls nvdisasm for sm_90 code: both must be on PATH.
-    nvdisasm = _tool("nvdisasm")
-    env = dict(os.environ)
-    if nvdisasm:
-        env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
-    return subprocess.run([tool, *args], check=True, capture_output=True, text=True, env=env).stdout
-
-
-def _registers(listing: str) -> dict:
-    """{(arch, kernel): registers per thread} from `cuobjdump -res-usage`."""
-    registers, arch, name = {}, None, None
-    for line in listing.splitlines():
-        if match := re.search(r"arch = (sm_\w+)", line):
-            arch = match.group(1)
-        elif match := re.search(r"Function (\S+):", line):
-            name = match.group(1)
-        elif name and (match := re.search(r"REG:(\d+)", line)):
-            registers[(arch, name)] = int(match.group(1))
-    return registers
-
-
 def test_fused_gemm_kernels_use_tensor_cores_without_spills():
     library = _library()
     if library is None:
-        pytest.skip("fastfa._C was built without the fused CUDA kernels and FASTFA_SASS_LIB is not set "
-                    "(build with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a and nvidia-cutlass installed)")
-    cuobjdump = _tool("cuobjdump")
-    if cuobjdump is None or _tool("nvdisasm") is None:
-        pytest.skip("cuobjdump / nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
-    kernels = parse_sass(_run(cuobjdump, "-sass", library))
-    registers = _registers(_run(cuobjdump, "-res-usage", library))
+        _skip_unless_expected(EXPECT_SM90A, "fastfa._C was built without the fused CUDA kernels and FASTFA_SASS_LIB "
+                                            "is not set (build with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a and "
+                                            "nvidia-cutlass installed)")
+    tools = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if None in tools:
+        _skip_unless_expected(EXPECT_SM90A, "cuobjdump / nvdisasm not found: "
+                                            "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    kernels = parse_sass(cuobjdump(*tools, "-sass", library))
+    registers = parse_registers(cuobjdump(*tools, "-res-usage", library))
+    arches = sorted({kernel.arch for kernel in kernels if GEMM_KERNEL in kernel.name})
+    if _expected(EXPECT_SM90A):
+        assert "sm_90a" in arches, f"{EXPECT_SM90A}=1, but {library} holds fused GEMMs for {arches} only"
     for kernel in kernels:
-        if GEMM_KERNEL in kernel.name and kernel.policy == expected_policy(kernel.arch)[0]:
+        if GEMM_KERNEL in kernel.name and policy(kernel) == expected_policy(kernel.arch)[0]:
             opcode = expected_policy(kernel.arch)[1]
-            used = registers.get((kernel.arch, kernel.name), "?")
-            print(f"{kernel.arch} {opcode}={kernel.tensor_core_count(opcode)} REG={used} "
+            print(f"{kernel.arch} {opcode}={tensor_core_count(kernel, opcode)} "
+                  f"REG={registers.get((kernel.arch, kernel.name), '?')}/{register_ceiling(kernel)} "
                   f"LDL={kernel.opcodes['LDL']} STL={kernel.opcodes['STL']} {kernel.name}")
-    problems = check_kernels(kernels)
+    problems = check_kernels(kernels, registers)
     assert not problems, "\n".join(problems)
+
+
+# The positive control of the Triton kernels' spill check (tests/triton_sm90.py): one warp
+# holding 32 values per thread fits its registers; 256 per thread cannot (255 is the limit).
+SPILL_CONTROL_SCRIPT = textwrap.dedent(r"""
+    import triton
+    from triton_sm90 import SpillRecord, compile_for_sm90, register_hungry_kernel
+
+    record = SpillRecord()
+    one_warp = triton.Config({}, num_warps=1, num_stages=1)
+    for per_thread in (32, 256):
+        record.add(f"{per_thread} per thread", compile_for_sm90(register_hungry_kernel, "fp32",
+                                                                 dict(BLOCK=32 * per_thread), config=one_warp))
+    record.print()
+""")
+
+
+def test_triton_spill_check_sees_a_kernel_that_spills():
+    """The check the Triton tests run on their sm_90 cubins reports a kernel made to spill, and
+    passes the same kernel with a working set that fits."""
+    pytest.importorskip("triton")
+    import triton_sm90
+
+    spills = triton_sm90.compile_and_read_spills(SPILL_CONTROL_SCRIPT)
+    assert spills["32 per thread"] is None, spills
+    assert spills["256 per thread"] and "STL" in spills["256 per thread"], spills
+    with pytest.raises(triton_sm90.Spilled, match="256 per thread"):
+        triton_sm90.assert_no_spills(spills)
 
 
 def _nvcc() -> str | None:
@@ -203,14 +253,16 @@ def _nvcc() -> str | None:
 
 
 def _host_program(tmp_path, source: str, *flags: str) -> str:
-    """tests/cuda/<source>, compiled by nvcc for the host with the CuTe headers; skips without them."""
+    """tests/cuda/<source>, compiled by nvcc for the host with the CuTe headers; skips without them
+    (fails under FASTFA_EXPECT_CUDA_TOOLKIT=1)."""
     nvcc = _nvcc()
     if nvcc is None:
-        pytest.skip("no nvcc (CUDA toolkit) found")
+        _skip_unless_expected(EXPECT_CUDA_TOOLKIT, "no nvcc (CUDA toolkit) found")
     try:
         import cutlass_library
     except ImportError:
-        pytest.skip("the CUTLASS / CuTe headers are missing: pip install nvidia-cutlass==4.2.0.0")
+        _skip_unless_expected(EXPECT_CUDA_TOOLKIT, "the CUTLASS / CuTe headers are missing: pip install "
+                                                   "nvidia-cutlass==4.2.0.0 (in the test extra)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cutlass = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
     program = str(tmp_path / os.path.splitext(source)[0])
