@@ -58,6 +58,11 @@ def _restores_global_state_and_expects_no_fallback():
 # later; conv2d with groups = 1, its grad_input at stride 1. B's gradient for wm, aa and ia
 # runs on aten. Anything else must be a recorded fallback.
 FEEDBACK_GRADIENT_ON_ATEN = ("wm", "aa", "ia")
+# A fragment of each reason the cuda backend records (test_cuda_contract checks them against
+# csrc/cuda on the CPU, so that rewording a reason fails there, not first on a GPU).
+REASONS = {"capability": "compute capability 8.0", "fp64": "fp64", "no tf32": "allow_tf32 is False",
+           "groups": "groups > 1", "strided grad_input": "grad_input of a strided conv2d",
+           "feedback gradient": "B's gradient"}
 
 
 def _cuda_fallbacks(op, dtype, rule="usf", *, groups=1, stride=1, forward=True, backward=True, grad_input=True):
@@ -67,21 +72,21 @@ def _cuda_fallbacks(op, dtype, rule="usf", *, groups=1, stride=1, forward=True, 
     ops = [f"cuda_{op}"] * forward + [f"cuda_{op}_backward"] * backward
     whole = None
     if torch.cuda.get_device_capability() < (8, 0):
-        whole = "compute capability 8.0"
+        whole = REASONS["capability"]
     elif dtype == torch.float64:
-        whole = "fp64"
+        whole = REASONS["fp64"]
     elif dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        whole = "allow_tf32 is False"
+        whole = REASONS["no tf32"]
     elif groups != 1:
-        whole = "groups > 1"
+        whole = REASONS["groups"]
     if whole is not None:
         return [(name, whole) for name in ops]
     expected = []
     strided = any(s > 1 for s in ((stride, stride) if isinstance(stride, int) else stride))
     if backward and grad_input and strided:
-        expected.append((f"cuda_{op}_backward", "grad_input of a strided conv2d"))
+        expected.append((f"cuda_{op}_backward", REASONS["strided grad_input"]))
     if backward and rule in FEEDBACK_GRADIENT_ON_ATEN:
-        expected.append((f"cuda_{op}_backward", "B's gradient"))
+        expected.append((f"cuda_{op}_backward", REASONS["feedback gradient"]))
     return expected
 
 
