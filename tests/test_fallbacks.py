@@ -119,3 +119,11 @@ def test_expect_fallbacks_through_triton_calls(dtype):
     with pytest.raises(AssertionError, match=failure):
         with expect_fallbacks(*wrong):
             call()
+
+
+@triton_usable
+def test_the_triton_status_counts_only_triton_fallbacks():
+    _C._record_fallback("cuda_linear", "fp64")
+    assert "fell back" not in fastfa.backends()["triton"].reason
+    fastfa._backend.record_fallback("triton_linear", "fp64")
+    assert "1 call(s) fell back to aten" in fastfa.backends()["triton"].reason

@@ -67,7 +67,7 @@ def _triton_status() -> BackendStatus:
     if not where:
         return BackendStatus(False, "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the Triton kernels on "
                                     "CPU tensors through Triton's interpreter, for testing)")
-    fallen = sum(record.count for record in last_fallbacks())
+    fallen = sum(record.count for record in last_fallbacks() if record.op.startswith("triton_"))
     note = f"; {fallen} call(s) fell back to aten (see fastfa.last_fallbacks())" if fallen else ""
     return BackendStatus(True, "fastfa's Triton kernels (the transform fused into the GEMM tile loads) on "
                                f"{' and '.join(where)}; unsupported configurations fall back to aten{note}")
