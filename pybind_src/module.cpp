@@ -1,5 +1,7 @@
 // fastfa._C: loading it registers the ops (ops_registration.cpp); build_info() tells
 // what this binary was built with, so `fastfa info` and a mismatch warning can say it.
+#include "fastfa/fallbacks.h"
+
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -43,9 +45,22 @@ pybind11::dict build_info() {
   return info;
 }
 
+pybind11::list fallbacks() {
+  pybind11::list records;
+  for (const fastfa::Fallback& record : fastfa::recorded_fallbacks()) {
+    records.append(pybind11::make_tuple(record.op, record.backend, record.reason, record.count));
+  }
+  return records;
+}
+
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastfa's compiled kernels; the ops live in torch.ops.fastfa";
   m.def("build_info", &build_info, "What this binary was built with: torch and CUDA versions, architectures");
+  // The fallback record (csrc/fallbacks.cpp), read and written through fastfa._backend.
+  m.def("_record_fallback", &fastfa::record_fallback, pybind11::arg("op"), pybind11::arg("reason"),
+        pybind11::arg("backend") = "aten");
+  m.def("_fallbacks", &fallbacks, "[(op, backend, reason, count)] since the last clear, in the order first seen");
+  m.def("_clear_fallbacks", &fastfa::clear_fallbacks);
 }

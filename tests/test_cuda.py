@@ -1,15 +1,25 @@
 """The CUDA twins: the transform kernel and the aten backend on a GPU against the CPU and the
 oracle; the cuda backend's fused kernels against the oracle.
 
+Every cuda-backend call is checked for the path it took (fallback_paths.expect_fallbacks):
+the fused kernels where they cover the call, the aten path, recorded with its reason, where
+they do not. So a run with every call forced onto the aten path must fail:
+
+    FASTFA_CUDA_FORCE_ATEN=1 python -m pytest -q tests/test_cuda.py   # fails: "fell back where ..."
+    python -m pytest -q tests/test_cuda.py                            # passes
+
 Skipped without a CUDA device. On a GPU machine (the whole GPU suite, with compute-sanitizer
 and the benchmark): bash benchmarks/gpu_suite.sh
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
 from conftest import assert_close, away_from_relu_kink
+from fallback_paths import expect_fallbacks
+from test_estimated import expected_feedback_grad
 
 import fastfa
 import oracle
@@ -22,6 +32,62 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _restores_global_state_and_expects_no_fallback():
+    """Each test leaves torch's tf32 switches, the default dtype and fastfa's backend as it found
+    them (a test that turned tf32 off would send every later fp32 cuda-backend call to the aten
+    path); and a cuda-backend call that fell back fails the test unless the test expected it."""
+    state = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype(),
+             fastfa.get_backend())
+    fastfa.clear_fallbacks()
+    try:
+        yield
+        fallen = fastfa.last_fallbacks()
+        assert not fallen, f"calls fell back to aten that the test did not expect: {fallen}"
+    finally:
+        fastfa.clear_fallbacks()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state[:2]
+        torch.set_default_dtype(state[2])
+        fastfa.set_backend(state[3])
+
+
+# What the cuda backend's fused kernels cover (README, "cuda"): fp16, bf16, and fp32 through
+# tf32 while torch.backends.cuda.matmul.allow_tf32 allows it, on compute capability 8.0 or
+# later; conv2d with groups = 1, its grad_input at stride 1. B's gradient for wm, aa and ia
+# runs on aten. Anything else must be a recorded fallback.
+FEEDBACK_GRADIENT_ON_ATEN = ("wm", "aa", "ia")
+# A fragment of each reason the cuda backend records (test_cuda_contract checks them against
+# csrc/cuda on the CPU, so that rewording a reason fails there, not first on a GPU).
+REASONS = {"capability": "compute capability 8.0", "fp64": "fp64", "no tf32": "allow_tf32 is False",
+           "groups": "groups > 1", "strided grad_input": "grad_input of a strided conv2d",
+           "feedback gradient": "B's gradient"}
+
+
+def _cuda_fallbacks(op, dtype, rule="usf", *, groups=1, stride=1, forward=True, backward=True, grad_input=True):
+    """The (op, reason fragment) records that one call of the cuda backend's ``op`` ("linear" or
+    "conv2d", with ``forward``) and of its backward (with ``backward``) must leave; [] where the
+    fused kernels ran it all. Derived from the call, not from the backend."""
+    ops = [f"cuda_{op}"] * forward + [f"cuda_{op}_backward"] * backward
+    whole = None
+    if torch.cuda.get_device_capability() < (8, 0):
+        whole = REASONS["capability"]
+    elif dtype == torch.float64:
+        whole = REASONS["fp64"]
+    elif dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        whole = REASONS["no tf32"]
+    elif groups != 1:
+        whole = REASONS["groups"]
+    if whole is not None:
+        return [(name, whole) for name in ops]
+    expected = []
+    strided = any(s > 1 for s in ((stride, stride) if isinstance(stride, int) else stride))
+    if backward and grad_input and strided:
+        expected.append((f"cuda_{op}_backward", REASONS["strided grad_input"]))
+    if backward and rule in FEEDBACK_GRADIENT_ON_ATEN:
+        expected.append((f"cuda_{op}_backward", REASONS["feedback gradient"]))
+    return expected
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -54,25 +120,18 @@ def test_cuda_transform_equals_cpu(rule, dtype, distribution, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rule", fastfa.RULES)
 def test_cuda_layers_match_cpu(rule, dtype):
-    """The same layers on the GPU (cuBLAS / cuDNN) give the CPU's gradients up to rounding."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    """The same layers on the GPU (cuBLAS / cuDNN, full fp32) give the CPU's fp64 results from
+    the same (rounded) parameters and inputs, at the GPU dtype's tolerance."""
     for layer, shape in ((fastfa.nn.Linear(257, 129, rule=rule, seed=1), (33, 257)),
                          (fastfa.nn.Conv2d(16, 24, 3, stride=2, padding=1, groups=2, rule=rule, seed=1),
                           (5, 16, 19, 17))):
-        layer = layer.double()
-        x = torch.randn(shape, dtype=torch.float64)
-        reference = _grads(layer, x)
-        cuda_layer = _copy(layer).to(device="cuda", dtype=dtype)
-        ours = _grads(cuda_layer, x.to(device="cuda", dtype=dtype))
-        for a, b in zip(ours, reference):
-            assert_close(a.double().cpu(), b, torch.bfloat16 if dtype != torch.float32 else torch.float32)
-
-
-def _copy(layer):
-    import copy
-
-    return copy.deepcopy(layer)
+        layer = layer.to(dtype)
+        x = torch.randn(shape, dtype=dtype)
+        reference = _grads(copy.deepcopy(layer).double(), x.double())
+        with _tf32(False):
+            ours = _grads(copy.deepcopy(layer).cuda(), x.cuda())
+        for name, a, b in zip(("output", "grad_input", "grad_weight", "grad_bias", "grad_feedback"), ours, reference):
+            assert_close(a.double().cpu(), b, dtype, f"{rule} {dtype} {type(layer).__name__} {name}")
 
 
 def _grads(layer, x):
@@ -80,7 +139,8 @@ def _grads(layer, x):
     y = layer(x)
     g = torch.ones_like(y)
     y.backward(g)
-    return [y.detach(), x.grad, layer.weight.grad, layer.bias.grad]
+    learned = [layer.feedback.grad] if isinstance(layer.feedback, torch.nn.Parameter) else []
+    return [y.detach(), x.grad, layer.weight.grad, layer.bias.grad] + learned
 
 
 def test_cuda_compile_fullgraph():
@@ -111,23 +171,37 @@ def _require_cuda_backend():
 
 @contextlib.contextmanager
 def _tf32(enabled: bool):
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    """cuBLAS' and cuDNN's tf32 switches for a block (the cuda backend reads cuBLAS')."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def _resolved_scale_and_distribution(rule, w, options):
+    """The draw's scale and distribution that a call with `options` resolves to. fastfa's own
+    resolution (feedback_arguments): the one place to switch to the tests' independent one."""
+    rule_options = {key: value for key, value in options.items() if key != "feedback"}
+    _, scale, distribution, _, _ = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
+    return scale, Distribution(distribution).name.lower()
 
 
 def _oracle_feedback(rule, w, feedback, options):
-    """The oracle's B for a layer called with `options`, and the rule's alignment options."""
-    rule_options = {key: value for key, value in options.items() if key != "feedback"}
-    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
+    """The oracle's B for a layer called with `options`."""
+    scale, distribution = _resolved_scale_and_distribution(rule, w, options)
     stored = feedback.detach().cpu() if feedback is not None else None
-    seed, step = (int(rng[0]), int(rng[1])) if rng is not None else (None, None)
-    B = oracle.feedback_matrix(spec.name, w.detach().cpu(), feedback=stored, seed=seed, step=step, scale=scale,
-                               distribution=Distribution(distribution).name.lower())
-    return B, alignment
+    return oracle.feedback_matrix(rule, w.detach().cpu(), feedback=stored, seed=options.get("seed"),
+                                  step=options.get("step"), scale=scale, distribution=distribution)
+
+
+# Alignment coefficients far above the defaults (1e-3), so that B's gradient stands well out of
+# the dtype's tolerance; each rule is given those it takes (learning-rules.md's table).
+ALIGNMENT = dict(alpha=0.3, beta=0.7, gamma=0.2, sigma=1.3)
+ALIGNMENT_TAKEN = {"kp": ("alpha",), "wm": ("alpha", "beta", "sigma"), "sa": ("alpha", "beta"),
+                   "aa": ("alpha", "beta"), "ia": ("alpha", "beta", "gamma")}
+WM_SEED, WM_STEP = 2**35 + 17, 2**33 + 5
 
 
 def _rule_inputs(rule, weight, fan_in):
@@ -137,8 +211,25 @@ def _rule_inputs(rule, weight, fan_in):
         feedback = (torch.randn_like(weight) / fan_in**0.5).requires_grad_(rule in oracle.ESTIMATED)
         options["feedback"] = feedback
     if rule in ("brsf", "wm"):
-        options.update(seed=2**35 + 17, step=2**33 + 5)
+        options.update(seed=WM_SEED, step=WM_STEP)
+    options.update({name: ALIGNMENT[name] for name in ALIGNMENT_TAKEN.get(rule, ())})
     return options, feedback
+
+
+def _expected_feedback_gradient(rule, x, w, feedback, grad_weight, conv_geometry=None):
+    """learning-rules.md's gradient of B (test_estimated's spec implementation) in fp64 on the
+    CPU, for the options _rule_inputs gives; wm's noise from the oracle's generator."""
+    w, feedback, x = (t.detach().cpu().double() for t in (w, feedback, x))
+    if conv_geometry is None:
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64)
+    else:
+        layer = torch.nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), *conv_geometry, bias=False,
+                                dtype=torch.float64)
+    layer.weight.data = w
+    layer.feedback, layer.rule = feedback, rule
+    layer.alignment_options = [ALIGNMENT[name] for name in ("alpha", "beta", "gamma", "sigma")]
+    noise = oracle.draw(WM_SEED, WM_STEP, x.shape, "normal", ALIGNMENT["sigma"]).double() if rule == "wm" else None
+    return expected_feedback_grad(layer, x, grad_weight, noise)
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
@@ -156,10 +247,10 @@ def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
     g = torch.randn(*leading, out_features, dtype=dtype, device="cuda")
     preactivation = x.detach().double() @ w.detach().double().t() + b.detach().double()
     g = away_from_relu_kink(g, preactivation, activation)
-    with _tf32(True):
+    with _tf32(True), expect_fallbacks(*_cuda_fallbacks("linear", dtype, rule)):
         y = fastfa.functional.linear(x, w, b, rule=rule, activation=activation, backend="cuda", **options)
         y.backward(g)
-    B, alignment = _oracle_feedback(rule, w, feedback, options)
+    B = _oracle_feedback(rule, w, feedback, options)
     expected = oracle.linear(x.detach().cpu().double(), w.detach().cpu().double(), b.detach().cpu().double(),
                              B.double(), g.cpu().double(), activation)
     like = TOLERANCE_AS[dtype]
@@ -168,19 +259,7 @@ def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
         assert ours.dtype == dtype and ours.is_cuda, name
         assert_close(ours.detach().cpu().double(), theirs, like, f"{rule} {dtype} {name}")
     if rule in oracle.ESTIMATED:
-        # kp and sa are summed from tensors the op has; wm, aa, ia reuse the aten backend's terms.
-        alpha, beta = alignment[0], alignment[1]
-        if rule == "kp":
-            expected_feedback = expected[2] + 2 * alpha * feedback.detach().cpu().double()
-        elif rule == "sa":
-            expected_feedback = 2 * alpha * feedback.detach().cpu().double() - beta * w.detach().cpu().double()
-        else:
-            aten_feedback = feedback.detach().clone().requires_grad_(True)
-            aten_options = dict(options, feedback=aten_feedback)
-            with _tf32(True):
-                fastfa.functional.linear(x.detach(), w.detach(), b.detach(), rule=rule, activation=activation,
-                                         backend="aten", **aten_options).backward(g)
-            expected_feedback = aten_feedback.grad.cpu().double()
+        expected_feedback = _expected_feedback_gradient(rule, x, w, feedback, expected[2])
         assert_close(feedback.grad.cpu().double(), expected_feedback, like, f"{rule} {dtype} grad_feedback")
 
 
@@ -210,12 +289,12 @@ def test_cuda_backend_conv2d_matches_oracle(shape, rule, dtype, channels_last):
     w = w.to(memory_format=format).requires_grad_(True)
     b = torch.randn(out_channels, dtype=dtype, device="cuda", requires_grad=True)
     options, feedback = _rule_inputs(rule, w, fan_in)
-    with _tf32(True):
+    with _tf32(True), expect_fallbacks(*_cuda_fallbacks("conv2d", dtype, rule, stride=stride)):
         y = fastfa.functional.conv2d(x, w, b, stride, padding, dilation, rule=rule, activation="gelu",
                                      backend="cuda", **options)
         g = torch.randn_like(y)
         y.backward(g)
-    B, alignment = _oracle_feedback(rule, w, feedback, options)
+    B = _oracle_feedback(rule, w, feedback, options)
     expected = oracle.conv2d(x.detach().cpu().double(), w.detach().cpu().double(), b.detach().cpu().double(),
                              B.double(), g.cpu().double(), stride, padding, dilation, activation="gelu")
     like = TOLERANCE_AS[dtype]
@@ -223,29 +302,41 @@ def test_cuda_backend_conv2d_matches_oracle(shape, rule, dtype, channels_last):
                                   (y, x.grad, w.grad, b.grad), expected):
         assert ours.dtype == dtype and ours.is_cuda, name
         assert_close(ours.detach().cpu().double(), theirs, like, f"{rule} {dtype} {name}")
-    if rule in ("kp", "sa"):
-        alpha, beta = alignment[0], alignment[1]
-        expected_feedback = (expected[2] + 2 * alpha * feedback.detach().cpu().double() if rule == "kp" else
-                             2 * alpha * feedback.detach().cpu().double() - beta * w.detach().cpu().double())
+    if rule in oracle.ESTIMATED:
+        expected_feedback = _expected_feedback_gradient(rule, x, w, feedback, expected[2],
+                                                        (stride, padding, dilation))
         assert_close(feedback.grad.cpu().double(), expected_feedback, like, f"{rule} {dtype} grad_feedback")
 
 
-def test_cuda_backend_conv2d_says_what_takes_the_aten_path():
+@pytest.mark.parametrize("groups,stride,warning", [(2, 1, "groups > 1"), (1, 2, "strided conv2d")])
+def test_cuda_backend_conv2d_says_what_takes_the_aten_path(groups, stride, warning):
     """groups > 1 and a strided grad_input are not implicit GEMMs here: they run on the aten path,
-    with a warning that names the reason, and give the aten backend's results."""
+    warned and recorded with the reason; every result matches the oracle, and what ran on the
+    aten path gives the aten backend's results."""
     _require_cuda_backend()
     x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-    for groups, stride, reason in ((2, 1, "groups > 1"), (1, 2, "strided conv2d")):
-        w = torch.randn(8, 8 // groups, 3, 3, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-        results = []
-        for backend in ("cuda", "aten"):
-            x.grad = w.grad = None
-            with pytest.warns(UserWarning, match=reason) if backend == "cuda" else contextlib.nullcontext():
-                y = fastfa.functional.conv2d(x, w, None, stride, 1, 1, groups, rule="usf", backend=backend)
-                y.backward(torch.ones_like(y))
-            results.append((y.detach(), x.grad.clone(), w.grad.clone()))
-        torch.testing.assert_close(results[0][0], results[1][0])
-        torch.testing.assert_close(results[0][1], results[1][1])
+    w = torch.randn(8, 8 // groups, 3, 3, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+
+    def run(backend):
+        x.grad = w.grad = None
+        y = fastfa.functional.conv2d(x, w, None, stride, 1, 1, groups, rule="usf", backend=backend)
+        y.backward(torch.ones_like(y))
+        return y.detach(), x.grad.clone(), w.grad.clone()
+
+    results = {}
+    with expect_fallbacks(*_cuda_fallbacks("conv2d", x.dtype, groups=groups, stride=stride)), \
+            pytest.warns(UserWarning, match=warning):
+        results["cuda"] = run("cuda")
+    results["aten"] = run("aten")
+    B = _oracle_feedback("usf", w, None, {})
+    expected = oracle.conv2d(x.detach().cpu().double(), w.detach().cpu().double(), None, B.double(),
+                             torch.ones_like(results["cuda"][0]).cpu().double(), stride, 1, 1, groups)
+    for name, ours, theirs in zip(("output", "grad_input", "grad_weight"), results["cuda"], expected):
+        assert_close(ours.cpu().double(), theirs, torch.bfloat16, f"groups={groups} stride={stride} {name}")
+    on_aten = ("output", "grad_input", "grad_weight") if groups > 1 else ("grad_input",)
+    for name, ours, theirs in zip(("output", "grad_input", "grad_weight"), results["cuda"], results["aten"]):
+        if name in on_aten:
+            torch.testing.assert_close(ours, theirs, msg=lambda m: f"{name} on the aten path: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -263,23 +354,28 @@ def test_cuda_backend_transform_is_the_transform_kernel_exactly(rule, distributi
     rng = torch.tensor([2**40 + 3, 2**33 + 11], device="cuda")
     identity = torch.eye(out_features, dtype=dtype, device="cuda")
     x = torch.randn(out_features, in_features, dtype=dtype, device="cuda")
-    grad_input = torch.ops.fastfa.cuda_linear_backward(
-        identity, x, w, feedback, rng, x.new_empty(0), x.new_empty(0), int(rule), 0.37, distribution,
-        [0.0, 0.0, 0.0, 1.0], "none", [True, False, False, False])[0]
+    with expect_fallbacks(*_cuda_fallbacks("linear", dtype, forward=False)):
+        grad_input = torch.ops.fastfa.cuda_linear_backward(
+            identity, x, w, feedback, rng, x.new_empty(0), x.new_empty(0), int(rule), 0.37, distribution,
+            [0.0, 0.0, 0.0, 1.0], "none", [True, False, False, False])[0]
     expected = torch.ops.fastfa.feedback_transform(w, feedback, rng, int(rule), 0.37, distribution)
     assert torch.equal(grad_input, expected)
 
 
-def test_cuda_backend_fp32_without_tf32_is_the_aten_path():
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float64, True)], ids=["fp32-no-tf32", "fp64"])
+def test_cuda_backend_fp32_without_tf32_and_fp64_are_the_aten_path(dtype, tf32):
     _require_cuda_backend()
-    x = torch.randn(33, 70, device="cuda", requires_grad=True)
-    w = torch.randn(20, 70, device="cuda", requires_grad=True)
+    x = torch.randn(33, 70, dtype=dtype, device="cuda", requires_grad=True)
+    w = torch.randn(20, 70, dtype=dtype, device="cuda", requires_grad=True)
     results = []
-    with _tf32(False):
+    with _tf32(tf32):
         for backend in ("cuda", "aten"):
             x.grad = w.grad = None
-            y = fastfa.functional.linear(x, w, rule="usf", backend=backend)
-            y.backward(torch.ones_like(y))
+            paths = expect_fallbacks(*_cuda_fallbacks("linear", dtype)) if backend == "cuda" else \
+                contextlib.nullcontext()
+            with paths:
+                y = fastfa.functional.linear(x, w, rule="usf", backend=backend)
+                y.backward(torch.ones_like(y))
             results.append((y.detach(), x.grad.clone(), w.grad.clone()))
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
@@ -300,12 +396,36 @@ def test_cuda_backend_opcheck():
 
 
 def test_cuda_backend_compile_fullgraph():
+    """A compiled model on the cuda backend gives eager's output and gradients, and both are the
+    oracle's (two layers chained in fp64; gelu, without relu's kink, so rounding cannot flip a
+    derivative)."""
     _require_cuda_backend()
-    model = torch.nn.Sequential(fastfa.nn.Linear(40, 24, rule="brsf", seed=1, activation="relu"),
+    model = torch.nn.Sequential(fastfa.nn.Linear(40, 24, rule="brsf", seed=1, activation="gelu"),
                                 fastfa.nn.Linear(24, 5, rule="usf")).cuda().to(torch.bfloat16)
     x = torch.randn(7, 40, device="cuda", dtype=torch.bfloat16)
-    with fastfa.use_backend("cuda"):
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True)(x)
-        compiled.float().sum().backward()
-    torch.testing.assert_close(compiled, eager)
+    first, second = model[0], model[1]
+    rng = first.feedback_rng.clone()  # the [seed, step] this first step's backward reads
+    results = {}
+    with fastfa.use_backend("cuda"), expect_fallbacks():
+        for name, run in (("eager", copy.deepcopy(model)), ("compiled", None)):
+            run = torch.compile(model, fullgraph=True) if run is None else run
+            y = run(x)
+            y.float().sum().backward()
+            layers = model if name == "compiled" else run
+            results[name] = [y.detach()] + [p.grad for layer in layers for p in (layer.weight, layer.bias)]
+    for eager, compiled in zip(results["eager"], results["compiled"]):
+        torch.testing.assert_close(compiled, eager)
+
+    def f64(t):
+        return t.detach().cpu().double()
+
+    B1 = _oracle_feedback("brsf", first.weight, None, {"seed": int(rng[0]), "step": int(rng[1])})
+    B2 = _oracle_feedback("usf", second.weight, None, {})
+    h = oracle.linear(f64(x), f64(first.weight), f64(first.bias), B1.double(), torch.zeros(7, 24, dtype=torch.float64),
+                      "gelu")[0]
+    y, grad_h, grad_w2, grad_b2 = oracle.linear(h, f64(second.weight), f64(second.bias), B2.double(),
+                                                torch.ones(7, 5, dtype=torch.float64))
+    _, _, grad_w1, grad_b1 = oracle.linear(f64(x), f64(first.weight), f64(first.bias), B1.double(), grad_h, "gelu")
+    for name, ours, theirs in zip(("output", "grad_weight 1", "grad_bias 1", "grad_weight 2", "grad_bias 2"),
+                                  results["compiled"], (y, grad_w1, grad_b1, grad_w2, grad_b2)):
+        assert_close(f64(ours), theirs, torch.bfloat16, f"compiled {name}")

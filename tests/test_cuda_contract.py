@@ -1,11 +1,19 @@
 """The cuda backend's op contract, checked without a GPU: the same schemas as the aten ops,
-shape (fake) kernels, and a reason in fastfa.backends() wherever it is not usable."""
+shape (fake) kernels, a reason in fastfa.backends() wherever it is not usable, and the
+fallback reasons that the GPU tests expect."""
+
+import pathlib
+import re
 
 import pytest
+import test_cuda
+import test_fallbacks
 import torch
 
 import fastfa
 from fastfa.rules import Rule
+
+CUDA_SOURCES = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 
 OPS = ("linear", "linear_backward", "conv2d", "conv2d_backward")
 
@@ -42,3 +50,17 @@ def test_cuda_backend_status_says_why():
             fastfa.functional.linear(torch.randn(2, 3), torch.randn(4, 3), rule="usf", backend="cuda")
     # "auto" stays on aten until GPU measurements show the fused kernels are faster.
     assert fastfa._backend.resolve(None, torch.device("cpu")) == "aten"
+
+
+@pytest.mark.parametrize("fragment", sorted(test_cuda.REASONS.values()) + [test_fallbacks.FORCED])
+def test_the_reasons_the_gpu_tests_expect_are_the_ops_reasons(fragment):
+    """test_cuda.py matches the cuda backend's fallback records by fragments of their reasons
+    (and test_fallbacks by the forced one, whole): each must be in a string that csrc/cuda's
+    ops can record, or the GPU tests would fail on wording alone."""
+    literals = []
+    for source in ("fused_ops.h", "linear_cuda.cu", "conv_cuda.cu"):
+        text = (CUDA_SOURCES / source).read_text()
+        # Adjacent C++ string literals are one string, as the compiler joins them.
+        for run in re.finditer(r'(?:"(?:[^"\\]|\\.)*"\s*)+', text):
+            literals.append("".join(re.findall(r'"((?:[^"\\]|\\.)*)"', run.group(0))))
+    assert any(fragment in literal for literal in literals), f"no string in csrc/cuda contains {fragment!r}"

@@ -14,7 +14,8 @@
 // warning that says why (Python shows it once per call site): the linear ops' reasons (fp64,
 // fp32 without tf32, GPUs below sm_80), groups > 1, tensors of 2^31 elements or more, and
 // grad_input of a strided convolution (as one implicit GEMM it would multiply the stride's
-// skipped pixels by zero: stride^2 the work).
+// skipped pixels by zero: stride^2 the work). Each is recorded (fastfa.last_fallbacks()), as
+// are wm / aa / ia's B gradient and calls with an empty tensor (nothing to launch; no warning).
 // Only the kernels' declarations (fastfa/gemm.h, through fused_ops.h): their instantiations
 // live in gemm_<dtype>_conv*.cu, compiled once.
 #include "fused_ops.h"
@@ -32,6 +33,7 @@ namespace {
 using namespace fused;
 
 constexpr int64_t kMaxElements = std::numeric_limits<int32_t>::max();  // the indices' 32-bit coordinates
+constexpr const char* kEmpty = "with an empty tensor (no implicit GEMM to launch)";
 
 void check_geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
@@ -117,10 +119,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
               ", kernel ", weight.sizes().slice(2), ", stride ", stride, ", padding ", padding, ", dilation ",
               dilation);
   const char* reason = conv_aten_path_reason(input, weight, output, groups);
-  if (reason != nullptr || input.numel() == 0 || weight.numel() == 0) {
-    if (reason != nullptr) {
-      TORCH_WARN("fastfa: the cuda backend runs conv2d ", reason, " on the aten path (cuDNN)");
-    }
+  if (reason != nullptr) {
+    TORCH_WARN("fastfa: the cuda backend runs conv2d ", reason, " on the aten path (cuDNN)");
+  } else if (input.numel() == 0 || weight.numel() == 0) {
+    reason = kEmpty;
+  }
+  if (reason != nullptr) {
+    record_fallback("cuda_conv2d", reason);
     return conv2d_forward(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
                           distribution, alignment, activation);
   }
@@ -166,10 +171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
               "fastfa: grad_output must have input's dtype and device (", input.scalar_type(), ", ", input.device(),
               "), got ", grad_output.scalar_type(), ", ", grad_output.device());
   const char* reason = conv_aten_path_reason(input, weight, output, groups);
-  if (reason != nullptr || input.numel() == 0 || grad_output.numel() == 0 || weight.numel() == 0) {
-    if (reason != nullptr) {
-      TORCH_WARN("fastfa: the cuda backend runs conv2d's backward ", reason, " on the aten path (cuDNN)");
-    }
+  if (reason != nullptr) {
+    TORCH_WARN("fastfa: the cuda backend runs conv2d's backward ", reason, " on the aten path (cuDNN)");
+  } else if (input.numel() == 0 || grad_output.numel() == 0 || weight.numel() == 0) {
+    reason = kEmpty;
+  }
+  if (reason != nullptr) {
+    record_fallback("cuda_conv2d_backward", reason);
     return conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, stride, padding,
                            dilation, groups, rule, scale, distribution, alignment, activation, output_mask);
   }
@@ -188,6 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
   if (output_mask[0] && (stride[0] > 1 || stride[1] > 1)) {
     TORCH_WARN("fastfa: the cuda backend runs grad_input of a strided conv2d on the aten path (cuDNN after "
                     "the CUDA transform kernel); its implicit GEMM would do stride^2 the work");
+    record_fallback("cuda_conv2d_backward", "grad_input of a strided conv2d (its implicit GEMM would do stride^2 "
+                                            "the work)");
     grad_input = std::get<0>(conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved, projection,
                                              stride, padding, dilation, groups, rule, scale, distribution, alignment,
                                              activation, {true, false, false, false}));
@@ -241,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
       grad_feedback = (*feedback * (2.0 * alpha) - weight * beta).contiguous(feedback->suggest_memory_format());
     } else {
       // wm, aa, ia: the aten backend's alignment convolutions (cuDNN), not fused here.
+      record_fallback("cuda_conv2d_backward", kFeedbackGradientOnAten);
       grad_feedback = std::get<3>(conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
                                                   projection, stride, padding, dilation, groups, rule, scale,
                                                   distribution, alignment, activation, {false, false, false, true}));

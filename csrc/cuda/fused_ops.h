@@ -1,7 +1,9 @@
 // Host-side pieces shared by the cuda backend's ops (linear_cuda.cu, conv_cuda.cu): which
-// tensor-core path a GPU takes, why a call takes the aten path instead, the dtype switch.
+// tensor-core path a GPU takes, why a call takes the aten path instead (recorded in
+// fastfa/fallbacks.h's record for fastfa.last_fallbacks()), the dtype switch.
 #pragma once
 
+#include "fastfa/fallbacks.h"
 #include "fastfa/feedback.h"
 #include "fastfa/gemm.h"
 #include "fastfa/ops.h"
@@ -11,6 +13,8 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 
 namespace fastfa {
 namespace fused {
@@ -50,8 +54,22 @@ inline gemm::Arch device_arch(const at::Tensor& tensor) {
   return gemm::Arch::kSm80;
 }
 
+// FASTFA_CUDA_FORCE_ATEN=1 (any value but empty or 0) sends every call down the aten path, as
+// if the fused kernels could not run: a GPU run of tests/test_cuda.py under it must fail, which
+// shows that the tests see which path ran. Read once, at the first call.
+inline bool aten_path_forced() {
+  static const bool forced = [] {
+    const char* value = std::getenv("FASTFA_CUDA_FORCE_ATEN");
+    return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
+  }();
+  return forced;
+}
+
 // Why this call cannot use the fused kernels (then it takes the aten path), or nullptr.
 inline const char* aten_path_reason(const at::Tensor& input) {
+  if (aten_path_forced()) {
+    return "forced by FASTFA_CUDA_FORCE_ATEN (the environment variable sends every call to the aten path)";
+  }
   const cudaDeviceProp* properties = at::cuda::getDeviceProperties(input.get_device());
   if (properties->major < 8) {
     return "on a GPU below compute capability 8.0 (the fused kernels need sm_80's tensor cores)";
@@ -70,6 +88,10 @@ inline const char* aten_path_reason(const at::Tensor& input) {
   }
 }
 
+// What the cuda backend's backward records when B's gradient (wm, aa, ia) runs on aten.
+constexpr const char* kFeedbackGradientOnAten =
+    "B's gradient for wm, aa and ia (the alignment terms run on the aten backend's GEMMs / convolutions)";
+
 template <class Launch>
 inline cudaError_t with_element(at::ScalarType dtype, Launch launch) {
   switch (dtype) {
@@ -87,8 +109,6 @@ inline void check_launch(cudaError_t status, const char* what) {
               cudaGetErrorString(status));
 }
 
-// K tiles per slice for a split-K GEMM of m x n x k: enough CTAs for two per SM, each slice
-// at least four K tiles (at or above k's tile count: no split).
 // The forward's tensors besides y, made like y (empty where the rule and activation need
 // none): z where the activation's derivative reads it, r = the GEMM without bias for aa / ia;
 // and the epilogue that writes them with bias and activation.

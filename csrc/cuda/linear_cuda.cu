@@ -11,6 +11,7 @@
 // tensors this op already has; wm, aa and ia run the aten backend's computation.
 // What the fused kernels do not cover takes the aten path (cuBLAS), with a warning that
 // says why: fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80.
+// Every such call, and every B gradient of wm, aa, ia, is recorded (fastfa.last_fallbacks()).
 #include "fused_ops.h"
 
 #include "fastfa/ops.h"
@@ -46,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_linear_forward(
   const gemm::Activation kind = device_activation(activation);
   if (const char* reason = aten_path_reason(input)) {
     TORCH_WARN_ONCE("fastfa: the cuda backend runs linear in ", reason, " on the aten path (cuBLAS)");
+    record_fallback("cuda_linear", reason);
     return linear_forward(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation);
   }
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -98,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
               "), got ", grad_output.scalar_type(), ", ", grad_output.device());
   if (const char* reason = aten_path_reason(input)) {
     TORCH_WARN_ONCE("fastfa: the cuda backend runs linear's backward in ", reason, " on the aten path (cuBLAS)");
+    record_fallback("cuda_linear_backward", reason);
     return linear_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale,
                            distribution, alignment, activation, output_mask);
   }
@@ -187,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
       grad_feedback = (*feedback * (2.0 * alpha) - weight * beta).contiguous();
     } else {
       // wm, aa, ia: the aten backend's alignment GEMMs (cuBLAS), not fused here.
+      record_fallback("cuda_linear_backward", kFeedbackGradientOnAten);
       grad_feedback = std::get<3>(linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
                                                   projection, rule, scale, distribution, alignment, activation,
                                                   {false, false, false, true}));

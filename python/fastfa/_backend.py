@@ -1,9 +1,11 @@
 """Backend selection: which implementation of the ops runs (aten, triton, cuda).
 
 A backend kernel that does not support a call's configuration (a dtype, a device, a
-shape) hands the call to aten and says so: ``record_fallback`` logs it at debug level
-on the "fastfa" logger and counts it, and ``fastfa.last_fallbacks()`` returns what fell
-back since the last ``fastfa.clear_fallbacks()``. Never a silently different result.
+shape) hands the call to aten and says so: it is counted in one record shared by every
+backend (csrc/fallbacks.cpp), which the cuda backend's C++ ops write directly (with a
+warning) and the triton backend's ops through ``record_fallback`` (which also logs at
+debug level on the "fastfa" logger). ``fastfa.last_fallbacks()`` returns what fell back
+since the last ``fastfa.clear_fallbacks()``. Never a silently different result.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _triton_status() -> BackendStatus:
     if not where:
         return BackendStatus(False, "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the Triton kernels on "
                                     "CPU tensors through Triton's interpreter, for testing)")
-    fallen = sum(record.count for record in last_fallbacks())
+    fallen = sum(record.count for record in last_fallbacks() if record.op.startswith("triton_"))
     note = f"; {fallen} call(s) fell back to aten (see fastfa.last_fallbacks())" if fallen else ""
     return BackendStatus(True, "fastfa's Triton kernels (the transform fused into the GEMM tile loads) on "
                                f"{' and '.join(where)}; unsupported configurations fall back to aten{note}")
@@ -110,8 +112,9 @@ def _cuda_status() -> BackendStatus:
     path = "wgmma" if (major, minor) == (9, 0) and "9.0a" in [a.split("+")[0] for a in arches] else "mma.sync"
     return BackendStatus(True, f"fastfa's fused tensor-core GEMMs ({path}) for linear and conv2d (implicit GEMMs), "
                                "fp16 / bf16 / tf32; fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is False, "
-                               "grouped conv2d and a strided conv2d's grad_input run the aten path on the GPU (with "
-                               "a warning), as does B's gradient for wm, aa and ia")
+                               "grouped conv2d and a strided conv2d's grad_input run the aten path on the GPU "
+                               "(warned, and listed by fastfa.last_fallbacks()), as does B's gradient for wm, aa "
+                               "and ia")
 
 
 def backends() -> dict:
@@ -130,28 +133,23 @@ class Fallback(NamedTuple):
     count: int  # how many calls fell back for this (op, reason) since the last clear_fallbacks()
 
 
-_fallbacks: dict = {}
-_fallbacks_lock = threading.Lock()
-
-
 def record_fallback(op: str, reason: str, backend: str = "aten") -> None:
     """Called by a backend's op when it hands a call to ``backend``: a debug log and a record."""
     logger.debug("fastfa: %s fell back to %s: %s", op, backend, reason)
-    with _fallbacks_lock:
-        key = (op, backend, reason)
-        _fallbacks[key] = _fallbacks.get(key, 0) + 1
+    _C._record_fallback(op, reason, backend)
 
 
 def last_fallbacks() -> list:
     """The calls that fell back to another backend since the last clear_fallbacks(), as
-    ``Fallback(op, backend, reason, count)`` records, in the order first seen."""
-    with _fallbacks_lock:
-        return [Fallback(op, backend, reason, count) for (op, backend, reason), count in _fallbacks.items()]
+    ``Fallback(op, backend, reason, count)`` records, in the order first seen. The cuda
+    backend's ops are named ``cuda_<op>``, the triton backend's ``triton_<op>``; a backward
+    that runs only part of its work on aten (a strided conv2d's grad_input, B's gradient for
+    wm, aa, ia on cuda) is listed with the part in its reason."""
+    return [Fallback(*record) for record in _C._fallbacks()]
 
 
 def clear_fallbacks() -> None:
-    with _fallbacks_lock:
-        _fallbacks.clear()
+    _C._clear_fallbacks()
 
 
 _state = threading.local()
