@@ -58,9 +58,8 @@ def sign_scale(scale, shape) -> float:
         fan_in, fan_out = fans(shape)
         if fan_in == 0 or fan_out == 0:
             return 1.0  # W and B are empty: s does not matter
-        if scale == "xiao":
-            kh_kw_out = fan_out  # out_ch*kh*kw for conv
-            return math.sqrt(2.0 / kh_kw_out) if len(shape) == 4 else 1.0 / math.sqrt(shape[1])
+        if scale == "xiao":  # a conv's fan_out is kh*kw*out_ch
+            return math.sqrt(2.0 / fan_out) if len(shape) == 4 else 1.0 / math.sqrt(shape[1])
         if scale == "xavier":
             return math.sqrt(2.0 / (fan_in + fan_out))
         if scale == "kaiming":
