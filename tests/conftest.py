@@ -66,3 +66,37 @@ def _fresh_seed(request):
     # which Python salts per process.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+# --- skipped tests by category (README's Tests section) ----------------------------------------------
+# The first category whose words (lower case) a skip reason contains takes it; a reason no category
+# knows is printed as it is, so that a new kind of skip is seen. A module skipped whole (an
+# importorskip at its top) counts once.
+SKIP_CATEGORIES = (
+    ("needs a GPU", ("gpu", "cuda device")),
+    ("needs the CUDA toolchain or a CUDA build of fastfa._C",
+     ("nvcc", "ptxas", "cuobjdump", "nvdisasm", "cutlass", "nvidia backend", "fused cuda kernels")),
+    ("optional package not installed", ("biotorch", "could not import", "no module named", "matplotlib")),
+    ("needs more of this machine", ("free memory", "/proc/")),
+)
+
+
+def skip_category(reason: str) -> str:
+    text = reason.lower()
+    return next((name for name, words in SKIP_CATEGORIES if any(word in text for word in words)),
+                f"other: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    counts = {}
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        category = skip_category(reason.removeprefix("Skipped: "))
+        counts[category] = counts.get(category, 0) + 1
+    terminalreporter.section("skipped tests by category")
+    for category, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        terminalreporter.write_line(f"{count:6d}  {category}")

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -25,23 +26,62 @@ ROW_KEYS = {"op", "shape", "dtype", "rule", "backend", "ms", "bp_ms", "ratio", "
 
 
 def test_info_text(capsys):
+    """One line per version, build flag and backend, each with this process's value."""
     assert cli.main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert fastfa.__version__ in out
-    assert "torch" in out and "triton" in out
-    for name in fastfa.backends():
-        assert name in out
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0][:2] == ["fastfa", fastfa.__version__]
+    assert ["torch", torch.__version__] in lines
+    for key, value in fastfa._C.build_info().items():
+        assert [key, *str(value).split()] in lines, key
+    for name, status in fastfa.backends().items():
+        assert [name, "yes" if status.usable else "no", *status.reason.split()] in lines, name
 
 
 def test_info_json(capsys):
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["versions"]["fastfa"] == fastfa.__version__
-    assert set(info["backends"]) == set(fastfa.backends())
-    for status in info["backends"].values():
-        assert isinstance(status["usable"], bool) and isinstance(status["reason"], str)
-    assert isinstance(info["build_info"], dict)
-    assert info["devices"]["cpu"]["model"]
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["backends"] == {name: {"usable": status.usable, "reason": status.reason}
+                                for name, status in fastfa.backends().items()}
+    assert info["build_info"] == json.loads(json.dumps(fastfa._C.build_info(), default=str))
+    assert info["devices"]["cpu"]["model"] and info["devices"]["cpu"]["logical_cores"] == os.cpu_count()
+    assert info["devices"]["cuda_available"] == torch.cuda.is_available()
+
+
+def _check_files(results, out, csv_path, plotted):
+    """The CSV holds the JSON's rows column for column; the plot is a PNG image when asked for."""
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(results["rows"]) and tuple(table[0]) == bench.CSV_COLUMNS
+    for line, row in zip(table, results["rows"]):
+        for key in set(bench.CSV_COLUMNS) & set(row):
+            value = row[key]
+            if value is None:
+                assert line[key] == "", key
+            elif isinstance(value, float):
+                assert float(line[key]) == value, key
+            else:
+                assert line[key] == str(value), key
+        assert (float(line["ratio_q1"]), float(line["ratio_q3"])) == tuple(row["spread"]["ratio"])
+    png = out.with_suffix(".png")
+    assert png.exists() == plotted
+    if plotted:
+        import matplotlib.image
+
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = matplotlib.image.imread(png).shape[:2]
+        assert height > 100 and width > 100
+
+
+def _check_printed(printed, rows):
+    """Every row is a line of the printed table: its layer, rule, backend and ratio."""
+    lines = [line.split() for line in printed.splitlines()]
+    for row in rows:
+        cells = [row["op"], *row["shape"].split(), row["dtype"], row["rule"], row["backend"]]
+        # then ms and bp ms, then the ratio
+        ratio = f"{row['ratio']:.3f}"
+        assert any(line[:len(cells)] == cells and line[len(cells) + 2] == ratio for line in lines), cells
 
 
 def _check_common(results, out):
@@ -84,6 +124,9 @@ def test_bench_quick(tmp_path, capsys):
         assert row["peak_bytes"] > 0 and row["bp_peak_bytes"] > 0 and row["peak_kind"].startswith("cpu:")
         assert row["max_rel_err"] is not None and row["max_rel_err"] < 1e-5
         assert row["spread"]["rounds"] >= 1 and len(row["spread"]["ratio"]) == 2
+        # medians lie within their rounds' quartiles and extremes
+        assert row["spread"]["ratio"][0] <= row["ratio"] <= row["spread"]["ratio"][1], row
+        assert row["spread"]["ms_min_max"][0] <= row["ms"] <= row["spread"]["ms_min_max"][1], row
         if row["peer"] is None:
             assert "autograd" in row["vs_peers"]
             assert ("biotorch" in row["vs_peers"]) == (biotorch and row["rule"] == "usf")
@@ -92,12 +135,8 @@ def test_bench_quick(tmp_path, capsys):
     kp = next(row for row in fastfa_rows if row["op"] == "linear" and row["rule"] == "kp")
     assert kp["peak_bytes"] > kp["bp_peak_bytes"]
     assert [entry["rule"] for entry in results["summary"]][:3] == ["bp", "usf", "kp"]
-
-    with open(out.with_suffix(".csv"), newline="") as f:
-        table = list(csv.DictReader(f))
-    assert len(table) == len(rows) and tuple(table[0]) == bench.CSV_COLUMNS
-    assert [float(line["ratio"]) for line in table] == [row["ratio"] for row in rows]
-    assert not out.with_suffix(".png").exists()
+    _check_printed(printed, rows)
+    _check_files(results, out, out.with_suffix(".csv"), plotted=False)
 
 
 def test_bench_compile_peer_and_plot(tmp_path, capsys):
@@ -107,11 +146,12 @@ def test_bench_compile_peer_and_plot(tmp_path, capsys):
                      "--peers", "compile", "--batches", "8,32", "--out", str(out), "--csv", str(tmp_path / "t.csv")]
                     + (["--plot"] if plotted else []))
     assert code == 0, capsys.readouterr().err
-    rows = json.loads(out.read_text())["rows"]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
     assert {(row["batch"], row["backend"]) for row in rows} >= {(8, "peer:compile"), (32, "peer:compile")}
     assert all("compile" in row["vs_peers"] for row in rows if row["peer"] is None)
-    assert (tmp_path / "t.csv").exists()
-    assert out.with_suffix(".png").exists() == plotted
+    _check_printed(capsys.readouterr().out, rows)
+    _check_files(results, out, tmp_path / "t.csv", plotted)
 
 
 @pytest.mark.skipif(not peers.biotorch_status()[0], reason=f"BioTorch: {peers.biotorch_status()[1]}")
@@ -199,11 +239,18 @@ def test_bench_skips_triton_on_cpu_unless_named(monkeypatch, capsys):
     assert "skipping backend triton" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"]])
-def test_help(argv, capsys):
+@pytest.mark.parametrize("argv,names", [(["--help"], ["info", "bench", "train"]),
+                                        (["bench", "--help"], ["--rules", "--ops", "--peers", "--out", "--csv",
+                                                               "--plot", "--quick", "--full", "--device"])])
+def test_help(argv, names, capsys):
+    """Help exits 0 and names the commands (or bench's flags)."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: fastfa")
+    for name in names:
+        assert name in printed, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CUDA twin of test_bench_quick)")

@@ -56,6 +56,7 @@ def test_compile_fullgraph_matches_eager(rule, backend):
 
 
 def test_compile_functional_with_autocast():
+    """Autocast inside a compiled function: bf16 output and fp32 gradients equal to eager's."""
     torch._dynamo.reset()
     w = torch.randn(6, 5, requires_grad=True)
 
@@ -65,7 +66,15 @@ def test_compile_functional_with_autocast():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 5)
-    y = compiled(x)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert w.grad is not None and w.grad.dtype == torch.float32
+    g = torch.randn(3, 6, dtype=torch.bfloat16)
+    results = []
+    for function in (step, compiled):
+        w.grad = None
+        xi = x.clone().requires_grad_(True)
+        y = function(xi)
+        y.backward(g)
+        results.append((y, xi.grad, w.grad))
+    for name, eager, compiled_result, dtype in zip(("output", "grad_input", "grad_weight"), *results,
+                                                   (torch.bfloat16, torch.float32, torch.float32)):
+        assert compiled_result.dtype == eager.dtype == dtype, name
+        torch.testing.assert_close(compiled_result, eager, atol=0, rtol=0, msg=name)

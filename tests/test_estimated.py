@@ -7,6 +7,7 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from fastfa.rules import Distribution, Rule
 
 F64 = torch.float64
@@ -15,8 +16,7 @@ ALIGNMENT = dict(alpha=0.3, beta=0.7, gamma=0.2, sigma=1.3)
 
 
 def _options(rule):
-    taken = fastfa.rules.rule_spec(rule).options
-    return {key: value for key, value in ALIGNMENT.items() if key in taken}
+    return {key: value for key, value in ALIGNMENT.items() if key in spec_options.OPTIONS[rule]}
 
 
 class Maps:
@@ -47,34 +47,33 @@ class Maps:
         return r @ m
 
 
-def expected_feedback_grad(layer, x, grad_weight, noise=None):
-    """learning-rules.md's gradient of B for the layer's rule, means over the batch only."""
+def expected_feedback_grad(rule, layer, x, grad_weight, alignment, noise=None):
+    """learning-rules.md's gradient of B for the rule, means over the batch only; alignment is
+    (alpha, beta, gamma, sigma) from spec_options.alignment."""
     maps = Maps(layer, x)
     W, B = layer.weight.detach(), layer.feedback.detach()
-    a = layer.alignment_options
-    alpha, beta, gamma = a[0], a[1], a[2]
+    alpha, beta, gamma, _ = alignment
     n = maps.batch
     r = maps.project(x, W)
-    if layer.rule == "kp":
+    if rule == "kp":
         return grad_weight + alpha * 2 * B
-    if layer.rule == "sa":
+    if rule == "sa":
         return alpha * 2 * B - beta * W
-    if layer.rule == "wm":
+    if rule == "wm":
         rn = maps.project(noise, W)
         return alpha * 2 * B + beta * (-(1 / n) * maps.outer(rn, noise))
-    if layer.rule == "aa":
+    if rule == "aa":
         p = maps.project(x, B)
         return alpha * (2 / n) * maps.outer(p, x) + beta * (-(1 / n) * maps.outer(r, x))
-    if layer.rule == "ia":
+    if rule == "ia":
         return (alpha * (-(1 / n) * maps.outer(r, x)) + beta * (2 / n) * maps.outer(r, maps.back(r, B))
                 + gamma * 2 * B)
-    raise ValueError(layer.rule)
+    raise ValueError(rule)
 
 
-def _noise(layer, x, kernel: bool):
+def _noise(layer, x, sigma, kernel: bool):
     """wm's noise for the coming step: from the oracle's generator, or from fastfa's kernel."""
     seed, step = (int(v) for v in layer.feedback_rng)
-    sigma = layer.alignment_options[3]
     if kernel:
         return torch.ops.fastfa.feedback_transform(x.contiguous(), None, layer.feedback_rng, int(Rule.FA), sigma,
                                                    int(Distribution.NORMAL))
@@ -92,18 +91,19 @@ def _layers(rule):
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("rule", ESTIMATED)
 def test_feedback_gradient_matches_spec(rule, activation):
+    alignment = spec_options.alignment(rule, **_options(rule))
     for layer, shape in _layers(rule):
         layer.activation = activation
         x = torch.randn(shape, dtype=F64)
-        noise_oracle = _noise(layer, x, kernel=False) if rule == "wm" else None
-        noise_kernel = _noise(layer, x, kernel=True) if rule == "wm" else None
+        noise_oracle = _noise(layer, x, alignment[3], kernel=False) if rule == "wm" else None
+        noise_kernel = _noise(layer, x, alignment[3], kernel=True) if rule == "wm" else None
         y = layer(x.clone().requires_grad_(True))
         y.backward(torch.randn_like(y))
-        expected = expected_feedback_grad(layer, x, layer.weight.grad, noise_kernel)
+        expected = expected_feedback_grad(rule, layer, x, layer.weight.grad, alignment, noise_kernel)
         torch.testing.assert_close(layer.feedback.grad, expected, atol=1e-10, rtol=1e-10)
         if rule == "wm":  # the oracle's own noise: equal up to libm's float32 log / cos
             torch.testing.assert_close(noise_kernel, noise_oracle, atol=1e-6, rtol=1e-5)
-            expected = expected_feedback_grad(layer, x, layer.weight.grad, noise_oracle)
+            expected = expected_feedback_grad(rule, layer, x, layer.weight.grad, alignment, noise_oracle)
             torch.testing.assert_close(layer.feedback.grad, expected, atol=1e-5, rtol=1e-5)
 
 

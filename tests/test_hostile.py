@@ -6,6 +6,7 @@ the one xfail left is upstream (torch's own channels_last CPU convolution) and n
 depends on the CPU.
 """
 
+import contextlib
 import copy
 import gc
 import math
@@ -21,6 +22,7 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from fastfa.rules import Rule
 
 RULES = [r for r in fastfa.RULES if r in ("bp", "fa", "usf", "brsf", "frsf")]
@@ -57,23 +59,14 @@ def oracle_step(kind, layer, x, g, B):
     return oracle.conv2d(x, weight, bias, B, g, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def layer_feedback(layer):
+def layer_feedback(rule, layer):
     """B from the oracle and the layer's state (before this step's forward).
 
     The sign rules' B is NaN where W is: fastfa's sign (feedback.h, sign_of) keeps NaN as backprop
     would, while torch.sign, and so oracle.feedback_matrix, maps NaN to 0.
     """
-    rule, weight = layer.rule, layer.weight.detach()
-    if rule == "usf":
-        B = oracle.feedback_matrix("usf", weight, scale=layer.feedback_scale)
-    elif rule in ("fa", "frsf"):
-        B = oracle.feedback_matrix(rule, weight, feedback=layer.feedback.detach())
-    elif rule == "brsf":
-        seed, current = (int(v) for v in layer.feedback_rng)
-        fan_in = math.prod(weight.shape[1:])
-        B = oracle.feedback_matrix("brsf", weight, seed=seed, step=current, scale=1.0 / math.sqrt(fan_in))
-    else:
-        B = oracle.feedback_matrix(rule, weight)
+    weight = layer.weight.detach()
+    B = spec_options.expected_feedback(rule, layer)
     if rule in SIGN_RULES:
         B = torch.where(weight.isnan(), weight, B)
     return B
@@ -128,7 +121,7 @@ def test_poisoned_weight_follows_the_math(rule, value):
     x = make_input("linear")
     poison(layer, x, "linear", "weight", value)
     g = torch.randn(3, 4, dtype=torch.float64)
-    B = layer_feedback(layer)
+    B = layer_feedback(rule, layer)
     y, gx, gw, gb = step(layer, x, g)
     assert not torch.isfinite(y[:, 2]).any() and torch.isfinite(y[:, [0, 1, 3]]).all()
     assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
@@ -154,7 +147,7 @@ def test_poisoned_input_follows_the_math(rule, value):
     x = make_input("linear")
     poison(layer, x, "linear", "input", value)
     g = torch.randn(3, 4, dtype=torch.float64)
-    B = layer_feedback(layer)
+    B = layer_feedback(rule, layer)
     y, gx, gw, gb = step(layer, x, g)
     assert not torch.isfinite(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
     assert torch.isfinite(gx).all() and torch.isfinite(gb).all()
@@ -173,7 +166,7 @@ def test_poisoned_conv2d_follows_the_math(rule, where, value):
     x = make_input("conv2d")
     poison(layer, x, "conv2d", where, value)
     g = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    B = layer_feedback(layer)
+    B = layer_feedback(rule, layer)
     y, gx, gw, gb = step(layer, x, g)
     assert torch.isfinite(gb).all()
     if where == "input":  # sample 1, channel 2 poisoned
@@ -206,7 +199,7 @@ def test_zero_weights_have_zero_feedback(kind, rule):
     assert torch.equal(B == 0, weight == 0)
     assert torch.equal(torch.sign(B), torch.sign(weight))
     if rule == "usf":
-        assert torch.equal(B, layer.feedback_scale * torch.sign(weight))
+        assert torch.equal(B, spec_options.sign_scale(None, tuple(weight.shape)) * torch.sign(weight))
     x = make_input(kind, torch.float32)
     _, gx, _, _ = step(layer, x, torch.randn_like(layer(x)))
     assert torch.equal(gx[:, 1], torch.zeros_like(gx[:, 1]))
@@ -634,15 +627,26 @@ def test_foreign_state_without_feedback_loads_non_strict(rule):
 
 # --- repeatability ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def deterministic_algorithms():
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+def _determinism_setting():
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms_on():
+    """torch.use_deterministic_algorithms(True) inside; the caller's setting (warn_only included) after,
+    so that no later test runs under it."""
+    enabled, warn_only = _determinism_setting()
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    with _deterministic_algorithms_on():
+        yield
 
 
 def _model(rule, memory_format=torch.contiguous_format):
@@ -679,7 +683,18 @@ def test_gradients_are_bitwise_repeatable(rule, memory_format, deterministic_alg
 
 
 def test_deterministic_fixture_restores_the_flag():
-    assert not torch.are_deterministic_algorithms_enabled()
+    """From each starting setting (off; on; on with warn_only), the fixture's block turns the checks
+    on as errors and leaves the setting as it found it, also when the test inside fails."""
+    before = _determinism_setting()
+    try:
+        for setting in ((False, False), (True, False), (True, True)):
+            torch.use_deterministic_algorithms(setting[0], warn_only=setting[1])
+            with pytest.raises(ZeroDivisionError), _deterministic_algorithms_on():
+                assert _determinism_setting() == (True, False)
+                raise ZeroDivisionError  # a failing test inside the fixture
+            assert _determinism_setting() == setting
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 DRAW_SCRIPT = textwrap.dedent("""

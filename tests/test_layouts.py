@@ -1,12 +1,18 @@
 """dtypes, autocast, non-contiguous and channels_last inputs, zero-size batches."""
 
+import copy
+
 import pytest
 import torch
 from conftest import assert_close
 
 import fastfa
+import oracle
+import spec_options
+from test_estimated import ALIGNMENT, expected_feedback_grad
 
 RULES = fastfa.RULES
+F64 = torch.float64
 
 
 def _step(layer, x, g):
@@ -17,35 +23,78 @@ def _step(layer, x, g):
     return y, x.grad, layer.weight.grad, layer.bias.grad
 
 
+def _expected(rule, layer, x, g, options):
+    """The oracle's output and gradients (B's too, for the estimated rules) in fp64 from the layer's
+    rounded inputs, parameters and B, for the step that is about to run."""
+    B = spec_options.expected_feedback(rule, layer, **options)
+    exact = copy.deepcopy(layer).to(F64)  # the same values, for the spec's maps in fp64
+    weight, bias = exact.weight.detach(), exact.bias.detach()
+    x, g = x.to(F64), g.to(F64)
+    if isinstance(layer, torch.nn.Conv2d):
+        y, gx, gw, gb = oracle.conv2d(x, weight, bias, B.to(F64), g, layer.stride, layer.padding, layer.dilation,
+                                      layer.groups)
+    else:
+        y, gx, gw, gb = oracle.linear(x, weight, bias, B.to(F64), g)
+    expected = {"output": y, "grad_input": gx, "grad_weight": gw, "grad_bias": gb}
+    if rule in spec_options.ESTIMATED:
+        alignment = spec_options.alignment(rule, **options)
+        noise = None
+        if rule == "wm":  # drawn in the layer's dtype, from the step about to run
+            seed, step = (int(v) for v in layer.feedback_rng)
+            noise = oracle.draw(seed, step, tuple(x.shape), "normal", alignment[3]).to(layer.weight.dtype).to(F64)
+        expected["grad_feedback"] = expected_feedback_grad(rule, exact, x, gw, alignment, noise)
+    return expected
+
+
+def _alignment_options(rule):
+    """Alignment coefficients large enough that B's gradient is not lost in a low precision's tolerance."""
+    return {key: value for key, value in ALIGNMENT.items() if key in spec_options.OPTIONS[rule]}
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_fp16_on_cpu(rule):
-    layer = fastfa.nn.Linear(12, 6, rule=rule, dtype=torch.float16)
-    x = torch.randn(5, 12, dtype=torch.float16)
-    y, gx, gw, gb = _step(layer, x, torch.randn(5, 6, dtype=torch.float16))
-    assert y.dtype == gx.dtype == gw.dtype == gb.dtype == torch.float16
-    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
-    conv = fastfa.nn.Conv2d(3, 4, 3, rule=rule, dtype=torch.float16)
-    y, gx, gw, gb = _step(conv, torch.randn(2, 3, 6, 6, dtype=torch.float16), torch.randn(2, 4, 4, 4, dtype=torch.float16))
-    assert gx.dtype == torch.float16 and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    """fp16 Linear and Conv2d against the oracle at fp16's tolerance."""
+    options = _alignment_options(rule)
+    half = torch.float16
+    for layer, x_shape in ((fastfa.nn.Linear(12, 6, rule=rule, dtype=half, **options), (5, 12)),
+                           (fastfa.nn.Conv2d(3, 4, 3, rule=rule, dtype=half, **options), (2, 3, 6, 6))):
+        x = torch.randn(x_shape, dtype=half)
+        with torch.no_grad():  # the output's shape, without a training step
+            g = torch.randn(layer(x).shape, dtype=half)
+        expected = _expected(rule, layer, x, g, options)
+        actual = dict(zip(("output", "grad_input", "grad_weight", "grad_bias"), _step(layer, x, g)))
+        if rule in spec_options.ESTIMATED:
+            actual["grad_feedback"] = layer.feedback.grad
+        assert actual.keys() == expected.keys()
+        for name, value in actual.items():
+            assert_close(value, expected[name].to(half), half, f"{type(layer).__name__} {name}")
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_autocast_bf16(rule):
-    """Under autocast the layer runs in bf16 like torch's own; parameters' grads stay fp32."""
-    layer = fastfa.nn.Linear(16, 8, rule=rule)
-    conv = fastfa.nn.Conv2d(3, 8, 3, padding=1, rule=rule)
-    x = torch.randn(4, 16, requires_grad=True)
-    xc = torch.randn(2, 3, 5, 5, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-        yc = conv(xc)
-        reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert y.dtype == reference.dtype == torch.bfloat16
-    assert yc.dtype == torch.bfloat16
-    (y.float().sum() + yc.float().sum()).backward()
-    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
-    assert xc.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
-    assert torch.isfinite(x.grad).all() and torch.isfinite(conv.weight.grad).all()
+    """Under autocast the layer runs in bf16 like torch's own (x, W, b and B rounded to bf16), and
+    the gradients come back in the leaves' fp32: all equal to the oracle on those rounded values."""
+    bf16 = torch.bfloat16
+    options = _alignment_options(rule)
+    for layer, x_shape in ((fastfa.nn.Linear(16, 8, rule=rule, **options), (4, 16)),
+                           (fastfa.nn.Conv2d(3, 8, 3, padding=1, rule=rule, **options), (2, 3, 5, 5))):
+        x = torch.randn(x_shape, requires_grad=True)
+        with torch.no_grad():
+            g = torch.randn(layer(x).shape)
+        rounded = copy.deepcopy(layer).to(bf16)  # what autocast hands the op
+        expected = _expected(rule, rounded, x.detach().to(bf16), g.to(bf16), options)
+        with torch.autocast("cpu", dtype=bf16):
+            y = layer(x)
+        y.backward(g.to(bf16))
+        name = type(layer).__name__
+        assert_close(y, expected.pop("output").to(bf16), bf16, f"{name} output")
+        actual = {"grad_input": x.grad, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad}
+        if rule in spec_options.ESTIMATED:
+            actual["grad_feedback"] = layer.feedback.grad
+        assert actual.keys() == expected.keys()
+        for what, value in actual.items():
+            assert value.dtype == torch.float32, f"{name} {what}"
+            assert_close(value, expected[what].to(bf16).float(), bf16, f"{name} {what}")
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -93,17 +142,27 @@ def test_zero_size_batch(rule):
     assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros(3))
 
 
-def test_unbatched_conv_input():
-    conv = fastfa.nn.Conv2d(2, 3, 3, rule="usf")
-    x = torch.randn(2, 6, 6, requires_grad=True)
-    y = conv(x)
-    assert y.shape == (3, 4, 4)
-    y.sum().backward()
-    assert x.grad.shape == x.shape
+@pytest.mark.parametrize("rule", ["usf", "brsf"])
+def test_unbatched_conv_input(rule):
+    """(C, H, W) is a batch of one, as in torch: output and gradients are the oracle's on x[None]."""
+    conv = fastfa.nn.Conv2d(2, 3, 3, rule=rule, dtype=F64)
+    x, g = torch.randn(2, 6, 6, dtype=F64), torch.randn(3, 4, 4, dtype=F64)
+    expected = _expected(rule, conv, x[None], g[None], {})
+    y, gx, gw, gb = _step(conv, x, g)
+    for name, value in (("output", y), ("grad_input", gx)):
+        assert_close(value, expected[name][0], F64, name)
+    assert_close(gw, expected["grad_weight"], F64, "grad_weight")
+    assert_close(gb, expected["grad_bias"], F64, "grad_bias")
 
 
 def test_input_grad_not_needed_skips_it():
-    """A first layer (input without grad) gets weight and bias gradients only."""
-    layer = fastfa.nn.Linear(4, 3, rule="brsf")
-    layer(torch.randn(2, 4)).sum().backward()
-    assert layer.weight.grad is not None and layer.bias.grad is not None
+    """A first layer (input without grad) gets the oracle's weight and bias gradients, and brsf's
+    step counter moves on as after any training step."""
+    layer = fastfa.nn.Linear(4, 3, rule="brsf", dtype=F64)
+    x, g = torch.randn(2, 4, dtype=F64), torch.randn(2, 3, dtype=F64)
+    expected = _expected("brsf", layer, x, g, {})
+    step = int(layer.feedback_rng[1])
+    layer(x).backward(g)
+    assert_close(layer.weight.grad, expected["grad_weight"], F64, "grad_weight")
+    assert_close(layer.bias.grad, expected["grad_bias"], F64, "grad_bias")
+    assert int(layer.feedback_rng[1]) == step + 1

@@ -9,6 +9,7 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from fastfa import peers
 from test_estimated import expected_feedback_grad
 
@@ -38,16 +39,16 @@ def _step(module, x, grad_output, seed):
 
 
 def _peer_B(layer, peer, x_shape, seed):
-    """The B the peer's step with this seed uses, from the spec (brsf: the same torch draw)."""
+    """The B the peer's step with this seed uses, from the spec with the layers' default options
+    (brsf: the same torch draw)."""
     W = peer.weight.detach()
     if layer.rule == "usf":
-        return oracle.feedback_matrix("usf", W, scale=layer.feedback_scale)
+        return spec_options.resolve("usf", tuple(W.shape)).feedback_matrix(W)
     if layer.rule == "brsf":
         torch.manual_seed(seed)
-        distribution, scale = peers._draw_parameters(layer)
+        distribution, scale = spec_options.init_distribution(None, tuple(W.shape))
         draw = torch.empty_like(W)
-        draw = draw.normal_(0, scale) if distribution == fastfa.rules.Distribution.NORMAL else draw.uniform_(-scale,
-                                                                                                            scale)
+        draw = draw.normal_(0, scale) if distribution == "normal" else draw.uniform_(-scale, scale)
         return oracle.feedback_matrix("frsf", W, feedback=draw)
     if layer.rule in ("fa", "frsf") or layer.rule in oracle.ESTIMATED:
         return oracle.feedback_matrix(layer.rule, W, feedback=layer.feedback.detach())
@@ -77,11 +78,11 @@ def test_peer_gradients_match_oracle(rule, compiled):
         torch.testing.assert_close(peer.weight.grad, grad_w_ref, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(peer.bias.grad, grad_b_ref, atol=1e-12, rtol=1e-12)
         if rule in oracle.ESTIMATED:
-            noise = None
+            alignment, noise = spec_options.alignment(rule), None
             if rule == "wm":   # the peer draws xi ~ N(0, sigma^2) like x, from torch's generator
                 torch.manual_seed(11)
-                noise = torch.randn_like(x) * peer.alignment_options[3]
-            expected = expected_feedback_grad(peer, x, peer.weight.grad, noise)
+                noise = torch.randn_like(x) * alignment[3]
+            expected = expected_feedback_grad(rule, peer, x, peer.weight.grad, alignment, noise)
             torch.testing.assert_close(peer.feedback.grad, expected, atol=1e-12, rtol=1e-12)
         else:
             assert peer.feedback is None or peer.feedback.grad is None
@@ -133,7 +134,7 @@ def test_biotorch_peer_gradients_match_oracle(rule):
             B = peer.weight_backward.detach().to(F64)
             assert torch.equal(torch.sign(B), torch.sign(W))
             if rule == "usf":
-                torch.testing.assert_close(B, oracle.feedback_matrix("usf", W, scale=layer.feedback_scale))
+                torch.testing.assert_close(B, spec_options.resolve("usf", tuple(W.shape)).feedback_matrix(W))
         else:
             B = oracle.feedback_matrix(rule, W, feedback=layer.feedback.detach())
         y_ref, grad_x_ref, grad_w_ref, grad_b_ref = _oracle(peer, x, B, grad_output)

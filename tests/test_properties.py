@@ -7,13 +7,12 @@ only, see conv_cases), the rule's options (usf scale by name or number, R's init
 zeros in W, the activation, and for conv the stride, padding, dilation and groups. Every
 example compares the output and all three gradients with tests/oracle.py,
 computing B from the layer's state (stored R, [seed, step]) and the spec's formulas for the
-scale and init, which are written out here independently of fastfa.rules.
+scale and init from tests/spec_options.py, written independently of fastfa.rules.
 
 Failing examples are kept in tests/hypothesis_examples (committed), so a failure found once
 is replayed first on every later run.
 """
 
-import math
 import os
 import warnings
 
@@ -25,6 +24,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 import fastfa
 import oracle
+import spec_options
 
 RULES = [r for r in fastfa.RULES if r in ("bp", "fa", "usf", "brsf", "frsf")]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -41,41 +41,8 @@ PROPERTY_SETTINGS = settings(
 )
 
 
-# --- the spec's formulas (learning-rules.md), written out independently of fastfa.rules ----------
-
-def _fans(shape):
-    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
-    return shape[1] * receptive, shape[0] * receptive
-
-
-def spec_sign_scale(scale, shape):
-    """usf's s: "xiao" sqrt(2/(kh*kw*out)) conv, 1/sqrt(in) linear; "xavier"; "kaiming"; or a number."""
-    if not isinstance(scale, str) and scale is not None:
-        return float(scale)
-    fan_in, fan_out = _fans(shape)
-    if fan_in == 0 or fan_out == 0:
-        return 1.0  # B is empty: s does not matter
-    if scale in (None, "xiao"):
-        return math.sqrt(2.0 / fan_out) if len(shape) == 4 else 1.0 / math.sqrt(fan_in)
-    if scale == "xavier":
-        return math.sqrt(2.0 / (fan_in + fan_out))
-    assert scale == "kaiming"
-    return 1.0 / math.sqrt(3.0 * fan_in)
-
-
-def spec_init(init, shape):
-    """R's distribution: (oracle distribution name, scale), R = scale * xi."""
-    fan_in, fan_out = _fans(shape)
-    if fan_in == 0 or fan_out == 0:
-        return "uniform", 1.0
-    if init in (None, "kaiming"):
-        return "uniform", 1.0 / math.sqrt(fan_in)
-    if init == "xavier":
-        return "uniform", math.sqrt(6.0 / (fan_in + fan_out))
-    assert init == "xiao"
-    if len(shape) == 4:
-        return "normal", math.sqrt(2.0 / fan_out)
-    return "uniform", 1.0 / math.sqrt(fan_in)
+# The spec's formulas for the scale and init, written out independently of fastfa.rules.
+spec_sign_scale, spec_init = spec_options.sign_scale, spec_options.init_distribution
 
 
 def expected_feedback(layer, case):

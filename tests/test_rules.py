@@ -8,25 +8,10 @@ from conftest import assert_close
 
 import fastfa
 import oracle
-from fastfa.rules import init_distribution, sign_scale
+import spec_options
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 RULES = fastfa.RULES
-
-
-def expected_feedback(layer, step=None):
-    """B from the oracle, given the layer's stored state (R, seed, step)."""
-    kwargs = {}
-    if layer.rule == "usf":
-        kwargs["scale"] = sign_scale("xiao", layer.weight.shape)
-    if layer.rule in ("fa", "frsf") + oracle.ESTIMATED:
-        kwargs["feedback"] = layer.feedback.detach()
-    if layer.rule == "brsf":
-        distribution, scale = init_distribution(layer.feedback_init, layer.weight.shape)
-        seed, current = (int(v) for v in layer.feedback_rng)
-        kwargs.update(seed=seed, step=current if step is None else step, scale=scale,
-                      distribution=distribution.name.lower())
-    return oracle.feedback_matrix(layer.rule, layer.weight, **kwargs)
 
 
 def run_layer(layer, x, grad_output):
@@ -36,8 +21,8 @@ def run_layer(layer, x, grad_output):
     return y, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
 
 
-def check_against_oracle(layer, x, grad_output, oracle_fn, dtype):
-    B = expected_feedback(layer)
+def check_against_oracle(rule, layer, x, grad_output, oracle_fn, dtype):
+    B = spec_options.expected_feedback(rule, layer)
     y, grad_x, grad_w, grad_b = run_layer(layer, x, grad_output)
     ey, egx, egw, egb = oracle_fn(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), B,
                                   grad_output)
@@ -56,7 +41,7 @@ def test_linear_matches_oracle(rule, dtype, shape):
     layer = fastfa.nn.Linear(in_features, out_features, rule=rule, dtype=dtype)
     x = torch.randn(*lead, in_features, dtype=dtype)
     grad_output = torch.randn(*lead, out_features, dtype=dtype)
-    check_against_oracle(layer, x, grad_output, oracle.linear, dtype)
+    check_against_oracle(rule, layer, x, grad_output, oracle.linear, dtype)
 
 
 CONV_CASES = {
@@ -83,7 +68,7 @@ def test_conv2d_matches_oracle(rule, dtype, case):
     def oracle_fn(x, w, b, B, g):
         return oracle.conv2d(x, w, b, B, g, layer.stride, layer.padding, layer.dilation, layer.groups)
 
-    check_against_oracle(layer, x, grad_output, oracle_fn, dtype)
+    check_against_oracle(rule, layer, x, grad_output, oracle_fn, dtype)
 
 
 @pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))
@@ -96,14 +81,14 @@ def test_activation_derivative_is_fused(rule, activation):
     def oracle_fn(x, w, b, B, g):
         return oracle.linear(x, w, b, B, g, activation)
 
-    check_against_oracle(layer, x, g, oracle_fn, dtype)
+    check_against_oracle(rule, layer, x, g, oracle_fn, dtype)
     conv = fastfa.nn.Conv2d(3, 4, 3, padding=1, rule=rule, activation=activation, dtype=dtype)
     x, g = torch.randn(2, 3, 5, 5, dtype=dtype), torch.randn(2, 4, 5, 5, dtype=dtype)
 
     def conv_oracle(x, w, b, B, g):
         return oracle.conv2d(x, w, b, B, g, 1, 1, 1, 1, activation)
 
-    check_against_oracle(conv, x, g, conv_oracle, dtype)
+    check_against_oracle(rule, conv, x, g, conv_oracle, dtype)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -113,7 +98,7 @@ def test_padding_same_even_kernel_and_padding_modes(rule):
         layer = fastfa.nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode=padding_mode, rule=rule, dtype=dtype)
         reference = torch.nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode=padding_mode, dtype=dtype)
         reference.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
-        B = expected_feedback(layer)
+        B = spec_options.expected_feedback(rule, layer)
         # The oracle: torch's module, with B swapped in for W on the way back.
         reference_b = torch.nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode=padding_mode, dtype=dtype)
         reference_b.load_state_dict({"weight": B, "bias": layer.bias.detach()})
@@ -155,8 +140,8 @@ def test_functional_matches_module(rule):
 def test_fa_regenerated_from_seed_matches_stored():
     """fa without a stored R regenerates R from (seed, step 0): the same R a layer stores."""
     layer = fastfa.nn.Conv2d(3, 5, 3, rule="fa", seed=5, init="xavier", dtype=torch.float64)
-    distribution, scale = init_distribution("xavier", layer.weight.shape)
-    expected = oracle.draw(5, 0, layer.weight.shape, distribution.name.lower(), scale)
+    distribution, scale = spec_options.init_distribution("xavier", tuple(layer.weight.shape))
+    expected = oracle.draw(5, 0, layer.weight.shape, distribution, scale)
     assert torch.equal(layer.feedback, expected)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     fastfa.functional.conv2d(x, layer.weight.detach(), rule="fa", seed=5, init="xavier").sum().backward()
@@ -171,22 +156,23 @@ def test_brsf_draw_distribution_follows_init(init, kind):
     """brsf's |R_t| has the init's scale, sign(W)'s signs, and changes every step."""
     layer = (fastfa.nn.Linear(256, 128, rule="brsf", init=init, seed=1) if kind == "linear"
              else fastfa.nn.Conv2d(64, 64, 3, rule="brsf", init=init, seed=1))
-    distribution, scale = init_distribution(init, layer.weight.shape)
+    distribution, scale = spec_options.init_distribution(init, tuple(layer.weight.shape))
     first = layer.feedback_weight()
     assert torch.equal(torch.sign(first), torch.sign(layer.weight.detach()))
-    expected_mean_abs = scale * (0.5 if distribution.name == "UNIFORM" else (2 / torch.pi) ** 0.5)
+    expected_mean_abs = scale * (0.5 if distribution == "uniform" else (2 / torch.pi) ** 0.5)
     assert abs(float(first.abs().mean()) / expected_mean_abs - 1) < 0.02
     # Normal draws use libm's log / cos: equal to the oracle to float32 rounding.
-    expected = expected_feedback(layer)
+    expected = spec_options.expected_feedback("brsf", layer, init=init)
     torch.testing.assert_close(first, expected, atol=1e-6 * scale, rtol=1e-5)
     x = torch.randn(2, *((256,) if kind == "linear" else (64, 5, 5)))
     layer(x).sum().backward()  # one step
     second = layer.feedback_weight()
     assert not torch.equal(first, second)
-    torch.testing.assert_close(second, expected_feedback(layer), atol=1e-6 * scale, rtol=1e-5)
+    torch.testing.assert_close(second, spec_options.expected_feedback("brsf", layer, init=init), atol=1e-6 * scale,
+                               rtol=1e-5)
 
 
-def test_sign_of_zero_is_zero_and_scale_options():
+def test_sign_of_zero_is_zero_and_a_number_as_scale():
     layer = fastfa.nn.Linear(4, 3, rule="usf", scale=0.5, bias=False, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.0, 3.0], [0.0, 0.0, -1.0, 1.0], [-0.5, 0.5, 0.0, -0.0]]))
@@ -195,12 +181,7 @@ def test_sign_of_zero_is_zero_and_scale_options():
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     layer(x).sum().backward()
     assert torch.equal(x.grad, torch.ones(2, 3, dtype=torch.float64) @ B)
-    for scale in ("xiao", "xavier", "kaiming"):
-        conv = fastfa.nn.Conv2d(8, 16, 3, rule="usf", scale=scale)
-        assert conv.feedback_scale == pytest.approx(sign_scale(scale, conv.weight.shape))
-    assert fastfa.nn.Conv2d(8, 16, 3, rule="usf").feedback_scale == pytest.approx((2 / (9 * 16)) ** 0.5)
-    assert fastfa.nn.Linear(100, 10, rule="usf").feedback_scale == pytest.approx(0.1)
-    assert fastfa.nn.Linear(100, 10, rule="sign_symmetry").rule == "usf"
+    assert fastfa.nn.Linear(100, 10, rule="sign_symmetry").rule == "usf"  # the scale options: test_spec_options.py
 
 
 def test_feedback_can_be_overwritten_in_place():

@@ -12,8 +12,8 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from conftest import assert_close, away_from_relu_kink
-from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
@@ -58,8 +58,7 @@ GEOMETRIES = [
 
 
 def _options(rule, options):
-    taken = fastfa.rules.rule_spec(rule).options
-    chosen = {key: value for key, value in ALIGNMENT.items() if key in taken}
+    chosen = {key: value for key, value in ALIGNMENT.items() if key in spec_options.OPTIONS[rule]}
     chosen.update({key: value for key, value in options.items() if key != "stored"})
     return chosen
 
@@ -128,7 +127,7 @@ def test_conv2d_matches_oracle_and_aten(index, dtype):
     stored = given.get("stored") or rule in oracle.ESTIMATED
     x, w, b, feedback, conv = _tensors(geometry, dtype, stored, bias, layout)
     options = _options(rule, given)
-    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, dict(options))
+    resolved = spec_options.resolve(rule, tuple(w.shape), **options)  # the spec's reading, not fastfa's
     output_shape = torch.nn.functional.conv2d(x.float(), w.float(), None, **conv).shape
     grad_output = torch.randn(output_shape, dtype=dtype).contiguous(memory_format=layout)
     grad_output = away_from_relu_kink(grad_output, _preactivation(x, w, b, conv), activation)
@@ -146,19 +145,17 @@ def test_conv2d_matches_oracle_and_aten(index, dtype):
 
     x, w, b, feedback, grad_output = (t.cpu() if t is not None else None for t in (x, w, b, feedback, grad_output))
     triton_results = [t.cpu() for t in triton_results]
-    seed, step = (int(v) for v in rng) if rng is not None else (None, None)
-    dist_name = "uniform" if distribution == Distribution.UNIFORM else "normal"
-    big_b = oracle.feedback_matrix(rule, w, feedback=feedback, seed=seed, step=step, scale=scale,
-                                   distribution=dist_name)
+    big_b = resolved.feedback_matrix(w, feedback=feedback)
     y, gx, gw, gb = oracle.conv2d(x.to(F64), w.to(F64), b.to(F64) if bias else None, big_b.to(F64),
                                   grad_output.to(F64), activation=activation, **conv)
     expected = [y, gx, gw] + ([gb] if bias else [])
     if rule in oracle.ESTIMATED:
         noise = None
         if rule == "wm":
-            noise = oracle.draw(seed, step, tuple(x.shape), "normal", alignment[3], dtype).to(dtype).to(F64)
-        expected.append(expected_feedback_grad(rule, x.to(F64), w.to(F64), feedback.to(F64), gw, alignment, noise,
-                                               conv))
+            noise = oracle.draw(resolved.seed, resolved.step, tuple(x.shape), "normal", resolved.alignment[3],
+                                dtype).to(dtype).to(F64)
+        expected.append(expected_feedback_grad(rule, x.to(F64), w.to(F64), feedback.to(F64), gw, resolved.alignment,
+                                               noise, conv))
     for name, t, e in zip(names, triton_results, expected):
         assert_close(t, e.to(dtype), dtype, f"{rule} {activation} {name} vs oracle")
 

@@ -66,8 +66,8 @@ def test_transform_tile_equals_aten_transform(rule, stored, distribution, dtype)
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=RTOL[dtype])
     else:
         assert torch.equal(actual, expected), (actual - expected).abs().max()
-    if rule in ("brsf", "fa") and r is None:  # and the oracle's draw, written from the spec
-        name = "uniform" if distribution == Distribution.UNIFORM else "normal"
-        actual = actual.cpu()
-        b = oracle.feedback_matrix(rule, weight.cpu(), seed=int(rng[0]), step=int(rng[1]), scale=scale, distribution=name)
-        torch.testing.assert_close(actual, b, atol=1e-6, rtol=RTOL[dtype])
+    # and the oracle's B, written from the spec (not only fastfa's transform), for every rule
+    name = "uniform" if distribution == Distribution.UNIFORM else "normal"
+    b = oracle.feedback_matrix(rule, weight.cpu(), feedback=None if r is None else r.cpu(), seed=int(rng[0]),
+                               step=int(rng[1]), scale=scale, distribution=name)
+    torch.testing.assert_close(actual.cpu(), b, atol=1e-6, rtol=RTOL[dtype])

@@ -11,8 +11,8 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from conftest import assert_close, away_from_relu_kink
-from fastfa.functional import feedback_arguments
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
@@ -47,8 +47,7 @@ CASES = [("bp", {}), ("fa", {"stored": True}), ("fa", {"seed": 11}), ("usf", {"s
 
 
 def _options(rule, options):
-    taken = fastfa.rules.rule_spec(rule).options
-    chosen = {key: value for key, value in ALIGNMENT.items() if key in taken}
+    chosen = {key: value for key, value in ALIGNMENT.items() if key in spec_options.OPTIONS[rule]}
     chosen.update({key: value for key, value in options.items() if key != "stored"})
     return chosen
 
@@ -95,7 +94,7 @@ def test_linear_matches_oracle_and_aten(index, dtype):
     stored = given.get("stored") or rule in oracle.ESTIMATED
     feedback = torch.randn(out_features, in_features, dtype=dtype) * 0.5 if stored else None
     options = _options(rule, given)
-    spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(w.shape), w.device, dict(options))
+    resolved = spec_options.resolve(rule, tuple(w.shape), **options)  # the spec's reading, not fastfa's
     grad_output = torch.randn(3, 11, out_features, dtype=dtype)
     preactivation = x.double() @ w.double().t() + (b.double() if b is not None else 0)
     grad_output = away_from_relu_kink(grad_output, preactivation, activation)
@@ -110,10 +109,7 @@ def test_linear_matches_oracle_and_aten(index, dtype):
     # The oracle, in fp64 on the CPU from the same (rounded) inputs and the same rounded B.
     x, w, b, feedback, grad_output = (t.cpu() if t is not None else None for t in (x, w, b, feedback, grad_output))
     triton_results = [t.cpu() for t in triton_results]
-    seed, step = (int(v) for v in rng) if rng is not None else (None, None)
-    dist_name = "uniform" if distribution == Distribution.UNIFORM else "normal"
-    big_b = oracle.feedback_matrix(rule, w, feedback=feedback, seed=seed, step=step, scale=scale,
-                                   distribution=dist_name)
+    big_b = resolved.feedback_matrix(w, feedback=feedback)
     y, gx, gw, gb = oracle.linear(x.to(F64), w.to(F64), b.to(F64) if bias else None, big_b.to(F64),
                                   grad_output.to(F64), activation)
     expected = [y, gx, gw] + ([gb] if bias else [])
@@ -121,8 +117,9 @@ def test_linear_matches_oracle_and_aten(index, dtype):
         x2 = x.reshape(-1, in_features).to(F64)
         noise = None
         if rule == "wm":
-            noise = oracle.draw(seed, step, tuple(x2.shape), "normal", alignment[3], dtype).to(dtype).to(F64)
-        expected.append(expected_feedback_grad(rule, x2, w.to(F64), feedback.to(F64), gw, alignment, noise))
+            noise = oracle.draw(resolved.seed, resolved.step, tuple(x2.shape), "normal", resolved.alignment[3],
+                                dtype).to(dtype).to(F64)
+        expected.append(expected_feedback_grad(rule, x2, w.to(F64), feedback.to(F64), gw, resolved.alignment, noise))
     for name, t, e in zip(names, triton_results, expected):
         assert_close(t, e.to(dtype), dtype, f"{rule} {activation} {name} vs oracle")
 
