@@ -23,7 +23,7 @@ from test_estimated import expected_feedback_grad
 
 import fastfa
 import oracle
-from fastfa.functional import feedback_arguments
+import spec_options
 from fastfa.rules import Distribution, Rule
 
 pytestmark = [
@@ -181,11 +181,11 @@ def _tf32(enabled: bool):
 
 
 def _resolved_scale_and_distribution(rule, w, options):
-    """The draw's scale and distribution that a call with `options` resolves to. fastfa's own
-    resolution (feedback_arguments): the one place to switch to the tests' independent one."""
+    """The draw's scale and distribution that a call with `options` resolves to, read from the
+    spec (tests/spec_options.py), not from fastfa's own resolution."""
     rule_options = {key: value for key, value in options.items() if key != "feedback"}
-    _, scale, distribution, _, _ = feedback_arguments(rule, tuple(w.shape), w.device, rule_options)
-    return scale, Distribution(distribution).name.lower()
+    resolved = spec_options.resolve(rule, tuple(w.shape), **rule_options)
+    return resolved.scale, resolved.distribution
 
 
 def _oracle_feedback(rule, w, feedback, options):
