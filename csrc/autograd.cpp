@@ -11,6 +11,7 @@
 #include "fastfa/ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -66,6 +67,10 @@ void save_common(AutogradContext* ctx, const Tensor& input, const Tensor& weight
       derivative_from_output(activation) ? std::get<0>(outputs) : std::get<1>(outputs);
   ctx->save_for_backward({input, weight, given(feedback) ? *feedback : Tensor(), given(rng) ? *rng : Tensor(),
                           activation_tensor, std::get<2>(outputs)});
+  // Only the output's gradient is read: zeros for the other two outputs would be made and
+  // thrown away on every step. An output the loss did not reach gets zeros in the backward
+  // (the estimated rules' B gradient has terms that do not vanish with it).
+  ctx->set_materialize_grads(false);
   ctx->saved_data["has_bias"] = given(bias);
   ctx->saved_data["has_feedback"] = given(feedback);
   ctx->saved_data["has_rng"] = given(rng);
@@ -141,7 +146,13 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction<Backend>
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static auto op = find_op<LinearBackwardSignature>(Backend::linear_backward);
     Saved saved = unpack(ctx);
-    auto computed = op.call(grad_outputs[0], saved.input, saved.weight, saved.feedback, saved.rng,
+    Tensor grad_output = grad_outputs[0];
+    if (!grad_output.defined()) {
+      std::vector<int64_t> output_sizes = saved.input.sizes().vec();
+      output_sizes.back() = saved.weight.size(0);
+      grad_output = at::zeros(output_sizes, saved.input.options());
+    }
+    auto computed = op.call(grad_output, saved.input, saved.weight, saved.feedback, saved.rng,
                             saved.activation_saved, saved.projection, saved.rule, saved.scale, saved.distribution,
                             saved.alignment, saved.activation, saved.output_mask);
     return gradients(computed, saved.output_mask, 10);
@@ -173,11 +184,18 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction<Backend>
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static auto op = find_op<Conv2dBackwardSignature>(Backend::conv2d_backward);
     Saved saved = unpack(ctx);
-    auto computed = op.call(grad_outputs[0], saved.input, saved.weight, saved.feedback, saved.rng,
-                            saved.activation_saved, saved.projection, ctx->saved_data["stride"].toIntVector(),
-                            ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                            ctx->saved_data["groups"].toInt(), saved.rule, saved.scale, saved.distribution,
-                            saved.alignment, saved.activation, saved.output_mask);
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
+    const Tensor grad_output =
+        grad_outputs[0].defined()
+            ? grad_outputs[0]
+            : at::zeros(conv2d_output_shape(saved.input, saved.weight, stride, padding, dilation),
+                        saved.input.options());
+    auto computed = op.call(grad_output, saved.input, saved.weight, saved.feedback, saved.rng, saved.activation_saved,
+                            saved.projection, stride, padding, dilation, ctx->saved_data["groups"].toInt(),
+                            saved.rule, saved.scale, saved.distribution, saved.alignment, saved.activation,
+                            saved.output_mask);
     return gradients(computed, saved.output_mask, 14);
   }
 };

@@ -19,7 +19,11 @@ import torch
 
 import fastfa
 
-__all__ = ["HostCase", "host_cases", "host_overhead_rows", "format_host_overhead", "print_host_overhead"]
+__all__ = ["SHAPE_SET", "HostCase", "host_cases", "host_overhead_rows", "format_host_overhead",
+           "print_host_overhead"]
+
+#: The name of this set in ``fastfa bench --shapes``.
+SHAPE_SET = "host"
 
 
 @dataclass(frozen=True)
@@ -59,29 +63,35 @@ def _step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def _mean_us(step: Callable[[], None], steps: int) -> float:
+def _mean_us(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     return (time.perf_counter() - start) / steps * 1e6
 
 
-def host_overhead_rows(steps: int = 2000, rounds: int = 5, warmup: int = 200, rules=None) -> list:
+def host_overhead_rows(steps: int = 2000, rounds: int = 5, warmup: int = 200, rules=None,
+                       device=torch.device("cpu"), progress=None) -> list:
     """One row per (case, rule): {case, kind, rule, torch_us, fastfa_us, overhead_us, ratio}.
 
-    Each round times ``steps // rounds`` steps of torch's module and of fastfa's; the reported
-    times are medians over rounds.
+    ``rules``: the rules to time (default every rule on the single layers); the MLP case is
+    timed with usf only, where usf is among them. Each round times ``steps // rounds`` steps of
+    torch's module and of fastfa's; the reported times are medians over rounds.
     """
     rows = []
     per_round = max(1, steps // rounds)
     for case in host_cases():
         torch.manual_seed(0)
-        reference = case.make_torch()
-        x = torch.randn(case.input_shape, requires_grad=True)
+        reference = case.make_torch().to(device)
+        x = torch.randn(case.input_shape, device=device, requires_grad=True)
         baseline = _step(reference, x)
-        for rule in rules or HOST_RULES[case.kind]:
-            if rules is not None and case.kind == "mlp" and rule != "usf":
-                continue
+        chosen = HOST_RULES[case.kind] if rules is None else [r for r in rules if r in HOST_RULES[case.kind]]
+        for rule in chosen:
+            if progress is not None:
+                print(f"host overhead: {case.name} {rule}", file=progress, flush=True)
             converted = fastfa.convert(copy.deepcopy(reference), rule=rule, seed=0)
             variant = _step(converted, x)
             for step in (baseline, variant):
@@ -89,8 +99,8 @@ def host_overhead_rows(steps: int = 2000, rounds: int = 5, warmup: int = 200, ru
                     step()
             torch_times, fastfa_times = [], []
             for _ in range(rounds):
-                torch_times.append(_mean_us(baseline, per_round))
-                fastfa_times.append(_mean_us(variant, per_round))
+                torch_times.append(_mean_us(baseline, per_round, device))
+                fastfa_times.append(_mean_us(variant, per_round, device))
             torch_us, fastfa_us = statistics.median(torch_times), statistics.median(fastfa_times)
             overhead = statistics.median(f - t for f, t in zip(fastfa_times, torch_times))
             rows.append({"case": case.name, "kind": case.kind, "rule": rule, "torch_us": round(torch_us, 1),
