@@ -97,19 +97,27 @@ class FeedbackLayer:
         """The [seed, step] this forward's backward reads: a copy of the layer's counter where
         the forward records a backward, so the counter can move on in place (_advance_rng)
         while the copy is never written again, even if another forward runs before that
-        backward."""
+        backward. (Under torch.compile the counter itself: it moves on out of place there.)"""
         rng = self.feedback_rng
-        return rng.clone() if rng is not None and torch.is_grad_enabled() else rng
+        if rng is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return rng
+        return rng.clone()
 
     def _advance_rng(self) -> None:
         """After a forward whose backward will read [seed, step]: the layer's counter moves on.
 
         In place, on the counter's device: a captured CUDA graph's replay advances it too (a
         new tensor assigned from the host would be frozen into the graph); and after the op,
-        so that a refused call leaves the counter as it was.
+        so that a refused call leaves the counter as it was. Under torch.compile, out of place
+        (the compiled module's wrapper applies the new buffer each call): inductor may hand the
+        backward the mutated counter where the forward saved a copy of it.
         """
         rng = self.feedback_rng
-        if rng is not None and torch.is_grad_enabled():
+        if rng is None or not torch.is_grad_enabled():
+            return
+        if torch.compiler.is_compiling():
+            self.feedback_rng = torch.cat([rng[:1], rng[1:] + 1])
+        else:
             rng.select(0, 1).add_(1)
 
     def _state_problems(self, state_dict, prefix: str, strict: bool) -> list:

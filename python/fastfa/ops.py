@@ -218,8 +218,9 @@ class _TritonOp:
 
 
 # Forward op per backend (each forward op's autograd formula calls its own backward op).
-_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear, "triton": _TritonOp("linear", "triton_linear")}
-_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d, "triton": _TritonOp("conv2d", "triton_conv2d")}
+# The overloads themselves: a packet's call resolves the overload on every call.
+_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear.default, "triton": _TritonOp("linear", "triton_linear")}
+_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d.default, "triton": _TritonOp("conv2d", "triton_conv2d")}
 
 
 def _op_for(table: dict, kind: str, backend: str):
@@ -245,5 +246,5 @@ def conv2d_op(backend: str):
 for _op, _fake in (("cuda_linear", _linear_fake), ("cuda_linear_backward", _linear_backward_fake),
                    ("cuda_conv2d", _conv2d_fake), ("cuda_conv2d_backward", _conv2d_backward_fake)):
     torch.library.register_fake(f"fastfa::{_op}", _fake)
-_LINEAR_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_linear
-_CONV2D_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_conv2d
+_LINEAR_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_linear.default
+_CONV2D_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_conv2d.default
