@@ -1,5 +1,5 @@
 // The op schemas, declared once, and the CPU / CUDA kernels behind them.
-// python/fastfa/ops.py adds the fake (shape) kernels and the autograd formulas.
+// python/fastfa/ops.py adds the fake (shape) kernels; csrc/autograd.cpp their autograd.
 //
 // Every op takes the feedback description in the same trailing arguments:
 //   feedback      the stored R (fa, frsf) or None

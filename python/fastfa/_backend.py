@@ -186,10 +186,15 @@ def use_backend(name: str):
         _state.backend = previous
 
 
+_BUILT_WITH_CUDA = bool(_C.build_info()["cuda"])
+
+
 def resolve(name, device: torch.device) -> str:
     """The concrete backend for one call: the per-call name, else the thread's choice."""
     chosen = get_backend() if name is None else _check_name(name)
-    if device.type == "cuda" and not _C.build_info()["cuda"]:
+    if chosen == "auto" and device.type == "cpu":  # a module's every call: nothing to check
+        return "aten"
+    if device.type == "cuda" and not _BUILT_WITH_CUDA:
         raise RuntimeError("fastfa was built without CUDA kernels, so it cannot run on a CUDA tensor; "
                            "reinstall on a GPU machine or with FORCE_CUDA=1 "
                            "(pip install --no-build-isolation -e .)")

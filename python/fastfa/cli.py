@@ -133,7 +133,7 @@ def cmd_bench(args) -> int:
     import torch
 
     import fastfa
-    from fastfa import bench, peers
+    from fastfa import bench, host_overhead, peers
 
     # Device.
     try:
@@ -165,10 +165,13 @@ def cmd_bench(args) -> int:
     ops, error = _choose("ops", args.ops, bench.OPS, list(bench.OPS))
     if error:
         return _bench_error(error)
-    shapes, error = _choose("shapes", args.shapes, bench.SHAPE_SETS,
-                            ["linear-sweep", "resnet18", "retinanet"] if full else ["default"])
+    shapes, error = _choose("shapes", args.shapes, bench.SHAPE_SETS + (host_overhead.SHAPE_SET,),
+                            ["linear-sweep", "resnet18", "retinanet", host_overhead.SHAPE_SET] if full
+                            else ["default", host_overhead.SHAPE_SET])
     if error:
         return _bench_error(error)
+    host = host_overhead.SHAPE_SET in shapes
+    shapes = [name for name in shapes if name != host_overhead.SHAPE_SET]
     layouts, error = _choose("layouts", args.layouts, bench.LAYOUTS,
                              (list(bench.LAYOUTS) if full else ["channels_last"]) if gpu else ["nchw"])
     if error:
@@ -258,7 +261,7 @@ def cmd_bench(args) -> int:
     cases = bench.default_cases(device.type, quick=args.quick, ops=ops, shapes=shapes, layouts=layouts,
                                 batches=batches, models=models, model_batch=args.model_batch,
                                 model_resolution=args.model_size)
-    if not cases:
+    if not cases and not host:
         return _bench_error("nothing to time: --ops, --shapes and --models select no case")
     settings = bench.settings_for(device.type, args.quick, args.repeat, args.budget)
     settings.memory = not args.no_memory
@@ -284,12 +287,20 @@ def cmd_bench(args) -> int:
                                       compile_models=compile_models, model_rules=model_rules,
                                       progress=sys.stderr)
     results["summary"] = bench.summarize(results["rows"])
+    if host:
+        # The aten backend's host path (the one every CPU call takes; a GPU run times its own device).
+        results["host_overhead"] = host_overhead.host_overhead_rows(
+            steps=50 if args.quick else 2000, warmup=10 if args.quick else 200,
+            rules=[fastfa.rules.canonical_rule(rule) for rule in rules], device=device, progress=sys.stderr)
     print(bench.format_table(results["rows"]))
     print("bp = torch's own module, timed in the same interleaved rounds; ms, bp ms: medians over rounds; "
           "ratio: median of the per-round ms / bp ms; spread: its inter-quartile range; "
           f"peak: {results['peak_kind']}.")
     print()
     print(bench.format_summary(results["summary"]))
+    if host:
+        print()
+        print(host_overhead.format_host_overhead(results["host_overhead"]))
     bench.write_results(results, out_path)
     bench.write_csv(results, csv_path)
     print(f"results: {out_path}, {csv_path}", end="")
@@ -334,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", help="comma-separated: linear, conv2d, model (default: all three)")
     bench.add_argument("--shapes", help="comma-separated shape sets: default (a few representative layers), "
                                         "linear-sweep (4096x4096 over the batch sizes), resnet18, retinanet "
-                                        "(their convolutions); --full: the last three")
+                                        "(their convolutions), host (tiny layers: the host time per step over "
+                                        "torch's own layer, in µs); --full: the last four")
     bench.add_argument("--batches", help="batch sizes of the linear sweep (implies --shapes linear-sweep; "
                                          "default 1..8192 on GPU, 1,4,16,64,256 on CPU)")
     bench.add_argument("--backends", help="comma-separated backends (default: every usable one; triton is "

@@ -15,7 +15,7 @@ import torch
 
 from . import _backend
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
-from .rules import Distribution, Rule, init_distribution, rule_spec, sign_scale
+from .rules import RULES, Distribution, Rule, init_distribution, rule_spec, sign_scale
 
 __all__ = ["linear", "conv2d", "ACTIVATIONS", "feedback_arguments"]
 
@@ -151,10 +151,41 @@ def _check_real(name: str, value, positive: bool) -> float:
     return value
 
 
+_DTYPE_SET = frozenset(_DTYPES)
+_DEVICE_TYPES = frozenset(("cpu", "cuda", "meta"))
+_TAKES_FEEDBACK = frozenset(spec.id for spec in map(rule_spec, RULES)
+                            if spec.id in (Rule.FA, Rule.FRSF) or spec.estimates_feedback)
+_NEEDS_FEEDBACK = frozenset(spec.id for spec in map(rule_spec, RULES) if spec.id == Rule.FRSF or spec.estimates_feedback)
+
+
+def _ordinary(input, weight, bias, feedback, rng, spec) -> bool:
+    """Whether a call is the common case that every check of _check_layer passes, in a few
+    attribute reads (the checks one by one cost a small layer more host time than its kernels);
+    anything else goes through those checks, whose errors name what is wrong."""
+    if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    dtype, device = weight.dtype, weight.device
+    if dtype not in _DTYPE_SET or device.type not in _DEVICE_TYPES or input.dtype != dtype or input.device != device:
+        return False
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype == dtype and bias.device == device
+                                 and bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
+        return False
+    if feedback is None:
+        if spec.id in _NEEDS_FEEDBACK:
+            return False
+    elif not (spec.id in _TAKES_FEEDBACK and isinstance(feedback, torch.Tensor) and feedback.dtype == dtype
+              and feedback.device == device and feedback.shape == weight.shape):
+        return False
+    return rng is None or (isinstance(rng, torch.Tensor) and rng.dtype == torch.int64 and rng.shape == (2,)
+                           and rng.device == device)
+
+
 def _prepare(input, weight, bias, feedback, rng, spec):
     """The checks every layer kind shares, with autocast applied in between."""
     if spec.draws_every_step and rng is None:
         raise ValueError(f"rule {spec.name!r} draws its feedback every step: pass seed= (and step=) or rng=")
+    if _ordinary(input, weight, bias, feedback, rng, spec) and not _autocasting(input.device.type):
+        return input, weight, bias, feedback
     _check_tensor("input", input)
     _check_tensor("weight", weight)
     input, weight, bias, feedback = _autocast(input.device.type, input, weight, bias, feedback)
@@ -162,9 +193,13 @@ def _prepare(input, weight, bias, feedback, rng, spec):
     return input, weight, bias, feedback
 
 
+def _autocasting(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
 def _autocast(device_type: str, *tensors):
     """Under autocast, the layer runs in the autocast dtype, as torch's own linear / conv2d do."""
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if _autocasting(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         return tuple(None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
     return tensors
@@ -174,7 +209,8 @@ def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution
             activation: str, backend=None):
     """The module and functional entry: checked arguments in, one op per pass."""
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
-    _check_tensor("weight", weight, dims=(2,))
+    if weight.dim() != 2:
+        _check_tensor("weight", weight, dims=(2,))
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"input's last dimension must be in_features={weight.shape[1]} "
                          f"(weight has shape {tuple(weight.shape)}), got input of shape {tuple(input.shape)}")
@@ -219,6 +255,13 @@ def conv2d_geometry(input_shape, weight_shape, stride, padding, dilation, groups
     padding may be an int, a pair, "valid" or "same" (stride 1 only; an even dilated
     kernel needs one more row / column on the bottom / right, as torch pads it).
     """
+    geometry = layer_geometry(weight_shape, stride, padding, dilation, groups)
+    check_conv2d_input(input_shape, weight_shape, geometry)
+    return geometry
+
+
+def layer_geometry(weight_shape, stride, padding, dilation, groups):
+    """The part of conv2d_geometry that depends on the layer only (a module's is resolved once)."""
     stride, dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
     groups = _check_int("groups", groups, 1)
     kernel = tuple(weight_shape[2:])
@@ -236,9 +279,16 @@ def conv2d_geometry(input_shape, weight_shape, stride, padding, dilation, groups
             raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same'; got {padding!r}")
     else:
         padding = _pair("padding", padding, 0)
-    out_channels, in_per_group = weight_shape[0], weight_shape[1]
-    if out_channels % groups != 0:
-        raise ValueError(f"groups={groups} must divide out_channels={out_channels}")
+    if weight_shape[0] % groups != 0:
+        raise ValueError(f"groups={groups} must divide out_channels={weight_shape[0]}")
+    return stride, padding, extra, dilation, groups
+
+
+def check_conv2d_input(input_shape, weight_shape, geometry) -> None:
+    """The input's channels and spatial size against the layer's weight and geometry."""
+    _, padding, extra, dilation, groups = geometry
+    kernel = tuple(weight_shape[2:])
+    in_per_group = weight_shape[1]
     if input_shape[-3] != in_per_group * groups:
         raise ValueError(f"input must have {in_per_group * groups} channels (weight {tuple(weight_shape)}, "
                          f"groups={groups}), got input of shape {tuple(input_shape)}")
@@ -247,25 +297,28 @@ def conv2d_geometry(input_shape, weight_shape, stride, padding, dilation, groups
         if size + 2 * padding[axis] + extra[axis] < span:
             raise ValueError(f"input's spatial size {tuple(input_shape[-2:])} with padding {padding} is smaller "
                              f"than the dilated kernel {kernel} (dilation {dilation})")
-    return stride, padding, extra, dilation, groups
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale: float,
-            distribution: int, alignment: list, activation: str, backend=None):
+            distribution: int, alignment: list, activation: str, backend=None, geometry=None):
+    """geometry: layer_geometry's result where the caller has resolved it already (a module)."""
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
-    _check_tensor("input", input, dims=(3, 4))
-    _check_tensor("weight", weight, dims=(4,))
-    stride, padding, extra, dilation, groups = conv2d_geometry(input.shape, weight.shape, stride, padding,
-                                                               dilation, groups)
+    if input.dim() not in (3, 4):
+        _check_tensor("input", input, dims=(3, 4))
+    if weight.dim() != 4:
+        _check_tensor("weight", weight, dims=(4,))
+    if geometry is None:
+        geometry = layer_geometry(weight.shape, stride, padding, dilation, groups)
+    check_conv2d_input(input.shape, weight.shape, geometry)
+    stride, padding, extra, dilation, groups = geometry
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
     if extra != (0, 0):
         input = torch.nn.functional.pad(input, (0, extra[1], 0, extra[0]))
     name = _backend.resolve(backend, weight.device)
-    output, _, _ = _ops.conv2d_op(name)(input, weight, bias, feedback, rng, list(stride), list(padding),
-                                        list(dilation), groups, int(spec.id), scale, distribution, alignment,
-                                        activation)
+    output, _, _ = _ops.conv2d_op(name)(input, weight, bias, feedback, rng, stride, padding, dilation, groups,
+                                        int(spec.id), scale, distribution, alignment, activation)
     return output.squeeze(0) if unbatched else output
 
 

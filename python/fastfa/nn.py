@@ -23,11 +23,37 @@ def _fresh_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
+def _op_option(name: str) -> property:
+    """A rule option the op reads every call: kept resolved (FeedbackLayer._op_options) until it is set."""
+    stored = "_" + name
+
+    def get(self):
+        return self.__dict__[stored]
+
+    def set(self, value):
+        self.__dict__[stored] = value
+        self.__dict__.pop("_resolved_op_options", None)
+
+    return property(get, set)
+
+
 class FeedbackLayer:
     """What fastfa.nn.Linear and fastfa.nn.Conv2d share: the rule, its state, its measures."""
 
     rule: str
-    activation: str
+    activation = _op_option("activation")
+    feedback_scale = _op_option("feedback_scale")
+    feedback_distribution = _op_option("feedback_distribution")
+    alignment_options = _op_option("alignment_options")
+
+    def _op_options(self) -> tuple:
+        """(rule, scale, distribution, alignment, activation) as the op takes them, resolved once."""
+        options = self.__dict__.get("_resolved_op_options")
+        if options is None:
+            options = (int(self._spec.id), float(self.feedback_scale), int(self.feedback_distribution),
+                       self.alignment_options, self.activation)
+            self.__dict__["_resolved_op_options"] = options
+        return options
 
     def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
         options = {"scale": scale, "init": init, "seed": seed, **alignment_options}
@@ -67,16 +93,32 @@ class FeedbackLayer:
         else:
             self.register_buffer("feedback_rng", None)
 
+    def _step_rng(self):
+        """The [seed, step] this forward's backward reads: a copy of the layer's counter where
+        the forward records a backward, so the counter can move on in place (_advance_rng)
+        while the copy is never written again, even if another forward runs before that
+        backward. (Under torch.compile the counter itself: it moves on out of place there.)"""
+        rng = self.feedback_rng
+        if rng is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return rng
+        return rng.clone()
+
     def _advance_rng(self) -> None:
         """After a forward whose backward will read [seed, step]: the layer's counter moves on.
 
-        Out of place: the tensor handed to that backward is never written again, even if
-        another forward runs before the backward (or a compiler reorders the update); and
-        after the op, so that a refused call leaves the counter as it was.
+        In place, on the counter's device: a captured CUDA graph's replay advances it too (a
+        new tensor assigned from the host would be frozen into the graph); and after the op,
+        so that a refused call leaves the counter as it was. Under torch.compile, out of place
+        (the compiled module's wrapper applies the new buffer each call): inductor may hand the
+        backward the mutated counter where the forward saved a copy of it.
         """
         rng = self.feedback_rng
-        if rng is not None and torch.is_grad_enabled():
+        if rng is None or not torch.is_grad_enabled():
+            return
+        if torch.compiler.is_compiling():
             self.feedback_rng = torch.cat([rng[:1], rng[1:] + 1])
+        else:
+            rng.select(0, 1).add_(1)
 
     def _state_problems(self, state_dict, prefix: str, strict: bool) -> list:
         """What is wrong with this layer's entries of state_dict, before anything is copied."""
@@ -121,7 +163,7 @@ class FeedbackLayer:
                                       error_msgs)
 
     def _feedback_op_args(self):
-        return int(self._spec.id), self.feedback_scale, int(self.feedback_distribution)
+        return self._op_options()[:3]
 
     @torch.no_grad()
     def feedback_weight(self) -> torch.Tensor:
@@ -173,9 +215,9 @@ class Linear(FeedbackLayer, torch.nn.Linear):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = F._linear(input, self.weight, self.bias, self.feedback, self.feedback_rng, self._spec,
-                           self.feedback_scale, int(self.feedback_distribution), self.alignment_options,
-                           self.activation)
+        _, scale, distribution, alignment, activation = self._op_options()
+        output = F._linear(input, self.weight, self.bias, self.feedback, self._step_rng(), self._spec, scale,
+                           distribution, alignment, activation)
         self._advance_rng()
         return output
 
@@ -207,11 +249,22 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
             # As torch.nn.Conv2d: pad by the mode, then a convolution without padding.
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
+        _, scale, distribution, alignment, activation = self._op_options()
         output = F._conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                           self.feedback, self.feedback_rng, self._spec, self.feedback_scale,
-                           int(self.feedback_distribution), self.alignment_options, self.activation)
+                           self.feedback, self._step_rng(), self._spec, scale, distribution, alignment,
+                           activation, geometry=self._geometry(padding))
         self._advance_rng()
         return output
+
+    def _geometry(self, padding):
+        """The checked geometry (functional.layer_geometry), resolved again only when the layer's
+        stride, padding, dilation, groups or weight shape change."""
+        key = (self.stride, padding, self.dilation, self.groups, self.weight.shape)
+        cached = self.__dict__.get("_resolved_geometry")
+        if cached is None or cached[0] != key:
+            cached = (key, F.layer_geometry(self.weight.shape, self.stride, padding, self.dilation, self.groups))
+            self.__dict__["_resolved_geometry"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._feedback_repr()}"

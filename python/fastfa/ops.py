@@ -17,8 +17,10 @@ projection is r = x W^T (conv2d(x, W)) without bias, kept only for the rules who
 gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma].
 
 Other backends register ops with the same schemas under their own names
-(fastfa::triton_linear / triton_linear_backward, ...), and register_linear_autograd /
-register_conv2d_autograd give each forward op the formula that calls its own backward op.
+(fastfa::cuda_linear / cuda_linear_backward, fastfa::triton_linear / triton_linear_backward, ...).
+Each forward op's autograd calls its own backward op: in C++ for the ops defined there
+(csrc/autograd.cpp: no Python on a training step's path), and through register_linear_autograd /
+register_conv2d_autograd here for the Triton ops, which are defined in Python.
 """
 
 from __future__ import annotations
@@ -198,8 +200,6 @@ def register_conv2d_autograd(forward_name: str, backward_op) -> None:
                                     setup_context=_conv2d_setup_context)
 
 
-register_linear_autograd("fastfa::linear", torch.ops.fastfa.linear_backward)
-register_conv2d_autograd("fastfa::conv2d", torch.ops.fastfa.conv2d_backward)
 
 
 class _TritonOp:
@@ -218,8 +218,9 @@ class _TritonOp:
 
 
 # Forward op per backend (each forward op's autograd formula calls its own backward op).
-_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear, "triton": _TritonOp("linear", "triton_linear")}
-_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d, "triton": _TritonOp("conv2d", "triton_conv2d")}
+# The overloads themselves: a packet's call resolves the overload on every call.
+_LINEAR_OPS = {"aten": lambda: torch.ops.fastfa.linear.default, "triton": _TritonOp("linear", "triton_linear")}
+_CONV2D_OPS = {"aten": lambda: torch.ops.fastfa.conv2d.default, "triton": _TritonOp("conv2d", "triton_conv2d")}
 
 
 def _op_for(table: dict, kind: str, backend: str):
@@ -241,11 +242,9 @@ def conv2d_op(backend: str):
 
 
 # The cuda backend's ops (pybind_src/ops_registration.cpp) have the aten ops' schemas, so the same
-# fakes and setup_context apply.
+# fakes apply (their autograd is in C++, as the aten ops').
 for _op, _fake in (("cuda_linear", _linear_fake), ("cuda_linear_backward", _linear_backward_fake),
                    ("cuda_conv2d", _conv2d_fake), ("cuda_conv2d_backward", _conv2d_backward_fake)):
     torch.library.register_fake(f"fastfa::{_op}", _fake)
-register_linear_autograd("fastfa::cuda_linear", torch.ops.fastfa.cuda_linear_backward)
-register_conv2d_autograd("fastfa::cuda_conv2d", torch.ops.fastfa.cuda_conv2d_backward)
-_LINEAR_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_linear
-_CONV2D_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_conv2d
+_LINEAR_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_linear.default
+_CONV2D_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_conv2d.default

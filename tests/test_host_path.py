@@ -1,0 +1,198 @@
+"""The host path: autograd in C++, the module's resolved options, a step a CUDA graph can replay."""
+
+import copy
+
+import pytest
+import torch
+
+import fastfa
+from fastfa import functional as F
+
+LAYER_OPS = ("linear", "conv2d", "cuda_linear", "cuda_conv2d")
+
+
+@pytest.mark.parametrize("op", LAYER_OPS)
+def test_autograd_of_every_cpp_layer_op_is_registered_in_cpp(op):
+    # A Python formula (torch.library.register_autograd) would be registered from Python and
+    # cost a layer 100+ µs of host time per step.
+    dump = torch._C._dispatch_dump(f"fastfa::{op}")
+    autograd = [line for line in dump.splitlines() if line.startswith("Autograd[")]
+    assert autograd, dump
+    assert "csrc/autograd.cpp" in autograd[0], autograd[0]
+
+
+def _direct_linear(rule, feedback, x, w, b, activation="gelu"):
+    rng = torch.tensor([3, 1])
+    return torch.ops.fastfa.linear(x, w, b, feedback, rng, int(fastfa.rules.rule_spec(rule).id), 0.5, 0,
+                                   [0.1, 0.2, 0.3, 1.0], activation)
+
+
+@pytest.mark.parametrize("rule", ["bp", "kp", "sa", "ia"])
+def test_an_output_the_loss_does_not_reach_gets_zero_gradient(rule):
+    # Only the pre-activation (the op's second output) reaches the loss, so autograd hands the
+    # backward no gradient for the output: the backward must treat it as zeros (kp's and sa's
+    # B gradient has terms that do not vanish with it).
+    torch.manual_seed(0)
+    leaves = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, 5, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, dtype=torch.float64, requires_grad=True)]
+    feedback = torch.randn(4, 5, dtype=torch.float64, requires_grad=True) if rule != "bp" else None
+    inputs = leaves + ([feedback] if feedback is not None else [])
+
+    _, saved, _ = _direct_linear(rule, feedback, *leaves)
+    unreached = torch.autograd.grad(saved.sum(), inputs, allow_unused=True)
+    output, saved, _ = _direct_linear(rule, feedback, *leaves)
+    zero = torch.autograd.grad((output * 0).sum() + saved.sum(), inputs, allow_unused=True)
+    for got, expected in zip(unreached, zero):
+        assert (got is None and expected is None) or torch.equal(got, expected)
+    if rule in ("kp", "sa", "ia"):
+        assert unreached[3] is not None and unreached[3].abs().sum() > 0
+
+
+def _host_state(model):
+    """What a CUDA graph's replay could not redo: which tensor objects the modules hold, and
+    their plain attributes (a value computed on the host and stored would be frozen)."""
+    state = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers"):
+                state[name, key] = {k: (id(v), v.data_ptr()) if v is not None else None for k, v in value.items()}
+            elif key == "_modules":
+                state[name, key] = {k: id(v) for k, v in value.items()}
+            elif isinstance(value, torch.Tensor):
+                state[name, key] = (id(value), value.data_ptr())
+            elif not key.startswith("_resolved_"):
+                state[name, key] = copy.copy(value)
+    return state
+
+
+def _small_model(rule):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 4 * 4, 5))
+    return fastfa.convert(model, rule, seed=7)
+
+
+@pytest.mark.parametrize("rule", fastfa.RULES)
+def test_a_training_step_changes_no_host_side_state(rule):
+    model = _small_model(rule)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(2, 2, 4, 4), torch.randint(0, 5, (2,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    step()  # the first step makes the gradients and resolves the layers' options
+    before = _host_state(model)
+    counters = [layer.feedback_rng.clone() for layer in model.modules()
+                if isinstance(layer, fastfa.nn.FeedbackLayer) and layer.feedback_rng is not None]
+    step()
+    assert _host_state(model) == before
+    after = [layer.feedback_rng for layer in model.modules()
+             if isinstance(layer, fastfa.nn.FeedbackLayer) and layer.feedback_rng is not None]
+    # brsf and wm: the counter moved on, in the tensor the layer held (a replay writes there).
+    assert len(after) == (2 if rule in ("brsf", "wm") else 0)
+    for old, new in zip(counters, after):
+        assert int(new[0]) == int(old[0]) and int(new[1]) == int(old[1]) + 1
+
+
+def test_each_backward_reads_the_step_of_its_own_forward():
+    # The counter moves on in place, so the forward hands its backward a copy.
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(5, 4, rule="brsf", seed=11)
+    x = torch.randn(3, 5)
+    inputs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outputs = [layer(inp) for inp in inputs]  # steps 0 and 1, both before any backward
+    for out in reversed(outputs):
+        out.sum().backward()
+    for step, inp in enumerate(inputs):
+        reference = x.clone().requires_grad_(True)
+        F.linear(reference, layer.weight, layer.bias, rule="brsf", seed=11, step=step).sum().backward()
+        assert torch.equal(inp.grad, reference.grad)
+    assert int(layer.feedback_rng[1]) == 2
+
+
+def test_a_changed_option_takes_effect_on_the_next_call():
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(5, 4, rule="usf")
+    x = torch.randn(3, 5)
+    layer(x)
+    layer.activation = "relu"
+    assert torch.equal(layer(x), torch.relu(torch.nn.functional.linear(x, layer.weight, layer.bias)))
+    layer.feedback_scale = 2.0
+    grad = torch.randn(3, 4)
+    inp = x.clone().requires_grad_(True)
+    layer(inp).backward(grad)
+    delta = grad * (torch.nn.functional.linear(x, layer.weight, layer.bias) > 0)
+    torch.testing.assert_close(inp.grad, delta @ (2.0 * torch.sign(layer.weight.detach())))
+
+
+def test_a_changed_conv_geometry_takes_effect_on_the_next_call():
+    torch.manual_seed(0)
+    layer = fastfa.nn.Conv2d(2, 3, 3, rule="bp")
+    x = torch.randn(1, 2, 6, 6)
+    layer(x)
+    layer.stride, layer.padding = (2, 2), (1, 1)
+    expected = torch.nn.functional.conv2d(x, layer.weight, layer.bias, stride=2, padding=1)
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("rule", ["usf", "brsf", "wm"])
+def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule):
+    device = torch.device("cuda")
+    eager = _small_model(rule).to(device)
+    graphed = copy.deepcopy(eager)
+    x, target = torch.randn(4, 2, 4, 4, device=device), torch.randint(0, 5, (4,), device=device)
+
+    def make_step(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step():
+            optimizer.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step
+
+    eager_step, graphed_step = make_step(eager), make_step(graphed)
+    # Warm-up on a side stream (as torch.cuda.graphs asks), the same steps on both copies.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager_step()
+            graphed_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = graphed_step()  # captured, not run: the eager copy takes the same step below
+    for _ in range(4):
+        graph.replay()
+        loss = eager_step()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, loss)
+    for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, capsys):
+    import json
+
+    from fastfa import cli
+
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--shapes", "host", "--models", "none", "--rules",
+                     "bp,brsf", "--peers", "none", "--out", str(out), "--no-plot"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "host overhead per forward + backward step" in printed
+    rows = json.loads(out.read_text())["host_overhead"]
+    assert {(row["kind"], row["rule"]) for row in rows} == {
+        (kind, rule) for kind in ("linear", "conv2d") for rule in ("bp", "brsf")}
+    for row in rows:  # the values are times on a shared machine: only their presence is checked
+        assert row["torch_us"] > 0 and row["fastfa_us"] > 0 and isinstance(row["overhead_us"], float)
