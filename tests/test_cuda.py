@@ -226,10 +226,10 @@ def _expected_feedback_gradient(rule, x, w, feedback, grad_weight, conv_geometry
         layer = torch.nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), *conv_geometry, bias=False,
                                 dtype=torch.float64)
     layer.weight.data = w
-    layer.feedback, layer.rule = feedback, rule
-    layer.alignment_options = [ALIGNMENT[name] for name in ("alpha", "beta", "gamma", "sigma")]
+    layer.feedback = feedback
+    alignment = tuple(ALIGNMENT[name] for name in ("alpha", "beta", "gamma", "sigma"))
     noise = oracle.draw(WM_SEED, WM_STEP, x.shape, "normal", ALIGNMENT["sigma"]).double() if rule == "wm" else None
-    return expected_feedback_grad(layer, x, grad_weight, noise)
+    return expected_feedback_grad(rule, layer, x, grad_weight, alignment, noise)
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
