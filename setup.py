@@ -177,7 +177,8 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
         "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark", "scikit-learn"],
-        "bench": ["numpy", "matplotlib"],
+        # fastfa bench: the plot needs matplotlib; its default times torchvision's resnet18.
+        "bench": ["numpy", "matplotlib", "torchvision"],
         # fastfa train: digits ships inside scikit-learn; the plot needs matplotlib; torchvision for
         # the ResNet / AlexNet models and ImageFolder data.
         "train": ["scikit-learn", "matplotlib", "torchvision"],

@@ -1,8 +1,8 @@
 """The CUDA twins: the transform kernel and the aten backend on a GPU against the CPU and the
 oracle; the cuda backend's fused kernels against the oracle.
 
-Skipped without a CUDA device. On a GPU machine (the whole GPU suite, with compute-sanitizer
-and the benchmark): bash benchmarks/gpu_suite.sh
+Skipped without a CUDA device. On a GPU machine: bash benchmarks/gpu_check.sh OUTDIR (and
+gpu_extra.sh for compute-sanitizer; benchmarks/README.md, "GPU check").
 """
 
 import contextlib
