@@ -11,6 +11,7 @@
 #   cuda    tests/test_cuda.py and tests/test_sass.py: every fused cuda kernel against the oracle
 #   triton  tests/test_triton_*.py: every Triton kernel against the oracle and aten at ragged and
 #           real sizes, every rule and dtype, one autotune configuration (FASTFA_TRITON_AUTOTUNE=0)
+#   warm    the bench's Triton kernels compiled in parallel, a process per rule (GPU only)
 #   bench   the default `fastfa bench` on the device under --budget (without the torch.compile
 #           peer), results in design/gpu.md's shape
 #   rest    the rest of tests/ on the device, with whatever time is left
@@ -55,6 +56,7 @@ else
 fi
 
 bench_autotune="${GPU_CHECK_BENCH_AUTOTUNE:-0}"
+warm_stage "$bench_autotune" 150
 bench_json=$(results_file gpu-check-bench)
 bench_limit=$(limit $([ "$device" = cuda ] && echo 200 || echo 240))
 # The bench aims its timed rounds at 2/5 of the stage: compiling and warming up come on top.

@@ -9,7 +9,7 @@
 #              transforms, conv grad_weight; bf16, fp16, tf32) and each Triton kernel
 #              (forward, grad_input, grad_weight; a drawn, a learned and a plain rule)
 #   bench      the default `fastfa bench` on the device: every peer (torch.compile with
-#              max-autotune), Triton fully autotuned
+#              max-autotune), Triton fully autotuned (its kernels compiled first, a process per rule)
 #   sweep      `fastfa bench --full`: longer than one 10-minute command on an H200; give it its own
 #              command and budget
 # Each call builds first (setup and build as in gpu_check.sh; a second call on the same machine
@@ -63,7 +63,9 @@ sanitizer_stage() {
 for stage in "${stages[@]}"; do
   case $stage in
     sanitizer) sanitizer_stage ;;
-    bench) run bench "$(limit 100000)" TERM "$py" -m fastfa bench --device "$device" --out "$(results_file bench)" ;;
+    bench)
+      warm_stage 1 400
+      run bench "$(limit 100000)" TERM "$py" -m fastfa bench --device "$device" --out "$(results_file bench)" ;;
     sweep) run sweep "$(limit 100000)" TERM "$py" -m fastfa bench --device "$device" --full \
       --out "$(results_file full-bench)" ;;
   esac

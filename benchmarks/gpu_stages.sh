@@ -15,6 +15,7 @@ if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
   device=cuda
 else
   device=cpu
+  export TRITON_INTERPRET=1  # the Triton kernels on CPU tensors, through Triton's interpreter
 fi
 budget="${GPU_CHECK_BUDGET:-$([ "$device" = cuda ] && echo "$budget_default_gpu" || echo "$budget_default_cpu")}"
 jobs="$(nproc)"
@@ -128,7 +129,7 @@ build_stage() {
 }
 
 _build() {
-  MAX_JOBS="$jobs" run build "$(limit 300)" TERM "$py" -m pip install --no-build-isolation --no-deps -v -e .
+  MAX_JOBS="$jobs" run build "$(limit $([ "$device" = cuda ] && echo 300 || echo 1200))" TERM "$py" -m pip install --no-build-isolation --no-deps -v -e .
 }
 
 _backend_status() {
@@ -139,4 +140,30 @@ _backend_status() {
 results_file() {
   echo "$out/$(date -u +%F)-$("$py" -c "import torch; from fastfa.bench import device_name, slug
 print(slug(device_name(torch.device('$device'))))" 2>/dev/null || echo "$device")-$1.json"
+}
+
+# warm_stage AUTOTUNE CAP: compiles the Triton kernels that the default `fastfa bench` on the GPU meets,
+# one bench process per rule at a time (one round, Triton only), so that the bench finds them in
+# Triton's cache: each specialisation compiles on first use on one core, about 1.5 s per autotune
+# configuration, which the bench would otherwise pay one after another (README, "GPU check").
+warm_stage() {
+  if [ "$device" != cuda ]; then
+    record warm skipped 0 "no GPU: the interpreter compiles nothing"
+    return
+  elif [ "$triton_status" != usable ]; then
+    record warm skipped 0 "the triton backend is not usable"
+    return
+  fi
+  mkdir -p "$out/warm"
+  note="FASTFA_TRITON_AUTOTUNE=$1; a process per rule"
+  FASTFA_TRITON_AUTOTUNE=$1 run warm "$(limit "$2")" TERM bash -c '
+    for rule in $("$0" -c "import fastfa; print(*fastfa.RULES)"); do
+      "$0" -m fastfa bench --device cuda --rules "$rule" --backends triton --peers none --repeat 1 --no-memory \
+        --no-plot --out "$1/warm/$rule.json" > "$1/warm/$rule.log" 2>&1 &
+    done
+    failed=0
+    for pid in $(jobs -p); do wait "$pid" || failed=1; done
+    cat "$1"/warm/*.log
+    exit $failed' "$py" "$out"
+  rm -rf "$out/warm"
 }
