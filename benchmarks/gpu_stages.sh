@@ -47,11 +47,13 @@ record() {
 
 left() { echo $((budget - (SECONDS - start))); }
 
-# limit CAP: a stage's time limit, CAP seconds or what is left of the budget if less.
+# limit CAP [CPU_CAP]: a stage's time limit, CAP seconds (CPU_CAP without a GPU, where Triton is
+# interpreted and nothing runs on a GPU) or what is left of the budget if less.
 limit() {
-  local l
+  local l cap=$1
+  [ "$device" = cpu ] && [ $# -gt 1 ] && cap=$2
   l=$(left)
-  echo $((l < $1 ? l : $1))
+  echo $((l < cap ? l : cap))
 }
 
 # run STAGE LIMIT SIGNAL COMMAND...: COMMAND under `timeout`, its output in OUTDIR/STAGE.log, its
@@ -129,7 +131,7 @@ build_stage() {
 }
 
 _build() {
-  MAX_JOBS="$jobs" run build "$(limit $([ "$device" = cuda ] && echo 300 || echo 1200))" TERM "$py" -m pip install --no-build-isolation --no-deps -v -e .
+  MAX_JOBS="$jobs" run build "$(limit 300 1200)" TERM "$py" -m pip install --no-build-isolation --no-deps -v -e .
 }
 
 _backend_status() {
