@@ -180,7 +180,8 @@ setup(
         # against its CuTe headers (with nvcc; without the toolkit they skip).
         "test": ["pytest", "hypothesis", "numpy", "torchvision", "pytest-benchmark", "scikit-learn",
                  "nvidia-cutlass==4.2.0.0"],
-        "bench": ["numpy", "matplotlib"],
+        # fastfa bench: the plot needs matplotlib; its default times torchvision's resnet18.
+        "bench": ["numpy", "matplotlib", "torchvision"],
         # fastfa train: digits ships inside scikit-learn; the plot needs matplotlib; torchvision for
         # the ResNet / AlexNet models and ImageFolder data.
         "train": ["scikit-learn", "matplotlib", "torchvision"],

@@ -8,8 +8,8 @@ they do not. So a run with every call forced onto the aten path must fail:
     FASTFA_CUDA_FORCE_ATEN=1 python -m pytest -q tests/test_cuda.py   # fails: "fell back where ..."
     python -m pytest -q tests/test_cuda.py                            # passes
 
-Skipped without a CUDA device. On a GPU machine (the whole GPU suite, with compute-sanitizer
-and the benchmark): bash benchmarks/gpu_suite.sh
+Skipped without a CUDA device. On a GPU machine: bash benchmarks/gpu_check.sh OUTDIR (and
+gpu_extra.sh for compute-sanitizer; benchmarks/README.md, "GPU check").
 """
 
 import contextlib

@@ -28,11 +28,14 @@ cannot reach fall back to the aten ops, recorded (fastfa.last_fallbacks()).
 Block sizes are autotuned per GPU; every kernel is keyed by the layer's
 (rows rounded up to a power of two, out_features, in_features), so a layer's forward and
 backward tune once per shape, and a ragged last batch does not re-tune.
+FASTFA_TRITON_AUTOTUNE=0, set before the first use of the triton backend, gives every GEMM
+kernel one configuration instead (benchmarks/gpu_check.sh's correctness stage).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +59,16 @@ def gemm_configs():
     if fb.INTERPRETED.value:  # one small configuration: the interpreter is slow and times nothing
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1,
                               num_stages=1)]
+    autotune = os.environ.get("FASTFA_TRITON_AUTOTUNE", "1")
+    if autotune not in ("0", "1"):
+        raise ValueError(f"FASTFA_TRITON_AUTOTUNE must be 1 (autotune over every configuration, the default) "
+                         f"or 0 (one configuration), got {autotune!r}")
+    if autotune == "0":
+        # Each specialisation compiles every configuration on first use, so a correctness run over
+        # many rules and dtypes spends most of its time compiling; one configuration (the one the
+        # sm_90 compile checks in tests/test_triton_*.py verify: wgmma, no spills) compiles once.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                              num_stages=3)]
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
               (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
