@@ -152,7 +152,13 @@ def conv_cases(draw):
     size = []
     for k, p, d in zip(case["kernel"], case["padding"], case["dilation"]):
         span = d * (k - 1) + 1
-        size.append(max(1, span - 2 * p) + draw(st.integers(0, 6)))
+        # bf16: no input narrower than the kernel (only padding lets it fit). torch 2.14.1's own CPU
+        # bf16 convolution_backward (oneDNN) returns a wrong grad_weight there in most calls, with
+        # or without fastfa: aten.convolution_backward of a (12, 1, 2, 3) filter, groups 3, stride
+        # (3, 2), padding (0, 1) over a 3x3x6x1 input was wrong in 198 of 200 calls; fp32 and fp16
+        # were right on the same inputs.
+        smallest = span if case["dtype"] == torch.bfloat16 else max(1, span - 2 * p)
+        size.append(smallest + draw(st.integers(0, 6)))
     case["size"] = tuple(size)
     # Drawn channels_last layouts in fp64 only (fp32 and bf16 get them in the explicit examples): torch
     # 2.14.1's own CPU convolution (oneDNN 3.12) segfaults or returns wrong values, with or without
