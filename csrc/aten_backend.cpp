@@ -300,6 +300,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
           feedback_grad ? grad_feedback : empty_gradient(weight)};
 }
 
+namespace {
+
+// torch 2.14.1's CPU bf16 convolution (oneDNN) goes wrong when the input is narrower than the
+// dilated kernel along an axis, so that only the padding makes it fit: convolution_backward
+// returns a wrong grad_weight (up to 1e37; a (12, 1, 2, 3) filter, groups 3, stride (3, 2),
+// padding (0, 1) over a 3x3x6x1 input), in none to all of the calls depending on what the process
+// freed before (it reads memory it never wrote), and some forwards crash (a (4, 3, 2, 2) filter,
+// stride (3, 1), padding (1, 2), dilation 2 over a 3x3x1x4 input). Padding the input explicitly
+// does not help (the forward of a 1x1x6x5 input, (1, 1, 2, 3) filter, stride (1, 2), dilation
+// (1, 2) is wrong too). fp32 is right there: such convolutions run in fp32, rounded to bf16 at the
+// end as oneDNN's bf16 kernels do.
+bool pads_past_the_input(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
+                         at::IntArrayRef dilation) {
+  if (!input.is_cpu() || input.scalar_type() != at::kBFloat16) {
+    return false;
+  }
+  for (int axis = 0; axis < 2; ++axis) {
+    if (padding[axis] > 0 && input.size(2 + axis) < dilation[axis] * (weight.size(2 + axis) - 1) + 1) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// fp32 copies in, the input's dtype out, when `widen` (pads_past_the_input).
+struct Widening {
+  bool widen;
+  at::ScalarType dtype;
+
+  at::Tensor in(const at::Tensor& t) const { return widen && t.defined() ? t.to(at::kFloat) : t; }
+  std::optional<at::Tensor> in(const std::optional<at::Tensor>& t) const {
+    return t.has_value() ? std::optional<at::Tensor>(in(*t)) : std::nullopt;
+  }
+  at::Tensor out(const at::Tensor& t) const { return widen && t.defined() ? t.to(dtype) : t; }
+};
+
+} // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, at::IntArrayRef stride,
@@ -309,15 +347,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_alignment(alignment);
   const Activation kind = parse_activation(activation);
+  const Widening fp32{pads_past_the_input(input, weight, padding, dilation), input.scalar_type()};
   if (saves_projection(rule)) {
-    at::Tensor projection = at::convolution(input, weight, std::nullopt, stride, padding, dilation,
-                                            /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+    at::Tensor projection = fp32.out(at::convolution(fp32.in(input), fp32.in(weight), std::nullopt, stride, padding,
+                                                     dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
+                                                     groups));
     return with_projection(activation_forward(add_bias(projection, bias, 1), kind), projection);
   }
-  return with_projection(activation_forward(at::convolution(input, weight, bias, stride, padding, dilation,
-                                                            /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
-                                            kind),
-                         input.new_empty({0}));
+  return with_projection(
+      activation_forward(fp32.out(at::convolution(fp32.in(input), fp32.in(weight), fp32.in(bias), stride, padding,
+                                                  dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups)),
+                         kind),
+      input.new_empty({0}));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
@@ -345,21 +386,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const std::vector<int64_t> bias_sizes{weight.size(0)};
   const std::array<bool, 3> mask{output_mask[0], output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack),
                                  output_mask[2]};
+  const Widening fp32{pads_past_the_input(input, weight, padding, dilation), input.scalar_type()};
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-      delta, input, filter, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding,
-      dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
+      fp32.in(delta), fp32.in(input), fp32.in(filter), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+      stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
+  grad_input = fp32.out(grad_input);
+  grad_weight = fp32.out(grad_weight);
+  grad_bias = fp32.out(grad_bias);
   at::Tensor grad_feedback;
   if (feedback_grad) {
     const auto convolve = [&](const at::Tensor& x, const at::Tensor& m) {
-      return at::convolution(x, m, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
+      return fp32.out(
+          at::convolution(fp32.in(x), fp32.in(m), std::nullopt, stride, padding, dilation, false, {0, 0}, groups));
     };
     const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x) {
-      return std::get<1>(at::convolution_backward(r, x, weight, std::nullopt, stride, padding, dilation, false,
-                                                  {0, 0}, groups, {false, true, false}));
+      return fp32.out(std::get<1>(at::convolution_backward(fp32.in(r), fp32.in(x), fp32.in(weight), std::nullopt,
+                                                           stride, padding, dilation, false, {0, 0}, groups,
+                                                           {false, true, false})));
     };
     const auto transposed = [&](const at::Tensor& r, const at::Tensor& m) {
-      return std::get<0>(at::convolution_backward(r, input, m, std::nullopt, stride, padding, dilation, false,
-                                                  {0, 0}, groups, {true, false, false}));
+      return fp32.out(std::get<0>(at::convolution_backward(fp32.in(r), fp32.in(input), fp32.in(m), std::nullopt,
+                                                           stride, padding, dilation, false, {0, 0}, groups,
+                                                           {true, false, false})));
     };
     const AlignmentMaps maps{convolve, filter_gradient, transposed, input.size(0)};
     grad_feedback = in_layout_of(
