@@ -115,9 +115,9 @@ struct LayerBackward : public Node {
     const Tensor grad_output = grads[0].defined()
                                    ? grads[0]
                                    : at::zeros(Layer::output_shape(input, weight, geometry_), input.options());
-    // The backward ops have no derivative of their own: below autograd, they skip the boxed
-    // "not implemented" wrapper. Where the graph is being recorded (create_graph), they keep it,
-    // so that differentiating this backward says it is not implemented rather than giving zeros.
+    // The backward ops have no derivative of their own: below autograd, they skip torch's boxed
+    // "not implemented" wrapper. Where the graph is being recorded (create_graph), they go
+    // through it as before, so that torch still says the backward op has no derivative.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
     const auto computed = Layer::backward(grad_output, input, weight, feedback, rng, activation_saved, projection,
