@@ -9,9 +9,9 @@ and wm), so that saving and loading a model reproduces the next backward pass ex
 
 from __future__ import annotations
 
-import torch
-
 from typing import NamedTuple
+
+import torch
 
 from . import _backend
 from . import functional as F
@@ -325,10 +325,13 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
             if output is not None:
                 return output
         output = self._checked_forward(input)
-        stride, padding, extra, dilation, groups = self._geometry(
-            (0, 0) if self.padding_mode != "zeros" else self.padding)
-        if self.padding_mode == "zeros" and extra == (0, 0) and input.dim() == 4:
-            self._resolve_call(weight, _ops.conv2d_op, (stride, padding, dilation, groups, *self._op_options()), key)
+        if self.padding_mode == "zeros" and input.dim() == 4:
+            # The op pads evenly: another mode, or "same" padding's extra row / column, and an
+            # unbatched input keep taking the checked path, which pads and batches.
+            stride, padding, extra, dilation, groups = self._geometry(self.padding)
+            if extra == (0, 0):
+                self._resolve_call(weight, _ops.conv2d_op, (stride, padding, dilation, groups, *self._op_options()),
+                                   key)
         return output
 
     def _checked_forward(self, input: torch.Tensor) -> torch.Tensor:
