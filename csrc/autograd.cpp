@@ -2,28 +2,38 @@
 // forward call and the backend's kernels (torch.library's Python autograd wrapper cost a
 // layer 100+ µs of host time per step on a small CPU, more than torch's whole layer).
 //
-// Each forward op (fastfa::linear, fastfa::cuda_linear, ...) gets a torch::autograd::Function
-// registered for the Autograd key (pytorch/vision's pattern): its forward redispatches to the
-// backend's kernel below autograd, saves what the backward op reads, and its backward calls
-// that backend's backward op (fastfa::linear_backward, ...) through the dispatcher, so the
-// fake kernels, torch.compile and opcheck see the same op calls as before. The Triton ops are
-// defined in Python (torch.library.triton_op) and keep their autograd there (ops.py).
+// Each forward op (fastfa::linear, fastfa::cuda_linear, ...) gets a kernel for the Autograd key
+// that redispatches to the backend's kernel below autograd and records an autograd node, as
+// torch's own generated code does: the node keeps what the backward op reads in its members
+// (torch::autograd::Function would keep the scalars in a map of named values, built on every
+// step), and its backward calls that backend's backward op (fastfa::linear_backward, ...)
+// through the dispatcher, so the fake kernels, torch.compile and opcheck see the same op calls
+// as before. The Triton ops are defined in Python (torch.library.triton_op) and keep their
+// autograd there (ops.py).
 #include "fastfa/ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
-#include <torch/autograd.h>
+#include <c10/util/SmallVector.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <array>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastfa {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using LinearSignature = std::tuple<Tensor, Tensor, Tensor>(
@@ -53,156 +63,162 @@ bool derivative_from_output(c10::string_view activation) {
   return activation == "relu" || activation == "tanh" || activation == "sigmoid";
 }
 
-bool given(const std::optional<Tensor>& tensor) { return tensor.has_value() && tensor->defined(); }
+// torch 2.14 holds autograd nodes in c10::intrusive_ptr, torch 2.11 in std::shared_ptr (with
+// deleteNode, which keeps a long graph's destruction off the stack); both are served here.
+template <typename NodeType>
+constexpr bool kIntrusiveNodes = std::is_base_of_v<c10::intrusive_ptr_target, NodeType>;
 
-// What both layer kinds keep for the backward: the tensors the backward op reads, the
-// feedback description, and where input, weight, bias and feedback sit among the Function's
-// edges (an absent optional tensor has none), for needs_input_grad.
-void save_common(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                 const std::optional<Tensor>& bias, const std::optional<Tensor>& feedback,
-                 const std::optional<Tensor>& rng, const std::tuple<Tensor, Tensor, Tensor>& outputs,
-                 int64_t rule, double scale, int64_t distribution, at::ArrayRef<double> alignment,
-                 c10::string_view activation) {
-  const Tensor& activation_tensor =
-      derivative_from_output(activation) ? std::get<0>(outputs) : std::get<1>(outputs);
-  ctx->save_for_backward({input, weight, given(feedback) ? *feedback : Tensor(), given(rng) ? *rng : Tensor(),
-                          activation_tensor, std::get<2>(outputs)});
-  // Only the output's gradient is read: zeros for the other two outputs would be made and
-  // thrown away on every step. An output the loss did not reach gets zeros in the backward
-  // (the estimated rules' B gradient has terms that do not vanish with it).
-  ctx->set_materialize_grads(false);
-  ctx->saved_data["has_bias"] = given(bias);
-  ctx->saved_data["has_feedback"] = given(feedback);
-  ctx->saved_data["has_rng"] = given(rng);
-  ctx->saved_data["rule"] = rule;
-  ctx->saved_data["scale"] = scale;
-  ctx->saved_data["distribution"] = distribution;
-  ctx->saved_data["alignment"] = alignment.vec();
-  ctx->saved_data["activation"] = std::string(activation);
+template <typename NodeType>
+auto make_node() {
+  if constexpr (kIntrusiveNodes<NodeType>) {
+    return c10::make_intrusive<NodeType>();
+  } else {
+    return std::shared_ptr<NodeType>(new NodeType(), [](NodeType* node) { deleteNode(node); });
+  }
 }
 
-struct Saved {
-  Tensor input, weight, activation_saved, projection;
-  std::optional<Tensor> feedback, rng;
-  int64_t rule, distribution;
-  double scale;
-  std::vector<double> alignment;
-  std::string activation;
-  std::array<bool, 4> output_mask;
-};
+// The backward of one layer op call: what the backend's backward op reads, kept in members
+// (no per-step map of named values), and the edges input 0, weight 1, bias 2, feedback 3 (an
+// absent optional tensor's edge is invalid, so needs no gradient). Layer supplies the backward
+// op's call and the output's shape (the loss may not reach the output, only the other outputs).
+template <typename Layer>
+struct LayerBackward : public Node {
+  SavedVariable input_, weight_, feedback_, rng_, activation_saved_, projection_;
+  bool has_feedback_ = false, has_rng_ = false;
+  int64_t rule_ = 0, distribution_ = 0;
+  double scale_ = 1.0;
+  c10::SmallVector<double, 4> alignment_;
+  std::string activation_;
+  typename Layer::Geometry geometry_;
 
-Saved unpack(AutogradContext* ctx) {
-  auto tensors = ctx->get_saved_variables();
-  Saved saved;
-  saved.input = tensors[0];
-  saved.weight = tensors[1];
-  bool has_bias = ctx->saved_data["has_bias"].toBool();
-  bool has_feedback = ctx->saved_data["has_feedback"].toBool();
-  if (has_feedback) saved.feedback = tensors[2];
-  if (ctx->saved_data["has_rng"].toBool()) saved.rng = tensors[3];
-  saved.activation_saved = tensors[4];
-  saved.projection = tensors[5];
-  saved.rule = ctx->saved_data["rule"].toInt();
-  saved.scale = ctx->saved_data["scale"].toDouble();
-  saved.distribution = ctx->saved_data["distribution"].toInt();
-  saved.alignment = ctx->saved_data["alignment"].toDoubleVector();
-  saved.activation = ctx->saved_data["activation"].toStringRef();
-  // Edges: input 0, weight 1, then bias and feedback where given.
-  size_t feedback_edge = has_bias ? 3 : 2;
-  saved.output_mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2),
-                       has_feedback && ctx->needs_input_grad(feedback_edge)};
-  return saved;
-}
+  std::string name() const override { return Layer::kNodeName; }
 
-// The backward op's outputs as the Function returns them: one per forward argument, undefined
-// where not needed and for the non-tensor arguments.
-variable_list gradients(const std::tuple<Tensor, Tensor, Tensor, Tensor>& computed,
-                        const std::array<bool, 4>& mask, size_t arguments) {
-  variable_list result(arguments);
-  if (mask[0]) result[0] = std::get<0>(computed);
-  if (mask[1]) result[1] = std::get<1>(computed);
-  if (mask[2]) result[2] = std::get<2>(computed);
-  if (mask[3]) result[3] = std::get<3>(computed);
-  return result;
-}
-
-// Op names of one backend's linear (Backend::linear and Backend::linear_backward).
-template <typename Backend>
-struct LinearFunction : public torch::autograd::Function<LinearFunction<Backend>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                               const std::optional<Tensor>& bias, const std::optional<Tensor>& feedback,
-                               const std::optional<Tensor>& rng, int64_t rule, double scale, int64_t distribution,
-                               at::ArrayRef<double> alignment, c10::string_view activation) {
-    static auto op = find_op<LinearSignature>(Backend::linear);
-    std::tuple<Tensor, Tensor, Tensor> outputs;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      outputs = op.call(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation);
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&input_, &weight_, &feedback_, &rng_, &activation_saved_, &projection_}) {
+      saved->reset_data();
     }
-    save_common(ctx, input, weight, bias, feedback, rng, outputs, rule, scale, distribution, alignment, activation);
-    return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto self = this_node();
+    const Tensor input = input_.unpack(), weight = weight_.unpack();
+    const Tensor activation_saved = activation_saved_.unpack(self), projection = projection_.unpack(self);
+    std::optional<Tensor> feedback, rng;
+    if (has_feedback_) feedback = feedback_.unpack();
+    if (has_rng_) rng = rng_.unpack();
+    const std::array<bool, 4> mask{should_compute_output(0), should_compute_output(1), should_compute_output(2),
+                                   should_compute_output(3)};
+    // An output the loss did not reach gets zeros (the estimated rules' B gradient has terms
+    // that do not vanish with it).
+    const Tensor grad_output = grads[0].defined()
+                                   ? grads[0]
+                                   : at::zeros(Layer::output_shape(input, weight, geometry_), input.options());
+    // The backward ops have no derivative of their own: below autograd, they skip torch's boxed
+    // "not implemented" wrapper. Where the graph is being recorded (create_graph), they go
+    // through it as before, so that torch still says the backward op has no derivative.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    const auto computed = Layer::backward(grad_output, input, weight, feedback, rng, activation_saved, projection,
+                                          geometry_, rule_, scale_, distribution_, alignment_, activation_, mask);
+    variable_list result(4);
+    if (mask[0]) result[0] = std::get<0>(computed);
+    if (mask[1]) result[1] = std::get<1>(computed);
+    if (mask[2]) result[2] = std::get<2>(computed);
+    if (mask[3]) result[3] = std::get<3>(computed);
+    return result;
+  }
+
+  // Becomes the outputs' grad_fn (when a differentiable argument requires grad) and keeps
+  // what the backward reads; returns itself for the caller to add the geometry, or null.
+  static auto record(const std::tuple<Tensor, Tensor, Tensor>& outputs, const Tensor& input, const Tensor& weight,
+                     const std::optional<Tensor>& bias, const std::optional<Tensor>& feedback,
+                     const std::optional<Tensor>& rng, int64_t rule, double scale, int64_t distribution,
+                     at::ArrayRef<double> alignment, c10::string_view activation) {
+    decltype(make_node<LayerBackward>()) node;
+    if (!torch::autograd::compute_requires_grad(input, weight, bias, feedback)) return node;
+    node = make_node<LayerBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, feedback));
+    const auto& [output, pre_activation, projection] = outputs;
+    for (const Tensor* tensor : {&output, &pre_activation, &projection}) {
+      torch::autograd::set_history(*tensor, node);
+    }
+    node->input_ = SavedVariable(input, /*is_output=*/false);
+    node->weight_ = SavedVariable(weight, false);
+    node->has_feedback_ = feedback.has_value() && feedback->defined();
+    if (node->has_feedback_) node->feedback_ = SavedVariable(*feedback, false);
+    node->has_rng_ = rng.has_value() && rng->defined();
+    if (node->has_rng_) node->rng_ = SavedVariable(*rng, false);
+    // Outputs are saved as outputs: the node does not hold itself through them.
+    node->activation_saved_ = SavedVariable(derivative_from_output(activation) ? output : pre_activation, true);
+    node->projection_ = SavedVariable(projection, true);
+    node->rule_ = rule;
+    node->scale_ = scale;
+    node->distribution_ = distribution;
+    node->alignment_.assign(alignment.begin(), alignment.end());
+    node->activation_.assign(activation.data(), activation.size());
+    return node;
+  }
+
+ private:
+  auto this_node() {
+    if constexpr (kIntrusiveNodes<LayerBackward>) {
+      return this->getptr();
+    } else {
+      return this->shared_from_this();
+    }
+  }
+};
+
+using Masks = std::array<bool, 4>;
+using Gradients = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+template <typename Backend>
+struct LinearLayer {
+  struct Geometry {};
+  static constexpr const char* kNodeName = Backend::linear_node;
+
+  static std::vector<int64_t> output_shape(const Tensor& input, const Tensor& weight, const Geometry&) {
+    std::vector<int64_t> sizes = input.sizes().vec();
+    sizes.back() = weight.size(0);
+    return sizes;
+  }
+
+  static Gradients backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                            const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng,
+                            const Tensor& activation_saved, const Tensor& projection, const Geometry&, int64_t rule,
+                            double scale, int64_t distribution, at::ArrayRef<double> alignment,
+                            c10::string_view activation, Masks mask) {
     static auto op = find_op<LinearBackwardSignature>(Backend::linear_backward);
-    Saved saved = unpack(ctx);
-    Tensor grad_output = grad_outputs[0];
-    if (!grad_output.defined()) {
-      std::vector<int64_t> output_sizes = saved.input.sizes().vec();
-      output_sizes.back() = saved.weight.size(0);
-      grad_output = at::zeros(output_sizes, saved.input.options());
-    }
-    auto computed = op.call(grad_output, saved.input, saved.weight, saved.feedback, saved.rng,
-                            saved.activation_saved, saved.projection, saved.rule, saved.scale, saved.distribution,
-                            saved.alignment, saved.activation, saved.output_mask);
-    return gradients(computed, saved.output_mask, 10);
+    return op.call(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale, distribution,
+                   alignment, activation, mask);
   }
 };
 
 template <typename Backend>
-struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction<Backend>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                               const std::optional<Tensor>& bias, const std::optional<Tensor>& feedback,
-                               const std::optional<Tensor>& rng, at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
-                               int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation) {
-    static auto op = find_op<Conv2dSignature>(Backend::conv2d);
-    std::tuple<Tensor, Tensor, Tensor> outputs;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      outputs = op.call(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
-                        distribution, alignment, activation);
-    }
-    save_common(ctx, input, weight, bias, feedback, rng, outputs, rule, scale, distribution, alignment, activation);
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
-    return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
+struct Conv2dLayer {
+  struct Geometry {
+    c10::SmallVector<int64_t, 2> stride, padding, dilation;
+    int64_t groups = 1;
+  };
+  static constexpr const char* kNodeName = Backend::conv2d_node;
+
+  static std::vector<int64_t> output_shape(const Tensor& input, const Tensor& weight, const Geometry& geometry) {
+    return conv2d_output_shape(input, weight, geometry.stride, geometry.padding, geometry.dilation);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  static Gradients backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                            const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng,
+                            const Tensor& activation_saved, const Tensor& projection, const Geometry& geometry,
+                            int64_t rule, double scale, int64_t distribution, at::ArrayRef<double> alignment,
+                            c10::string_view activation, Masks mask) {
     static auto op = find_op<Conv2dBackwardSignature>(Backend::conv2d_backward);
-    Saved saved = unpack(ctx);
-    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
-    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
-    const Tensor grad_output =
-        grad_outputs[0].defined()
-            ? grad_outputs[0]
-            : at::zeros(conv2d_output_shape(saved.input, saved.weight, stride, padding, dilation),
-                        saved.input.options());
-    auto computed = op.call(grad_output, saved.input, saved.weight, saved.feedback, saved.rng, saved.activation_saved,
-                            saved.projection, stride, padding, dilation, ctx->saved_data["groups"].toInt(),
-                            saved.rule, saved.scale, saved.distribution, saved.alignment, saved.activation,
-                            saved.output_mask);
-    return gradients(computed, saved.output_mask, 14);
+    return op.call(grad_output, input, weight, feedback, rng, activation_saved, projection, geometry.stride,
+                   geometry.padding, geometry.dilation, geometry.groups, rule, scale, distribution, alignment,
+                   activation, mask);
   }
 };
-
-std::tuple<Tensor, Tensor, Tensor> as_tuple(const variable_list& outputs) {
-  return {outputs[0], outputs[1], outputs[2]};
-}
 
 template <typename Backend>
 std::tuple<Tensor, Tensor, Tensor> linear_autograd(const Tensor& input, const Tensor& weight,
@@ -211,8 +227,15 @@ std::tuple<Tensor, Tensor, Tensor> linear_autograd(const Tensor& input, const Te
                                                    const std::optional<Tensor>& rng, int64_t rule, double scale,
                                                    int64_t distribution, at::ArrayRef<double> alignment,
                                                    c10::string_view activation) {
-  return as_tuple(LinearFunction<Backend>::apply(input, weight, bias, feedback, rng, rule, scale, distribution,
-                                                 alignment, activation));
+  static auto op = find_op<LinearSignature>(Backend::linear);
+  std::tuple<Tensor, Tensor, Tensor> outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    outputs = op.call(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation);
+  }
+  LayerBackward<LinearLayer<Backend>>::record(outputs, input, weight, bias, feedback, rng, rule, scale, distribution,
+                                              alignment, activation);
+  return outputs;
 }
 
 template <typename Backend>
@@ -223,8 +246,20 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_autograd(const Tensor& input, const Te
                                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                                    int64_t rule, double scale, int64_t distribution,
                                                    at::ArrayRef<double> alignment, c10::string_view activation) {
-  return as_tuple(Conv2dFunction<Backend>::apply(input, weight, bias, feedback, rng, stride, padding, dilation,
-                                                 groups, rule, scale, distribution, alignment, activation));
+  static auto op = find_op<Conv2dSignature>(Backend::conv2d);
+  std::tuple<Tensor, Tensor, Tensor> outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    outputs = op.call(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale, distribution,
+                      alignment, activation);
+  }
+  if (auto node = LayerBackward<Conv2dLayer<Backend>>::record(outputs, input, weight, bias, feedback, rng, rule, scale,
+                                                              distribution, alignment, activation)) {
+    node->geometry_ = {c10::SmallVector<int64_t, 2>(stride.begin(), stride.end()),
+                       c10::SmallVector<int64_t, 2>(padding.begin(), padding.end()),
+                       c10::SmallVector<int64_t, 2>(dilation.begin(), dilation.end()), groups};
+  }
+  return outputs;
 }
 
 struct AtenOps {
@@ -232,6 +267,8 @@ struct AtenOps {
   static constexpr const char* linear_backward = "fastfa::linear_backward";
   static constexpr const char* conv2d = "fastfa::conv2d";
   static constexpr const char* conv2d_backward = "fastfa::conv2d_backward";
+  static constexpr const char* linear_node = "fastfa::LinearBackward";
+  static constexpr const char* conv2d_node = "fastfa::Conv2dBackward";
 };
 
 struct CudaOps {
@@ -239,6 +276,8 @@ struct CudaOps {
   static constexpr const char* linear_backward = "fastfa::cuda_linear_backward";
   static constexpr const char* conv2d = "fastfa::cuda_conv2d";
   static constexpr const char* conv2d_backward = "fastfa::cuda_conv2d_backward";
+  static constexpr const char* linear_node = "fastfa::CudaLinearBackward";
+  static constexpr const char* conv2d_node = "fastfa::CudaConv2dBackward";
 };
 
 } // namespace

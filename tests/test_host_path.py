@@ -139,8 +139,76 @@ def test_a_changed_conv_geometry_takes_effect_on_the_next_call():
     assert torch.equal(layer(x), expected)
 
 
+_REFUSED_LINEAR = [
+    (lambda: torch.ones(2, 3, dtype=torch.int64), TypeError, "input has dtype torch.int64; expected one of float16"),
+    (lambda: torch.ones(2, 3, dtype=torch.float64), TypeError, "input has dtype torch.float64 but weight has"),
+    (lambda: torch.ones(2, 4), ValueError, r"input's last dimension must be in_features=3.*got input of shape \(2, 4\)"),
+    (lambda: [1.0, 2.0, 3.0], TypeError, "input must be a torch.Tensor, got list"),
+]
+_REFUSED_CONV2D = [
+    (lambda: torch.ones(1, 5, 8, 8), ValueError, r"input must have 3 channels .*got input of shape \(1, 5, 8, 8\)"),
+    (lambda: torch.ones(8, 8), ValueError, "input must have 3 or 4 dimensions"),
+    (lambda: torch.ones(1, 3, 2, 2), ValueError, r"input's spatial size \(2, 2\) with padding \(0, 0\) is smaller"),
+]
+
+
+@pytest.mark.parametrize("rule", ["usf", "brsf", "kp"])
+def test_a_layer_past_its_first_call_refuses_bad_input_with_the_checked_message(rule):
+    # After the first call the module calls its op directly; the op's C++ checks refuse the call
+    # before any kernel runs, and the module's functional checks then say what is wrong.
+    layer, conv = fastfa.nn.Linear(3, 2, rule=rule, seed=0), fastfa.nn.Conv2d(3, 4, 3, rule=rule, seed=0)
+    for module, good, refused in ((layer, torch.ones(2, 3), _REFUSED_LINEAR),
+                                  (conv, torch.ones(1, 3, 8, 8), _REFUSED_CONV2D)):
+        module(good)
+        assert "_resolved_call" in vars(module)
+        counter = None if module.feedback_rng is None else module.feedback_rng.clone()
+        for make, error, match in refused:
+            with pytest.raises(error, match=match):
+                module(make())
+        if counter is not None:  # a refused call leaves brsf's step where it was
+            assert torch.equal(module.feedback_rng, counter)
+
+
+def test_an_unbatched_input_after_a_batched_one_takes_the_checked_path():
+    torch.manual_seed(0)
+    conv = fastfa.nn.Conv2d(2, 3, 3, padding=1, rule="usf")
+    x = torch.randn(2, 4, 4)
+    conv(x.unsqueeze(0))
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_a_changed_backend_padding_mode_or_kernel_takes_effect_on_the_next_call():
+    torch.manual_seed(0)
+    conv = fastfa.nn.Conv2d(2, 3, 3, padding="same", rule="bp")
+    x = torch.randn(1, 2, 5, 5)
+    conv(x)
+    conv.padding_mode = "reflect"
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), conv.weight,
+                                          conv.bias)
+    torch.testing.assert_close(conv(x), expected)
+    conv.padding_mode = "zeros"
+    conv(x)
+    conv.weight = torch.nn.Parameter(torch.randn(3, 2, 5, 5))  # "same" now pads by 2
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=2))
+    layer = fastfa.nn.Linear(3, 2, rule="usf")
+    layer(torch.randn(2, 3))
+    with fastfa.use_backend("triton"):
+        layer(torch.randn(2, 3))
+    assert vars(layer)["_resolved_call"].backend == "auto"  # triton's op is not called without its checks
+
+
+@pytest.mark.parametrize("rule", ["usf", "kp"])
+def test_the_backward_node_frees_its_tensors_and_refuses_a_second_backward(rule):
+    layer = fastfa.nn.Linear(3, 2, rule=rule, seed=0, activation="relu")
+    output = layer(torch.randn(4, 3, requires_grad=True))
+    assert output.grad_fn.name() == "fastfa::LinearBackward"
+    output.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        output.sum().backward()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("rule", ["usf", "brsf", "wm"])
+@pytest.mark.parametrize("rule", ["usf", "brsf", "wm", "kp"])
 def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule):
     device = torch.device("cuda")
     eager = _small_model(rule).to(device)

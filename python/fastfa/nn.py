@@ -9,9 +9,13 @@ and wm), so that saving and loading a model reproduces the next backward pass ex
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from . import _backend
 from . import functional as F
+from . import ops as _ops
 from .ops import feedback_transform
 from .rules import Distribution, Rule
 
@@ -33,8 +37,26 @@ def _op_option(name: str) -> property:
     def set(self, value):
         self.__dict__[stored] = value
         self.__dict__.pop("_resolved_op_options", None)
+        self.__dict__.pop("_resolved_call", None)
 
     return property(get, set)
+
+
+# The backends whose ops check every argument in C++ before any kernel runs (csrc/aten_backend.cpp,
+# csrc/cuda): a module may call them without functional's checks, which then only explain a refusal.
+_CHECKED_IN_CPP = frozenset(("aten", "cuda"))
+
+
+class _ResolvedCall(NamedTuple):
+    """A layer's forward op and its arguments after the tensors, for one backend and device."""
+
+    backend: str  # the thread's choice it was resolved under (_backend.get_backend())
+    device: torch.device  # weight's device
+    op: object  # the op overload, e.g. torch.ops.fastfa.linear.default
+    arguments: tuple  # the static arguments after (input, weight, bias, feedback, rng)
+    takes_feedback: bool  # whether the rule reads a stored feedback tensor
+    draws: bool  # whether the rule reads [seed, step] (brsf, wm)
+    key: tuple  # what else the arguments were resolved from (conv2d's geometry)
 
 
 class FeedbackLayer:
@@ -54,6 +76,45 @@ class FeedbackLayer:
                        self.alignment_options, self.activation)
             self.__dict__["_resolved_op_options"] = options
         return options
+
+    def _call(self, weight, key=()):
+        """The resolved call for this forward, or None where it must take functional's checked path:
+        the first call, a changed backend, device or option, autocast (which casts the arguments),
+        torch.compile (which traces the checked path), a backend that does not check in C++."""
+        call = self.__dict__.get("_resolved_call")
+        if (call is None or call.backend != _backend.get_backend() or call.device != weight.device
+                or call.key != key or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()):
+            return None
+        return call
+
+    def _resolve_call(self, weight, op_for, arguments: tuple, key=()) -> None:
+        """After a call that took the checked path: remember its op and arguments for the next ones."""
+        if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+            return
+        backend = _backend.get_backend()
+        name = _backend.resolve(None, weight.device)
+        if name not in _CHECKED_IN_CPP:
+            return
+        spec = self._spec
+        self.__dict__["_resolved_call"] = _ResolvedCall(
+            backend, weight.device, op_for(name), arguments,
+            takes_feedback=spec.id in F._TAKES_FEEDBACK,
+            draws=spec.draws_every_step, key=key)
+
+    def _fast_forward(self, call, input, weight, bias):
+        """One op call with the resolved arguments; None where the op refused the call, so that the
+        checked path can say why (the C++ checks run before any kernel, so nothing has changed)."""
+        feedback = self.feedback
+        if feedback is not None and not call.takes_feedback:
+            return None
+        rng = self._step_rng() if call.draws else None
+        try:
+            output = call.op(input, weight, bias, feedback, rng, *call.arguments)[0]
+        except (RuntimeError, TypeError, ValueError):
+            return None
+        if call.draws:
+            self._advance_rng()
+        return output
 
     def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
         options = {"scale": scale, "init": init, "seed": seed, **alignment_options}
@@ -215,10 +276,18 @@ class Linear(FeedbackLayer, torch.nn.Linear):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _, scale, distribution, alignment, activation = self._op_options()
-        output = F._linear(input, self.weight, self.bias, self.feedback, self._step_rng(), self._spec, scale,
+        weight, bias = self.weight, self.bias
+        call = self._call(weight)
+        if call is not None:
+            output = self._fast_forward(call, input, weight, bias)
+            if output is not None:
+                return output
+        options = self._op_options()
+        _, scale, distribution, alignment, activation = options
+        output = F._linear(input, weight, bias, self.feedback, self._step_rng(), self._spec, scale,
                            distribution, alignment, activation)
         self._advance_rng()
+        self._resolve_call(weight, _ops.linear_op, options)
         return output
 
     def extra_repr(self) -> str:
@@ -244,6 +313,28 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        # The arguments are resolved from these (tuples, replaced when set): "same" padding from
+        # the kernel's size too.
+        key = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
+        if isinstance(self.padding, str):
+            key += (weight.shape,)
+        call = self._call(weight, key)
+        if call is not None:
+            output = self._fast_forward(call, input, weight, bias)
+            if output is not None:
+                return output
+        output = self._checked_forward(input)
+        if self.padding_mode == "zeros" and input.dim() == 4:
+            # The op pads evenly: another mode, or "same" padding's extra row / column, and an
+            # unbatched input keep taking the checked path, which pads and batches.
+            stride, padding, extra, dilation, groups = self._geometry(self.padding)
+            if extra == (0, 0):
+                self._resolve_call(weight, _ops.conv2d_op, (stride, padding, dilation, groups, *self._op_options()),
+                                   key)
+        return output
+
+    def _checked_forward(self, input: torch.Tensor) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             # As torch.nn.Conv2d: pad by the mode, then a convolution without padding.
