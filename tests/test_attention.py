@@ -3,6 +3,7 @@
 
 import copy
 import types
+import warnings
 
 import pytest
 import torch
@@ -324,3 +325,28 @@ def test_deepcopy_keeps_each_copy_on_its_own_weights():
     twin = copy.deepcopy(layer)
     assert twin.in_proj.weight is twin.in_proj_weight
     assert twin.in_proj.weight is not layer.in_proj_weight
+
+
+@pytest.mark.parametrize("rule", ["usf", "kp"])
+def test_digits_vit_converts_whole_and_trains(rule):
+    from fastfa.training.models import build
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build("vit", rule, channels=1, image_size=8, num_classes=10)
+    table = fastfa.coverage(model)
+    assert table.backprop == []
+    assert {row.name for row in table if row.status == "no weight transport"} >= {"position", "norm"}
+    torch.manual_seed(0)
+    images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    with pytest.raises(ValueError, match="image size must be even"):
+        build("vit", rule, channels=1, image_size=7, num_classes=10)

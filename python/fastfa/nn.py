@@ -364,7 +364,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     The packed in_proj_weight is one projection with one feedback state (``in_proj``); with
     kdim or vdim other than embed_dim, ``q_proj``, ``k_proj`` and ``v_proj`` each have their
     own; ``out_proj`` is a fastfa :class:`Linear`. With ``seed=s`` they get s, s + 1, ...
-    in that order (out_proj last). The forward takes torch's arguments and returns what
+    in that order (out_proj last). Where query, key and value are not one tensor, the packed
+    in_proj runs as one op per row block (q, then k and v together when key is value): each
+    uses its rows of W and of B, and brsf's R_t or wm's noise comes from the block's own stream
+    [seed, step * blocks + block]. The forward takes torch's arguments and returns what
     torch's returns; the attention itself is torch's (scaled_dot_product_attention when no
     weights are asked for), so only the projections' backward changes.
     """
