@@ -350,3 +350,23 @@ def test_digits_vit_converts_whole_and_trains(rule):
     assert losses[-1] < losses[0], losses
     with pytest.raises(ValueError, match="image size must be even"):
         build("vit", rule, channels=1, image_size=7, num_classes=10)
+
+
+@pytest.mark.slow
+def test_converted_encoder_layer_compiles_whole():
+    """torch.compile(fullgraph=True) of a converted encoder layer: brsf's counters move on as in eager
+    mode, and grad_input equals the eager twin's at every step."""
+    def make():
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        return fastfa.convert(layer, "brsf", seed=1)
+
+    layer, twin = make(), make()
+    twin.load_state_dict(layer.state_dict())
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 5, 16)
+    for step in range(1, 3):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        compiled(xa).sum().backward()
+        twin(xb).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+        assert int(layer.self_attn.in_proj.feedback_rng[1]) == int(twin.self_attn.in_proj.feedback_rng[1]) == step
