@@ -59,7 +59,7 @@ def sign_scale(scale, shape) -> float:
         if fan_in == 0 or fan_out == 0:
             return 1.0  # W and B are empty: s does not matter
         if scale == "xiao":  # a conv's fan_out is kh*kw*out_ch
-            return math.sqrt(2.0 / fan_out) if len(shape) == 4 else 1.0 / math.sqrt(shape[1])
+            return math.sqrt(2.0 / fan_out) if len(shape) >= 3 else 1.0 / math.sqrt(shape[1])
         if scale == "xavier":
             return math.sqrt(2.0 / (fan_in + fan_out))
         if scale == "kaiming":
@@ -84,7 +84,7 @@ def init_distribution(init, shape):
     if init == "xavier":
         return "uniform", math.sqrt(3.0) * sign_scale("xavier", shape)
     if init == "xiao":
-        return ("normal" if len(shape) == 4 else "uniform"), sign_scale("xiao", shape)
+        return ("normal" if len(shape) >= 3 else "uniform"), sign_scale("xiao", shape)
     raise ValueError(f"init {init!r} is none of {INITS}")
 
 

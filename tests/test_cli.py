@@ -179,8 +179,12 @@ def test_bench_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
 def test_bench_cases_cover_the_sweep():
     cuda = bench.default_cases("cuda", shapes=bench.SHAPE_SETS[1:], layouts=bench.LAYOUTS,
                                models=bench.MODELS)
-    linear = [case.batch for case in cuda if case.op == "linear"]
+    linear = [case.batch for case in cuda if case.op == "linear" and case.group.startswith("linear ")]
     assert linear == [2 ** k for k in range(14)]   # 1..8192 for a 4096x4096 Linear
+    transformer = {(case.group, case.shape) for case in cuda if case.op == "linear"}
+    assert ("vit-b/16 64x197 qkv", "12608x768 -> 2304") in transformer
+    assert ("gpt2-small 8x1024 mlp down", "8192x3072 -> 768") in transformer
+    assert len([case for case in cuda if case.group.startswith(("vit-b/16", "gpt2-small"))]) == 8
     groups = {case.group for case in cuda}
     assert "resnet18 conv @224px" in groups and "retinanet head @800px" in groups
     assert {case.layout for case in cuda if case.op == "conv2d"} == set(bench.LAYOUTS)

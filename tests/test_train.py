@@ -164,7 +164,7 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--models", "vgg"], "--models: unknown vgg; choose from convnet, mlp, resnet18"),
+    (["--models", "vgg"], "--models: unknown vgg; choose from convnet, mlp, vit, resnet18"),
     (["--rules", "bp,dfb"], "--rules: unknown dfb"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--lr", "-1"], "--lr must be positive and finite"),

@@ -26,6 +26,7 @@ from . import functional, metrics, nn, ops, rules  # noqa: E402
 from ._backend import (BackendStatus, Fallback, backends, clear_fallbacks, get_backend, last_fallbacks,  # noqa: E402
                        set_backend, use_backend)
 from .convert import convert  # noqa: E402
+from .coverage import coverage  # noqa: E402
 from .rules import ALIASES, RULES  # noqa: E402
 
 
@@ -41,5 +42,5 @@ def _warn_on_torch_mismatch() -> None:
 
 _warn_on_torch_mismatch()
 
-__all__ = ["RULES", "ALIASES", "nn", "functional", "metrics", "ops", "rules", "convert", "backends", "BackendStatus",
+__all__ = ["RULES", "ALIASES", "nn", "functional", "metrics", "ops", "rules", "convert", "coverage", "backends", "BackendStatus",
            "set_backend", "get_backend", "use_backend", "last_fallbacks", "clear_fallbacks", "Fallback", "__version__"]

@@ -139,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", help="comma-separated: linear, conv2d, model (default: all three)")
     bench.add_argument("--shapes", help="comma-separated shape sets: default (a few representative layers), "
                                         "linear-sweep (4096x4096 over the batch sizes), resnet18, retinanet "
-                                        "(their convolutions), host (tiny layers: the host time per step over "
-                                        "torch's own layer, in µs); --full: the last four")
+                                        "(their convolutions), transformer (a block's q/k/v, output and MLP "
+                                        "projections: ViT-B/16 and GPT-2 small at training token counts on GPU, "
+                                        "a scaled-down block on CPU), host (tiny layers: the host time per step "
+                                        "over torch's own layer, in µs); --full: the last five")
     bench.add_argument("--batches", help="batch sizes of the linear sweep (implies --shapes linear-sweep; "
                                          "default 1..8192 on GPU, 1,4,16,64,256 on CPU)")
     bench.add_argument("--backends", help="comma-separated backends (default: every usable one; triton is "
@@ -157,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile-models", action="store_true",
                        help="give the models the torch.compile peer on CPU too (default: only on GPU or with "
                             "--full; compiling a model takes a minute or more on a CPU)")
-    bench.add_argument("--models", help="comma-separated resnet18, alexnet, resnet50, mlp, or none, timed with "
-                                        "--ops model (default: resnet18; --quick: mlp; --full: all four)")
+    bench.add_argument("--models", help="comma-separated resnet18, alexnet, resnet50, mlp, encoder (one "
+                                        "transformer encoder layer, converted, against torch's own), or none, "
+                                        "timed with --ops model (default: resnet18; --quick: mlp; --full: all five)")
     bench.add_argument("--model-rules", help="rules timed on the models (default: all on GPU or with --full, "
                                              "usf on CPU)")
     bench.add_argument("--model-batch", type=int, metavar="N", help="models' batch (default: 64 on GPU, 4 on CPU)")

@@ -1,12 +1,14 @@
-"""fastfa.convert: swap a model's Linear and Conv2d layers for fastfa's, in place."""
+"""fastfa.convert: swap a model's Linear, Conv1d, Conv2d and MultiheadAttention layers for fastfa's, in place."""
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import torch
 
 from . import nn as fnn
+from .coverage import ATTENTION_PART, BACKPROP, CONVERTIBLE, coverage
 from .rules import canonical_rule
 
 __all__ = ["convert"]
@@ -17,12 +19,15 @@ def _excluded(name: str, patterns) -> bool:
 
 
 def _converted(layer: torch.nn.Module, rule: str, options: dict) -> torch.nn.Module:
+    if type(layer) is torch.nn.MultiheadAttention:
+        return _converted_attention(layer, rule, options)
     factory = dict(device=layer.weight.device, dtype=layer.weight.dtype, rule=rule, **options)
     if type(layer) is torch.nn.Linear:
         new = fnn.Linear(layer.in_features, layer.out_features, layer.bias is not None, **factory)
     else:
-        new = fnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
+        kind = fnn.Conv1d if type(layer) is torch.nn.Conv1d else fnn.Conv2d
+        new = kind(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
     # The same Parameter objects: an optimizer built before convert still updates them.
     new.weight = layer.weight
     new.bias = layer.bias
@@ -30,8 +35,28 @@ def _converted(layer: torch.nn.Module, rule: str, options: dict) -> torch.nn.Mod
     return new
 
 
+def _converted_attention(layer: torch.nn.MultiheadAttention, rule: str, options: dict):
+    # The projections have no activation to fuse (the attention follows them).
+    options = {key: value for key, value in options.items() if key != "activation"}
+    weight = layer.out_proj.weight
+    new = fnn.MultiheadAttention(layer.embed_dim, layer.num_heads, layer.dropout, layer.in_proj_bias is not None,
+                                 layer.bias_k is not None, layer.add_zero_attn, layer.kdim, layer.vdim,
+                                 layer.batch_first, device=weight.device, dtype=weight.dtype, rule=rule, **options)
+    for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                 "bias_v"):
+        setattr(new, name, getattr(layer, name))
+    new.out_proj.weight, new.out_proj.bias = layer.out_proj.weight, layer.out_proj.bias
+    new.train(layer.training)
+    return new
+
+
+def _seeds_taken(layer: torch.nn.Module) -> int:
+    """How many seeds a converted layer takes (s, s + 1, ...): one per feedback state."""
+    return len(layer.projections()) if isinstance(layer, fnn.MultiheadAttention) else 1
+
+
 def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torch.nn.Module:
-    """Swap every torch.nn.Linear and torch.nn.Conv2d of ``model`` for fastfa's, in place.
+    """Swap every torch.nn.Linear, Conv1d, Conv2d and MultiheadAttention of ``model`` for fastfa's, in place.
 
     Only those exact types are swapped (not subclasses fastfa does not know); layers named
     in ``exclude`` (qualified names such as "fc" or "layer4.1.conv2", or fnmatch patterns
@@ -39,7 +64,11 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
     stay backprop). Weights and bias are kept (the same Parameters), with their device
     and dtype. ``options`` go to every new layer (scale, init, activation, ...); with
     ``seed=s`` the i-th converted layer gets seed s + i, so a model converts the same
-    way every time. Xiao et al. keep the classifier on backprop (``exclude=("fc",)`` for
+    way every time (a MultiheadAttention takes one seed per projection). So TransformerEncoder /
+    Decoder layers and whole nn.Transformer models convert. Modules with parameters of their
+    own that convert does not know (nn.Bilinear, an LSTM, a custom module calling F.linear, a
+    subclass of Linear) stay on backprop: one warning names their parameters, and
+    :func:`fastfa.coverage` gives the per-module table. Xiao et al. keep the classifier on backprop (``exclude=("fc",)`` for
     a torchvision ResNet); Kunin et al. convert it too, which is the default here.
 
     Returns the model (a new layer if ``model`` itself is a Linear or Conv2d).
@@ -50,13 +79,16 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
     seed = options.pop("seed", None)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    swappable = (torch.nn.Linear, torch.nn.Conv2d)
+    swappable = CONVERTIBLE
     replacements: dict = {}  # id(old) -> new, so a layer shared between places stays shared
+    seeds_taken = 0
 
     def replacement(name: str, layer):
+        nonlocal seeds_taken
         if id(layer) not in replacements:
-            layer_seed = None if seed is None else seed + len(replacements)
+            layer_seed = None if seed is None else seed + seeds_taken
             replacements[id(layer)] = _converted(layer, rule, dict(options, seed=layer_seed))
+            seeds_taken += _seeds_taken(replacements[id(layer)])
         return replacements[id(layer)]
 
     if type(model) in swappable:
@@ -67,4 +99,18 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if child is not None and type(child) in swappable and not _excluded(name, exclude):
                 setattr(parent, child_name, replacement(name, child))
+    _warn_unknown(model)
     return model
+
+
+def _warn_unknown(model: torch.nn.Module) -> None:
+    """One warning naming the parameters that still carry the error back through their own weights
+    in modules convert does not know (the layers it knows and the user excluded are left out)."""
+    unknown = [row for row in coverage(model) if row.status == BACKPROP and type(model.get_submodule(row.name))
+               not in (*CONVERTIBLE, ATTENTION_PART)]
+    if unknown:
+        names = ", ".join(f"{row.name}.{p}" if row.name else p for row in unknown for p in row.parameters)
+        kinds = ", ".join(sorted({row.kind for row in unknown}))
+        warnings.warn(f"fastfa.convert left these parameters on backprop (weight transport), in modules it does "
+                      f"not know ({kinds}): {names}. fastfa.coverage(model) gives the per-module table.",
+                      stacklevel=3)

@@ -1,4 +1,4 @@
-"""Drop-in layers: torch.nn.Linear / torch.nn.Conv2d whose backward follows a learning rule.
+"""Drop-in layers: torch.nn.Linear / Conv1d / Conv2d / MultiheadAttention whose backward follows a learning rule.
 
 The modules subclass torch's, so ``weight`` and ``bias`` are the usual Parameters,
 isinstance checks hold and the parent's state_dict keys are unchanged. The rule's own
@@ -9,6 +9,7 @@ and wm), so that saving and loading a model reproduces the next backward pass ex
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -19,7 +20,7 @@ from . import ops as _ops
 from .ops import feedback_transform
 from .rules import Distribution, Rule
 
-__all__ = ["Linear", "Conv2d", "FeedbackLayer"]
+__all__ = ["Linear", "Conv1d", "Conv2d", "MultiheadAttention", "FeedbackLayer"]
 
 
 def _fresh_seed() -> int:
@@ -359,3 +360,249 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._feedback_repr()}"
+
+
+class Conv1d(FeedbackLayer, torch.nn.Conv1d):
+    """conv1d whose backward sends the error through the rule's feedback B instead of W.
+
+    Args: as torch.nn.Conv1d (stride, padding including "same" / "valid", dilation, groups,
+    bias, padding_mode), plus the keyword-only options of :class:`Linear`. Input (N, C_in, L)
+    or (C_in, L). It runs as a Conv2d over a unit height, so every backend's conv2d op (and
+    its rule) serves it; weight and feedback keep torch's Conv1d shape (C_out, C_in/groups, k).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
+                 gamma=None, sigma=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self._setup_feedback(rule, activation, scale, init, seed,
+                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+            shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"input must be (N, C_in, L) or (C_in, L) for Conv1d, got {shape}")
+        if input.shape[-2] != self.in_channels:
+            raise ValueError(f"input must have in_channels={self.in_channels} channels, got input of shape "
+                             f"{tuple(input.shape)}")
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0,)
+        if not isinstance(padding, str):
+            padding = (0, padding[0])
+        feedback = None if self.feedback is None else self.feedback.unsqueeze(2)
+        _, scale, distribution, alignment, activation = self._op_options()
+        output = F._conv2d(input.unsqueeze(-2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), padding,
+                           (1, self.dilation[0]), self.groups, feedback, self._step_rng(), self._spec, scale,
+                           distribution, alignment, activation)
+        self._advance_rng()
+        return output.squeeze(-2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._feedback_repr()}"
+
+
+def _stream(rng, index: int, count: int):
+    """[seed, step * count + index]: projection slice `index` of `count` run as separate ops (packed
+    weights with distinct inputs) draws from its own stream at every step, so that brsf's R_t or
+    wm's noise is not the same pattern for q, k and v."""
+    if rng is None or count == 1:
+        return rng
+    return rng * rng.new_tensor([1, count]) + rng.new_tensor([0, index])
+
+
+class _Projection(FeedbackLayer, torch.nn.Module):
+    """The rule's state (R or B, [seed, step]) for one input projection of a MultiheadAttention.
+
+    The weight stays the attention layer's own Parameter (in_proj_weight or q/k/v_proj_weight),
+    so torch's state_dict keys are unchanged; this adds ``<name>.feedback`` and
+    ``<name>.feedback_rng``, and metrics see the projection as a FeedbackLayer.
+    """
+
+    def __init__(self, owner: torch.nn.Module, weight_name: str, rule: str, scale, init, seed, alignment_options):
+        super().__init__()
+        # Not a submodule (the attention layer owns this one): read, never registered.
+        self.__dict__["_owner"] = owner
+        self.weight_name = weight_name
+        self._setup_feedback(rule, None, scale, init, seed, alignment_options)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.__dict__["_owner"], self.weight_name)
+
+    def project(self, input, rows: slice, bias, rng):
+        """input W[rows]^T + bias through the rule, B[rows] on the way back."""
+        weight, feedback = self.weight, self.feedback
+        if rows != slice(None):
+            weight = weight[rows]
+            feedback = None if feedback is None else feedback[rows]
+        _, scale, distribution, alignment, activation = self._op_options()
+        return F._linear(input, weight, bias, feedback, rng, self._spec, scale, distribution, alignment, activation)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_name} {tuple(self.weight.shape)}, {self._feedback_repr()}"
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention whose q / k / v and output projections follow a learning rule.
+
+    Args: as torch.nn.MultiheadAttention, plus the keyword-only ``rule``, ``scale``, ``init``,
+    ``seed``, ``alpha`` / ``beta`` / ``gamma`` / ``sigma`` of :class:`Linear` (no activation).
+    The packed in_proj_weight is one projection with one feedback state (``in_proj``); with
+    kdim or vdim other than embed_dim, ``q_proj``, ``k_proj`` and ``v_proj`` each have their
+    own; ``out_proj`` is a fastfa :class:`Linear`. With ``seed=s`` they get s, s + 1, ...
+    in that order (out_proj last). Where query, key and value are not one tensor, the packed
+    in_proj runs as one op per row block (q, then k and v together when key is value): each
+    uses its rows of W and of B, and brsf's R_t or wm's noise comes from the block's own stream
+    [seed, step * blocks + block]. The forward takes torch's arguments and returns what
+    torch's returns; the attention itself is torch's (scaled_dot_product_attention when no
+    weights are asked for), so only the projections' backward changes.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, rule: str = "usf", scale=None,
+                 init=None, seed=None, alpha=None, beta=None, gamma=None, sigma=None):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device=device, dtype=dtype)
+        alignment = dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma)
+        names = ("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
+        for offset, name in enumerate(names):
+            setattr(self, name, _Projection(self, name + "_weight", rule, scale, init,
+                                            None if seed is None else seed + offset, alignment))
+        out_proj = Linear(embed_dim, embed_dim, bias, device=device, dtype=dtype, rule=rule, scale=scale,
+                          init=init, seed=None if seed is None else seed + len(names), **alignment)
+        # torch's initialisation of the output projection, kept.
+        out_proj.weight, out_proj.bias = self.out_proj.weight, self.out_proj.bias
+        self.out_proj = out_proj
+        self.rule = out_proj.rule
+
+    def projections(self) -> dict:
+        """{name: layer} of the rule's layers: in_proj or q/k/v_proj, and out_proj."""
+        names = ("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
+        return {**{name: getattr(self, name) for name in names}, "out_proj": self.out_proj}
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        # Which inputs are one tensor decides how the packed in_proj runs: read before any reshaping.
+        self_attention, shared_kv = query is key and key is value, key is value
+        is_batched = query.dim() == 3
+        key_padding_mask = torch.nn.functional._canonical_mask(
+            mask=key_padding_mask, mask_name="key_padding_mask",
+            other_type=torch.nn.functional._none_or_dtype(attn_mask), other_name="attn_mask",
+            target_type=query.dtype)
+        attn_mask = torch.nn.functional._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                                        other_name="", target_type=query.dtype, check_other=False)
+        if self.batch_first and is_batched:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        output, weights = self._attend(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal, self_attention, shared_kv)
+        if self.batch_first and is_batched:
+            output = output.transpose(1, 0)
+        return output, weights
+
+    def _project(self, query, key, value, self_attention: bool, shared_kv: bool):
+        """q, k, v of shape (length, batch, embed_dim), each projection through the rule."""
+        E = self.embed_dim
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.split(E)
+        if not self._qkv_same_embed_dim:
+            outputs = []
+            for projection, input, bias in zip((self.q_proj, self.k_proj, self.v_proj), (query, key, value), biases):
+                outputs.append(projection.project(input, slice(None), bias, projection._step_rng()))
+                projection._advance_rng()
+            return outputs
+        projection, rng = self.in_proj, self.in_proj._step_rng()
+        if self_attention:
+            packed = projection.project(query, slice(None), self.in_proj_bias, rng)
+            outputs = packed.unflatten(-1, (3, E)).movedim(-2, 0).contiguous().unbind(0)
+        elif shared_kv:
+            kv_bias = None if self.in_proj_bias is None else self.in_proj_bias[E:]
+            q = projection.project(query, slice(0, E), biases[0], _stream(rng, 0, 2))
+            kv = projection.project(key, slice(E, None), kv_bias, _stream(rng, 1, 2))
+            outputs = (q, *kv.unflatten(-1, (2, E)).movedim(-2, 0).contiguous().unbind(0))
+        else:
+            outputs = tuple(projection.project(input, slice(i * E, (i + 1) * E), bias, _stream(rng, i, 3))
+                            for i, (input, bias) in enumerate(zip((query, key, value), biases)))
+        projection._advance_rng()
+        return outputs
+
+    def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                is_causal, self_attention, shared_kv):
+        """torch.nn.functional.multi_head_attention_forward's computation, the projections through the rule."""
+        functional = torch.nn.functional
+        is_batched = functional._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        if not is_batched:
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        tgt_len, bsz, embed_dim = query.shape
+        if embed_dim != self.embed_dim:
+            raise ValueError(f"query's embedding dimension must be embed_dim={self.embed_dim}, got {embed_dim}")
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"key's sequence and batch dimensions {tuple(key.shape[:2])} must match value's "
+                             f"{tuple(value.shape[:2])}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("is_causal=True needs attn_mask (the causal mask), as torch's MultiheadAttention "
+                               "does: nn.Transformer.generate_square_subsequent_mask makes one")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
+        elif key_padding_mask is not None:
+            is_causal = False
+        num_heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value, self_attention, shared_kv)
+        src_len = key.shape[0]
+        if attn_mask is not None:
+            expected = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * num_heads, tgt_len, src_len)
+            if attn_mask.dim() not in (2, 3) or attn_mask.shape != expected:
+                raise RuntimeError(f"attn_mask must have shape {(tgt_len, src_len)} or "
+                                   f"{(bsz * num_heads, tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+            attn_mask = None if attn_mask is None else functional.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else functional.pad(key_padding_mask, (0, 1))
+        q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+        k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        if self.add_zero_attn:
+            zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+            attn_mask = None if attn_mask is None else functional.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else functional.pad(key_padding_mask, (0, 1))
+        src_len = k.size(1)
+        if key_padding_mask is not None:
+            functional._check_key_padding_mask(key_padding_mask, src_len, bsz)
+            key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
+                                .reshape(bsz * num_heads, 1, src_len))
+            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            q_scaled = q * math.sqrt(1.0 / float(head_dim))
+            if attn_mask is not None:
+                weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+            else:
+                weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+            weights = functional.softmax(weights, dim=-1)
+            if dropout_p > 0.0:
+                weights = functional.dropout(weights, p=dropout_p)
+            output = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+            weights = weights.view(bsz, num_heads, tgt_len, src_len)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            if attn_mask is not None:
+                attn_mask = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1
+                             else attn_mask.view(bsz, num_heads, -1, src_len))
+            q, k, v = (t.view(bsz, num_heads, -1, head_dim) for t in (q, k, v))
+            output = functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+            output = output.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+            weights = None
+        output = self.out_proj(output).view(tgt_len, bsz, embed_dim)
+        if not is_batched:
+            output = output.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        return output, weights

@@ -146,7 +146,8 @@ def fan_in_and_fan_out(weight_shape: Sequence[int]):
 
 
 def _is_conv(weight_shape) -> bool:
-    return len(weight_shape) == 4
+    # A Conv1d's weight (out, in/groups, k) takes the conv formulas too.
+    return len(weight_shape) >= 3
 
 
 def sign_scale(scale, weight_shape: Sequence[int]) -> float:

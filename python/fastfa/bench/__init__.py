@@ -38,11 +38,12 @@ from __future__ import annotations
 
 from .cases import DTYPES, LAYOUTS, MODELS, OPS, SHAPE_SETS, Case, default_cases
 from .command import main
-from .machine import cpu_model, default_out_path, device_name, git_commit, slug, versions
+from .machine import command_line, cpu_model, default_out_path, device_name, git_commit, slug, versions
 from .plots import plot_available, write_plot
 from .report import CSV_COLUMNS, format_summary, format_table, summarize, write_csv, write_results
 from .run import run_bench
 
 __all__ = ["Case", "default_cases", "run_bench", "format_table", "format_summary", "summarize", "versions",
            "cpu_model", "device_name", "default_out_path", "git_commit", "write_results", "write_csv", "write_plot",
-           "DTYPES", "OPS", "MODELS", "SHAPE_SETS", "LAYOUTS", "CSV_COLUMNS", "plot_available", "slug", "main"]
+           "DTYPES", "OPS", "MODELS", "SHAPE_SETS", "LAYOUTS", "CSV_COLUMNS", "plot_available", "slug", "main",
+           "command_line"]

@@ -112,13 +112,55 @@ class MLPBlock(torch.nn.Module):
         return self.head(x + self.down(torch.nn.functional.gelu(self.up(self.norm(x)))))
 
 
-MODELS = ("resnet18", "alexnet", "resnet50", "mlp")
+class EncoderBlock(torch.nn.Module):
+    """One transformer encoder layer (self-attention and GELU MLP, pre-norm), mean over the tokens,
+    then a classifier: what fastfa.convert makes of a ViT's or a BERT's layers."""
+
+    def __init__(self, width: int, heads: int, classes: int):
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                                      batch_first=True, norm_first=True)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+MODELS = ("resnet18", "alexnet", "resnet50", "mlp", "encoder")
+
+#: (batch, tokens, width, heads) of the encoder-layer step: ViT-B/16's at 224 px on a GPU, scaled down on a CPU.
+ENCODER_SIZES = {"cuda": (64, 197, 768, 12), "cpu": (4, 64, 256, 4), "quick": (2, 16, 32, 4)}
+
+
+def encoder_case(batch: int, tokens: int, width: int, heads: int) -> Case:
+    """One SGD step of a converted encoder layer (EncoderBlock) against torch's own."""
+    return Case("model:encoder", f"{batch}x{tokens}x{width}, {heads} heads, mlp {4 * width}", (batch, tokens, width),
+                lambda device, dtype: EncoderBlock(width, heads, 1000).to(device, dtype), group="model",
+                classes=1000)
+
+
+def transformer_cases(device_type: str) -> list:
+    """The projections of a transformer block (q/k/v packed, attention output, MLP up and down) at
+    training token counts: ViT-B/16 (batch 64 x 197 tokens) and GPT-2 small (batch 8 x 1024) on a GPU;
+    a scaled-down block (256 tokens, width 256) on a CPU."""
+    if device_type == "cuda":
+        blocks = [("vit-b/16 64x197", 64 * 197, 768), ("gpt2-small 8x1024", 8 * 1024, 768)]
+    else:
+        blocks = [("block 256 tokens", 256, 256)]
+    cases = []
+    for name, tokens, width in blocks:
+        cases += [linear_case(tokens, width, out, group=f"{name} {part}")
+                  for part, out in (("qkv", 3 * width), ("attn out", width), ("mlp up", 4 * width))]
+        cases.append(linear_case(tokens, 4 * width, width, group=f"{name} mlp down"))
+    return cases
 
 
 def model_case(name: str, batch: int, resolution: int, channels_last: bool, width: int = 512) -> Case:
-    """One SGD training step of a torchvision model (1000 classes) or of an MLP block."""
+    """One SGD training step of a torchvision model (1000 classes), of an MLP block or of an encoder layer."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}; got {name!r}")
+    if name == "encoder":  # resolution: the tokens per sample; a head per 64 channels, as ViT and GPT-2
+        return encoder_case(batch, resolution, width, max(1, width // 64))
     if name == "mlp":
         return Case("model:mlp", f"{batch}x{width}, width {width} -> {4 * width} -> {width}", (batch, width),
                     lambda device, dtype: MLPBlock(width, 1000).to(device, dtype), group="model", classes=1000)
@@ -134,7 +176,7 @@ def model_case(name: str, batch: int, resolution: int, channels_last: bool, widt
 
 
 #: Named shape sets for --shapes.
-SHAPE_SETS = ("default", "linear-sweep", "resnet18", "retinanet")
+SHAPE_SETS = ("default", "linear-sweep", "resnet18", "retinanet", "transformer")
 
 
 @dataclass
@@ -167,7 +209,8 @@ def default_cases(device_type: str, quick: bool = False, ops=OPS, shapes=("defau
 
     ``shapes``: "default" (a few representative layers: what a plain `fastfa bench` times),
     "linear-sweep" (4096x4096 Linear over the device's batch sizes, or ``batches``),
-    "resnet18" (its distinct convolutions), "retinanet" (its head's). ``layouts`` apply to
+    "resnet18" (its distinct convolutions), "retinanet" (its head's), "transformer" (a transformer
+    block's projections, :func:`transformer_cases`); model "encoder" is :func:`encoder_case`. ``layouts`` apply to
     conv and models (default: channels_last on GPU, NCHW on CPU). ``models`` are timed when
     "model" is in ``ops``.
     """
@@ -181,8 +224,9 @@ def default_cases(device_type: str, quick: bool = False, ops=OPS, shapes=("defau
         model_cases = [Case("model:mlp", "8x32, width 32 -> 128 -> 32", (8, 32),
                             lambda device, dtype: MLPBlock(32, 10).to(device, dtype), group="model", classes=10)
                        for name in models if name == "mlp"]
+        model_cases += [encoder_case(*ENCODER_SIZES["quick"]) for name in models if name == "encoder"]
         model_cases += [model_case(name, model_batch or 2, model_resolution or 32, layout == "channels_last")
-                        for name in models if name != "mlp" for layout in layouts]
+                        for name in models if name not in ("mlp", "encoder") for layout in layouts]
     else:
         for shape_set in shapes:
             if shape_set == "default":
@@ -213,6 +257,8 @@ def default_cases(device_type: str, quick: bool = False, ops=OPS, shapes=("defau
                 for layout in layouts:
                     cases += retinanet_head_cases(sizes.retinanet_batch, sizes.retinanet_image,
                                                   layout == "channels_last")
+            elif shape_set == "transformer":
+                cases += transformer_cases(device_type)
             else:
                 raise ValueError(f"shapes must be among {', '.join(SHAPE_SETS)}; got {shape_set!r}")
         model_cases = []
@@ -220,6 +266,9 @@ def default_cases(device_type: str, quick: bool = False, ops=OPS, shapes=("defau
             if name == "mlp":
                 model_cases.append(model_case("mlp", (model_batch or sizes.model_batch) * 32, 0, False,
                                               width=sizes.mlp_width))
+            elif name == "encoder":
+                batch, tokens, width, heads = ENCODER_SIZES["cuda" if device_type == "cuda" else "cpu"]
+                model_cases.append(encoder_case(model_batch or batch, tokens, width, heads))
             else:
                 model_cases += [model_case(name, model_batch or sizes.model_batch,
                                            model_resolution or sizes.model_resolution, layout == "channels_last")

@@ -131,14 +131,14 @@ def plan(args) -> Plan:
     rules = _choose("rules", args.rules, known, list(fastfa.RULES))
     ops = _choose("ops", args.ops, OPS, list(OPS))
     shapes = _choose("shapes", args.shapes, SHAPE_SETS + (host.SHAPE_SET,),
-                     ["linear-sweep", "resnet18", "retinanet", host.SHAPE_SET] if full
+                     ["linear-sweep", "resnet18", "retinanet", "transformer", host.SHAPE_SET] if full
                      else ["default", host.SHAPE_SET])
     with_host = host.SHAPE_SET in shapes
     shapes = [name for name in shapes if name != host.SHAPE_SET]
     layouts = _choose("layouts", args.layouts, LAYOUTS, (list(LAYOUTS) if full else ["channels_last"]) if gpu
                       else ["nchw"])
     models = _choose("models", args.models if args.models != "none" else None, MODELS,
-                     ["resnet18", "alexnet", "resnet50", "mlp"] if full else ["mlp"] if args.quick else ["resnet18"])
+                     ["resnet18", "alexnet", "resnet50", "mlp", "encoder"] if full else ["mlp"] if args.quick else ["resnet18"])
     if args.models == "none":
         models = []
     peer_names = _choose("peers", args.peers if args.peers != "none" else None, peers.PEERS, list(peers.PEERS))

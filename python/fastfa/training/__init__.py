@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "ImageNet's layout (DIR/train/<class>/..., DIR/val/<class>/...); default: digits")
     what.add_argument("--image-size", type=int, metavar="N",
                       help="resize images to NxN (default: 8 digits, 32 CIFAR-10, 224 ImageFolder)")
-    what.add_argument("--dropout", type=float, default=0.0, help="dropout of convnet and mlp (default 0)")
+    what.add_argument("--dropout", type=float, default=0.0, help="dropout of convnet, mlp and vit (default 0)")
 
     options = parser.add_argument_group("rule options (each goes to the rules that take it; default: fastfa's)")
     options.add_argument("--scale", help="usf's scale: xiao, xavier, kaiming or a positive number")

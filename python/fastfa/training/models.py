@@ -1,4 +1,4 @@
-"""Models for ``fastfa train``: two small ones for digits, torchvision's, all converted by fastfa.convert."""
+"""Models for ``fastfa train``: three small ones for digits, torchvision's, all converted by fastfa.convert."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ..convert import convert
 
 __all__ = ["SMALL_MODELS", "TORCHVISION_MODELS", "MODELS", "build", "classifier_name"]
 
-SMALL_MODELS = ("convnet", "mlp")
+SMALL_MODELS = ("convnet", "mlp", "vit")
 TORCHVISION_MODELS = ("resnet18", "alexnet", "resnet50")
 MODELS = SMALL_MODELS + TORCHVISION_MODELS
 # AlexNet's stem (11x11 stride 4, then three 3x3 stride-2 pools) needs at least this many pixels.
@@ -37,6 +37,29 @@ def _mlp(channels: int, image_size: int, num_classes: int, dropout: float) -> to
         torch.nn.Linear(channels * image_size * image_size, 256), torch.nn.ReLU(), torch.nn.Dropout(dropout),
         torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Dropout(dropout),
         torch.nn.Linear(256, num_classes))
+
+
+class _ViT(torch.nn.Module):
+    """A small vision transformer: 2x2 patches (16 tokens on digits' 8x8 images) embedded by a
+    strided conv, learned position embeddings, pre-norm encoder layers, mean over the tokens,
+    then a linear classifier. No class token: its Parameter would sit outside any layer the
+    rules know; the positions are an nn.Embedding, which transports no weight.
+    """
+
+    def __init__(self, channels: int, image_size: int, num_classes: int, dropout: float, *, patch: int = 2,
+                 width: int = 32, depth: int = 2, heads: int = 4, hidden: int = 64):
+        super().__init__()
+        self.patches = torch.nn.Conv2d(channels, width, patch, stride=patch)
+        self.position = torch.nn.Embedding((image_size // patch) ** 2, width)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, hidden, dropout, activation="gelu", batch_first=True,
+                                                 norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(images).flatten(2).transpose(1, 2) + self.position.weight
+        return self.head(self.norm(self.encoder(tokens)).mean(1))
 
 
 def _torchvision(name: str, channels: int, num_classes: int) -> torch.nn.Module:
@@ -80,12 +103,16 @@ def build(name: str, rule: str, *, channels: int, image_size: int, num_classes: 
                          f"{image_size}x{image_size}; pass --image-size {_MIN_IMAGE_SIZE[name] + 1} or more")
     if name == "convnet" and image_size < 4:
         raise ValueError(f"--models convnet needs images of at least 4 pixels, got {image_size}")
+    if name == "vit" and (image_size < 2 or image_size % 2):
+        raise ValueError(f"--models vit cuts 2x2 patches: the image size must be even, got {image_size}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "convnet":
             model = _convnet(channels, image_size, num_classes, dropout)
         elif name == "mlp":
             model = _mlp(channels, image_size, num_classes, dropout)
+        elif name == "vit":
+            model = _ViT(channels, image_size, num_classes, dropout)
         else:
             model = _torchvision(name, channels, num_classes)
         exclude = (classifier_name(model),) if classifier == "bp" else ()
