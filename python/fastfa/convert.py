@@ -7,6 +7,7 @@ import fnmatch
 import torch
 
 from . import nn as fnn
+from .dfa import attach as direct_feedback_attach
 from .rules import canonical_rule
 
 __all__ = ["convert"]
@@ -42,6 +43,10 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
     way every time. Xiao et al. keep the classifier on backprop (``exclude=("fc",)`` for
     a torchvision ResNet); Kunin et al. convert it too, which is the default here.
 
+    ``"dfa"`` also hooks ``model``: each call captures e = dL/d(model output) during the
+    ordinary ``loss.backward()`` and hands it to every dfa layer (fastfa.dfa), so the model
+    must return a tensor and be called as ``model(x)``.
+
     Returns the model (a new layer if ``model`` itself is a Linear or Conv2d).
     """
     rule = canonical_rule(rule)
@@ -60,11 +65,18 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
         return replacements[id(layer)]
 
     if type(model) in swappable:
-        return model if _excluded("", exclude) else replacement("", model)
+        model = model if _excluded("", exclude) else replacement("", model)
+        return _with_direct_feedback(model) if rule == "dfa" else model
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         # _modules, not named_children(): a layer registered twice must be seen twice.
         for child_name, child in list(parent._modules.items()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if child is not None and type(child) in swappable and not _excluded(name, exclude):
                 setattr(parent, child_name, replacement(name, child))
-    return model
+    return _with_direct_feedback(model) if rule == "dfa" else model
+
+
+def _with_direct_feedback(model: torch.nn.Module) -> torch.nn.Module:
+    """dfa: the model's hooks that capture e, shared by its dfa layers (those it had already too)."""
+    layers = [m for m in model.modules() if isinstance(m, fnn.FeedbackLayer) and m.rule == "dfa"]
+    return direct_feedback_attach(model, layers)

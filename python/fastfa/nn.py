@@ -9,8 +9,11 @@ and wm), so that saving and loading a model reproduces the next backward pass ex
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import dfa as _dfa
 from . import functional as F
 from .ops import feedback_transform
 from .rules import Distribution, Rule
@@ -68,7 +71,7 @@ class FeedbackLayer:
         self.feedback_distribution = Distribution(distribution)
         # R's init distribution, for the rules that draw R (fa, brsf, frsf).
         self.feedback_init = ("kaiming" if init is None else init) if "init" in spec.options else None
-        needs_seed = spec.stores_feedback or spec.draws_every_step
+        needs_seed = spec.stores_feedback or spec.draws_every_step or spec.id == Rule.DFA
         seed = (_fresh_seed() if seed is None else seed) if needs_seed else None
         if spec.stores_feedback:
             # R is drawn once, from (seed, step 0), by the same generator brsf uses each step,
@@ -87,7 +90,8 @@ class FeedbackLayer:
             self.feedback_scale = 1.0
         else:
             self.register_buffer("feedback", None)
-        if spec.draws_every_step:
+        if spec.draws_every_step or spec.id == Rule.DFA:
+            # dfa: B_l is drawn from [seed, step 0] whenever a backward needs it; its step never moves.
             self.register_buffer("feedback_rng", torch.tensor([seed, 0], dtype=torch.int64,
                                                               device=self.weight.device))
         else:
@@ -170,14 +174,22 @@ class FeedbackLayer:
         """The B that the next backward pass will use, materialised (shape of weight).
 
         bp: W; fa: R; usf: s*sign(W); brsf: |R_t|*sign(W) for the coming step's draw;
-        frsf: |R|*sign(W); kp, wm, sa, aa, ia: the learned B.
+        frsf: |R|*sign(W); kp, wm, sa, aa, ia: the learned B; dfa: B_l (K x F, not W's shape)
+        of the last forward through the converted model.
         """
+        if self._spec.id == Rule.DFA:
+            return _dfa.feedback_weight(self)
         feedback = None if self.feedback is None else self.feedback.detach()
         return feedback_transform(self.weight.detach(), feedback, self.feedback_rng, *self._feedback_op_args())
 
     @torch.no_grad()
     def alignment(self) -> float:
-        """The angle in degrees between B (``feedback_weight()``) and W, flattened."""
+        """The angle in degrees between B (``feedback_weight()``) and W, flattened.
+
+        NaN for dfa: B_l (K x F) is not shaped like W, so there is no angle between them.
+        """
+        if self._spec.id == Rule.DFA:
+            return math.nan
         return F._angle_degrees(self.feedback_weight(), self.weight)
 
     def _feedback_repr(self) -> str:
@@ -215,6 +227,8 @@ class Linear(FeedbackLayer, torch.nn.Linear):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._spec.id == Rule.DFA:
+            return _dfa.linear_forward(self, input)
         _, scale, distribution, alignment, activation = self._op_options()
         output = F._linear(input, self.weight, self.bias, self.feedback, self._step_rng(), self._spec, scale,
                            distribution, alignment, activation)
@@ -244,6 +258,8 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._spec.id == Rule.DFA:
+            return _dfa.conv2d_forward(self, input)
         padding = self.padding
         if self.padding_mode != "zeros":
             # As torch.nn.Conv2d: pad by the mode, then a convolution without padding.
