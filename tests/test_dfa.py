@@ -377,3 +377,70 @@ def test_equals_biotorch_dfa_linear_layers():
         layer = getattr(converted, name)
         torch.testing.assert_close(layer.weight.grad, peer.weight.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.bias.grad, peer.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+class _RecordBackwardOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The fastfa backward ops a backward calls, with their output_mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith("fastfa::") and func.name().endswith("_backward"):
+            self.masks.append((func.name(), list(args[-1])))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_dfa_layer_never_multiplies_its_delta_by_a_matrix():
+    """Its backward op is asked for grad_W and grad_b only (output_mask[0] False): grad_input is e B_l."""
+    torch.manual_seed(0)
+    model = fastfa.convert(ConvNet(torch.float32), "dfa")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = model(x).sum()
+    with _RecordBackwardOps() as recorder:
+        loss.backward()
+    assert sorted(name for name, _ in recorder.masks) == ["fastfa::conv2d_backward"] * 3 + ["fastfa::linear_backward"]
+    assert all(not mask[0] and mask[1] for _, mask in recorder.masks)
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "normal"])
+@pytest.mark.parametrize("input_numel", [37, 40])  # ragged, and a multiple of 4 (four draws per Philox call)
+def test_triton_draws_equal_atens_element_for_element(input_numel, distribution):
+    """With e = I (K x K) the Triton product e B_l is B_l itself, drawn tile by tile inside the kernel."""
+    pytest.importorskip("triton")
+    from fastfa.triton_kernels.direct_feedback import direct_feedback_product
+
+    output_width, scale = 6, 0.37
+    rng = torch.tensor([SEED, 0], dtype=torch.int64)
+    kind = 0 if distribution == "uniform" else 1
+    drawn = direct_feedback_product(torch.eye(output_width), rng, input_numel, scale, kind)
+    expected = torch.ops.fastfa.direct_feedback(rng, output_width, input_numel, 0, input_numel, scale, kind,
+                                                torch.float32)
+    if distribution == "uniform":
+        torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
+    else:  # log / sin / cos of two math libraries: a few ulps
+        torch.testing.assert_close(drawn, expected, rtol=1e-6, atol=1e-6)
+    reference = oracle.draw(SEED, 0, (output_width, input_numel), distribution, scale, torch.float32)
+    torch.testing.assert_close(drawn, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_matches_the_oracle(dtype):
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = MLP(dtype)
+    expected_model, expected_layers = oracle_model(model, SEED)
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    x, target = torch.randn(6, 12).to(dtype), torch.randint(0, 5, (6,))
+    fastfa.clear_fallbacks()
+    with fastfa.use_backend("triton"):
+        _, grad_x, grad_inputs, grads = _run(converted, _fastfa_layers(converted), x, target)
+    assert not [f for f in fastfa.last_fallbacks() if "dfa" in f.op]
+    _, expected_grad_x, expected_grad_inputs, expected_grads = _run(expected_model, expected_layers, x, target)
+    assert_close(grad_x, expected_grad_x, dtype, "grad_input")
+    for index in expected_grad_inputs:
+        assert_close(grad_inputs[index], expected_grad_inputs[index], dtype, f"layer {index}'s grad_input")
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], dtype, f"{name}.grad")

@@ -118,10 +118,10 @@ class _DirectFeedback(torch.autograd.Function):
     def forward(ctx, output, input, call):
         ctx.call = call
         ctx.input_dtype = input.dtype
-        # The same tensor with this node as its history (not a view of it), so that an in-place
-        # op after the layer (ReLU(inplace=True)) is allowed, as after torch's own layers.
-        ctx.mark_dirty(output)
-        return output
+        # Its data under a new history, not a view of it (an op's output may itself be a view,
+        # and autograd forbids in-place ops on views made in a Function): so an in-place op after
+        # the layer (ReLU(inplace=True)) is allowed, as after torch's own layers.
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad_output):
