@@ -5,6 +5,7 @@ grad_x = reshape(e B_l, x.shape) with e = dL/d(model output) captured by a hook 
 B_l (K x F) drawn by tests/oracle.py's own Philox from (seed, step 0, index k * F + f) with the
 init distribution of tests/spec_options.py (fan_in = K, fan_out = F), and grad_W / grad_b from
 the delta that reaches the layer. Nothing of fastfa's is used to build the expected values.
+dfa's default init is xavier (as BioTorch's dfa); kaiming and xiao are checked too.
 """
 
 import copy
@@ -80,7 +81,7 @@ def _padded(x, layer):
     return torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
 
 
-def oracle_model(model, seed, init="kaiming"):
+def oracle_model(model, seed, init="xavier"):
     """A copy of the torch model whose Linear / Conv2d layers follow the spec's dfa; the i-th
     layer (module order, as fastfa.convert numbers them) gets seed + i."""
     model = copy.deepcopy(model)
@@ -202,8 +203,8 @@ def test_per_token_outputs():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 9, dtype=torch.float64), torch.nn.GELU(),
                                 torch.nn.Linear(9, 4, dtype=torch.float64))
-    expected_model, expected_layers = oracle_model(model, SEED)
-    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    expected_model, expected_layers = oracle_model(model, SEED, init="kaiming")
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED, init="kaiming")
     x = torch.randn(3, 5, 7, dtype=torch.float64)
     grads = []
     for net in (converted, expected_model):
@@ -220,8 +221,8 @@ def test_a_large_projection_is_drawn_block_by_block(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, dtype=torch.float64), torch.nn.Flatten(),
                                 torch.nn.Linear(3 * 6 * 6, 7, dtype=torch.float64))
-    expected_model, _ = oracle_model(model, SEED)
-    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    expected_model, _ = oracle_model(model, SEED, init="xiao")
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED, init="xiao")
     monkeypatch.setattr(fastfa.dfa, "BLOCK_ELEMENTS", 7 * 5)  # 5 columns per block, ragged last block
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     for net in (converted, expected_model):
@@ -444,3 +445,22 @@ def test_triton_backend_matches_the_oracle(dtype):
         assert_close(grad_inputs[index], expected_grad_inputs[index], dtype, f"layer {index}'s grad_input")
     for name in grads:
         assert_close(grads[name], expected_grads[name], dtype, f"{name}.grad")
+
+
+def test_gradient_alignment_measures_dfa_against_backprop():
+    """fastfa.metrics.gradient_alignment per layer: the angle between e B_l and backprop's grad_input
+    on the same batch and weights (the first layer's included: each pass starts from a fresh input)."""
+    torch.manual_seed(0)
+    base = MLP(torch.float64)
+    model = fastfa.convert(copy.deepcopy(base), "dfa", seed=SEED)
+    x, target = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 5, (8,))
+    angles = fastfa.metrics.gradient_alignment(model, torch.nn.functional.cross_entropy, (x, target))
+    captured = []
+    for net in (model, base):
+        inputs = x.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(net(inputs), target).backward()
+        captured.append(inputs.grad.flatten())
+    cosine = torch.nn.functional.cosine_similarity(*captured, dim=0)
+    assert set(angles) == {"fc1", "fc2", "fc3"}
+    assert angles["fc1"] == pytest.approx(math.degrees(math.acos(float(cosine))), abs=1e-9)
+    assert all(0.0 <= angle <= 180.0 for angle in angles.values())

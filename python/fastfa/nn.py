@@ -70,7 +70,10 @@ class FeedbackLayer:
         self.feedback_scale = feedback_scale
         self.feedback_distribution = Distribution(distribution)
         # R's init distribution, for the rules that draw R (fa, brsf, frsf).
-        self.feedback_init = ("kaiming" if init is None else init) if "init" in spec.options else None
+        # dfa defaults to xavier, as BioTorch's dfa: B_l's scale then shrinks with the width F of
+        # the layer's input (with kaiming's 1/sqrt(K) alone, AlexNet's wide layers diverge).
+        default_init = "xavier" if spec.id == Rule.DFA else "kaiming"
+        self.feedback_init = (default_init if init is None else init) if "init" in spec.options else None
         needs_seed = spec.stores_feedback or spec.draws_every_step or spec.id == Rule.DFA
         seed = (_fresh_seed() if seed is None else seed) if needs_seed else None
         if spec.stores_feedback:
