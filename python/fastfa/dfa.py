@@ -143,13 +143,19 @@ def project(layer, error: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> 
     rows = error.reshape(-1, layout.output_width).to(dtype)
     rng, width, numel = layer.feedback_rng, layout.output_width, layout.input_numel
     backend = _backend.resolve(None, rows.device)
+    on_gpu = rows.device.type == "cuda"
+    if backend == "cuda" or (on_gpu and backend == "aten"):
+        # No CUDA C++ kernel draws B_l yet; Triton's draws it inside the product, where usable.
+        if _backend.backends()["triton"].usable and rows.dtype != torch.float64:
+            _backend.record_fallback(f"{backend}_dfa_grad_input", "e B_l runs Triton's kernel", "triton")
+            backend = "triton"
+        else:
+            _backend.record_fallback(f"{backend}_dfa_grad_input", "e B_l: B_l drawn on the CPU a block at a time")
     if backend == "triton":
         from .triton_kernels.direct_feedback import direct_feedback_product
         product = direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution)
         if product is not None:
             return product.reshape(layout.input_shape)
-    if backend == "cuda":
-        _backend.record_fallback("cuda_dfa_grad_input", "dfa's e B_l runs on aten (blocks of B_l drawn, then GEMM)")
     grad_input = rows.new_empty((rows.shape[0], numel))
     if numel == 0:
         return grad_input.reshape(layout.input_shape)
