@@ -4,7 +4,7 @@ The modules subclass torch's, so ``weight`` and ``bias`` are the usual Parameter
 isinstance checks hold and the parent's state_dict keys are unchanged. The rule's own
 state is added to the state_dict: ``feedback`` (R for fa and frsf, a buffer; the learned
 B for kp, wm, sa, aa, ia, a Parameter) and ``feedback_rng`` (int64 [seed, step], for brsf
-and wm), so that saving and loading a model reproduces the next backward pass exactly.
+and wm; [seed, 0] for dfa's B_l), so that saving and loading a model reproduces the next backward pass exactly.
 """
 
 from __future__ import annotations
