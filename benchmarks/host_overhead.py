@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from fastfa.host_overhead import host_overhead_rows, print_host_overhead
+from fastfa.bench.host import host_overhead_rows, print_host_overhead
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -170,7 +170,7 @@ def test_bench_skips_a_failing_peer_without_failing_the_run(tmp_path, capsys):
 
 def test_bench_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     """--plot without matplotlib is refused before anything runs; without --plot the run goes on."""
-    monkeypatch.setattr(bench, "plot_available", lambda: (False, "matplotlib is not installed (test)"))
+    monkeypatch.setattr(bench.plots, "plot_available", lambda: (False, "matplotlib is not installed (test)"))
     assert cli.main(["bench", "--quick", "--plot", "--out", str(tmp_path / "x.json")]) == 2
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
@@ -232,7 +232,7 @@ def test_bench_skips_triton_on_cpu_unless_named(monkeypatch, capsys):
     def fake_run(**kwargs):
         seen.update(kwargs)
         raise SystemExit(0)
-    monkeypatch.setattr(bench, "run_bench", fake_run)
+    monkeypatch.setattr(bench.run, "run_bench", fake_run)
     with pytest.raises(SystemExit):
         cli.main(["bench", "--quick", "--device", "cpu", "--no-plot"])
     assert "triton" not in seen["backends"] and "aten" in seen["backends"]
