@@ -50,8 +50,9 @@ class _OracleLayer(torch.autograd.Function):
     def backward(ctx, delta):
         x, weight = ctx.saved_tensors
         layer, e = ctx.layer, ctx.error.value
-        output_width, shape = e.shape[-1], ctx.input_shape
-        per_token = e.dim() == 3
+        shape = ctx.input_shape
+        per_token = e.dim() == 3 and len(shape) == 3 and shape[:2] == e.shape[:2]
+        output_width = e.shape[-1] if per_token else math.prod(e.shape[1:])
         input_numel = shape[-1] if per_token else math.prod(shape[1:])
         b = oracle_feedback(ctx.seed, output_width, input_numel, ctx.init, x.dtype)
         # B_l maps e onto the layer's own input, before any padding.
@@ -214,6 +215,21 @@ def test_per_token_outputs():
     for actual, expected in zip(*grads):
         assert_close(actual, expected, torch.float64)
     assert converted[0].feedback_weight().shape == (4, 7)
+
+
+def test_an_output_with_more_axes_is_flattened():
+    """A model whose output is (N, C, H, W) (a converted Conv2d alone): e flattened, K = C*H*W."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    expected_model, _ = oracle_model(torch.nn.Sequential(model), SEED)
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    inputs = [x.clone().requires_grad_(True) for _ in range(2)]
+    for net, inp in zip((converted, expected_model), inputs):
+        net(inp).square().sum().backward()
+    assert_close(inputs[0].grad, inputs[1].grad, torch.float64, "grad_input")
+    assert_close(converted.weight.grad, expected_model[0].weight.grad, torch.float64, "grad_weight")
+    assert converted.feedback_weight().shape == (4 * 5 * 5, 3 * 5 * 5)
 
 
 def test_a_large_projection_is_drawn_block_by_block(monkeypatch):

@@ -2,7 +2,8 @@
 
 learning-rules.md, "Direct feedback alignment" (Nøkland 2016; Launay et al. 2020):
 
-    e      = dL/d(model output)            N x K   (or N x T x K: per-token outputs)
+    e      = dL/d(model output)            N x K   (or N x T x K: per-token outputs; an output
+                                                    (N, *O) is flattened, K = prod(O))
     layer l with input x of shape (N, *S), F = prod(S)
     B_l    : K x F, fixed, element (k, f) = scale * xi(seed_l, step 0, index k * F + f)
     grad_x = reshape(e B_l, x.shape)       (per token: grad_x[n, t] = e[n, t] B_l, F = x.shape[-1])
@@ -93,16 +94,17 @@ class _Call:
 
 def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
     """B_l's shape for this input and model output (learning-rules.md: per sample, or per token)."""
-    output_width = output.shape[-1]
-    if output.dim() >= 3 and len(input_shape) == output.dim() and tuple(input_shape[:-1]) == tuple(output.shape[:-1]):
-        input_numel = input_shape[-1]  # per-token: grad_x[n, t] = e[n, t] B_l
-    elif output.dim() == 2 and len(input_shape) >= 1 and input_shape[0] == output.shape[0]:
-        input_numel = math.prod(input_shape[1:])
+    if output.dim() == 3 and len(input_shape) == 3 and tuple(input_shape[:2]) == tuple(output.shape[:2]):
+        # per-token: grad_x[n, t] = e[n, t] B_l
+        output_width, input_numel = output.shape[-1], input_shape[-1]
+    elif len(input_shape) >= 1 and input_shape[0] == output.shape[0]:
+        # per sample; an output with more axes (a conv's N x C x H x W) is e flattened, K = C*H*W
+        output_width, input_numel = math.prod(output.shape[1:]), math.prod(input_shape[1:])
     else:
         raise RuntimeError(
             f"dfa: a layer's input of shape {tuple(input_shape)} does not match the model's output of shape "
-            f"{tuple(output.shape)}: dfa needs an output (N, K) with the layer's input (N, ...), or an output "
-            f"(N, T, K) with the layer's input (N, T, F) (per-token)")
+            f"{tuple(output.shape)}: dfa needs an output (N, ...) with the layer's input (N, ...) (K and F the "
+            f"per-sample numels), or an output (N, T, K) with the layer's input (N, T, F) (per-token)")
     distribution, scale = distribution_for(layer.feedback_init, output_width, input_numel)
     return _Layout(output_width, input_numel, tuple(input_shape), scale, int(distribution))
 
