@@ -321,7 +321,9 @@ def test_errors_are_clear():
         def forward(self, x):
             return self.fc(x), x
     with pytest.raises(TypeError, match="must return a tensor"):
-        fastfa.convert(TupleOutput(), "dfa")(torch.randn(4, 3))
+        fastfa.convert(TupleOutput(), "dfa")(torch.randn(4, 3, requires_grad=True))
+    with torch.no_grad():  # evaluation: no backward will need e
+        fastfa.convert(TupleOutput(), "dfa")(torch.randn(4, 3, requires_grad=True))
 
     model = fastfa.convert(MLP(torch.float32), "dfa")
     with pytest.raises(RuntimeError, match="outside a converted model"):
@@ -344,7 +346,7 @@ def test_errors_are_clear():
         def forward(self, x):
             return self.fc(x).mean(0, keepdim=True)  # one output row for the whole batch
     with pytest.raises(RuntimeError, match="does not match the model's output"):
-        fastfa.convert(Pooled(), "dfa")(torch.randn(4, 3))
+        fastfa.convert(Pooled(), "dfa")(torch.randn(4, 3, requires_grad=True))
 
 
 def test_inplace_activation_after_a_dfa_layer():

@@ -86,10 +86,11 @@ class _Pass:
 class _Call:
     """One dfa layer's call inside a pass: what its backward needs to project e."""
 
-    __slots__ = ("layer", "record", "layout")
+    __slots__ = ("layer", "record", "layout", "joined")
 
     def __init__(self, layer, record: _Pass):
         self.layer, self.record, self.layout = layer, record, None
+        self.joined = False  # linked into the autograd graph: its backward will need e
 
 
 def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
@@ -185,18 +186,26 @@ class DirectFeedbackContext:
 
     def close(self, module, args, output):
         record, self.current = self.current, self._outer.pop()
-        if not record.calls:
+        # Only a call linked into the graph needs e; a forward without grad (evaluation) is
+        # refused nothing, whatever the model returns.
+        needs_error = any(call.joined for call, _ in record.calls)
+        if not isinstance(output, torch.Tensor) or output.dim() < 1:
+            if needs_error:
+                raise TypeError(
+                    "dfa: the converted model must return a tensor (N, ...) (its output, whose gradient "
+                    f"e = dL/d(output) every dfa layer receives); {type(module).__name__} returned "
+                    + (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor)
+                       else type(output).__name__))
             return
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"dfa: the converted model must return a tensor (its output, whose gradient e = dL/d(output) "
-                f"every dfa layer receives); {type(module).__name__} returned {type(output).__name__}")
-        if output.dim() < 2:
-            raise RuntimeError(f"dfa: the model's output must be (N, K) or (N, T, K), got shape {tuple(output.shape)}")
         for call, input_shape in record.calls:
-            call.layout = _layout(call.layer, input_shape, output)
+            try:
+                call.layout = _layout(call.layer, input_shape, output)
+            except RuntimeError:
+                if needs_error:
+                    raise
+                continue
             call.layer.__dict__["_direct_feedback_layout"] = call.layout
-        if output.requires_grad:
+        if needs_error and output.requires_grad:
             def keep_error(grad, record=record):
                 record.error = grad.detach()
             output.register_hook(keep_error)
@@ -240,6 +249,7 @@ def _join(layer, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     record.calls.append((call, tuple(input.shape)))
     if not (torch.is_grad_enabled() and input.requires_grad):
         return output
+    call.joined = True
     return _DirectFeedback.apply(output, input, call)
 
 
