@@ -244,7 +244,7 @@ def linear(input, weight, bias=None, *, rule, feedback=None, activation=None, ba
 
 
 def _refuse_direct_feedback(spec) -> None:
-    if spec.id == Rule.DFA:
+    if spec.direct_feedback:
         raise ValueError("rule 'dfa' has no functional form: its grad_input is e B_l with e = dL/d(model output), "
                          "which only a model converted with fastfa.convert(model, 'dfa') captures")
 

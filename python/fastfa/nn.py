@@ -72,9 +72,9 @@ class FeedbackLayer:
         # R's init distribution, for the rules that draw R (fa, brsf, frsf).
         # dfa defaults to xavier, as BioTorch's dfa: B_l's scale then shrinks with the width F of
         # the layer's input (with kaiming's 1/sqrt(K) alone, AlexNet's wide layers diverge).
-        default_init = "xavier" if spec.id == Rule.DFA else "kaiming"
+        default_init = "xavier" if spec.direct_feedback else "kaiming"
         self.feedback_init = (default_init if init is None else init) if "init" in spec.options else None
-        needs_seed = spec.stores_feedback or spec.draws_every_step or spec.id == Rule.DFA
+        needs_seed = spec.stores_feedback or spec.draws_every_step or spec.direct_feedback
         seed = (_fresh_seed() if seed is None else seed) if needs_seed else None
         if spec.stores_feedback:
             # R is drawn once, from (seed, step 0), by the same generator brsf uses each step,
@@ -93,7 +93,7 @@ class FeedbackLayer:
             self.feedback_scale = 1.0
         else:
             self.register_buffer("feedback", None)
-        if spec.draws_every_step or spec.id == Rule.DFA:
+        if spec.draws_every_step or spec.direct_feedback:
             # dfa: B_l is drawn from [seed, step 0] whenever a backward needs it; its step never moves.
             self.register_buffer("feedback_rng", torch.tensor([seed, 0], dtype=torch.int64,
                                                               device=self.weight.device))
@@ -180,7 +180,7 @@ class FeedbackLayer:
         frsf: |R|*sign(W); kp, wm, sa, aa, ia: the learned B; dfa: B_l (K x F, not W's shape)
         of the last forward through the converted model.
         """
-        if self._spec.id == Rule.DFA:
+        if self._spec.direct_feedback:
             return _dfa.feedback_weight(self)
         feedback = None if self.feedback is None else self.feedback.detach()
         return feedback_transform(self.weight.detach(), feedback, self.feedback_rng, *self._feedback_op_args())
@@ -191,7 +191,7 @@ class FeedbackLayer:
 
         NaN for dfa: B_l (K x F) is not shaped like W, so there is no angle between them.
         """
-        if self._spec.id == Rule.DFA:
+        if self._spec.direct_feedback:
             return math.nan
         return F._angle_degrees(self.feedback_weight(), self.weight)
 
@@ -230,7 +230,7 @@ class Linear(FeedbackLayer, torch.nn.Linear):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._spec.id == Rule.DFA:
+        if self._spec.direct_feedback:
             return _dfa.linear_forward(self, input)
         _, scale, distribution, alignment, activation = self._op_options()
         output = F._linear(input, self.weight, self.bias, self.feedback, self._step_rng(), self._spec, scale,
@@ -261,7 +261,7 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._spec.id == Rule.DFA:
+        if self._spec.direct_feedback:
             return _dfa.conv2d_forward(self, input)
         padding = self.padding
         if self.padding_mode != "zeros":

@@ -65,9 +65,6 @@ class Rule(enum.IntEnum):
     SA = 7
     AA = 8
     IA = 9
-    # Not an op id: a dfa layer runs the bp ops with detached input, and its grad_input comes
-    # from the model's output error (fastfa.dfa), so no kernel ever sees this value.
-    DFA = 10
 
 
 class Distribution(enum.IntEnum):
@@ -88,6 +85,9 @@ class RuleSpec:
     sources: str
     estimates_feedback: bool = False  # B is a trainable Parameter in layer.feedback
     alignment_defaults: tuple = ()  # default (alpha, beta, gamma, sigma) of its B gradient
+    # grad_input = e B_l from the model's output error (dfa, fastfa.dfa); its layers run the ops
+    # of ``id`` (bp's) on a detached input, so the op contract has no id of its own for it.
+    direct_feedback: bool = False
 
 
 _SPECS = (
@@ -111,8 +111,8 @@ _SPECS = (
     RuleSpec("ia", Rule.IA, "B learned: -a*(1/N) r^T x + b*(2/N) r^T(rB) + g*2B", True, False,
              frozenset({"init", "seed", "alpha", "beta", "gamma"}), "Kunin et al. 2020", True,
              (2e-3, 1e-3, 1e-3, 1.0)),
-    RuleSpec("dfa", Rule.DFA, "B_l (K x F) fixed: grad_x = e B_l, e = dL/d(model output)", False, False,
-             frozenset({"init", "seed"}), "Nøkland 2016; Launay et al. 2020"),
+    RuleSpec("dfa", Rule.BP, "B_l (K x F) fixed: grad_x = e B_l, e = dL/d(model output)", False, False,
+             frozenset({"init", "seed"}), "Nøkland 2016; Launay et al. 2020", direct_feedback=True),
 )
 
 #: Canonical names of the rules this version implements, in the spec's order.
