@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from .cases import DTYPES, LAYOUTS, MODELS, OPS, SHAPE_SETS, Case, default_cases
 from .command import main
-from .machine import cpu_model, default_out_path, device_name, git_commit, slug, versions
+from .machine import command_line, cpu_model, default_out_path, device_name, git_commit, slug, versions
 from .plots import plot_available, write_plot
 from .report import CSV_COLUMNS, format_summary, format_table, summarize, write_csv, write_results
 from .run import run_bench
