@@ -47,6 +47,9 @@ void define_layer_ops(torch::Library& m, const std::string& prefix) {
 TORCH_LIBRARY(fastfa, m) {
   m.def("feedback_transform(Tensor weight, Tensor? feedback, Tensor? rng, int rule, float scale, "
         "int distribution) -> Tensor");
+  // dfa's B_l (K x F), a block of its columns, drawn from the layer's [seed, step] (rng).
+  m.def("direct_feedback(Tensor rng, int rows, int columns, int column_begin, int column_count, float scale, "
+        "int distribution, ScalarType dtype) -> Tensor");
   define_layer_ops(m, "");
   // Defined in every build so that Python can register their fakes and autograd; they have
   // CUDA kernels only where the fused kernels were compiled (fastfa.backends() says why not).
@@ -68,7 +71,10 @@ void register_kernels(torch::Library& m, Transform transform) {
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(fastfa, CPU, m) { register_kernels(m, &fastfa::feedback_transform_cpu); }
+TORCH_LIBRARY_IMPL(fastfa, CPU, m) {
+  register_kernels(m, &fastfa::feedback_transform_cpu);
+  m.impl("direct_feedback", &fastfa::direct_feedback_cpu);
+}
 
 #ifdef FASTFA_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastfa, CUDA, m) { register_kernels(m, &fastfa::feedback_transform_cuda); }

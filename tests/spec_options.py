@@ -39,7 +39,8 @@ DRAWN = ("fa", "brsf", "frsf") + ESTIMATED
 KEYED = ("fa", "brsf", "wm")
 #: The options each rule takes, besides activation (and seed, which every rule accepts).
 OPTIONS = {"bp": (), "usf": ("scale",), **{rule: ("init", "seed") for rule in ("fa", "brsf", "frsf")},
-           **{rule: ("init", "seed") + tuple(defaults) for rule, defaults in ALIGNMENT_DEFAULTS.items()}}
+           **{rule: ("init", "seed") + tuple(defaults) for rule, defaults in ALIGNMENT_DEFAULTS.items()},
+           "dfa": ("init", "seed")}  # B_l follows fa's init distributions, one seed per layer
 ALIASES = {"sign_symmetry": "usf"}
 
 

@@ -54,7 +54,7 @@ def test_gradcheck_bp_all_inputs(activation):
         (xc, wc, bc))
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_gradcheck_weight_and_bias_for_every_rule(rule):
     """Every rule keeps the true weight and bias gradients: gradcheck holds for W and b."""
     stored = rule in ("fa", "frsf", "kp", "wm", "sa", "aa", "ia")

@@ -118,7 +118,7 @@ def test_cuda_transform_equals_cpu(rule, dtype, distribution, channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_cuda_layers_match_cpu(rule, dtype):
     """The same layers on the GPU (cuBLAS / cuDNN, full fp32) give the CPU's fp64 results from
     the same (rounded) parameters and inputs, at the GPU dtype's tolerance."""
@@ -234,7 +234,7 @@ def _expected_feedback_gradient(rule, x, w, feedback, grad_weight, conv_geometry
 
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1:])))
 def test_cuda_backend_linear_matches_oracle(shape, rule, dtype, activation):
     _require_cuda_backend()
@@ -273,7 +273,7 @@ CONV_SHAPES = [(2, 8, 9, 9, 16, 3, 1, 1, 1), (3, 5, 7, 6, 6, 3, 1, 1, 1), (1, 24
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "-".join(map(str, s)))
 def test_cuda_backend_conv2d_matches_oracle(shape, rule, dtype, channels_last):
     """The implicit-GEMM conv2d (forward with bias and gelu, grad_input through the rule's

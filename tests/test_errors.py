@@ -9,8 +9,6 @@ import fastfa
 def test_wrong_rule_names_the_choices():
     with pytest.raises(ValueError, match=r"rule must be one of bp, fa, usf, brsf, frsf.*'nope'"):
         fastfa.nn.Linear(3, 2, rule="nope")
-    with pytest.raises(ValueError, match="not implemented in this version"):
-        fastfa.nn.Linear(3, 2, rule="dfa")
     with pytest.raises(TypeError, match="rule must be a str"):
         fastfa.convert(torch.nn.Linear(3, 2), 3)
 

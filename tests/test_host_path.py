@@ -73,7 +73,7 @@ def _small_model(rule):
     return fastfa.convert(model, rule, seed=7)
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_a_training_step_changes_no_host_side_state(rule):
     model = _small_model(rule)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -11,7 +11,7 @@ import oracle
 import spec_options
 from test_estimated import ALIGNMENT, expected_feedback_grad
 
-RULES = fastfa.RULES
+RULES = fastfa.rules.LAYER_RULES
 F64 = torch.float64
 
 

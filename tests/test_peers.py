@@ -57,7 +57,7 @@ def _peer_B(layer, peer, x_shape, seed):
 
 # Under torch.compile: one fixed rule, the per-step draw and two estimated rules (each compile
 # costs seconds on CPU).
-@pytest.mark.parametrize("rule,compiled", [(rule, False) for rule in fastfa.RULES]
+@pytest.mark.parametrize("rule,compiled", [(rule, False) for rule in fastfa.rules.LAYER_RULES]
                          + [(rule, True) for rule in ("usf", "brsf", "kp", "ia")])
 def test_peer_gradients_match_oracle(rule, compiled):
     torch.manual_seed(0)

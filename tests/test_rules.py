@@ -11,7 +11,7 @@ import oracle
 import spec_options
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-RULES = fastfa.RULES
+RULES = fastfa.rules.LAYER_RULES
 
 
 def run_layer(layer, x, grad_output):

@@ -26,7 +26,7 @@ def _gradients(model, x, g):
     return [x.grad] + [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_state_dict_round_trip_gives_identical_next_backward(rule):
     model = _model(rule)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -46,7 +46,7 @@ def test_state_dict_round_trip_gives_identical_next_backward(rule):
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_state_dict_keys(rule):
     """A stored R or learned B is `feedback`; a draw keyed by (seed, step) keeps `feedback_rng`."""
     expected = {"weight", "bias"}

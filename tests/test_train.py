@@ -32,7 +32,7 @@ def _run(argv) -> dict:
 # fp64 so that the only difference between one process and two, the order in which the halves'
 # gradients are summed, stays near 1e-16: a rank drawing another R_t, or a B whose gradient is
 # not all-reduced, moves the parameters by far more than the tolerance.
-DDP_ARGS = ["--models", "convnet", "--rules", "bp,brsf,kp", "--dtype", "fp64", "--epochs", "2",
+DDP_ARGS = ["--models", "convnet", "--rules", "bp,brsf,kp,dfa", "--dtype", "fp64", "--epochs", "2",
             "--steps-per-epoch", "4", "--batch-size", "32", "--no-alignment"] + QUICK
 
 
@@ -48,21 +48,22 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
     one = tmp_path / "one"
     results = _run(DDP_ARGS + ["--out", str(one / "r.json"), "--checkpoint-dir", str(one)])
     assert results["machine"]["processes"] == 1
-    for rule in ("bp", "brsf", "kp"):
+    for rule in ("bp", "brsf", "kp", "dfa"):
         distributed = _final_state(two, "convnet", rule)["model"]
         single = results["models"]["convnet", rule].state_dict()
         initial = training.models.build("convnet", rule, channels=1, image_size=8, num_classes=10).double()
         assert set(distributed) == set(single)
         for key, value in single.items():
-            if value.dtype == torch.int64:  # brsf's [seed, step]: 8 steps on both
+            if value.dtype == torch.int64:  # brsf's [seed, step]: 8 steps on both; dfa's B_l stays at step 0
                 assert torch.equal(distributed[key], value), (rule, key)
-                assert int(value[1]) == 8
+                assert int(value[1]) == (0 if rule == "dfa" else 8)
                 continue
             torch.testing.assert_close(distributed[key], value, rtol=1e-10, atol=1e-12, msg=f"{rule} {key}")
             # Training moved every tensor far beyond that tolerance (R of fa / frsf excepted: none here).
             assert (value - initial.state_dict()[key]).abs().max() > 1e-4, (rule, key)
     # kp's B is a Parameter: DDP averaged its gradient (B moved identically on both ranks).
-    assert "3.feedback" in single and "8.feedback" in single
+    kp = results["models"]["convnet", "kp"].state_dict()
+    assert "3.feedback" in kp and "8.feedback" in kp
 
 
 KILLER = """

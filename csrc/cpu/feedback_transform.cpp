@@ -209,4 +209,52 @@ at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::option
   return out;
 }
 
+at::Tensor direct_feedback_cpu(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
+                               int64_t column_count, double scale, int64_t distribution, at::ScalarType dtype) {
+  TORCH_CHECK(rng.device().is_cpu(), "fastfa: the CPU direct feedback draw needs a CPU rng, got ", rng.device());
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
+              "fastfa: rng must be an int64 tensor [seed, step], got ", rng.scalar_type(), " of shape ", rng.sizes());
+  TORCH_CHECK(rows >= 0 && columns >= 0, "fastfa: B_l's shape (rows, columns) must be non-negative, got (", rows,
+              ", ", columns, ")");
+  TORCH_CHECK(column_begin >= 0 && column_count >= 0 && column_begin + column_count <= columns,
+              "fastfa: the column block [", column_begin, ", ", column_begin + column_count,
+              ") must lie in B_l's ", columns, " columns");
+  TORCH_CHECK(distribution == static_cast<int64_t>(Distribution::kUniform) ||
+                  distribution == static_cast<int64_t>(Distribution::kNormal),
+              "fastfa: distribution must be 0 (uniform) or 1 (normal), got ", distribution);
+  TORCH_CHECK(std::isfinite(scale), "fastfa: scale must be finite, got ", scale);
+  TORCH_CHECK(at::isFloatingType(dtype), "fastfa: dtype must be floating-point, got ", dtype);
+  at::Tensor out = at::empty({rows, column_count}, rng.options().dtype(dtype));
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::Tensor state = rng.contiguous();
+  const auto seed = static_cast<uint64_t>(state.data_ptr<int64_t>()[0]);
+  const auto step = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
+  const auto kind = static_cast<Distribution>(distribution);
+  // Element (k, f) of the whole K x F matrix is keyed by its row-major index k * F + f, as fa
+  // keys R's elements, so any column block is the same numbers as the matching slice of the
+  // whole B_l: a caller can project block by block without ever holding K x F.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "direct_feedback_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto s = static_cast<opmath_t>(scale);
+    scalar_t* data = out.mutable_data_ptr<scalar_t>();
+    const int64_t chunks_per_row = (column_count + kDrawChunk - 1) / kDrawChunk;
+    at::parallel_for(0, rows * chunks_per_row, 32, [&](int64_t begin, int64_t end) {
+      float xi[kDrawChunk];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row = task / chunks_per_row;
+        const int64_t first = (task % chunks_per_row) * kDrawChunk;
+        const int64_t count = std::min(kDrawChunk, column_count - first);
+        unit_draws(seed, step, row * columns + column_begin + first, count, kind, DrawIndex{}, xi);
+        scalar_t* destination = data + row * column_count + first;
+        for (int64_t j = 0; j < count; ++j) {
+          destination[j] = static_cast<scalar_t>(s * static_cast<opmath_t>(xi[j]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 } // namespace fastfa

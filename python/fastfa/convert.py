@@ -9,6 +9,7 @@ import torch
 
 from . import nn as fnn
 from .coverage import ATTENTION_PART, BACKPROP, CONVERTIBLE, coverage
+from .dfa import attach as direct_feedback_attach
 from .rules import canonical_rule
 
 __all__ = ["convert"]
@@ -71,6 +72,10 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
     :func:`fastfa.coverage` gives the per-module table. Xiao et al. keep the classifier on backprop (``exclude=("fc",)`` for
     a torchvision ResNet); Kunin et al. convert it too, which is the default here.
 
+    ``"dfa"`` also hooks ``model``: each call captures e = dL/d(model output) during the
+    ordinary ``loss.backward()`` and hands it to every dfa layer (fastfa.dfa), so the model
+    must return a tensor and be called as ``model(x)``.
+
     Returns the model (a new layer if ``model`` itself is a Linear or Conv2d).
     """
     rule = canonical_rule(rule)
@@ -92,7 +97,8 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
         return replacements[id(layer)]
 
     if type(model) in swappable:
-        return model if _excluded("", exclude) else replacement("", model)
+        model = model if _excluded("", exclude) else replacement("", model)
+        return _with_direct_feedback(model) if rule == "dfa" else model
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         # _modules, not named_children(): a layer registered twice must be seen twice.
         for child_name, child in list(parent._modules.items()):
@@ -100,7 +106,7 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
             if child is not None and type(child) in swappable and not _excluded(name, exclude):
                 setattr(parent, child_name, replacement(name, child))
     _warn_unknown(model)
-    return model
+    return _with_direct_feedback(model) if rule == "dfa" else model
 
 
 def _warn_unknown(model: torch.nn.Module) -> None:
@@ -114,3 +120,9 @@ def _warn_unknown(model: torch.nn.Module) -> None:
         warnings.warn(f"fastfa.convert left these parameters on backprop (weight transport), in modules it does "
                       f"not know ({kinds}): {names}. fastfa.coverage(model) gives the per-module table.",
                       stacklevel=3)
+
+
+def _with_direct_feedback(model: torch.nn.Module) -> torch.nn.Module:
+    """dfa: the model's hooks that capture e, shared by its dfa layers (those it had already too)."""
+    layers = [m for m in model.modules() if isinstance(m, fnn.FeedbackLayer) and m.rule == "dfa"]
+    return direct_feedback_attach(model, layers)

@@ -238,8 +238,15 @@ def linear(input, weight, bias=None, *, rule, feedback=None, activation=None, ba
                                                                    options)
     if spec.id == Rule.FA and feedback is None and rng is None:
         raise ValueError("rule 'fa' needs feedback=R, or seed= to regenerate R from (seed, step)")
+    _refuse_direct_feedback(spec)
     return _linear(input, weight, bias, feedback, rng, spec, scale, distribution, alignment,
                    canonical_activation(activation), backend)
+
+
+def _refuse_direct_feedback(spec) -> None:
+    if spec.direct_feedback:
+        raise ValueError("rule 'dfa' has no functional form: its grad_input is e B_l with e = dL/d(model output), "
+                         "which only a model converted with fastfa.convert(model, 'dfa') captures")
 
 
 def _pair(name: str, value, low: int):
@@ -337,6 +344,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                                                                    options)
     if spec.id == Rule.FA and feedback is None and rng is None:
         raise ValueError("rule 'fa' needs feedback=R, or seed= to regenerate R from (seed, step)")
+    _refuse_direct_feedback(spec)
     return _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale,
                    distribution, alignment, canonical_activation(activation), backend)
 

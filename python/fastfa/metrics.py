@@ -52,6 +52,9 @@ def _feedback_slot(layer) -> dict:
 
 def _grad_inputs(model, loss_fn, inputs, target, layers) -> dict:
     """Run one forward / backward and return {layer name: the grad_input reaching it}."""
+    # A fresh leaf per pass: the first layer's input is the leaf itself, whose .grad would
+    # otherwise add this pass's gradient to the previous pass's.
+    inputs = inputs.detach().requires_grad_(True)
     captured, handles = {}, []
     for name, layer in layers:
         def keep(module, args, name=name):

@@ -4,7 +4,7 @@ The modules subclass torch's, so ``weight`` and ``bias`` are the usual Parameter
 isinstance checks hold and the parent's state_dict keys are unchanged. The rule's own
 state is added to the state_dict: ``feedback`` (R for fa and frsf, a buffer; the learned
 B for kp, wm, sa, aa, ia, a Parameter) and ``feedback_rng`` (int64 [seed, step], for brsf
-and wm), so that saving and loading a model reproduces the next backward pass exactly.
+and wm; [seed, 0] for dfa's B_l), so that saving and loading a model reproduces the next backward pass exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from . import dfa as _dfa
 from . import functional as F
 from . import ops as _ops
 from .ops import feedback_transform
@@ -129,8 +130,11 @@ class FeedbackLayer:
         self.feedback_scale = feedback_scale
         self.feedback_distribution = Distribution(distribution)
         # R's init distribution, for the rules that draw R (fa, brsf, frsf).
-        self.feedback_init = ("kaiming" if init is None else init) if "init" in spec.options else None
-        needs_seed = spec.stores_feedback or spec.draws_every_step
+        # dfa defaults to xavier, as BioTorch's dfa: B_l's scale then shrinks with the width F of
+        # the layer's input (with kaiming's 1/sqrt(K) alone, AlexNet's wide layers diverge).
+        default_init = "xavier" if spec.direct_feedback else "kaiming"
+        self.feedback_init = (default_init if init is None else init) if "init" in spec.options else None
+        needs_seed = spec.stores_feedback or spec.draws_every_step or spec.direct_feedback
         seed = (_fresh_seed() if seed is None else seed) if needs_seed else None
         if spec.stores_feedback:
             # R is drawn once, from (seed, step 0), by the same generator brsf uses each step,
@@ -149,7 +153,8 @@ class FeedbackLayer:
             self.feedback_scale = 1.0
         else:
             self.register_buffer("feedback", None)
-        if spec.draws_every_step:
+        if spec.draws_every_step or spec.direct_feedback:
+            # dfa: B_l is drawn from [seed, step 0] whenever a backward needs it; its step never moves.
             self.register_buffer("feedback_rng", torch.tensor([seed, 0], dtype=torch.int64,
                                                               device=self.weight.device))
         else:
@@ -232,14 +237,22 @@ class FeedbackLayer:
         """The B that the next backward pass will use, materialised (shape of weight).
 
         bp: W; fa: R; usf: s*sign(W); brsf: |R_t|*sign(W) for the coming step's draw;
-        frsf: |R|*sign(W); kp, wm, sa, aa, ia: the learned B.
+        frsf: |R|*sign(W); kp, wm, sa, aa, ia: the learned B; dfa: B_l (K x F, not W's shape)
+        of the last forward through the converted model.
         """
+        if self._spec.direct_feedback:
+            return _dfa.feedback_weight(self)
         feedback = None if self.feedback is None else self.feedback.detach()
         return feedback_transform(self.weight.detach(), feedback, self.feedback_rng, *self._feedback_op_args())
 
     @torch.no_grad()
     def alignment(self) -> float:
-        """The angle in degrees between B (``feedback_weight()``) and W, flattened."""
+        """The angle in degrees between B (``feedback_weight()``) and W, flattened.
+
+        NaN for dfa: B_l (K x F) is not shaped like W, so there is no angle between them.
+        """
+        if self._spec.direct_feedback:
+            return math.nan
         return F._angle_degrees(self.feedback_weight(), self.weight)
 
     def _feedback_repr(self) -> str:
@@ -283,6 +296,8 @@ class Linear(FeedbackLayer, torch.nn.Linear):
             output = self._fast_forward(call, input, weight, bias)
             if output is not None:
                 return output
+        if self._spec.direct_feedback:
+            return _dfa.linear_forward(self, input)
         options = self._op_options()
         _, scale, distribution, alignment, activation = options
         output = F._linear(input, weight, bias, self.feedback, self._step_rng(), self._spec, scale,
@@ -314,6 +329,8 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._spec.direct_feedback:
+            return _dfa.conv2d_forward(self, input)
         weight, bias = self.weight, self.bias
         # The arguments are resolved from these (tuples, replaced when set): "same" padding from
         # the kernel's size too.

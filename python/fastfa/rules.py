@@ -15,6 +15,10 @@ rule        B used by the backward pass                 sources
 ``frsf``    abs(R) * sign(W), R drawn once and fixed    Moskovitz et al. 2018; Sanfiz & Akrout 2021
 ==========  =========================================  ==========================================
 
+``dfa`` (direct feedback alignment, Nøkland 2016; Launay et al. 2020) sends the model's output
+error e (N x K) straight to every layer: grad_x = e B_l with B_l (K x per-sample numel of x)
+fixed and drawn from (seed, index); see fastfa.dfa.
+
 sign(0) = 0. ``sign_symmetry`` is another name for ``usf``.
 
 Estimated feedback: B is a trainable Parameter (``layer.feedback``) shaped like W that
@@ -44,7 +48,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["RULES", "ALIASES", "Rule", "Distribution", "RuleSpec", "rule_spec", "canonical_rule",
+__all__ = ["RULES", "LAYER_RULES", "ALIASES", "Rule", "Distribution", "RuleSpec", "rule_spec", "canonical_rule",
            "SCALES", "INITS", "sign_scale", "init_distribution", "fan_in_and_fan_out"]
 
 
@@ -81,6 +85,9 @@ class RuleSpec:
     sources: str
     estimates_feedback: bool = False  # B is a trainable Parameter in layer.feedback
     alignment_defaults: tuple = ()  # default (alpha, beta, gamma, sigma) of its B gradient
+    # grad_input = e B_l from the model's output error (dfa, fastfa.dfa); its layers run the ops
+    # of ``id`` (bp's) on a detached input, so the op contract has no id of its own for it.
+    direct_feedback: bool = False
 
 
 _SPECS = (
@@ -104,15 +111,20 @@ _SPECS = (
     RuleSpec("ia", Rule.IA, "B learned: -a*(1/N) r^T x + b*(2/N) r^T(rB) + g*2B", True, False,
              frozenset({"init", "seed", "alpha", "beta", "gamma"}), "Kunin et al. 2020", True,
              (2e-3, 1e-3, 1e-3, 1.0)),
+    RuleSpec("dfa", Rule.BP, "B_l (K x F) fixed: grad_x = e B_l, e = dL/d(model output)", False, False,
+             frozenset({"init", "seed"}), "Nøkland 2016; Launay et al. 2020", direct_feedback=True),
 )
 
 #: Canonical names of the rules this version implements, in the spec's order.
 RULES: tuple = tuple(spec.name for spec in _SPECS)
+#: The rules a layer runs on its own (grad_input = delta B): all but dfa, whose grad_input needs
+#: the error at the output of a model converted with fastfa.convert(model, "dfa").
+LAYER_RULES: tuple = tuple(name for name in RULES if name != "dfa")
 #: Other names users know the rules by.
 ALIASES = {"sign_symmetry": "usf"}
 _BY_NAME = {spec.name: spec for spec in _SPECS}
 #: The rules of learning-rules.md that this version does not have yet.
-_PLANNED = ("dfa",)
+_PLANNED: tuple = ()
 
 #: Choices of the usf scale s (or a positive finite float).
 SCALES = ("xiao", "xavier", "kaiming")

@@ -29,6 +29,10 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
 at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                      const std::optional<at::Tensor>& rng, int64_t rule, double scale,
                                      int64_t distribution);
+// dfa's B_l (K x F), columns [column_begin, column_begin + column_count) of it: element (k, f)
+// is scale * xi from fa's generator at (seed, step, k * F + f). rng is the layer's [seed, step].
+at::Tensor direct_feedback_cpu(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
+                               int64_t column_count, double scale, int64_t distribution, at::ScalarType dtype);
 #ifdef FASTFA_WITH_CUDA
 at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                    const std::optional<at::Tensor>& rng, int64_t rule, double scale,

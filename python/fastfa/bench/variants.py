@@ -114,6 +114,8 @@ def variant_specs(rules: list, backends: list, peer_names: list, compile_rules: 
         for rule in rules:
             if name == "biotorch" and rule not in peers.biotorch_rules():
                 continue
+            if rule == "dfa" and name != "biotorch":
+                continue  # the autograd.Function peers are per layer; dfa's grad_input needs the model's output
             if name == "compile" and ((compile_rules is not None and rule not in compile_rules)
                                       or (model and not compile_models)):
                 continue

@@ -1,0 +1,280 @@
+"""Direct feedback alignment (``dfa``): the model's output error sent straight to every layer.
+
+learning-rules.md, "Direct feedback alignment" (Nøkland 2016; Launay et al. 2020):
+
+    e      = dL/d(model output)            N x K   (or N x T x K: per-token outputs; an output
+                                                    (N, *O) is flattened, K = prod(O))
+    layer l with input x of shape (N, *S), F = prod(S)
+    B_l    : K x F, fixed, element (k, f) = scale * xi(seed_l, step 0, index k * F + f)
+    grad_x = reshape(e B_l, x.shape)       (per token: grad_x[n, t] = e[n, t] B_l, F = x.shape[-1])
+    grad_W, grad_b from the delta that reaches the layer's output, as for every rule
+
+B_l is fa's drawn R for a K x F matrix: the same Philox generator, keyed by the layer's seed
+and the element's row-major index, with fa's ``init`` distributions taken with fan_in = K and
+fan_out = F (B_l maps e, K wide, to x, F wide). It is never stored: the aten backend draws it
+a block of columns at a time and the Triton kernel draws its tiles inside the product, so a
+ResNet layer's K x C x H x W matrix (3.2 GB in fp32 at ImageNet sizes) costs no memory.
+
+How e reaches the layers. ``fastfa.convert(model, "dfa")`` puts a forward pre-hook and a
+forward hook on the model. Each call of the model opens a *pass*; every dfa layer that runs
+in it computes its output with the bp ops on a detached input (so its backward computes
+grad_W and grad_b only, never delta W or delta B) and joins the input back through
+:class:`_DirectFeedback`, whose backward is grad_x = e B_l. The forward hook registers a hook
+on the model's output tensor that stores e in the pass. Autograd runs a tensor's hooks before
+anything that produced it, so e is stored before any layer's backward reads it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, functional
+from .rules import init_distribution, rule_spec
+
+__all__ = ["attach", "direct_feedback", "feedback_weight", "DirectFeedbackContext"]
+
+#: The aten backend draws B_l in blocks of at most this many elements (16 MiB in fp32), so the
+#: projection's memory stays small whatever K x F is.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def distribution_for(init: str, output_width: int, input_numel: int):
+    """(Distribution, scale) of B_l's entries: fa's ``init`` with fan_in = K, fan_out = F."""
+    # init_distribution reads a linear weight (out, in) as fan_out = out, fan_in = in.
+    return init_distribution(init, (input_numel, output_width))
+
+
+def direct_feedback(rng: torch.Tensor, rows: int, columns: int, column_begin: int, column_count: int,
+                    scale: float, distribution: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns [column_begin, column_begin + column_count) of B_l (rows x columns), on rng's device.
+
+    rng is the layer's int64 [seed, step]; element (k, f) is keyed by k * columns + f, so a
+    block is exactly the matching slice of the whole B_l.
+    """
+    if rng.device.type == "cpu":
+        return torch.ops.fastfa.direct_feedback(rng, rows, columns, column_begin, column_count, scale,
+                                                distribution, dtype)
+    # No device kernel draws B_l for the aten path yet: draw on the CPU, recorded.
+    _backend.record_fallback("dfa_feedback", f"B_l is drawn on the CPU and copied to {rng.device}")
+    block = torch.ops.fastfa.direct_feedback(rng.cpu(), rows, columns, column_begin, column_count, scale,
+                                             distribution, dtype)
+    return block.to(rng.device, non_blocking=True)
+
+
+class _Layout:
+    """How one layer call meets the model's output: B_l's shape and how e's rows map to x's."""
+
+    __slots__ = ("output_width", "input_numel", "input_shape", "scale", "distribution")
+
+    def __init__(self, output_width, input_numel, input_shape, scale, distribution):
+        self.output_width, self.input_numel, self.input_shape = output_width, input_numel, input_shape
+        self.scale, self.distribution = scale, distribution
+
+
+class _Pass:
+    """One call of a converted model: the layer calls in it, and e once the backward reaches the output."""
+
+    __slots__ = ("calls", "error")
+
+    def __init__(self):
+        self.calls = []  # (_Call, input shape) in the order the layers ran
+        self.error = None
+
+
+class _Call:
+    """One dfa layer's call inside a pass: what its backward needs to project e."""
+
+    __slots__ = ("layer", "record", "layout", "joined")
+
+    def __init__(self, layer, record: _Pass):
+        self.layer, self.record, self.layout = layer, record, None
+        self.joined = False  # linked into the autograd graph: its backward will need e
+
+
+def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
+    """B_l's shape for this input and model output (learning-rules.md: per sample, or per token)."""
+    if output.dim() == 3 and len(input_shape) == 3 and tuple(input_shape[:2]) == tuple(output.shape[:2]):
+        # per-token: grad_x[n, t] = e[n, t] B_l
+        output_width, input_numel = output.shape[-1], input_shape[-1]
+    elif len(input_shape) >= 1 and input_shape[0] == output.shape[0]:
+        # per sample; an output with more axes (a conv's N x C x H x W) is e flattened, K = C*H*W
+        output_width, input_numel = math.prod(output.shape[1:]), math.prod(input_shape[1:])
+    else:
+        raise RuntimeError(
+            f"dfa: a layer's input of shape {tuple(input_shape)} does not match the model's output of shape "
+            f"{tuple(output.shape)}: dfa needs an output (N, ...) with the layer's input (N, ...) (K and F the "
+            f"per-sample numels), or an output (N, T, K) with the layer's input (N, T, F) (per-token)")
+    distribution, scale = distribution_for(layer.feedback_init, output_width, input_numel)
+    return _Layout(output_width, input_numel, tuple(input_shape), scale, int(distribution))
+
+
+class _DirectFeedback(torch.autograd.Function):
+    """output = the bp layer's output computed from a detached input; grad_x = e B_l.
+
+    forward(output, input, call) returns output unchanged and links input into the graph;
+    backward passes grad_output on to the bp op (grad_W, grad_b) and returns e B_l for input.
+    """
+
+    @staticmethod
+    def forward(ctx, output, input, call):
+        ctx.call = call
+        ctx.input_dtype = input.dtype
+        # Its data under a new history, not a view of it (an op's output may itself be a view,
+        # and autograd forbids in-place ops on views made in a Function): so an in-place op after
+        # the layer (ReLU(inplace=True)) is allowed, as after torch's own layers.
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        call = ctx.call
+        grad_input = None
+        if ctx.needs_input_grad[1]:
+            error = call.record.error
+            if error is None:
+                raise RuntimeError(
+                    f"dfa: the backward reached a dfa layer ({type(call.layer).__name__}) but not the converted "
+                    "model's output: dfa needs e = dL/d(model output), so compute the loss from the output the "
+                    "converted model returned (a backward from an intermediate tensor has no e)")
+            grad_input = project(call.layer, error, call.layout, ctx.input_dtype)
+        return grad_output, grad_input, None
+
+
+def project(layer, error: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> torch.Tensor:
+    """grad_x = reshape(e B_l, x's shape), with B_l drawn, never stored whole when large."""
+    rows = error.reshape(-1, layout.output_width).to(dtype)
+    rng, width, numel = layer.feedback_rng, layout.output_width, layout.input_numel
+    backend = _backend.resolve(None, rows.device)
+    on_gpu = rows.device.type == "cuda"
+    if backend == "cuda" or (on_gpu and backend == "aten"):
+        # No CUDA C++ kernel draws B_l yet; Triton's draws it inside the product, where usable.
+        if _backend.backends()["triton"].usable and rows.dtype != torch.float64:
+            _backend.record_fallback(f"{backend}_dfa_grad_input", "e B_l runs Triton's kernel", "triton")
+            backend = "triton"
+        else:
+            _backend.record_fallback(f"{backend}_dfa_grad_input", "e B_l: B_l drawn on the CPU a block at a time")
+    if backend == "triton":
+        from .triton_kernels.direct_feedback import direct_feedback_product
+        product = direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution)
+        if product is not None:
+            return product.reshape(layout.input_shape)
+    grad_input = rows.new_empty((rows.shape[0], numel))
+    if numel == 0:
+        return grad_input.reshape(layout.input_shape)
+    columns_per_block = max(1, BLOCK_ELEMENTS // max(width, 1))
+    for begin in range(0, numel, columns_per_block):
+        count = min(columns_per_block, numel - begin)
+        block = direct_feedback(rng, width, numel, begin, count, layout.scale, layout.distribution, dtype)
+        if count == numel:
+            return torch.mm(rows, block).reshape(layout.input_shape)
+        grad_input[:, begin:begin + count] = rows @ block
+    return grad_input.reshape(layout.input_shape)
+
+
+class DirectFeedbackContext:
+    """Per converted model: the pass of the model call now running (None outside a call)."""
+
+    def __init__(self):
+        self.current = None
+        self.handles = []
+        self._outer = []  # a model called inside its own forward resumes the outer pass after
+
+    def open(self, module, args):
+        self._outer.append(self.current)
+        self.current = _Pass()
+
+    def close(self, module, args, output):
+        record, self.current = self.current, self._outer.pop()
+        # Only a call linked into the graph needs e; a forward without grad (evaluation) is
+        # refused nothing, whatever the model returns.
+        needs_error = any(call.joined for call, _ in record.calls)
+        if not isinstance(output, torch.Tensor) or output.dim() < 1:
+            if needs_error:
+                raise TypeError(
+                    "dfa: the converted model must return a tensor (N, ...) (its output, whose gradient "
+                    f"e = dL/d(output) every dfa layer receives); {type(module).__name__} returned "
+                    + (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor)
+                       else type(output).__name__))
+            return
+        for call, input_shape in record.calls:
+            try:
+                call.layout = _layout(call.layer, input_shape, output)
+            except RuntimeError:
+                if needs_error:
+                    raise
+                continue
+            call.layer.__dict__["_direct_feedback_layout"] = call.layout
+        if needs_error and output.requires_grad:
+            def keep_error(grad, record=record):
+                record.error = grad.detach()
+            output.register_hook(keep_error)
+
+
+_BACKPROP = rule_spec("bp")
+
+
+def linear_forward(layer, input: torch.Tensor) -> torch.Tensor:
+    """A dfa fastfa.nn.Linear's forward: bp's op on the detached input, joined through e B_l."""
+    _, scale, distribution, alignment, activation = layer._op_options()
+    output = functional._linear(input.detach(), layer.weight, layer.bias, None, None, _BACKPROP, scale,
+                                distribution, alignment, activation)
+    return _join(layer, input, output)
+
+
+def conv2d_forward(layer, input: torch.Tensor) -> torch.Tensor:
+    """A dfa fastfa.nn.Conv2d's forward: as torch.nn.Conv2d's (padding modes pad first) on the
+    detached input; B_l maps e to the layer's own input, before any padding."""
+    padded, padding = input.detach(), layer.padding
+    if layer.padding_mode != "zeros":
+        padded = torch.nn.functional.pad(padded, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = (0, 0)
+    _, scale, distribution, alignment, activation = layer._op_options()
+    output = functional._conv2d(padded, layer.weight, layer.bias, layer.stride, padding, layer.dilation,
+                                layer.groups, None, None, _BACKPROP, scale, distribution, alignment, activation,
+                                geometry=layer._geometry(padding))
+    return _join(layer, input, output)
+
+
+def _join(layer, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Inside a dfa layer's forward: link input to output through e B_l (see the module docstring)."""
+    context = layer.__dict__.get("_direct_feedback_context")
+    record = None if context is None else context.current
+    if record is None:
+        raise RuntimeError(
+            f"dfa: a dfa {type(layer).__name__} ran outside a converted model's call: its grad_input is "
+            "e = dL/d(model output) times B_l, which only a model converted with fastfa.convert(model, 'dfa') "
+            "and called as model(x) provides")
+    call = _Call(layer, record)
+    record.calls.append((call, tuple(input.shape)))
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return output
+    call.joined = True
+    return _DirectFeedback.apply(output, input, call)
+
+
+def attach(model: torch.nn.Module, layers) -> torch.nn.Module:
+    """Give ``model`` the hooks that capture e, and each dfa layer in ``layers`` the model's context."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    context = model.__dict__.get("_direct_feedback_context")
+    if context is None:
+        context = DirectFeedbackContext()
+        context.handles = [model.register_forward_pre_hook(context.open),
+                           model.register_forward_hook(context.close)]
+        model.__dict__["_direct_feedback_context"] = context
+    for layer in layers:
+        layer.__dict__["_direct_feedback_context"] = context
+    return model
+
+
+@torch.no_grad()
+def feedback_weight(layer) -> torch.Tensor:
+    """B_l (K x F) of the layer's last forward, materialised."""
+    layout = layer.__dict__.get("_direct_feedback_layout")
+    if layout is None:
+        raise RuntimeError("dfa: B_l's shape (K x F) is known once the converted model has run forward: "
+                           "call model(x) first")
+    return direct_feedback(layer.feedback_rng, layout.output_width, layout.input_numel, 0, layout.input_numel,
+                           layout.scale, layout.distribution, layer.weight.dtype)
+

@@ -1,0 +1,51 @@
+"""dfa's grad_input = e B_l on the Triton backend, with B_l's tiles drawn inside the product.
+
+B_l (K x F) is fa's drawn R for a "weight" of shape (K, F): element (k, f) is
+scale * xi(seed, step 0, k * F + f) (fastfa.dfa). So linear's grad_input kernel, run with
+rule fa and no stored R, computes e B_l with e as its delta (K its contraction), drawing each
+B_l tile from (seed, index) as it goes and never writing B_l to memory. It reads nothing of
+its weight operand for fa (only the draw), so a zero-stride placeholder of shape (K, F)
+stands in for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import _backend
+from . import input_precision, launch, unsupported_reason
+from .linear import _draw_arguments, _grad_input_kernel, rows_bucket_of
+
+_FA = 1
+
+__all__ = ["direct_feedback_product"]
+
+
+def direct_feedback_product(error: torch.Tensor, rng: torch.Tensor, input_numel: int, scale: float,
+                            distribution: int) -> torch.Tensor:
+    """e [rows, K] @ B_l [K, F] -> [rows, F] in e's dtype; rng the layer's int64 [seed, step].
+
+    None where the Triton kernels cannot run on e (fp64; CPU tensors without the interpreter),
+    recorded as a fallback: the caller then runs the aten path.
+    """
+    reason = unsupported_reason(error)
+    if reason is not None:
+        _backend.record_fallback("triton_dfa_grad_input", reason, "aten")
+        return None
+    rows, output_width = error.shape
+    error = error.contiguous()
+    grad_input = error.new_empty(rows, input_numel)
+    if not grad_input.numel():
+        return grad_input
+    # The kernel reads no weight for fa without stored R: only shape and strides matter.
+    placeholder = error.new_empty(1).expand(output_width, input_numel)
+    rng = rng.to(error.device)
+    launch(_grad_input_kernel,
+           lambda meta: (triton.cdiv(input_numel, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
+           error, error, placeholder, placeholder, rng, grad_input, rows, output_width, input_numel,
+           rows_bucket_of(rows), *error.stride(), *error.stride(), *placeholder.stride(), *placeholder.stride(),
+           scale, RULE=_FA, HAS_FEEDBACK=False, DISTRIBUTION=distribution, ACTIVATION="none",
+           INPUT_PRECISION=input_precision(error.dtype), **_draw_arguments(_FA, None, input_numel))
+    return grad_input
+
