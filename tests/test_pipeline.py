@@ -210,8 +210,11 @@ def test_bad_switch_values_are_refused():
         fastfa.nn.Linear(4, 3, rule="aa", input_stddev=2.0)
     with pytest.raises(ValueError, match="either sigma or input_stddev"):
         fastfa.nn.Linear(4, 3, rule="wm", sigma=1.0, input_stddev=2.0)
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'centre_input'"):
         fastfa.nn.Linear(4, 3, rule="ia", centre_input=True)
+    with pytest.raises(TypeError, match="unknown option.s. centre_input"):
+        fastfa.functional.linear(torch.randn(2, 4), torch.randn(3, 4), rule="ia", feedback=torch.randn(3, 4),
+                                 centre_input=True)
 
 
 def test_fused_backend_runs_a_switched_layer_on_aten_and_says_so():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from .alignment import OPTIONS as PIPELINE_OPTIONS
 from .alignment import split_options
 from .ops import feedback_transform
 from .rules import Distribution, Rule, rule_spec
@@ -57,6 +58,10 @@ class FeedbackLayer:
         return options
 
     def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
+        unknown = sorted(set(alignment_options) - {"alpha", "beta", "gamma", "sigma", *PIPELINE_OPTIONS})
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}; the "
+                            f"alignment pipeline's switches are {', '.join(PIPELINE_OPTIONS)}")
         alignment_options, pipeline = split_options(rule_spec(rule), alignment_options)
         #: The alignment pipeline's switches (fastfa.alignment.Pipeline), None when all are off.
         self.alignment_pipeline = pipeline

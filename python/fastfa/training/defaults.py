@@ -18,6 +18,16 @@ TRAINING_DEFAULTS: dict = {
     # exp(-2*alpha * the sum of the effective learning rates); the reference's alpha = 1e-3 leaves
     # B 50-60 degrees from W after fastfa train's 840 steps, 0.02 brings every layer under 10.
     "kp": {"alpha": 0.02},
+    # wm: at 1e-3 B stays 84 degrees from W on the mlp (a random feedback); 0.02 aligns every layer
+    # to 5-12 degrees on both models.
+    "wm": {"alpha": 0.02, "beta": 0.02},
+    # aa: B's update scales with the input's second moment, which a convolution sums over positions:
+    # at the reference's coefficients B blows up on the convnet (10% accuracy). Normalised inputs bound
+    # it; the larger coefficients then let B align.
+    "aa": {"normalize_input": True, "alpha": 0.05, "beta": 0.1},
+    # ia: its null term grows with the fourth power of the input's scale and diverges on the convnet at
+    # the reference's coefficients; normalised inputs train both models at those coefficients.
+    "ia": {"normalize_input": True},
 }
 
 
