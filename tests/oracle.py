@@ -134,3 +134,100 @@ def conv2d(x, weight, bias, B, grad_output, stride=1, padding=0, dilation=1, gro
     grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, delta, stride, padding, dilation, groups)
     grad_b = delta.sum((0, 2, 3)) if bias is not None else None
     return y, grad_x, grad_w, grad_b
+
+
+# --- the alignment pipeline (learning-rules.md, "The alignment pipeline's options") -------------------
+
+
+def _rows(t):
+    return t.reshape(t.shape[0], -1)
+
+
+def _center_rows(t):
+    return (_rows(t) - _rows(t).mean(dim=1, keepdim=True)).reshape(t.shape)
+
+
+def _normalize_rows(t):
+    centered = _rows(_center_rows(t))
+    return (centered / torch.linalg.vector_norm(centered, dim=1, keepdim=True)).reshape(t.shape)
+
+
+def _output_step(t, center, normalize, batch_center=False):
+    """Step 6 (and step 2 for the input): per sample, then over the batch."""
+    if normalize:
+        t = _normalize_rows(t)
+    elif center:
+        t = _center_rows(t)
+    if batch_center:
+        t = t - t.mean(dim=0, keepdim=True)
+    return t
+
+
+def alignment_pipeline_gradient(rule, x, weight, bias, B, *, alpha, beta, gamma=0.0, activation="none",
+                                conv=None, noise=None, **switches):
+    """B's gradient from the pipeline's loss, by autograd of the loss as the spec writes it (fp64).
+
+    conv: None (linear; x is (N, in)) or (stride, padding, dilation, groups). noise: the tensor that
+    replaces x (steps 1), or None. switches: the spec's switch names, True where on.
+    """
+    on = lambda name: bool(switches.get(name, False))  # noqa: E731
+    unknown = set(switches) - {"center_input", "normalize_input", "batch_center_backward_input", "use_bias_forward",
+                               "use_bias_backward", "activation_forward", "activation_backward",
+                               "center_forward_output", "normalize_forward_output", "batch_center_forward_output",
+                               "center_backward_output", "normalize_backward_output", "reconstruction_amp",
+                               "reconstruction_reversal", "use_sparse"}
+    assert not unknown, unknown
+    w = weight.detach().double()
+    b = None if bias is None else bias.detach().double()
+    fb = B.detach().double().requires_grad_(True)
+    x = (x if noise is None else noise).detach().double()
+    n = x.shape[0]
+    if conv is None:
+        forward_map = lambda t, m: t @ m.t()  # noqa: E731
+        back_map = lambda t, m: t @ m  # noqa: E731
+        add_bias = lambda t: t + b  # noqa: E731
+    else:
+        stride, padding, dilation, groups = conv
+        forward_map = lambda t, m: torch.nn.functional.conv2d(t, m, None, stride, padding, dilation, groups)  # noqa
+        back_map = lambda t, m: torch.nn.grad.conv2d_input(x.shape, m, t, stride, padding, dilation, groups)  # noqa
+        add_bias = lambda t: t + b[None, :, None, None]  # noqa: E731
+    with torch.enable_grad():
+        x = _output_step(x, on("center_input"), on("normalize_input"))  # step 2
+        x_f = x  # step 3
+        x_b = x - x.mean(dim=0, keepdim=True) if on("batch_center_backward_input") else x
+        r, p = forward_map(x_f, w), forward_map(x_b, fb)  # step 4
+        if on("use_bias_forward"):
+            r = add_bias(r)
+        if on("use_bias_backward"):
+            p = add_bias(p)
+        if on("activation_forward"):
+            r = ACTIVATIONS[activation](r)
+        if on("activation_backward"):
+            p = ACTIVATIONS[activation](p)
+        r_rec, p_rec = back_map(r, fb), back_map(p, w)  # step 5
+        forward_out = dict(center=on("center_forward_output"), normalize=on("normalize_forward_output"),
+                           batch_center=on("batch_center_forward_output"))
+        backward_out = dict(center=on("center_backward_output"), normalize=on("normalize_backward_output"))
+        r, r_rec = _output_step(r, **forward_out), _output_step(r_rec, **forward_out)  # step 6
+        p, p_rec = _output_step(p, **backward_out), _output_step(p_rec, **backward_out)
+
+        def amp(u, v):
+            return -(_rows(u) * _rows(v)).sum() / n
+
+        def mean_square(u):
+            return (_rows(u) ** 2).sum() / n
+
+        decay = (fb ** 2).sum()
+        if rule == "wm":
+            loss = alpha * decay + beta * amp(r, p)
+        elif rule == "aa":
+            loss = alpha * mean_square(p) + beta * amp(r, p)
+        elif rule == "ia":
+            reconstruction = p_rec if on("reconstruction_reversal") else r_rec
+            first = amp(x_f, reconstruction) if on("reconstruction_amp") else amp(r, p)
+            last = mean_square(p) if on("use_sparse") else decay
+            loss = alpha * first + beta * mean_square(reconstruction) + gamma * last
+        else:
+            raise ValueError(rule)
+        (gradient,) = torch.autograd.grad(loss, fb)
+    return gradient

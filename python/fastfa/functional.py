@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from . import _backend
+from . import alignment as _alignment
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
 from .rules import RULES, Distribution, Rule, init_distribution, rule_spec, sign_scale
 
@@ -100,7 +101,8 @@ def feedback_arguments(rule, weight_shape, device, options: dict):
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; rule options are "
                         "scale (usf), init and seed (fa, brsf, frsf and the estimated rules), step / rng (brsf, wm), "
-                        "alpha / beta / gamma / sigma (kp, wm, sa, aa, ia)")
+                        "alpha / beta / gamma / sigma (kp, wm, sa, aa, ia), and the alignment pipeline's switches "
+                        f"(wm, aa, ia): {', '.join(_alignment.OPTIONS)}")
     given = {key for key, value in options.items() if value is not None}
     # seed is taken by every rule (ignored where nothing is drawn), so one seed can go to a sweep.
     allowed = set(spec.options) | {"seed"}
@@ -206,8 +208,11 @@ def _autocast(device_type: str, *tensors):
 
 
 def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution: int, alignment: list,
-            activation: str, backend=None):
-    """The module and functional entry: checked arguments in, one op per pass."""
+            activation: str, backend=None, pipeline=None, coefficients=None):
+    """The module and functional entry: checked arguments in, one op per pass.
+
+    pipeline (alignment.Pipeline) or coefficients (a tensor [alpha, beta, gamma] that a schedule
+    sets): B's gradient from the alignment pipeline's loss (fastfa.alignment) instead of the op's."""
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     if weight.dim() != 2:
         _check_tensor("weight", weight, dims=(2,))
@@ -215,6 +220,9 @@ def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution
         raise ValueError(f"input's last dimension must be in_features={weight.shape[1]} "
                          f"(weight has shape {tuple(weight.shape)}), got input of shape {tuple(input.shape)}")
     name = _backend.resolve(backend, weight.device)
+    if pipeline is not None or coefficients is not None:
+        return _alignment.linear(input, weight, bias, feedback, rng, spec, scale, distribution, alignment, activation,
+                                 name, pipeline, coefficients)
     output, _, _ = _ops.linear_op(name)(input, weight, bias, feedback, rng, int(spec.id), scale, distribution,
                                         alignment, activation)
     return output
@@ -234,13 +242,14 @@ def linear(input, weight, bias=None, *, rule, feedback=None, activation=None, ba
     tensor requiring grad, whose gradient is the rule's alignment terms with ``alpha``,
     ``beta``, ``gamma``, ``sigma``; wm draws its noise from ``seed`` and ``step``).
     """
+    options, pipeline = _alignment.split_options(rule_spec(rule), options)
     spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(weight.shape), weight.device,
                                                                    options)
     if spec.id == Rule.FA and feedback is None and rng is None:
         raise ValueError("rule 'fa' needs feedback=R, or seed= to regenerate R from (seed, step)")
     _refuse_direct_feedback(spec)
     return _linear(input, weight, bias, feedback, rng, spec, scale, distribution, alignment,
-                   canonical_activation(activation), backend)
+                   canonical_activation(activation), backend, pipeline)
 
 
 def _refuse_direct_feedback(spec) -> None:
@@ -307,8 +316,10 @@ def check_conv2d_input(input_shape, weight_shape, geometry) -> None:
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale: float,
-            distribution: int, alignment: list, activation: str, backend=None, geometry=None):
-    """geometry: layer_geometry's result where the caller has resolved it already (a module)."""
+            distribution: int, alignment: list, activation: str, backend=None, geometry=None, pipeline=None,
+            coefficients=None):
+    """geometry: layer_geometry's result where the caller has resolved it already (a module);
+    pipeline, coefficients: as :func:`_linear`."""
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     if input.dim() not in (3, 4):
         _check_tensor("input", input, dims=(3, 4))
@@ -324,6 +335,10 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rn
     if extra != (0, 0):
         input = torch.nn.functional.pad(input, (0, extra[1], 0, extra[0]))
     name = _backend.resolve(backend, weight.device)
+    if pipeline is not None or coefficients is not None:
+        output = _alignment.conv2d(input, weight, bias, feedback, rng, stride, padding, dilation, groups, spec, scale,
+                                   distribution, alignment, activation, name, pipeline, coefficients)
+        return output.squeeze(0) if unbatched else output
     output, _, _ = _ops.conv2d_op(name)(input, weight, bias, feedback, rng, stride, padding, dilation, groups,
                                         int(spec.id), scale, distribution, alignment, activation)
     return output.squeeze(0) if unbatched else output
@@ -340,13 +355,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     grad_weight = conv2d_weight(x, W.shape, delta), grad_bias sums delta; B per rule as in
     :func:`linear`.
     """
+    options, pipeline = _alignment.split_options(rule_spec(rule), options)
     spec, scale, distribution, alignment, rng = feedback_arguments(rule, tuple(weight.shape), weight.device,
                                                                    options)
     if spec.id == Rule.FA and feedback is None and rng is None:
         raise ValueError("rule 'fa' needs feedback=R, or seed= to regenerate R from (seed, step)")
     _refuse_direct_feedback(spec)
     return _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rng, spec, scale,
-                   distribution, alignment, canonical_activation(activation), backend)
+                   distribution, alignment, canonical_activation(activation), backend, pipeline=pipeline)
 
 
 def _angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:

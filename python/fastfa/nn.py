@@ -18,8 +18,10 @@ from . import _backend
 from . import dfa as _dfa
 from . import functional as F
 from . import ops as _ops
+from .alignment import OPTIONS as PIPELINE_OPTIONS
+from .alignment import split_options
 from .ops import feedback_transform
-from .rules import Distribution, Rule
+from .rules import Distribution, Rule, rule_spec
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "MultiheadAttention", "FeedbackLayer"]
 
@@ -93,6 +95,8 @@ class FeedbackLayer:
         """After a call that took the checked path: remember its op and arguments for the next ones."""
         if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
             return
+        if self.alignment_pipeline is not None or self.alignment_coefficients is not None:
+            return  # the alignment pipeline and scheduled coefficients run through functional's aten path
         backend = _backend.get_backend()
         name = _backend.resolve(None, weight.device)
         if name not in _CHECKED_IN_CPP:
@@ -119,6 +123,15 @@ class FeedbackLayer:
         return output
 
     def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
+        unknown = sorted(set(alignment_options) - {"alpha", "beta", "gamma", "sigma", *PIPELINE_OPTIONS})
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}; the "
+                            f"alignment pipeline's switches are {', '.join(PIPELINE_OPTIONS)}")
+        alignment_options, pipeline = split_options(rule_spec(rule), alignment_options)
+        #: The alignment pipeline's switches (fastfa.alignment.Pipeline), None when all are off.
+        self.alignment_pipeline = pipeline
+        # [alpha, beta, gamma] as a tensor while a schedule (fastfa.schedules) drives them, else None.
+        self.register_buffer("alignment_coefficients", None, persistent=False)
         options = {"scale": scale, "init": init, "seed": seed, **alignment_options}
         spec, feedback_scale, distribution, alignment, _ = F.feedback_arguments(
             rule, tuple(self.weight.shape), self.weight.device, options)
@@ -267,6 +280,8 @@ class FeedbackLayer:
             names = ("alpha", "beta", "gamma", "sigma")
             text += "".join(f", {name}={value:g}" for name, value in zip(names, self.alignment_options)
                             if name in self._spec.options)
+        if self.alignment_pipeline is not None:
+            text += "".join(f", {name}={value}" for name, value in self.alignment_pipeline.on().items())
         return text
 
 
@@ -278,16 +293,17 @@ class Linear(FeedbackLayer, torch.nn.Linear):
     ``scale`` (usf: "xiao" default, "xavier", "kaiming" or a number), ``init`` (R's
     distribution for fa, brsf, frsf, and B's start for the estimated rules: "kaiming"
     default, "xavier", "xiao"), ``seed``, and ``alpha`` / ``beta`` / ``gamma`` / ``sigma``
-    for the estimated rules kp, wm, sa, aa, ia (defaults in fastfa.rules).
+    for the estimated rules kp, wm, sa, aa, ia (defaults in fastfa.rules), and for wm, aa, ia
+    the alignment pipeline's switches (fastfa.alignment.OPTIONS, e.g. ``normalize_input=True``).
     Input (*, in_features) -> output (*, out_features).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
-                 gamma=None, sigma=None):
+                 gamma=None, sigma=None, **pipeline):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_feedback(rule, activation, scale, init, seed,
-                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
+                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, **pipeline))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -301,7 +317,8 @@ class Linear(FeedbackLayer, torch.nn.Linear):
         options = self._op_options()
         _, scale, distribution, alignment, activation = options
         output = F._linear(input, weight, bias, self.feedback, self._step_rng(), self._spec, scale,
-                           distribution, alignment, activation)
+                           distribution, alignment, activation, pipeline=self.alignment_pipeline,
+                           coefficients=self.alignment_coefficients)
         self._advance_rng()
         self._resolve_call(weight, _ops.linear_op, options)
         return output
@@ -322,11 +339,11 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
-                 gamma=None, sigma=None):
+                 gamma=None, sigma=None, **pipeline):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self._setup_feedback(rule, activation, scale, init, seed,
-                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
+                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, **pipeline))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._spec.direct_feedback:
@@ -361,7 +378,8 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
         _, scale, distribution, alignment, activation = self._op_options()
         output = F._conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                            self.feedback, self._step_rng(), self._spec, scale, distribution, alignment,
-                           activation, geometry=self._geometry(padding))
+                           activation, geometry=self._geometry(padding), pipeline=self.alignment_pipeline,
+                           coefficients=self.alignment_coefficients)
         self._advance_rng()
         return output
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..alignment import OPTIONS as PIPELINE_OPTIONS
 from ..rules import ALIASES, RULES, SCALES, canonical_rule
 from .models import MODELS
 
@@ -55,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, rules in (("alpha", "kp, wm, sa, aa, ia"), ("beta", "wm, sa, aa, ia"), ("gamma", "ia"),
                         ("sigma", "wm's noise std")):
         options.add_argument(f"--{name}", type=float, help=f"{name} of the estimated rules ({rules})")
+    options.add_argument("--pipeline", metavar="SWITCH[=VALUE],...",
+                         help="switches of the alignment pipeline for wm, aa, ia (ia's own ones for ia only), e.g. "
+                              "normalize_input,center_forward_output,input_distribution=normal; 'none' for none "
+                              f"(names: {', '.join(PIPELINE_OPTIONS)})")
+    options.add_argument("--reference-defaults", action="store_true",
+                         help="the estimated rules at the reference code's alpha, beta, gamma and no switches "
+                              "(fastfa.rules); default: fastfa train's documented defaults that train "
+                              "(fastfa.training.defaults)")
 
     how = parser.add_argument_group("how to train")
     how.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
@@ -64,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="at most N steps per epoch (default: the whole training set)")
     how.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (default 0.02)")
     how.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    how.add_argument("--feedback-lr", type=float, metavar="LR",
+                     help="learning rate of the learned B (kp, wm, sa, aa, ia) in its own param group "
+                          "(fastfa.feedback_parameters; default: --lr)")
+    how.add_argument("--feedback-optimizer", choices=("sgd", "adam"), default="sgd",
+                     help="optimizer of the learned B: sgd (with --momentum, default) or adam")
     how.add_argument("--weight-decay", type=float, default=0.0,
                      help="weight decay of W and biases (default 0; kp adds 2*alpha, as B decays)")
     how.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
@@ -78,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--threads", type=int, metavar="N", help="torch's CPU threads (torch.set_num_threads)")
     how.add_argument("--workers", type=int, default=4, help="DataLoader workers for an ImageFolder (default 4)")
     how.add_argument("--eval-batch-size", type=int, default=500, help="test batch size (default 500)")
+
+    study = parser.add_argument_group("depth study")
+    study.add_argument("--depths", metavar="D,D,...",
+                       help="train MLPs (and convnets) of these depths (layers with weights) for every rule and "
+                            "write a table and a plot of test accuracy and gradient alignment against depth, "
+                            "e.g. 2,4,8,12; with --seeds")
+    study.add_argument("--seeds", type=int, default=3, help="seeds per point of the depth study (default 3)")
 
     measure = parser.add_argument_group("measures and outputs")
     measure.add_argument("--no-alignment", action="store_true", help="skip the per-layer alignment angles")
@@ -149,6 +170,12 @@ def validate(args) -> argparse.Namespace:
             raise ValueError(f"--{name} must be non-negative and finite, got {value}")
     if args.sigma is not None and not 0 < args.sigma < float("inf"):
         raise ValueError(f"--sigma must be positive and finite, got {args.sigma}")
+    if args.feedback_lr is not None and not 0 < args.feedback_lr < float("inf"):
+        raise ValueError(f"--feedback-lr must be positive and finite, got {args.feedback_lr}")
+    args.pipeline = parse_pipeline(args.pipeline)
+    args.depths = parse_depths(args.depths)
+    if args.depths and args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer, got {args.seeds}")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     if args.resume and args.no_checkpoint:
@@ -157,6 +184,43 @@ def validate(args) -> argparse.Namespace:
         # The default folder is named after the default results file, which carries today's date.
         raise ValueError("--resume needs --checkpoint-dir DIR (or the --out of the run to resume)")
     return args
+
+
+def parse_pipeline(text) -> dict:
+    """--pipeline's switches as options: "a,b=normal" -> {"a": True, "b": "normal"}; ValueError names a bad one."""
+    if text is None or isinstance(text, dict):
+        return text
+    switches = {}
+    for item in _list(text):
+        if item == "none":
+            continue
+        name, _, value = item.partition("=")
+        if name not in PIPELINE_OPTIONS:
+            raise ValueError(f"--pipeline: unknown switch {name!r}; choose from {', '.join(PIPELINE_OPTIONS)}")
+        if name == "input_distribution":
+            switches[name] = value
+        elif name == "input_stddev":
+            try:
+                switches[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--pipeline: input_stddev needs a number, got {value!r}") from None
+        elif value in ("", "true", "1", "on"):
+            switches[name] = True
+        elif value not in ("false", "0", "off"):
+            raise ValueError(f"--pipeline: {name} is on or off (name, name=on, name=off), got {value!r}")
+    return switches
+
+
+def parse_depths(text):
+    if text is None or isinstance(text, list):
+        return text
+    try:
+        depths = [int(item) for item in _list(text)]
+    except ValueError:
+        raise ValueError(f"--depths: comma-separated integers of at least 2, got {text!r}") from None
+    if not depths or min(depths) < 2:
+        raise ValueError(f"--depths: comma-separated integers of at least 2, got {text!r}")
+    return depths
 
 
 def parse(argv) -> argparse.Namespace:
@@ -170,11 +234,12 @@ def parse(argv) -> argparse.Namespace:
 def cmd_train(args, *, on_step=None) -> int:
     """The handler of ``fastfa train``: 0 when every run finished (a diverged run is a result, marked in the
     table), 2 on bad options."""
+    from . import depth
     from .loop import run
 
     try:
         validate(args)
-        run(args, on_step=on_step)
+        (depth.run if args.depths else run)(args, on_step=on_step)
     except ValueError as error:
         print(f"fastfa train: {error}", file=sys.stderr)
         return 2

@@ -35,9 +35,12 @@ import torch
 import torch.distributed as dist
 
 from .. import metrics
+from ..alignment import OPTIONS as PIPELINE_OPTIONS
+from ..alignment import feedback_parameters
 from ..nn import FeedbackLayer
 from ..rules import rule_spec
 from . import data as data_module
+from . import defaults as defaults_module
 from . import models as models_module
 from .report import Progress, format_table, write_json, write_plot
 
@@ -49,7 +52,7 @@ PARAM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # Settings a checkpoint must share with the run that resumes it (anything else would not continue it).
 _RESUME_KEYS = ("model", "rule", "dataset", "train_size", "batch_size", "epochs", "steps_per_epoch", "lr",
                 "momentum", "weight_decay", "schedule", "classifier", "dropout", "seed", "amp", "dtype",
-                "image_size", "rule_options")
+                "image_size", "rule_options", "feedback_lr", "feedback_optimizer")
 RULE_OPTIONS = ("scale", "init", "alpha", "beta", "gamma", "sigma")
 
 
@@ -98,33 +101,58 @@ def _settings(args, dataset, model_name: str, rule: str, steps: int) -> dict:
             "image_size": dataset.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
             "steps_per_epoch": steps, "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
             "schedule": args.schedule, "classifier": args.classifier, "dropout": args.dropout, "seed": args.seed,
-            "amp": args.amp, "dtype": args.dtype, "rule_options": rule_options(args, rule)}
+            "amp": args.amp, "dtype": args.dtype, "rule_options": rule_options(args, rule),
+            "feedback_lr": getattr(args, "feedback_lr", None),
+            "feedback_optimizer": getattr(args, "feedback_optimizer", "sgd")}
 
 
 def rule_options(args, rule: str) -> dict:
-    """The rule options given on the command line that this rule takes (the others go to other rules)."""
+    """This rule's options: fastfa train's documented defaults (training.defaults; none with
+    --reference-defaults), then the options given on the command line that this rule takes
+    (the others go to other rules). --pipeline's switches replace the default ones."""
     taken = rule_spec(rule).options
-    return {name: getattr(args, name) for name in RULE_OPTIONS
-            if getattr(args, name, None) is not None and name in taken}
+    reference = getattr(args, "reference_defaults", False)
+    options = {} if reference else dict(defaults_module.TRAINING_DEFAULTS.get(rule, {}))
+    pipeline = getattr(args, "pipeline", None)
+    if pipeline is not None:
+        options = {name: value for name, value in options.items() if name not in PIPELINE_OPTIONS}
+        options.update(defaults_module.pipeline_for(rule, pipeline))
+    options.update({name: getattr(args, name) for name in RULE_OPTIONS
+                    if getattr(args, name, None) is not None and name in taken})
+    return options
 
 
-def _parameter_groups(model, rule: str, weight_decay: float) -> list:
-    """W and biases with the user's weight decay; the learned B without (its decay is in the rule).
+def kp_weight_decay(model, weight_decay: float) -> float:
+    """kp: W decays with 2*alpha as well, as B does, so that B - W shrinks (Akrout et al. 2019)."""
+    alphas = {m.alignment_options[0] for m in model.modules() if isinstance(m, FeedbackLayer)}
+    return weight_decay + 2 * max(alphas, default=0.0)
 
-    kp: W decays with 2*alpha as well, as B does, so that B - W shrinks (Akrout et al. 2019).
+
+def _parameter_groups(model, rule: str, weight_decay: float, feedback_lr=None) -> tuple:
+    """(W and biases with the user's weight decay, the learned B without: its decay is in the rule).
+
+    B's group has lr ``feedback_lr`` where given (fastfa.feedback_parameters: its own param group).
     """
-    feedback = {id(m.feedback) for m in model.modules()
-                if isinstance(m, FeedbackLayer) and isinstance(m.feedback, torch.nn.Parameter)}
+    learned = feedback_parameters(model)
+    feedback = {id(p) for p in learned}
     weights = [p for p in model.parameters() if id(p) not in feedback]
-    learned = [p for p in model.parameters() if id(p) in feedback]
-    decay = weight_decay
-    if rule == "kp":
-        alphas = {m.alignment_options[0] for m in model.modules() if isinstance(m, FeedbackLayer)}
-        decay += 2 * max(alphas, default=0.0)
+    decay = kp_weight_decay(model, weight_decay) if rule == "kp" else weight_decay
     groups = [{"params": weights, "weight_decay": decay}]
+    feedback_groups = []
     if learned:
-        groups.append({"params": learned, "weight_decay": 0.0})
-    return groups
+        feedback_groups.append({"params": learned, "weight_decay": 0.0,
+                                **({} if feedback_lr is None else {"lr": feedback_lr})})
+    return groups, feedback_groups
+
+
+def _optimizers(model, rule: str, args) -> list:
+    """SGD over W and biases (and B, in its own group, with --feedback-optimizer sgd); Adam over B alone
+    with --feedback-optimizer adam (lr --feedback-lr, default 1e-3)."""
+    groups, feedback_groups = _parameter_groups(model, rule, args.weight_decay, getattr(args, "feedback_lr", None))
+    if getattr(args, "feedback_optimizer", "sgd") == "adam" and feedback_groups:
+        feedback_groups[0].setdefault("lr", 1e-3)
+        return [torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum), torch.optim.Adam(feedback_groups)]
+    return [torch.optim.SGD(groups + feedback_groups, lr=args.lr, momentum=args.momentum)]
 
 
 def _rng_state(context: Context) -> dict:
@@ -181,8 +209,10 @@ class _Checkpoint:
     every rank's RNG state, the data position and the history so far. Written by rank 0 to a
     temporary file and renamed, so a kill during the write leaves the previous checkpoint."""
 
-    def __init__(self, path: Optional[Path], context: Context):
+    def __init__(self, path: Optional[Path], context: Context, extra=((), ())):
         self.path, self.context = path, context
+        # (optimizers, schedulers) besides the first: B's own, with --feedback-optimizer adam.
+        self.extra = extra
 
     def save(self, settings, model, optimizer, scheduler, scaler, state: _State) -> None:
         if self.path is None:
@@ -192,6 +222,8 @@ class _Checkpoint:
         if self.context.main:
             payload = {"format": CHECKPOINT_FORMAT, "settings": settings, "model": model.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "feedback_optimizer": [o.state_dict() for o in self.extra[0]],
+                       "feedback_scheduler": [s.state_dict() for s in self.extra[1]],
                        "scaler": scaler.state_dict(), "ranks": ranks, "world": self.context.world,
                        "state": dataclasses.asdict(state)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +250,10 @@ class _Checkpoint:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        for each, state in zip(self.extra[0], payload.get("feedback_optimizer", [])):
+            each.load_state_dict(state)
+        for each, state in zip(self.extra[1], payload.get("feedback_scheduler", [])):
+            each.load_state_dict(state)
         scaler.load_state_dict(payload["scaler"])
         state = _State(**payload["state"])
         if payload["world"] == self.context.world:
@@ -299,17 +335,21 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
                                                                                      dtype=dtype)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(_parameter_groups(model, rule, args.weight_decay), lr=args.lr,
-                                momentum=args.momentum)
+    optimizers = _optimizers(model, rule, args)
+    optimizer = optimizers[0]
     if args.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps * args.epochs)
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps * args.epochs) for o in optimizers]
     else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0) for o in optimizers]
+    scheduler = schedulers[0]
+    if rule == "kp":
+        progress.line(f"{tag}: W's weight decay is {optimizer.param_groups[0]['weight_decay']:g} = --weight-decay "
+                      f"{args.weight_decay:g} + 2*alpha, the decay B gets (Akrout et al. 2019)")
     # fp16's range needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(context.device.type, enabled=args.amp == "fp16")
 
     path = Path(args.checkpoint_dir) / f"{model_name}-{rule}.pt" if args.checkpoint_dir else None
-    checkpoint = _Checkpoint(path, context)
+    checkpoint = _Checkpoint(path, context, (optimizers[1:], schedulers[1:]))
     if args.resume and path is not None and path.is_file():
         state = checkpoint.load(settings, model, optimizer, scheduler, scaler)
         progress.line(f"{tag}: resumed from {path} at epoch {state.epoch + 1}, step {state.step}"
@@ -348,10 +388,12 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
                 output = net(inputs)
                 loss = _loss(output, targets)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            for each in optimizers:
+                scaler.step(each)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            for each, each_scheduler in zip(optimizers, schedulers):
+                each.zero_grad(set_to_none=True)
+                each_scheduler.step()
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(targets),
                                      (output.argmax(1) == targets).sum().double(),
@@ -459,7 +501,9 @@ def run(args, *, on_step: Optional[Callable] = None, progress: Optional[Progress
                          "image_size": dataset.image_size, **{key: getattr(args, key) for key in (
                              "models", "rules", "epochs", "batch_size", "steps_per_epoch", "lr", "momentum",
                              "weight_decay", "schedule", "classifier", "dropout", "seed", "amp", "dtype",
-                             "channels_last", "compile", *RULE_OPTIONS)}},
+                             "channels_last", "compile", *RULE_OPTIONS)},
+                         **{key: getattr(args, key, None) for key in ("pipeline", "reference_defaults", "feedback_lr",
+                                                                      "feedback_optimizer")}},
             "rows": rows,
         }
         if context.main:

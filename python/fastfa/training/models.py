@@ -6,7 +6,7 @@ import torch
 
 from ..convert import convert
 
-__all__ = ["SMALL_MODELS", "TORCHVISION_MODELS", "MODELS", "build", "classifier_name"]
+__all__ = ["SMALL_MODELS", "TORCHVISION_MODELS", "MODELS", "build", "classifier_name", "deep_name"]
 
 SMALL_MODELS = ("convnet", "mlp", "vit")
 TORCHVISION_MODELS = ("resnet18", "alexnet", "resnet50")
@@ -60,6 +60,49 @@ class _ViT(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.patches(images).flatten(2).transpose(1, 2) + self.position.weight
         return self.head(self.norm(self.encoder(tokens)).mean(1))
+def deep_name(kind: str, depth: int) -> str:
+    """The depth study's model names: "mlp-depth-8", "convnet-depth-4"."""
+    return f"{kind}-depth-{depth}"
+
+
+def _parse_deep(name: str):
+    kind, _, depth = name.partition("-depth-")
+    if kind in SMALL_MODELS and depth.isdigit() and int(depth) >= 2:
+        return kind, int(depth)
+    return None
+
+
+def _deep(kind: str, depth: int, channels: int, image_size: int, num_classes: int) -> torch.nn.Module:
+    """The depth study's models: ``depth`` layers with weights, ReLU between them, He-normal W.
+
+    mlp: depth - 1 hidden layers of 128 units. convnet: depth - 1 3x3 conv layers of 32 channels (2x2
+    max pooling after the first two), then the classifier. W is He-normal (Kaiming, fan_in, ReLU) so
+    that backprop's signal neither vanishes nor explodes with depth; torch's default init shrinks it
+    by about sqrt(6) per ReLU layer, which would make depth a test of the init, not of the rules.
+    """
+    layers = []
+    if kind == "mlp":
+        width, features = 128, channels * image_size * image_size
+        layers.append(torch.nn.Flatten())
+        for _ in range(depth - 1):
+            layers += [torch.nn.Linear(features, width), torch.nn.ReLU()]
+            features = width
+        layers.append(torch.nn.Linear(features, num_classes))
+    else:
+        size, in_channels = image_size, channels
+        for index in range(depth - 1):
+            layers += [torch.nn.Conv2d(in_channels, 32, 3, padding=1), torch.nn.ReLU()]
+            in_channels = 32
+            if index < 2 and size >= 2:
+                layers.append(torch.nn.MaxPool2d(2))
+                size //= 2
+        layers += [torch.nn.Flatten(), torch.nn.Linear(32 * size * size, num_classes)]
+    model = torch.nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def _torchvision(name: str, channels: int, num_classes: int) -> torch.nn.Module:
@@ -94,7 +137,8 @@ def build(name: str, rule: str, *, channels: int, image_size: int, num_classes: 
     ``classifier="bp"`` keeps the last Linear on backprop (Xiao et al. 2018);
     ``"rule"`` converts it too (Lillicrap et al. 2016, Kunin et al. 2020).
     """
-    if name not in MODELS:
+    deep = _parse_deep(name)
+    if name not in MODELS and deep is None:
         raise ValueError(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
     if classifier not in ("bp", "rule"):
         raise ValueError(f"--classifier must be bp or rule, got {classifier!r}")
@@ -107,7 +151,9 @@ def build(name: str, rule: str, *, channels: int, image_size: int, num_classes: 
         raise ValueError(f"--models vit cuts 2x2 patches: the image size must be even, got {image_size}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "convnet":
+        if deep is not None:
+            model = _deep(*deep, channels, image_size, num_classes)
+        elif name == "convnet":
             model = _convnet(channels, image_size, num_classes, dropout)
         elif name == "mlp":
             model = _mlp(channels, image_size, num_classes, dropout)
