@@ -9,7 +9,7 @@ kernel's HGMMAs. Inside it, the loop body without its back edge is a directed ac
 basic blocks; the steady-state path of an interior k-tile is the path from the loop's head to
 its back edge that, in this order, issues the most tensor-core MMAs, loads the most global
 bytes in vectors of at least 8 bytes, stores the most bytes to shared memory, and issues the
-fewest instructions (the cheapest interior path: every operand loaded as vectors, no gathers
+fewest instructions, counting at most one A and one B tile per k-tile as stored (the cheapest interior path: every operand loaded as vectors, no gathers
 of single elements at an edge, the next tile fetched and stored). Where the operands' layouts
 are runtime branches the cheapest layout wins ("min"); "max" is the same search with the most
 instructions, so the spread shows what a runtime layout branch can cost. Counts are divided by
@@ -52,6 +52,9 @@ _FLOAT = {"FADD", "FMUL", "FFMA", "FSETP", "FMNMX", "FSEL", "F2F", "F2FP", "F2I"
 _BRANCH = {"BRA", "BRX", "JMP", "JMX", "BSSY", "BSYNC", "EXIT", "RET", "CALL", "BREAK", "WARPSYNC", "BPT"}
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][\w.]*)([^;]*);")
+# ptxas pads some sequences with instructions that never execute (`@!PT LDS RZ, [RZ]` before
+# LDGSTS): they take issue slots, as padding ("other"), not as the access they spell.
+_NEVER = "@!PT"
 
 
 def opcode_class(opcode: str) -> str:
@@ -74,6 +77,10 @@ def opcode_class(opcode: str) -> str:
     return "other"
 
 
+def instruction_class(instruction: "Instruction") -> str:
+    return "other" if instruction.never else opcode_class(instruction.opcode)
+
+
 def access_bytes(opcode: str) -> int:
     """Bytes per thread of a load or store, from its width suffix (32-bit without one)."""
     for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
@@ -88,6 +95,7 @@ class Instruction:
     opcode: str
     predicated: bool
     operands: str
+    never: bool = False
 
     @property
     def base(self) -> str:
@@ -114,8 +122,9 @@ def parse_functions(listing: str) -> list[Function]:
         elif match := re.search(r"Function : (\S+)", line):
             functions.append(Function(arch, match.group(1)))
         elif functions and (match := _LINE.search(line)):
-            functions[-1].code.append(Instruction(int(match.group(1), 16), match.group(3), bool(match.group(2)),
-                                                  match.group(4)))
+            predicate = (match.group(2) or "").strip()
+            functions[-1].code.append(Instruction(int(match.group(1), 16), match.group(3), bool(predicate),
+                                                  match.group(4), predicate == _NEVER))
     return functions
 
 
@@ -124,6 +133,7 @@ class PathCount:
     k_tiles: float
     classes: Counter
     total: int
+    code: list = field(default_factory=list)  # the path's instructions, in order
 
 
 @dataclass
@@ -190,12 +200,13 @@ def mainloop(function: Function, tile: tuple[int, int, int], warps: int) -> Main
         s, e = blocks[b]
         tc = global_bytes = shared_bytes = 0
         for ins in body[s:e]:
-            cls = opcode_class(ins.opcode)
+            cls = instruction_class(ins)
             if cls == "tensor core":
                 tc += _mma_macs(ins.opcode)[0]
             elif cls == "global load":
                 global_bytes += access_bytes(ins.opcode) if access_bytes(ins.opcode) >= 8 or ins.base != "LDG" else 0
-            elif cls == "shared store":
+            # LDGSTS (cp.async) fills shared memory as STS does, without registers.
+            if cls == "shared store" or ins.base == "LDGSTS":
                 shared_bytes += access_bytes(ins.opcode)
         return tc, global_bytes, shared_bytes, e - s
 
@@ -214,36 +225,46 @@ def mainloop(function: Function, tile: tuple[int, int, int], warps: int) -> Main
             result.append(b + 1)
         return result
 
-    def best_path(sign):
-        # Longest-path DP over the DAG in address order, lexicographic on
-        # (MMA work, vector global bytes, shared bytes, sign * instructions).
-        best = [None] * len(blocks)
-        choice = [None] * len(blocks)
-        for b in reversed(range(len(blocks))):
-            tc, gb, sb, n = block_key(b)
-            s, e = blocks[b]
-            if first + e - 1 == last:
-                best[b] = (tc, gb, sb, sign * n)
-                continue
-            options = [(best[c], c) for c in successors(b) if best[c] is not None]
-            if not options:
-                continue
-            tail, c = max(options)
-            best[b] = (tc + tail[0], gb + tail[1], sb + tail[2], sign * n + tail[3])
-            choice[b] = c
-        path, b = [], 0
-        while b is not None:
-            path.append(b)
-            b = choice[b]
-        classes = Counter()
-        for b in path:
-            s, e = blocks[b]
-            for ins in body[s:e]:
-                classes[opcode_class(ins.opcode)] += 1
-        k_tiles = best[0][0] / tile_macs * (warps // 4) if best[0] else 0.0
-        return PathCount(k_tiles, classes, sum(classes.values()))
+    # Every k-tile stores one A and one B tile into shared memory: its share per thread caps the
+    # shared bytes a path may count, so that the search cannot add a tile copied by cp.async in
+    # the fetch to the same tile stored from registers in the commit (branches on one runtime
+    # flag, which a search over the graph alone takes for independent).
+    shared_per_tile = 2 * tile_m * tile_k_bytes // (32 * warps)
 
-    cheapest, dearest = best_path(-1), best_path(+1)
+    def best_path(sign, cap):
+        # Longest path over the DAG in address order, the state being the capped shared bytes so
+        # far; lexicographic on (MMA work, vector global bytes, shared bytes, sign * instructions).
+        states = [dict() for _ in blocks]  # block -> {shared bytes: ((tc, gb, sign n), previous)}
+        states[0][0] = ((0, 0, 0), None)
+        end = None
+        for b in range(len(blocks)):
+            tc, gb, sb, n = block_key(b)
+            for shared, (value, _) in list(states[b].items()):
+                reached = (value[0] + tc, value[1] + gb, value[2] + sign * n)
+                after = min(cap, shared + sb)
+                if first + blocks[b][1] - 1 == last:
+                    option = ((reached[0], reached[1], after, reached[2]), (b, shared))
+                    end = option if end is None or option[0] > end[0] else end
+                    continue
+                for c in successors(b):
+                    held = states[c].get(after)
+                    if held is None or reached > held[0]:
+                        states[c][after] = (reached, (b, shared))
+        if end is None:
+            return PathCount(0.0, Counter(), 0), 0
+        path, at = [], end[1]
+        while at is not None:
+            path.append(at[0])
+            at = states[at[0]][at[1]][1]
+        code = [ins for b in reversed(path) for ins in body[blocks[b][0]:blocks[b][1]]]
+        classes = Counter(instruction_class(ins) for ins in code)
+        k_tiles = end[0][0] / tile_macs * (warps // 4)
+        return PathCount(k_tiles, classes, len(code), code), end[0][0]
+
+    # The cap counts the k-tiles of an iteration: its MMA work, found without the cap first.
+    _, macs = best_path(-1, 0)
+    cap = shared_per_tile * macs * (warps // 4) // tile_macs
+    (cheapest, _), (dearest, _) = best_path(-1, cap), best_path(+1, cap)
     return Mainloop(function.name, dtype, len(body), cheapest.k_tiles, cheapest, dearest, budget)
 
 
@@ -303,6 +324,8 @@ def table(loops: list[Mainloop]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("binaries", nargs="+", help="the built extension (_C*.so) or sm_90a cubins")
+    parser.add_argument("--path", metavar="KERNEL", help="also print the instructions of the cheapest path of the "
+                        "kernels whose short name (first column) contains KERNEL")
     args = parser.parse_args(argv)
     tools = find_tool("cuobjdump"), find_tool("nvdisasm")
     if None in tools:
@@ -316,6 +339,11 @@ def main(argv=None) -> int:
         print("no sm_90a fused GEMM mainloop found", file=sys.stderr)
         return 1
     print(table(loops))
+    for loop in loops:
+        if args.path and args.path in short_name(loop.kernel):
+            print(f"\n{short_name(loop.kernel)}: {loop.cheapest.total} instructions")
+            for ins in loop.cheapest.code:
+                print(f"  {ins.address:6x}  {instruction_class(ins):12}  {ins.opcode} {ins.operands.strip()}")
     return 0
 
 

@@ -180,6 +180,7 @@ struct IdentityTransform {
   static constexpr bool kReadsStored = false;
   static constexpr bool kDraws = false;
   static constexpr bool kMasksOutside = false;
+  static constexpr bool kSignOfWeight = false;
   FASTFA_HOST_DEVICE void prepare() {}
   FASTFA_HOST_DEVICE const void* stored() const { return nullptr; }
 };
@@ -195,6 +196,8 @@ struct RuleTransform {
   // The sign rules map the loaders' zero fill outside W to zero; a drawn R is not zero
   // there, so drawn fa masks the outside itself.
   static constexpr bool kMasksOutside = kRule == Rule::kFeedbackAlignment;
+  // B = scale * sign(W): the loaders apply it to packed 16-bit words as bit operations.
+  static constexpr bool kSignOfWeight = kRule == Rule::kUniformSignSymmetry;
   FeedbackArgs args;
   uint64_t seed = 0, step = 0;
 
@@ -252,7 +255,27 @@ struct MatrixIndex {
       out[i] = along_k ? offset(row, k + i) : offset(row + i, k);
     }
   }
+  // Whether every vector of `length` elements of a tile of `tile_rows` x `tile_k` lies at a fixed
+  // distance from the tile's first element, each one aligned load (run()'s conditions without
+  // the bounds), with distances that fit 32 bits: then the loaders' interior tiles only add
+  // the tile's base, with no per-vector index arithmetic.
+  FASTFA_HOST_DEVICE bool fixed_tiles(int length, int tile_rows, int tile_k) const {
+    const bool along_k = k_contiguous();
+    const bool unit = (along_k ? k_stride : row_stride) == 1;
+    const int64_t leading = along_k ? row_stride : k_stride;
+    return unit && leading % length == 0 && row_stride >= 0 && k_stride >= 0 &&
+           tile_rows * row_stride + tile_k * k_stride < (int64_t(1) << 31);
+  }
+  FASTFA_HOST_DEVICE bool inside(int64_t row0, int64_t k0, int tile_rows, int tile_k) const {
+    return row0 + tile_rows <= rows && k0 + tile_k <= k_extent;
+  }
 };
+
+// Indices with fixed_tiles() / inside(): the loaders' interior fast path.
+template <class Index>
+struct HasFixedTiles : std::false_type {};
+template <>
+struct HasFixedTiles<MatrixIndex> : std::true_type {};
 
 // A GEMM C = A B^T over the operands' indices; grid.z splits K into slices of
 // k_tiles_per_split tiles (0: one slice), each written by the epilogue as its own partial.
@@ -424,9 +447,98 @@ FASTFA_HOST_DEVICE void split_tiles(int64_t k_tiles, int64_t per_split, int64_t 
   end = first + per_split < k_tiles ? first + per_split : k_tiles;
 }
 
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// A store to shared memory through a 32-bit shared address (STS): through a generic pointer it
+// would be a 64-bit generic store (ST.E) with 64-bit address arithmetic. On the host (the
+// data-path check) a plain copy.
+template <class T>
+FASTFA_HOST_DEVICE void store_shared(unsigned char* tile, uint32_t offset, const T& value) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t address = shared_address(tile) + offset;
+  if constexpr (sizeof(T) == 16) {
+    const uint4& v = reinterpret_cast<const uint4&>(value);
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+  } else if constexpr (sizeof(T) == 4) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(static_cast<uint32_t>(value)) : "memory");
+  } else {
+    static_assert(sizeof(T) == 2, "16-, 32- or 128-bit stores");
+    asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(address), "h"(static_cast<uint16_t>(value)) : "memory");
+  }
+#else
+  std::memcpy(tile + offset, &value, sizeof(T));
+#endif
+}
+
+// 16 bytes from global to shared memory without registers (cp.async, completed by
+// wait_async_copies); on the host a plain copy.
+FASTFA_HOST_DEVICE void copy_to_shared_async(unsigned char* tile, uint32_t offset, const void* global) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(tile) + offset), "l"(global)
+               : "memory");
+#else
+  std::memcpy(tile + offset, global, 16);
+#endif
+}
+
+__device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Each 16-bit half of x made all ones where its top bit is set, else zero: prmt's sign
+// replication of bytes 1 and 3, one instruction.
+FASTFA_HOST_DEVICE uint32_t half_masks(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t mask;
+  asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(mask) : "r"(x));
+  return mask;
+#else
+  return ((x & 0x8000u) ? 0x0000FFFFu : 0u) | ((x & 0x80000000u) ? 0xFFFF0000u : 0u);
+#endif
+}
+
+// usf's B = scale * sign(W) on two 16-bit operands at once, bit for bit what the float path
+// (feedback_transform, then the rounding to the operand type) gives each element: one of
+// four results, by W's sign, zero and NaN, each the rounding of feedback_transform on a
+// representative W. Nine integer instructions per two elements, where the float path spends
+// about fifteen (tests/cuda/implicit_gemm_check.cu compares the two on every 16-bit W).
+template <class Element>
+struct PackedSignOfWeight {
+  static_assert(sizeof(typename Traits<Element>::Bits) == 2, "16-bit operands");
+  // Added to a magnitude, carries into bit 15 exactly when it is above infinity's: a NaN.
+  static constexpr uint32_t kNanCarry = std::is_same<Element, Bf16>::value ? 0x007F007Fu : 0x03FF03FFu;
+  uint32_t positive, negative, zero, nan;
+
+  FASTFA_HOST_DEVICE static uint32_t both_halves(float w, float scale) {
+    const uint32_t b =
+        Traits<Element>::operand(feedback_transform<float>(Rule::kUniformSignSymmetry, w, 0.0f, 0.0f, scale));
+    return b | (b << 16);
+  }
+  FASTFA_HOST_DEVICE explicit PackedSignOfWeight(float scale)
+      : positive(both_halves(1.0f, scale)), negative(both_halves(-1.0f, scale)), zero(both_halves(0.0f, scale)),
+        nan(both_halves(float_from_bits(0x7FC00000u), scale)) {}
+
+  FASTFA_HOST_DEVICE uint32_t operator()(uint32_t w) const {
+    const uint32_t magnitude = w & 0x7FFF7FFFu;
+    const uint32_t negative_halves = half_masks(w);
+    const uint32_t nonzero_halves = half_masks(magnitude + 0x7FFF7FFFu);
+    const uint32_t nan_halves = half_masks(magnitude + kNanCarry);
+    uint32_t b = (negative & negative_halves) | (positive & ~negative_halves);
+    b = (b & nonzero_halves) | (zero & ~nonzero_halves);
+    return (nan & nan_halves) | (b & ~nan_halves);
+  }
+};
+
 // ---- Loading a tile: global -> registers -> (transform) -> swizzled shared memory --------
 //
 // Thread `thread` of the CTA's 256 loads four 16-byte vectors of the 128 x 128-byte tile.
+// An interior tile of a strided matrix (HasFixedTiles) takes a fast path: each vector lies at a
+// distance from the tile's first element fixed at construction, so a tile costs one 64-bit
+// base and a load per vector; a tile copied as it is (bf16 / fp16 without row sums, K-major)
+// goes to shared memory by cp.async, never through registers. Everything else (edges, the
+// convolutions' views, misaligned data) gathers through the index.
 
 template <class Element, class Transform, class Index, bool kRowSums>
 struct TileLoader {
@@ -438,11 +550,22 @@ struct TileLoader {
     Bits element[kVector];
   };
 
+  static constexpr bool kFixedTiles = HasFixedTiles<Index>::value;
+  static constexpr bool kCopies = Transform::kIdentity && !kRowSums && sizeof(Bits) == 2;
+  static constexpr bool kPackedSign = Transform::kSignOfWeight && sizeof(Bits) == 2;
+  // A thread's vectors lie 32 tile rows apart in either direction (a whole number of swizzle
+  // periods of 8 rows), so their shared offsets differ by a constant.
+  static constexpr uint32_t kVectorStride = 32 * kRowBytes;
+  static_assert(kThreads / (kRowBytes / 16) == 32 && kThreads / kTileK * kVector == 32, "vector rows");
+
   const Bits* data;
   const Bits* stored;
   Index index;
   int thread;
   bool k_contiguous, aligned;
+  bool fixed = false;   // the interior fast path applies (kFixedTiles)
+  bool copied = false;  // the last fetch went to shared memory by cp.async (kCopies)
+  int32_t distance[kFixedTiles ? kVectorsPerThread : 1];
   uint4 raw[kVectorsPerThread];
   uint4 raw_stored[Transform::kReadsStored ? kVectorsPerThread : 1];
   // Bit i of present[v]: element i of vector v is inside the operand (for transforms that
@@ -457,6 +580,15 @@ struct TileLoader {
     // 16-byte vector loads need 16-byte aligned bases (run() keeps offsets in whole vectors).
     aligned = (reinterpret_cast<uintptr_t>(data) % 16) == 0 &&
               (!Transform::kReadsStored || (reinterpret_cast<uintptr_t>(stored) % 16) == 0);
+    if constexpr (kFixedTiles) {
+      fixed = aligned && index.fixed_tiles(kVector, kTileRows, kTileK);
+#pragma unroll
+      for (int v = 0; v < kVectorsPerThread; ++v) {
+        int row, k;
+        coordinates(v, row, k);
+        distance[v] = static_cast<int32_t>(index.key(row, k));
+      }
+    }
     if constexpr (kRowSums) {
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
@@ -483,12 +615,49 @@ struct TileLoader {
     }
   }
 
+  // Byte offset in the tile of element i of vector v (the vector itself where it runs along k).
+  FASTFA_HOST_DEVICE uint32_t shared_offset(int v, int i) const {
+    int row, k;
+    coordinates(0, row, k);
+    return swizzled(row + (k_contiguous ? 0 : i), k * sizeof(Bits)) + v * kVectorStride;
+  }
+
   // (row, k) of element i of the vector that starts at (row, k).
   FASTFA_HOST_DEVICE int64_t element_row(int64_t row, int i) const { return k_contiguous ? row : row + i; }
   FASTFA_HOST_DEVICE int64_t element_k(int64_t k, int i) const { return k_contiguous ? k + i : k; }
 
-  // Issues the global loads of the tile at (row0, k0); elements outside read as zero.
-  FASTFA_HOST_DEVICE void fetch(int64_t row0, int64_t k0) {
+  // Issues the global loads of the tile at (row0, k0); elements outside read as zero. A tile
+  // that needs no registers is copied into `tile` (shared memory) here, and commit() skips it.
+  FASTFA_HOST_DEVICE void fetch(unsigned char* tile, int64_t row0, int64_t k0) {
+    if constexpr (kFixedTiles) {
+      if (fixed && index.inside(row0, k0, kTileRows, kTileK)) {
+        const int64_t base = index.key(row0, k0);
+        if constexpr (kCopies) {
+          copied = k_contiguous;
+          if (copied) {
+#pragma unroll
+            for (int v = 0; v < kVectorsPerThread; ++v) {
+              copy_to_shared_async(tile, shared_offset(v, 0), data + base + distance[v]);
+            }
+            return;
+          }
+        }
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          raw[v] = Transform::kReadsWeight ? load_vector(data + base + distance[v]) : make_uint4(0, 0, 0, 0);
+          if constexpr (Transform::kReadsStored) {
+            raw_stored[v] = load_vector(stored + base + distance[v]);
+          }
+          if constexpr (Transform::kMasksOutside) {
+            present[v] = (1u << kVector) - 1u;
+          }
+        }
+        return;
+      }
+    }
+    if constexpr (kCopies) {
+      copied = false;
+    }
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
@@ -536,6 +705,11 @@ struct TileLoader {
 
   // Transforms the fetched tile and stores it, K-major and swizzled, at `tile`.
   FASTFA_HOST_DEVICE void commit(unsigned char* tile, const Transform& transform, int64_t row0, int64_t k0) {
+    if constexpr (kCopies) {
+      if (copied) {
+        return;
+      }
+    }
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
@@ -548,6 +722,11 @@ struct TileLoader {
         for (int i = 0; i < kVector; ++i) {
           out.element[i] = Traits<Element>::operand_bits(in.element[i]);
         }
+      } else if constexpr (kPackedSign) {
+        // The zero fill outside W maps to scale * sign(0), as in the float path.
+        const PackedSignOfWeight<Element> sign_of_weight(transform.args.scale);
+        out.vector = make_uint4(sign_of_weight(in.vector.x), sign_of_weight(in.vector.y),
+                                sign_of_weight(in.vector.z), sign_of_weight(in.vector.w));
       } else {
         const int64_t grow = row0 + row, gk = k0 + k;
         float xi[kVector];
@@ -614,11 +793,11 @@ struct TileLoader {
         }
       }
       if (k_contiguous) {
-        *reinterpret_cast<uint4*>(tile + swizzled(row, k * sizeof(Bits))) = out.vector;
+        store_shared(tile, shared_offset(v, 0), out.vector);
       } else {
 #pragma unroll
         for (int i = 0; i < kVector; ++i) {
-          *reinterpret_cast<Bits*>(tile + swizzled(row + i, k * sizeof(Bits))) = out.element[i];
+          store_shared(tile, shared_offset(v, i), out.element[i]);
         }
       }
     }
@@ -643,10 +822,6 @@ struct TileLoader {
     }
   }
 };
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
 
 // ---- The MMAs of one shared-memory stage ----------------------------------------------
 
@@ -816,8 +991,8 @@ template <class Arch, class Element, class Gemm, class Transform, class Epilogue
 __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transform, const Epilogue& epilogue) {
   extern __shared__ unsigned char shared_raw[];
   // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned.
-  unsigned char* shared = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  // (Offsetting the pointer, not rounding it as an integer, keeps it a shared-memory pointer.)
+  unsigned char* shared = shared_raw + ((1024u - (shared_address(shared_raw) & 1023u)) & 1023u);
   float* row_sums = reinterpret_cast<float*>(shared + kStages * kStageBytes);
 
   // Row sums only where A is loaded as it is next to an identity B (grad_weight), so the
@@ -845,10 +1020,11 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   int64_t first, end;
   split_tiles((problem.k + kTileK - 1) / kTileK, problem.k_tiles_per_split, split, first, end);
   if (first < end) {
-    a_loader.fetch(m0, first * kTileK);
-    b_loader.fetch(n0, first * kTileK);
+    a_loader.fetch(shared, m0, first * kTileK);
+    b_loader.fetch(shared + kTileBytes, n0, first * kTileK);
     a_loader.commit(shared, identity, m0, first * kTileK);
     b_loader.commit(shared + kTileBytes, transform, n0, first * kTileK);
+    wait_async_copies();
     if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
     __syncthreads();
     for (int64_t tile = first; tile < end; ++tile) {
@@ -857,15 +1033,17 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
       const bool has_next = tile + 1 < end;
       const int64_t k_next = (tile + 1) * kTileK;
       if (has_next) {
-        a_loader.fetch(m0, k_next);
-        b_loader.fetch(n0, k_next);
+        // The other stage was last read by the MMAs of tile - 1, completed before the barrier,
+        // so cp.async may fill it now.
+        a_loader.fetch(next, m0, k_next);
+        b_loader.fetch(next + kTileBytes, n0, k_next);
       }
       math.multiply(stage, stage + kTileBytes);
       if (has_next) {
-        // The other stage was last read by the MMAs of tile - 1, completed before the barrier.
         a_loader.commit(next, identity, m0, k_next);
         b_loader.commit(next + kTileBytes, transform, n0, k_next);
       }
+      wait_async_copies();
       if constexpr (Arch::kGmma) {
         math.wait();
         fence_shared_for_async_proxy();

@@ -61,8 +61,8 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
           const int64_t k0 = tile * kTileK;
           std::memset(tiles, 0xFF, sizeof(tiles));  // NaN in every dtype: a byte no thread wrote shows
           for (int thread = 0; thread < kThreads; ++thread) {
-            a[thread].fetch(m0, k0);
-            b[thread].fetch(n0, k0);
+            a[thread].fetch(tiles, m0, k0);
+            b[thread].fetch(tiles + kTileBytes, n0, k0);
             a[thread].commit(tiles, identity, m0, k0);
             b[thread].commit(tiles + kTileBytes, transform, n0, k0);
           }
@@ -416,7 +416,10 @@ template <class Element>
 int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
   using Bits = typename Traits<Element>::Bits;
   const auto f = [](Bits b) { return static_cast<double>(Traits<Element>::to_float(b)); };
-  const std::string name = std::string(std::is_same<Element, Bf16>::value ? "bf16" : "tf32") + " linear " +
+  const std::string name = std::string(std::is_same<Element, Bf16>::value   ? "bf16"
+                                       : std::is_same<Element, Fp16>::value ? "fp16"
+                                                                            : "tf32") +
+                           " linear " +
                            std::to_string(rows) + "x" + std::to_string(in_features) + " -> " +
                            std::to_string(out_features);
   int failures = 0;
@@ -462,7 +465,8 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
   FeedbackArgs feedback;
   feedback.rng = rng;
   feedback.scale = 0.25f;
-  for (Rule rule : {Rule::kBatchRandomSignFeedback, Rule::kFeedbackAlignment, Rule::kFixedRandomSignFeedback}) {
+  for (Rule rule : {Rule::kBatchRandomSignFeedback, Rule::kFeedbackAlignment, Rule::kFixedRandomSignFeedback,
+                    Rule::kUniformSignSymmetry}) {
     feedback.stored = rule == Rule::kFixedRandomSignFeedback ? stored.data() : nullptr;
     Problem problem;
     problem.m = rows;
@@ -479,6 +483,8 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
       emulate<Element>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
     } else if (rule == Rule::kFeedbackAlignment) {
       emulate<Element>(gemm, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
+    } else if (rule == Rule::kUniformSignSymmetry) {
+      emulate<Element>(gemm, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, store);
     } else {
       emulate<Element>(gemm, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
     }
@@ -500,6 +506,7 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
       }
     failures += report(name + (rule == Rule::kBatchRandomSignFeedback ? " brsf"
                                : rule == Rule::kFeedbackAlignment    ? " fa"
+                               : rule == Rule::kUniformSignSymmetry  ? " usf"
                                                                      : " frsf"),
                        compare);
   }
@@ -571,6 +578,38 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
 
 } // namespace
 
+// usf's packed bit operations against the float path, on every 16-bit W in both halves of a
+// word (the other half a random W), for scales that round up, down, to subnormal and to
+// infinity: the bits must be identical.
+template <class Element>
+int check_packed_sign() {
+  using Bits = typename Traits<Element>::Bits;
+  int64_t failed = 0, checked = 0;
+  std::uniform_int_distribution<uint32_t> any_bits(0, 0xFFFF);
+  for (float scale : {0.25f, 0.0123456789f, 1.0f / 3.0f, 3.0e-39f, 1.0e-41f, 7.0e4f, 3.4e38f}) {
+    const PackedSignOfWeight<Element> packed(scale);
+    for (uint32_t w = 0; w <= 0xFFFF; ++w) {
+      const uint32_t other = any_bits(generator);
+      for (const uint32_t word : {w | (other << 16), other | (w << 16)}) {
+        const uint32_t got = packed(word);
+        for (int half = 0; half < 2; ++half) {
+          const Bits in = static_cast<Bits>(word >> (16 * half)), out = static_cast<Bits>(got >> (16 * half));
+          const Bits want = Traits<Element>::operand(feedback_transform<float>(
+              Rule::kUniformSignSymmetry, Traits<Element>::to_float(in), 0.0f, 0.0f, scale));
+          ++checked;
+          if (out != want && failed++ < 3) {
+            std::printf("    scale %g, W bits 0x%04x: got 0x%04x, want 0x%04x\n", scale, in, out, want);
+          }
+        }
+      }
+    }
+  }
+  std::printf("%-58s %-14s %7lld values, %lld wrong%s\n",
+              std::is_same<Element, Bf16>::value ? "bf16 usf packed" : "fp16 usf packed", "bits",
+              static_cast<long long>(checked), static_cast<long long>(failed), failed ? "  FAILED" : "");
+  return failed != 0;
+}
+
 // Divisor's multiply-and-shift against the division, for divisors and dividends up to 2^31 - 1.
 int check_divisor() {
   std::uniform_int_distribution<int64_t> any(0, (int64_t(1) << 31) - 1), small(1, 1 << 12);
@@ -622,7 +661,11 @@ int main() {
       failures += check_conv<Tf32>(geometries[g], layout);
     }
   }
+  failures += check_packed_sign<Bf16>() + check_packed_sign<Fp16>();
   failures += check_linear<Bf16>(37, 70, 130);
+  // Interior tiles (the loaders' fixed-distance and cp.async paths) next to ragged edges.
+  failures += check_linear<Bf16>(150, 260, 140);
+  failures += check_linear<Fp16>(130, 136, 72);
   failures += check_linear<Bf16>(200, 64, 16);
   failures += check_linear<Tf32>(19, 33, 45);
   std::printf("%s\n", failures ? "MISMATCH" : "every pass matches its definition");
