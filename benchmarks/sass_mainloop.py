@@ -1,19 +1,22 @@
 """The static mainloop model: instructions per thread per k-tile of every fused GEMM kernel, read
 from its sm_90a SASS, against the tensor cores' budget for its tile and warps.
 
-    python benchmarks/sass_mainloop.py path/to/_C*.so|kernel.cubin ... [--markdown] [--all]
+    python benchmarks/sass_mainloop.py path/to/_C*.so|kernel.cubin ... [--path KERNEL]
 
 For each fused_gemm_kernel body (the wgmma policy, Sm90Gmma) it finds the mainloop: the
 innermost loop (a backward branch and the code between its target and it) holding the
 kernel's HGMMAs. Inside it, the loop body without its back edge is a directed acyclic graph of
 basic blocks; the steady-state path of an interior k-tile is the path from the loop's head to
 its back edge that, in this order, issues the most tensor-core MMAs, loads the most global
-bytes in vectors of at least 8 bytes, stores the most bytes to shared memory, and issues the
-fewest instructions, counting at most one A and one B tile per k-tile as stored (the cheapest interior path: every operand loaded as vectors, no gathers
-of single elements at an edge, the next tile fetched and stored). Where the operands' layouts
-are runtime branches the cheapest layout wins ("min"); "max" is the same search with the most
-instructions, so the spread shows what a runtime layout branch can cost. Counts are divided by
-the k-tiles the path covers (its MMA work over one tile's) and split by class.
+bytes in vectors of at least 8 bytes (up to the operand tiles the kernel reads per k-tile),
+stores the most bytes to shared memory (up to one A and one B tile per k-tile), and issues the
+fewest instructions: every operand loaded as vectors, no gathers of single elements at an
+edge, the next tile fetched and stored. The caps keep the search, which does not know that
+two branches test one runtime value, from adding up loads or stores of exclusive paths.
+Where the operands' layouts are runtime branches the cheapest layout wins ("min"); "max" is
+the same search with the most instructions, so the spread shows what a runtime layout
+branch can cost. Counts are divided by the k-tiles the path covers (its MMA work over one
+tile's) and split by class.
 
 The budget (benchmarks/README.md, "Static mainloop model"): a 128x128x64 bf16 k-tile is
 128*128*64 MACs; an H100 / H200 SM's tensor cores do 2048 dense bf16 / fp16 MACs per cycle
@@ -229,27 +232,33 @@ def mainloop(function: Function, tile: tuple[int, int, int], warps: int) -> Main
     # shared bytes a path may count, so that the search cannot add a tile copied by cp.async in
     # the fetch to the same tile stored from registers in the commit (branches on one runtime
     # flag, which a search over the graph alone takes for independent).
-    shared_per_tile = 2 * tile_m * tile_k_bytes // (32 * warps)
+    # Likewise the global bytes: each operand tile the kernel reads once per k-tile (A, and B
+    # or the stored R as its rule reads them), so that loads of two exclusive branches (an
+    # interior and an edge fetch) do not add up either.
+    tile_share = tile_m * tile_k_bytes // (32 * warps)
+    shared_per_tile, global_per_tile = 2 * tile_share, operand_tiles(function.name) * tile_share
 
-    def best_path(sign, cap):
-        # Longest path over the DAG in address order, the state being the capped shared bytes so
-        # far; lexicographic on (MMA work, vector global bytes, shared bytes, sign * instructions).
-        states = [dict() for _ in blocks]  # block -> {shared bytes: ((tc, gb, sign n), previous)}
-        states[0][0] = ((0, 0, 0), None)
+    def best_path(sign, k_tiles):
+        # Longest path over the DAG in address order, the state being the capped global and
+        # shared bytes so far; lexicographic on (MMA work, global bytes, shared bytes,
+        # sign * instructions).
+        global_cap, shared_cap = global_per_tile * k_tiles, shared_per_tile * k_tiles
+        states = [dict() for _ in blocks]  # block -> {(global, shared bytes): ((tc, sign n), previous)}
+        states[0][(0, 0)] = ((0, 0), None)
         end = None
         for b in range(len(blocks)):
             tc, gb, sb, n = block_key(b)
-            for shared, (value, _) in list(states[b].items()):
-                reached = (value[0] + tc, value[1] + gb, value[2] + sign * n)
-                after = min(cap, shared + sb)
+            for held_bytes, (value, _) in list(states[b].items()):
+                reached = (value[0] + tc, value[1] + sign * n)
+                after = (min(global_cap, held_bytes[0] + gb), min(shared_cap, held_bytes[1] + sb))
                 if first + blocks[b][1] - 1 == last:
-                    option = ((reached[0], reached[1], after, reached[2]), (b, shared))
+                    option = ((reached[0], after[0], after[1], reached[1]), (b, held_bytes))
                     end = option if end is None or option[0] > end[0] else end
                     continue
                 for c in successors(b):
                     held = states[c].get(after)
                     if held is None or reached > held[0]:
-                        states[c][after] = (reached, (b, shared))
+                        states[c][after] = (reached, (b, held_bytes))
         if end is None:
             return PathCount(0.0, Counter(), 0), 0
         path, at = [], end[1]
@@ -261,11 +270,20 @@ def mainloop(function: Function, tile: tuple[int, int, int], warps: int) -> Main
         k_tiles = end[0][0] / tile_macs * (warps // 4)
         return PathCount(k_tiles, classes, len(code), code), end[0][0]
 
-    # The cap counts the k-tiles of an iteration: its MMA work, found without the cap first.
+    # The caps count the k-tiles of an iteration: its MMA work, found without them first.
     _, macs = best_path(-1, 0)
-    cap = shared_per_tile * macs * (warps // 4) // tile_macs
-    (cheapest, _), (dearest, _) = best_path(-1, cap), best_path(+1, cap)
+    k_tiles = macs * (warps // 4) // tile_macs
+    (cheapest, _), (dearest, _) = best_path(-1, k_tiles), best_path(+1, k_tiles)
     return Mainloop(function.name, dtype, len(body), cheapest.k_tiles, cheapest, dearest, budget)
+
+
+def operand_tiles(name: str) -> int:
+    """Operand tiles a kernel reads from global memory per k-tile: A, and B unless drawn (fa
+    regenerates R), and the stored R for frsf (the RuleTransform numbers of feedback.h)."""
+    rule = re.search(r"RuleTransformILNS_4RuleE(\d+)E", name)
+    if rule is None:
+        return 2
+    return {"1": 1, "4": 3}.get(rule.group(1), 2)
 
 
 def tile_geometry(root: str) -> tuple[tuple[int, int, int], int]:
@@ -286,15 +304,17 @@ _RULES = {"1": "fa drawn", "2": "usf", "3": "brsf", "4": "frsf"}
 def short_name(name: str) -> str:
     dtype = re.search(r"NS0_(?:\d+)?(Bf16|Fp16|Tf32)E", name)
     parts = [dtype.group(1).lower() if dtype else "?"]
-    parts.append("conv" if "Conv" in name or "Image" in name else "linear")
+    # The convolutions' implicit-GEMM views (implicit_gemm.cuh) name themselves in the type.
+    views = ("Conv", "Image", "Im2col", "OutputGradRows", "FilterRows")
+    parts.append("conv" if any(view in name for view in views) else "linear")
     if rule := re.search(r"RuleTransformILNS_4RuleE(\d+)E", name):
         parts.append(f"grad_input {_RULES.get(rule.group(1), rule.group(1))}")
     elif "BiasActivationEpilogue" in name:
         parts.append("forward")
     elif "SplitEpilogue" in name:
-        parts.append("identity split-K (grad_weight)")
+        parts.append("grad_weight (split-K)")
     else:
-        parts.append("identity (grad_input bp / stored B, grad_weight)")
+        parts.append("identity (grad_input of bp / stored B; grad_weight)")
     return " ".join(parts)
 
 
