@@ -67,7 +67,10 @@ def expected_policy(arch: str) -> tuple[str, str]:
 # (grad_input of bp / stored fa / the estimated rules, grad_weight, split or not) 182-222;
 # grad_input through a drawn transform (fa drawn, brsf) 188-213; through a sign transform of
 # W (usf, frsf) 200-248, which leaves no margin below the limit itself.
-REGISTER_CEILINGS = {"forward": 192, "unchanged B": 240, "drawn B": 232, "sign of W": 254}
+# Issue 18's loaders (cp.async, fixed-distance interior tiles, both wgmma variants for B's
+# layout; sm_90a cubins of each gemm_*.cu, nvcc 13.0) measured: forward 157-197, unchanged B
+# 168-228, drawn B 178-244, sign of W 159-226 (benchmarks/results/2026-12-01-sass-mainloop-after.md).
+REGISTER_CEILINGS = {"forward": 208, "unchanged B": 240, "drawn B": 248, "sign of W": 254}
 HARDWARE_REGISTERS = 255
 _RULE_TRANSFORM = re.compile(r"RuleTransformILN\w*?RuleE(\d+)E")
 DRAWN_RULES = {1, 3}  # fa drawn from (seed, step), brsf (csrc/include/fastfa/feedback.h)

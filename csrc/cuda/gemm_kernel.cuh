@@ -81,6 +81,14 @@ __host__ __device__ __forceinline__ uint32_t swizzled(uint32_t row, uint32_t byt
   return offset ^ ((offset >> 3) & 0x70u);
 }
 
+// Byte offset of (row, k) in an MN-major tile of 16-bit elements with the 128-byte swizzle
+// (CuTe's GMMA::Layout_MN_SW128_Atom tiled rows first): atoms of 64 rows x 8 k, each k one
+// swizzled 128-byte line of 64 rows; the two atoms along rows 1024 bytes apart, each group of
+// 8 k 2048 bytes further. A vector of 8 rows at one k is 16 contiguous bytes.
+__host__ __device__ __forceinline__ uint32_t swizzled_mn(uint32_t row, uint32_t k) {
+  return (k / 8) * 2048 + (row / 64) * 1024 + swizzled(k % 8, (row % 64) * 2);
+}
+
 // Bit casts, vector loads and shared-memory adds that also compile for the host.
 FASTFA_HOST_DEVICE float float_from_bits(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
@@ -127,6 +135,9 @@ struct Traits<Bf16> {
   using Sm80Op = cute::SM80_16x8x16_F32BF16BF16F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K,
                                                                  cute::SM90::GMMA::Major::K>;
+  // B MN-major in shared memory (wgmma's transpose bit; 16-bit types only).
+  using Sm90OpMnB = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K,
+                                                                    cute::SM90::GMMA::Major::MN>;
   FASTFA_HOST_DEVICE static float to_float(Bits b) { return float_from_bits(uint32_t(b) << 16); }
   FASTFA_HOST_DEVICE static Bits operand(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
   FASTFA_HOST_DEVICE static Bits output(float x) { return operand(x); }
@@ -139,6 +150,8 @@ struct Traits<Fp16> {
   using Sm80Op = cute::SM80_16x8x16_F32F16F16F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K,
                                                                cute::SM90::GMMA::Major::K>;
+  using Sm90OpMnB = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K,
+                                                                  cute::SM90::GMMA::Major::MN>;
   FASTFA_HOST_DEVICE static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
   FASTFA_HOST_DEVICE static Bits operand(float x) { return __half_as_ushort(__float2half(x)); }
   FASTFA_HOST_DEVICE static Bits output(float x) { return operand(x); }
@@ -150,6 +163,7 @@ struct Traits<Tf32> {
   using Bits = uint32_t;
   using Sm80Op = cute::SM80_16x8x8_F32TF32TF32F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x8_F32TF32TF32_SS_TN<>;
+  using Sm90OpMnB = void;  // tf32 wgmma reads K-major operands only
   FASTFA_HOST_DEVICE static float to_float(Bits b) { return float_from_bits(b); }
   // Round to nearest (ties away), as cuBLAS's tf32 path does, rather than letting the
   // tensor core truncate the low mantissa bits.
@@ -534,13 +548,17 @@ struct PackedSignOfWeight {
 // ---- Loading a tile: global -> registers -> (transform) -> swizzled shared memory --------
 //
 // Thread `thread` of the CTA's 256 loads four 16-byte vectors of the 128 x 128-byte tile.
-// An interior tile of a strided matrix (HasFixedTiles) takes a fast path: each vector lies at a
-// distance from the tile's first element fixed at construction, so a tile costs one 64-bit
-// base and a load per vector; a tile copied as it is (bf16 / fp16 without row sums, K-major)
-// goes to shared memory by cp.async, never through registers. Everything else (edges, the
-// convolutions' views, misaligned data) gathers through the index.
+// Interior tiles of a strided matrix (HasFixedTiles: all rows and K inside) take a fast path,
+// fetch_interior(): each vector lies at a distance from the tile's first element fixed at
+// construction, and the tile's pointer only advances along K, so a tile costs a load per
+// vector and one pointer increment; a tile copied as it is (bf16 / fp16 without row sums,
+// K-major: only then is it interior) goes to shared memory by cp.async, never through registers. Everything else
+// (edge tiles, the convolutions' views, misaligned data) goes through fetch() and the index.
 
-template <class Element, class Transform, class Index, bool kRowSums>
+// kMnShared: an operand whose vectors run along rows (MN-major) stays MN-major in shared
+// memory (swizzled_mn, for wgmma's transpose bit), one 16-byte store per vector; without it
+// (mma.sync, tf32) its elements are stored one by one into the K-major tile.
+template <class Element, class Transform, class Index, bool kRowSums, bool kMnShared = false>
 struct TileLoader {
   using Bits = typename Traits<Element>::Bits;
   static constexpr int kVector = 16 / int(sizeof(Bits));     // elements per 16-byte vector
@@ -557,15 +575,22 @@ struct TileLoader {
   // periods of 8 rows), so their shared offsets differ by a constant.
   static constexpr uint32_t kVectorStride = 32 * kRowBytes;
   static_assert(kThreads / (kRowBytes / 16) == 32 && kThreads / kTileK * kVector == 32, "vector rows");
+  static_assert(!kMnShared || (sizeof(Bits) == 2 && kThreads / (kTileRows / kVector) == 16 &&
+                               (16 / 8) * 2048 == kVectorStride),
+                "MN-major vectors: 16 k apart, one vector stride");
 
   const Bits* data;
   const Bits* stored;
   Index index;
   int thread;
   bool k_contiguous, aligned;
+  uint32_t store_at = 0;  // shared_offset(0, 0), kept: recomputing the swizzle costs ~5 per vector
   bool fixed = false;   // the interior fast path applies (kFixedTiles)
   bool copied = false;  // the last fetch went to shared memory by cp.async (kCopies)
   int32_t distance[kFixedTiles ? kVectorsPerThread : 1];
+  const Bits* tile_data = nullptr;  // the next interior tile's first element, and of stored
+  const Bits* tile_stored = nullptr;
+  int64_t k_step = 0;  // elements from one tile to the next along K
   uint4 raw[kVectorsPerThread];
   uint4 raw_stored[Transform::kReadsStored ? kVectorsPerThread : 1];
   // Bit i of present[v]: element i of vector v is inside the operand (for transforms that
@@ -577,6 +602,9 @@ struct TileLoader {
       : data(static_cast<const Bits*>(data_)), stored(static_cast<const Bits*>(stored_data)), index(index_),
         thread(thread_) {
     k_contiguous = index.k_contiguous();
+    int row0, k0;
+    coordinates(0, row0, k0);
+    store_at = mn_shared() ? swizzled_mn(row0, k0) : swizzled(row0, k0 * sizeof(Bits));
     // 16-byte vector loads need 16-byte aligned bases (run() keeps offsets in whole vectors).
     aligned = (reinterpret_cast<uintptr_t>(data) % 16) == 0 &&
               (!Transform::kReadsStored || (reinterpret_cast<uintptr_t>(stored) % 16) == 0);
@@ -604,9 +632,18 @@ struct TileLoader {
   // eight 16-byte chunks (coalesced 128-byte rows, conflict-free swizzled stores). Along
   // rows: a warp covers 32 consecutive k of one row vector, so its element-wise stores into
   // the K-major tile fall in distinct banks.
+  // Whether the tile is stored MN-major (kMnShared and vectors along rows): a compile-time
+  // false where kMnShared is, so the element-by-element stores fold away where they cannot run.
+  FASTFA_HOST_DEVICE bool mn_shared() const { return kMnShared && !k_contiguous; }
+
+  // Stored MN-major, a warp covers 16 vectors of one k (256 bytes of a contiguous row of the
+  // operand: coalesced) and two k: each 8 lanes of a 16-byte store phase hit one swizzled line.
   FASTFA_HOST_DEVICE void coordinates(int v, int& row, int& k) const {
     const int flat = thread + v * kThreads;
-    if (k_contiguous) {
+    if (mn_shared()) {
+      row = (flat % (kTileRows / kVector)) * kVector;
+      k = flat / (kTileRows / kVector);
+    } else if (k_contiguous) {
       row = flat / (kRowBytes / 16);
       k = (flat % (kRowBytes / 16)) * kVector;
     } else {
@@ -617,44 +654,68 @@ struct TileLoader {
 
   // Byte offset in the tile of element i of vector v (the vector itself where it runs along k).
   FASTFA_HOST_DEVICE uint32_t shared_offset(int v, int i) const {
+    if (k_contiguous || mn_shared()) {
+      return store_at + v * kVectorStride;
+    }
     int row, k;
     coordinates(0, row, k);
-    return swizzled(row + (k_contiguous ? 0 : i), k * sizeof(Bits)) + v * kVectorStride;
+    return swizzled(row + i, k * sizeof(Bits)) + v * kVectorStride;
+  }
+
+  // Byte offset of element (row, k) in the stored tile (the host check reads tiles with it).
+  FASTFA_HOST_DEVICE uint32_t tile_offset(int row, int k) const {
+    return mn_shared() ? swizzled_mn(row, k) : swizzled(row, k * sizeof(Bits));
   }
 
   // (row, k) of element i of the vector that starts at (row, k).
   FASTFA_HOST_DEVICE int64_t element_row(int64_t row, int i) const { return k_contiguous ? row : row + i; }
   FASTFA_HOST_DEVICE int64_t element_k(int64_t k, int i) const { return k_contiguous ? k + i : k; }
 
-  // Issues the global loads of the tile at (row0, k0); elements outside read as zero. A tile
-  // that needs no registers is copied into `tile` (shared memory) here, and commit() skips it.
-  FASTFA_HOST_DEVICE void fetch(unsigned char* tile, int64_t row0, int64_t k0) {
+  // Points the interior path at the tile (row0, k0); whether the tiles from there along K are
+  // interior wherever K is (every row inside, the fixed distances valid).
+  FASTFA_HOST_DEVICE bool start_interior(int64_t row0, int64_t k0) {
     if constexpr (kFixedTiles) {
-      if (fixed && index.inside(row0, k0, kTileRows, kTileK)) {
-        const int64_t base = index.key(row0, k0);
-        if constexpr (kCopies) {
-          copied = k_contiguous;
-          if (copied) {
-#pragma unroll
-            for (int v = 0; v < kVectorsPerThread; ++v) {
-              copy_to_shared_async(tile, shared_offset(v, 0), data + base + distance[v]);
-            }
-            return;
-          }
-        }
+      tile_data = data + index.key(row0, k0);
+      tile_stored = Transform::kReadsStored ? stored + index.key(row0, k0) : nullptr;
+      k_step = index.key(0, kTileK);
+      // A copied operand takes the interior path K-major only (cp.async needs no registers
+      // there; both paths in one place would be issued both, predicated, on every tile).
+      return fixed && (!kCopies || k_contiguous) && index.inside(row0, 0, kTileRows, 0);
+    } else {
+      return false;
+    }
+  }
+
+  // Issues the loads of the next interior tile (after start_interior, tiles in order along K).
+  FASTFA_HOST_DEVICE void fetch_interior(unsigned char* tile) {
+    if constexpr (kFixedTiles) {
+      if constexpr (kCopies) {
+        copied = true;
 #pragma unroll
         for (int v = 0; v < kVectorsPerThread; ++v) {
-          raw[v] = Transform::kReadsWeight ? load_vector(data + base + distance[v]) : make_uint4(0, 0, 0, 0);
+          copy_to_shared_async(tile, shared_offset(v, 0), tile_data + distance[v]);
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          raw[v] = Transform::kReadsWeight ? load_vector(tile_data + distance[v]) : make_uint4(0, 0, 0, 0);
           if constexpr (Transform::kReadsStored) {
-            raw_stored[v] = load_vector(stored + base + distance[v]);
+            raw_stored[v] = load_vector(tile_stored + distance[v]);
           }
           if constexpr (Transform::kMasksOutside) {
             present[v] = (1u << kVector) - 1u;
           }
         }
-        return;
+        if constexpr (Transform::kReadsStored) {
+          tile_stored += k_step;
+        }
       }
+      tile_data += k_step;
     }
+  }
+
+  // Issues the global loads of the tile at (row0, k0); elements outside read as zero.
+  FASTFA_HOST_DEVICE void fetch(int64_t row0, int64_t k0) {
     if constexpr (kCopies) {
       copied = false;
     }
@@ -792,7 +853,7 @@ struct TileLoader {
           }
         }
       }
-      if (k_contiguous) {
+      if (k_contiguous || mn_shared()) {
         store_shared(tile, shared_offset(v, 0), out.vector);
       } else {
 #pragma unroll
@@ -858,6 +919,13 @@ struct Sm80Math {
                                                       int& row, int& col) {
     row = warp_m * 64 + mi * 16 + lane / 4 + 8 * (e / 2);
     col = warp_n * 32 + nj * 8 + (lane % 4) * 2 + e % 2;
+  }
+
+  const unsigned char* stages = nullptr;
+  // BLoaderFor keeps B K-major for mma.sync, so the layout argument is always false here.
+  __device__ void bind(const unsigned char* shared, bool) { stages = shared; }
+  __device__ void multiply_stage(int stage) {
+    multiply(stages + stage * kStageBytes, stages + stage * kStageBytes + kTileBytes);
   }
 
   __device__ void multiply(const unsigned char* tile_a, const unsigned char* tile_b) {
@@ -939,6 +1007,16 @@ struct Sm90Math {
   __host__ __device__ static uint64_t descriptor_bits(uint32_t address) {
     return ((address & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
   }
+  // ... and for an MN-major tile (swizzled_mn): the leading byte offset is the distance between
+  // the 64-row atoms (1024 bytes), the stride byte offset that between groups of 8 k (2048).
+  __host__ __device__ static uint64_t mn_descriptor_bits(uint32_t address) {
+    return ((address & 0x3FFFFu) >> 4) | (uint64_t(1024 >> 4) << 16) | (uint64_t(2048 >> 4) << 32) |
+           (uint64_t(1) << 62);
+  }
+  // The start address advance per wgmma K step (32 bytes of K), in 16-byte units: inside the
+  // K-major swizzle atom, or two groups of 8 k in the MN-major tile.
+  static constexpr uint64_t kStepK = 2, kStepMn = 2 * 2048 / 16;
+  static constexpr bool kMnB = !std::is_void<typename Traits<Element>::Sm90OpMnB>::value;
   __device__ static uint64_t descriptor(const unsigned char* tile) { return descriptor_bits(shared_address(tile)); }
 
   template <size_t... I>
@@ -951,16 +1029,45 @@ struct Sm90Math {
     for (int i = 0; i < 64; ++i) cute::warpgroup_fence_operand(accumulator[i]);
   }
 
-  // Issues the tile's four wgmmas (one commit group); wait() completes them.
-  __device__ void multiply(const unsigned char* tile_a, const unsigned char* tile_b) {
-    const int group = threadIdx.x / 128;
-    const uint64_t a = descriptor(tile_a + group * 64 * kRowBytes), b = descriptor(tile_b);
+  // Stage 0's descriptors; a stage's are these plus its offset (the start address field,
+  // in 16-byte units, has room for every stage).
+  uint64_t a_first = 0, b_first = 0;
+  bool b_mn = false;  // B stored MN-major (TileLoader's mn_shared)
+  __device__ void bind(const unsigned char* shared, bool b_mn_major) {
+    b_mn = kMnB && b_mn_major;
+    a_first = descriptor(shared + (threadIdx.x / 128) * 64 * kRowBytes);
+    const uint32_t b_address = shared_address(shared + kTileBytes);
+    b_first = b_mn ? mn_descriptor_bits(b_address) : descriptor_bits(b_address);
+  }
+  __device__ void multiply_stage(int stage) {
+    const uint64_t offset = static_cast<uint64_t>(stage) * (kStageBytes >> 4);
+    multiply(a_first + offset, b_first + offset);
+  }
+
+  template <class Op, size_t... I>
+  __device__ void mma_as(uint64_t a, uint64_t b, std::index_sequence<I...>) {
+    Op::fma(a, b, accumulator[I]...);
+  }
+
+  // Issues the tile's four wgmmas (one commit group); wait() completes them. A's K steps are
+  // 32 bytes further inside the swizzle atom: start address + 2 (16-byte units).
+  __device__ void multiply(uint64_t a, uint64_t b) {
     fence();
     cute::warpgroup_arrive();
+    if constexpr (kMnB) {
+      if (b_mn) {
+#pragma unroll
+        for (int step = 0; step < kRowBytes / 32; ++step) {
+          mma_as<typename Traits<Element>::Sm90OpMnB>(a + kStepK * step, b + kStepMn * step,
+                                                       std::make_index_sequence<64>{});
+        }
+        cute::warpgroup_commit_batch();
+        return;
+      }
+    }
 #pragma unroll
     for (int step = 0; step < kRowBytes / 32; ++step) {
-      // 32 bytes further along K inside the swizzle atom: start address + 2 (16-byte units).
-      mma(a + 2 * step, b + 2 * step, std::make_index_sequence<64>{});
+      mma(a + kStepK * step, b + kStepK * step, std::make_index_sequence<64>{});
     }
     cute::warpgroup_commit_batch();
   }
@@ -987,6 +1094,35 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// B's loader: MN-major B stays MN-major in shared memory where wgmma can read it so (16-bit).
+template <class Arch, class Element, class Transform, class Index>
+using BLoaderFor = TileLoader<Element, Transform, Index, false,
+                              Arch::kGmma && sizeof(typename Traits<Element>::Bits) == 2>;
+
+// Tiles [first, returned) have every row and K inside for both operands: their loads only
+// advance pointers. Only the last tile along K, and CTAs at the edges, take fetch().
+template <class ALoader, class BLoader>
+FASTFA_HOST_DEVICE int64_t start_interior(ALoader& a, BLoader& b, int64_t k, int64_t m0, int64_t n0, int64_t first,
+                                          int64_t end) {
+  constexpr int kTileK = ALoader::kTileK;
+  const bool rows_inside = a.start_interior(m0, first * kTileK) && b.start_interior(n0, first * kTileK);
+  const int64_t full_tiles = k / kTileK;
+  return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
+}
+
+// The loads of k-tile `tile` into `stage` (tiles in order along K; `interior` from start_interior).
+template <class ALoader, class BLoader>
+FASTFA_HOST_DEVICE void fetch_tile(ALoader& a, BLoader& b, unsigned char* stage, int64_t tile, int64_t interior,
+                                   int64_t m0, int64_t n0) {
+  if (tile < interior) {
+    a.fetch_interior(stage);
+    b.fetch_interior(stage + kTileBytes);
+  } else {
+    a.fetch(m0, tile * ALoader::kTileK);
+    b.fetch(n0, tile * ALoader::kTileK);
+  }
+}
+
 template <class Arch, class Element, class Gemm, class Transform, class Epilogue>
 __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transform, const Epilogue& epilogue) {
   extern __shared__ unsigned char shared_raw[];
@@ -999,7 +1135,7 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   // transform kernels keep their registers.
   constexpr bool kRowSums = Epilogue::kRowSums && Transform::kIdentity;
   using ALoader = TileLoader<Element, IdentityTransform, decltype(problem.a_index), kRowSums>;
-  using BLoader = TileLoader<Element, Transform, decltype(problem.b_index), false>;
+  using BLoader = BLoaderFor<Arch, Element, Transform, decltype(problem.b_index)>;
   using Math = std::conditional_t<Arch::kGmma, Sm90Math<Element>, Sm80Math<Element>>;
   constexpr int kTileK = ALoader::kTileK;
 
@@ -1019,26 +1155,29 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
 
   int64_t first, end;
   split_tiles((problem.k + kTileK - 1) / kTileK, problem.k_tiles_per_split, split, first, end);
+  const int64_t interior = start_interior(a_loader, b_loader, problem.k, m0, n0, first, end);
+  auto fetch = [&](unsigned char* stage, int64_t tile) {
+    fetch_tile(a_loader, b_loader, stage, tile, interior, m0, n0);
+  };
+  math.bind(shared, b_loader.mn_shared());
   if (first < end) {
-    a_loader.fetch(shared, m0, first * kTileK);
-    b_loader.fetch(shared + kTileBytes, n0, first * kTileK);
+    fetch(shared, first);
     a_loader.commit(shared, identity, m0, first * kTileK);
     b_loader.commit(shared + kTileBytes, transform, n0, first * kTileK);
     wait_async_copies();
     if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
     __syncthreads();
     for (int64_t tile = first; tile < end; ++tile) {
-      unsigned char* stage = shared + ((tile - first) & 1) * kStageBytes;
-      unsigned char* next = shared + ((tile - first + 1) & 1) * kStageBytes;
+      const int stage = static_cast<int>((tile - first) & 1);
+      unsigned char* next = shared + (stage ^ 1) * kStageBytes;
       const bool has_next = tile + 1 < end;
       const int64_t k_next = (tile + 1) * kTileK;
       if (has_next) {
         // The other stage was last read by the MMAs of tile - 1, completed before the barrier,
         // so cp.async may fill it now.
-        a_loader.fetch(next, m0, k_next);
-        b_loader.fetch(next + kTileBytes, n0, k_next);
+        fetch(next, tile + 1);
       }
-      math.multiply(stage, stage + kTileBytes);
+      math.multiply_stage(stage);
       if (has_next) {
         a_loader.commit(next, identity, m0, k_next);
         b_loader.commit(next + kTileBytes, transform, n0, k_next);
