@@ -1031,17 +1031,25 @@ struct Sm90Math {
 
   // Stage 0's descriptors; a stage's are these plus its offset (the start address field,
   // in 16-byte units, has room for every stage).
-  uint64_t a_first = 0, b_first = 0;
+  // Held as opaque 32-bit words: left to itself the compiler recomputes them from the shared
+  // address on every k-tile (about 15 instructions), to spare two registers.
+  uint32_t a_first = 0, b_first = 0, b_high = 0;
   bool b_mn = false;  // B stored MN-major (TileLoader's mn_shared)
   __device__ void bind(const unsigned char* shared, bool b_mn_major) {
     b_mn = kMnB && b_mn_major;
-    a_first = descriptor(shared + (threadIdx.x / 128) * 64 * kRowBytes);
+    const uint64_t a = descriptor(shared + (threadIdx.x / 128) * 64 * kRowBytes);
     const uint32_t b_address = shared_address(shared + kTileBytes);
-    b_first = b_mn ? mn_descriptor_bits(b_address) : descriptor_bits(b_address);
+    const uint64_t b = b_mn ? mn_descriptor_bits(b_address) : descriptor_bits(b_address);
+    a_first = static_cast<uint32_t>(a);
+    b_first = static_cast<uint32_t>(b);
+    b_high = static_cast<uint32_t>(b >> 32);
+    asm volatile("" : "+r"(a_first), "+r"(b_first), "+r"(b_high));
   }
   __device__ void multiply_stage(int stage) {
-    const uint64_t offset = static_cast<uint64_t>(stage) * (kStageBytes >> 4);
-    multiply(a_first + offset, b_first + offset);
+    const uint32_t offset = static_cast<uint32_t>(stage) * (kStageBytes >> 4);
+    // The start address field (bits 0-13) has room for every stage: no carry into the rest.
+    multiply((uint64_t(descriptor_bits(0) >> 32) << 32) | (a_first + offset),
+             (uint64_t(b_high) << 32) | (b_first + offset));
   }
 
   template <class Op, size_t... I>
