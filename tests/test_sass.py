@@ -273,6 +273,41 @@ def test_mainloop_model_counts_the_interior_path_of_the_loop_with_the_mmas():
     assert model.short_name(name) == "bf16 linear grad_input usf"
 
 
+# Today's figures (benchmarks/results/2026-12-01-sass-mainloop-after.md) with a margin, as
+# multiples of the budget: a change that makes a grad_input mainloop issue more fails here.
+MAINLOOP_LIMITS = {"usf": 1.10, "frsf": 1.95, "brsf": 4.95, "fa drawn": 4.0}
+
+
+def test_mainloop_model_of_the_compiled_bf16_grad_input_kernels(tmp_path):
+    """csrc/cuda/gemm_bf16_feedback.cu compiled by nvcc for sm_90a (setup.py's flags), read by
+    benchmarks/sass_mainloop.py: each of its four wgmma bodies has a mainloop, and issues per
+    k-tile no more than MAINLOOP_LIMITS times the tensor cores' budget."""
+    nvcc = _nvcc()
+    tools = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if nvcc is None or None in tools:
+        _skip_unless_expected(EXPECT_CUDA_TOOLKIT, "nvcc, cuobjdump or nvdisasm not found")
+    try:
+        import cutlass_library
+    except ImportError:
+        _skip_unless_expected(EXPECT_CUDA_TOOLKIT, "the CUTLASS / CuTe headers are missing: pip install "
+                                                   "nvidia-cutlass==4.2.0.0 (in the test extra)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cutlass = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    cubin = str(tmp_path / "gemm_bf16_feedback.cubin")
+    build = subprocess.run([nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFASTFA_WITH_CUDA",
+                            "-DFASTFA_WITH_FUSED_CUDA", "-DFASTFA_HAS_SM90A", "-gencode=arch=compute_90a,code=sm_90a",
+                            "-cubin", "-I", os.path.join(root, "csrc", "include"), "-I", cutlass, "-o", cubin,
+                            os.path.join(root, "csrc", "cuda", "gemm_bf16_feedback.cu")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    model = _mainloop_model()
+    loops = model.models(cuobjdump(*tools, "-sass", cubin), root)
+    print(model.table(loops))
+    found = {model.short_name(loop.kernel).split("grad_input ")[-1]: loop for loop in loops}
+    assert set(found) == set(MAINLOOP_LIMITS), sorted(found)
+    for rule, loop in found.items():
+        assert loop.per_tile(loop.cheapest) <= MAINLOOP_LIMITS[rule] * loop.budget, (rule, loop.per_tile(loop.cheapest))
+
+
 # The positive control of the Triton kernels' spill check (tests/triton_sm90.py): one warp
 # holding 32 values per thread fits its registers; 256 per thread cannot (255 is the limit).
 SPILL_CONTROL_SCRIPT = textwrap.dedent(r"""
