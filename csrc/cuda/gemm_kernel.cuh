@@ -81,6 +81,14 @@ __host__ __device__ __forceinline__ uint32_t swizzled(uint32_t row, uint32_t byt
   return offset ^ ((offset >> 3) & 0x70u);
 }
 
+// Byte offset of (row, k) in an MN-major tile of 16-bit elements with the 128-byte swizzle
+// (CuTe's GMMA::Layout_MN_SW128_Atom tiled rows first): atoms of 64 rows x 8 k, each k one
+// swizzled 128-byte line of 64 rows; the two atoms along rows 1024 bytes apart, each group of
+// 8 k 2048 bytes further. A vector of 8 rows at one k is 16 contiguous bytes.
+__host__ __device__ __forceinline__ uint32_t swizzled_mn(uint32_t row, uint32_t k) {
+  return (k / 8) * 2048 + (row / 64) * 1024 + swizzled(k % 8, (row % 64) * 2);
+}
+
 // Bit casts, vector loads and shared-memory adds that also compile for the host.
 FASTFA_HOST_DEVICE float float_from_bits(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
@@ -127,6 +135,9 @@ struct Traits<Bf16> {
   using Sm80Op = cute::SM80_16x8x16_F32BF16BF16F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K,
                                                                  cute::SM90::GMMA::Major::K>;
+  // B MN-major in shared memory (wgmma's transpose bit; 16-bit types only).
+  using Sm90OpMnB = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K,
+                                                                    cute::SM90::GMMA::Major::MN>;
   FASTFA_HOST_DEVICE static float to_float(Bits b) { return float_from_bits(uint32_t(b) << 16); }
   FASTFA_HOST_DEVICE static Bits operand(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
   FASTFA_HOST_DEVICE static Bits output(float x) { return operand(x); }
@@ -139,6 +150,8 @@ struct Traits<Fp16> {
   using Sm80Op = cute::SM80_16x8x16_F32F16F16F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K,
                                                                cute::SM90::GMMA::Major::K>;
+  using Sm90OpMnB = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K,
+                                                                  cute::SM90::GMMA::Major::MN>;
   FASTFA_HOST_DEVICE static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
   FASTFA_HOST_DEVICE static Bits operand(float x) { return __half_as_ushort(__float2half(x)); }
   FASTFA_HOST_DEVICE static Bits output(float x) { return operand(x); }
@@ -150,6 +163,7 @@ struct Traits<Tf32> {
   using Bits = uint32_t;
   using Sm80Op = cute::SM80_16x8x8_F32TF32TF32F32_TN;
   using Sm90Op = cute::SM90::GMMA::MMA_64x128x8_F32TF32TF32_SS_TN<>;
+  using Sm90OpMnB = void;  // tf32 wgmma reads K-major operands only
   FASTFA_HOST_DEVICE static float to_float(Bits b) { return float_from_bits(b); }
   // Round to nearest (ties away), as cuBLAS's tf32 path does, rather than letting the
   // tensor core truncate the low mantissa bits.
@@ -180,6 +194,7 @@ struct IdentityTransform {
   static constexpr bool kReadsStored = false;
   static constexpr bool kDraws = false;
   static constexpr bool kMasksOutside = false;
+  static constexpr bool kSignOfWeight = false;
   FASTFA_HOST_DEVICE void prepare() {}
   FASTFA_HOST_DEVICE const void* stored() const { return nullptr; }
 };
@@ -195,6 +210,8 @@ struct RuleTransform {
   // The sign rules map the loaders' zero fill outside W to zero; a drawn R is not zero
   // there, so drawn fa masks the outside itself.
   static constexpr bool kMasksOutside = kRule == Rule::kFeedbackAlignment;
+  // B = scale * sign(W): the loaders apply it to packed 16-bit words as bit operations.
+  static constexpr bool kSignOfWeight = kRule == Rule::kUniformSignSymmetry;
   FeedbackArgs args;
   uint64_t seed = 0, step = 0;
 
@@ -252,7 +269,27 @@ struct MatrixIndex {
       out[i] = along_k ? offset(row, k + i) : offset(row + i, k);
     }
   }
+  // Whether every vector of `length` elements of a tile of `tile_rows` x `tile_k` lies at a fixed
+  // distance from the tile's first element, each one aligned load (run()'s conditions without
+  // the bounds), with distances that fit 32 bits: then the loaders' interior tiles only add
+  // the tile's base, with no per-vector index arithmetic.
+  FASTFA_HOST_DEVICE bool fixed_tiles(int length, int tile_rows, int tile_k) const {
+    const bool along_k = k_contiguous();
+    const bool unit = (along_k ? k_stride : row_stride) == 1;
+    const int64_t leading = along_k ? row_stride : k_stride;
+    return unit && leading % length == 0 && row_stride >= 0 && k_stride >= 0 &&
+           tile_rows * row_stride + tile_k * k_stride < (int64_t(1) << 31);
+  }
+  FASTFA_HOST_DEVICE bool inside(int64_t row0, int64_t k0, int tile_rows, int tile_k) const {
+    return row0 + tile_rows <= rows && k0 + tile_k <= k_extent;
+  }
 };
+
+// Indices with fixed_tiles() / inside(): the loaders' interior fast path.
+template <class Index>
+struct HasFixedTiles : std::false_type {};
+template <>
+struct HasFixedTiles<MatrixIndex> : std::true_type {};
 
 // A GEMM C = A B^T over the operands' indices; grid.z splits K into slices of
 // k_tiles_per_split tiles (0: one slice), each written by the epilogue as its own partial.
@@ -424,11 +461,104 @@ FASTFA_HOST_DEVICE void split_tiles(int64_t k_tiles, int64_t per_split, int64_t 
   end = first + per_split < k_tiles ? first + per_split : k_tiles;
 }
 
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// A store to shared memory through a 32-bit shared address (STS): through a generic pointer it
+// would be a 64-bit generic store (ST.E) with 64-bit address arithmetic. On the host (the
+// data-path check) a plain copy.
+template <class T>
+FASTFA_HOST_DEVICE void store_shared(unsigned char* tile, uint32_t offset, const T& value) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t address = shared_address(tile) + offset;
+  if constexpr (sizeof(T) == 16) {
+    const uint4& v = reinterpret_cast<const uint4&>(value);
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+  } else if constexpr (sizeof(T) == 4) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(static_cast<uint32_t>(value)) : "memory");
+  } else {
+    static_assert(sizeof(T) == 2, "16-, 32- or 128-bit stores");
+    asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(address), "h"(static_cast<uint16_t>(value)) : "memory");
+  }
+#else
+  std::memcpy(tile + offset, &value, sizeof(T));
+#endif
+}
+
+// 16 bytes from global to shared memory without registers (cp.async, completed by
+// wait_async_copies); on the host a plain copy.
+FASTFA_HOST_DEVICE void copy_to_shared_async(unsigned char* tile, uint32_t offset, const void* global) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(tile) + offset), "l"(global)
+               : "memory");
+#else
+  std::memcpy(tile + offset, global, 16);
+#endif
+}
+
+__device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Each 16-bit half of x made all ones where its top bit is set, else zero: prmt's sign
+// replication of bytes 1 and 3, one instruction.
+FASTFA_HOST_DEVICE uint32_t half_masks(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t mask;
+  asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(mask) : "r"(x));
+  return mask;
+#else
+  return ((x & 0x8000u) ? 0x0000FFFFu : 0u) | ((x & 0x80000000u) ? 0xFFFF0000u : 0u);
+#endif
+}
+
+// usf's B = scale * sign(W) on two 16-bit operands at once, bit for bit what the float path
+// (feedback_transform, then the rounding to the operand type) gives each element: one of
+// four results, by W's sign, zero and NaN, each the rounding of feedback_transform on a
+// representative W. Nine integer instructions per two elements, where the float path spends
+// about fifteen (tests/cuda/implicit_gemm_check.cu compares the two on every 16-bit W).
+template <class Element>
+struct PackedSignOfWeight {
+  static_assert(sizeof(typename Traits<Element>::Bits) == 2, "16-bit operands");
+  // Added to a magnitude, carries into bit 15 exactly when it is above infinity's: a NaN.
+  static constexpr uint32_t kNanCarry = std::is_same<Element, Bf16>::value ? 0x007F007Fu : 0x03FF03FFu;
+  uint32_t positive, negative, zero, nan;
+
+  FASTFA_HOST_DEVICE static uint32_t both_halves(float w, float scale) {
+    const uint32_t b =
+        Traits<Element>::operand(feedback_transform<float>(Rule::kUniformSignSymmetry, w, 0.0f, 0.0f, scale));
+    return b | (b << 16);
+  }
+  FASTFA_HOST_DEVICE explicit PackedSignOfWeight(float scale)
+      : positive(both_halves(1.0f, scale)), negative(both_halves(-1.0f, scale)), zero(both_halves(0.0f, scale)),
+        nan(both_halves(float_from_bits(0x7FC00000u), scale)) {}
+
+  FASTFA_HOST_DEVICE uint32_t operator()(uint32_t w) const {
+    const uint32_t magnitude = w & 0x7FFF7FFFu;
+    const uint32_t negative_halves = half_masks(w);
+    const uint32_t nonzero_halves = half_masks(magnitude + 0x7FFF7FFFu);
+    const uint32_t nan_halves = half_masks(magnitude + kNanCarry);
+    uint32_t b = (negative & negative_halves) | (positive & ~negative_halves);
+    b = (b & nonzero_halves) | (zero & ~nonzero_halves);
+    return (nan & nan_halves) | (b & ~nan_halves);
+  }
+};
+
 // ---- Loading a tile: global -> registers -> (transform) -> swizzled shared memory --------
 //
 // Thread `thread` of the CTA's 256 loads four 16-byte vectors of the 128 x 128-byte tile.
+// Interior tiles of a strided matrix (HasFixedTiles: all rows and K inside) take a fast path,
+// fetch_interior(): each vector lies at a distance from the tile's first element fixed at
+// construction, and the tile's pointer only advances along K, so a tile costs a load per
+// vector and one pointer increment; a tile copied as it is (bf16 / fp16 without row sums,
+// K-major: only then is it interior) goes to shared memory by cp.async, never through registers. Everything else
+// (edge tiles, the convolutions' views, misaligned data) goes through fetch() and the index.
 
-template <class Element, class Transform, class Index, bool kRowSums>
+// kMnShared: an operand whose vectors run along rows (MN-major) stays MN-major in shared
+// memory (swizzled_mn, for wgmma's transpose bit), one 16-byte store per vector; without it
+// (mma.sync, tf32) its elements are stored one by one into the K-major tile.
+template <class Element, class Transform, class Index, bool kRowSums, bool kMnShared = false>
 struct TileLoader {
   using Bits = typename Traits<Element>::Bits;
   static constexpr int kVector = 16 / int(sizeof(Bits));     // elements per 16-byte vector
@@ -438,11 +568,29 @@ struct TileLoader {
     Bits element[kVector];
   };
 
+  static constexpr bool kFixedTiles = HasFixedTiles<Index>::value;
+  static constexpr bool kCopies = Transform::kIdentity && !kRowSums && sizeof(Bits) == 2;
+  static constexpr bool kPackedSign = Transform::kSignOfWeight && sizeof(Bits) == 2;
+  // A thread's vectors lie 32 tile rows apart in either direction (a whole number of swizzle
+  // periods of 8 rows), so their shared offsets differ by a constant.
+  static constexpr uint32_t kVectorStride = 32 * kRowBytes;
+  static_assert(kThreads / (kRowBytes / 16) == 32 && kThreads / kTileK * kVector == 32, "vector rows");
+  static_assert(!kMnShared || (sizeof(Bits) == 2 && kThreads / (kTileRows / kVector) == 16 &&
+                               (16 / 8) * 2048 == kVectorStride),
+                "MN-major vectors: 16 k apart, one vector stride");
+
   const Bits* data;
   const Bits* stored;
   Index index;
   int thread;
   bool k_contiguous, aligned;
+  uint32_t store_at = 0;  // shared_offset(0, 0), kept: recomputing the swizzle costs ~5 per vector
+  bool fixed = false;   // the interior fast path applies (kFixedTiles)
+  bool copied = false;  // the last fetch went to shared memory by cp.async (kCopies)
+  int32_t distance[kFixedTiles ? kVectorsPerThread : 1];
+  const Bits* tile_data = nullptr;  // the next interior tile's first element, and of stored
+  const Bits* tile_stored = nullptr;
+  int64_t k_step = 0;  // elements from one tile to the next along K
   uint4 raw[kVectorsPerThread];
   uint4 raw_stored[Transform::kReadsStored ? kVectorsPerThread : 1];
   // Bit i of present[v]: element i of vector v is inside the operand (for transforms that
@@ -454,9 +602,21 @@ struct TileLoader {
       : data(static_cast<const Bits*>(data_)), stored(static_cast<const Bits*>(stored_data)), index(index_),
         thread(thread_) {
     k_contiguous = index.k_contiguous();
+    int row0, k0;
+    coordinates(0, row0, k0);
+    store_at = mn_shared() ? swizzled_mn(row0, k0) : swizzled(row0, k0 * sizeof(Bits));
     // 16-byte vector loads need 16-byte aligned bases (run() keeps offsets in whole vectors).
     aligned = (reinterpret_cast<uintptr_t>(data) % 16) == 0 &&
               (!Transform::kReadsStored || (reinterpret_cast<uintptr_t>(stored) % 16) == 0);
+    if constexpr (kFixedTiles) {
+      fixed = aligned && index.fixed_tiles(kVector, kTileRows, kTileK);
+#pragma unroll
+      for (int v = 0; v < kVectorsPerThread; ++v) {
+        int row, k;
+        coordinates(v, row, k);
+        distance[v] = static_cast<int32_t>(index.key(row, k));
+      }
+    }
     if constexpr (kRowSums) {
 #pragma unroll
       for (int v = 0; v < kVectorsPerThread; ++v) {
@@ -472,9 +632,18 @@ struct TileLoader {
   // eight 16-byte chunks (coalesced 128-byte rows, conflict-free swizzled stores). Along
   // rows: a warp covers 32 consecutive k of one row vector, so its element-wise stores into
   // the K-major tile fall in distinct banks.
+  // Whether the tile is stored MN-major (kMnShared and vectors along rows): a compile-time
+  // false where kMnShared is, so the element-by-element stores fold away where they cannot run.
+  FASTFA_HOST_DEVICE bool mn_shared() const { return kMnShared && !k_contiguous; }
+
+  // Stored MN-major, a warp covers 16 vectors of one k (256 bytes of a contiguous row of the
+  // operand: coalesced) and two k: each 8 lanes of a 16-byte store phase hit one swizzled line.
   FASTFA_HOST_DEVICE void coordinates(int v, int& row, int& k) const {
     const int flat = thread + v * kThreads;
-    if (k_contiguous) {
+    if (mn_shared()) {
+      row = (flat % (kTileRows / kVector)) * kVector;
+      k = flat / (kTileRows / kVector);
+    } else if (k_contiguous) {
       row = flat / (kRowBytes / 16);
       k = (flat % (kRowBytes / 16)) * kVector;
     } else {
@@ -483,12 +652,73 @@ struct TileLoader {
     }
   }
 
+  // Byte offset in the tile of element i of vector v (the vector itself where it runs along k).
+  FASTFA_HOST_DEVICE uint32_t shared_offset(int v, int i) const {
+    if (k_contiguous || mn_shared()) {
+      return store_at + v * kVectorStride;
+    }
+    int row, k;
+    coordinates(0, row, k);
+    return swizzled(row + i, k * sizeof(Bits)) + v * kVectorStride;
+  }
+
+  // Byte offset of element (row, k) in the stored tile (the host check reads tiles with it).
+  FASTFA_HOST_DEVICE uint32_t tile_offset(int row, int k) const {
+    return mn_shared() ? swizzled_mn(row, k) : swizzled(row, k * sizeof(Bits));
+  }
+
   // (row, k) of element i of the vector that starts at (row, k).
   FASTFA_HOST_DEVICE int64_t element_row(int64_t row, int i) const { return k_contiguous ? row : row + i; }
   FASTFA_HOST_DEVICE int64_t element_k(int64_t k, int i) const { return k_contiguous ? k + i : k; }
 
+  // Points the interior path at the tile (row0, k0); whether the tiles from there along K are
+  // interior wherever K is (every row inside, the fixed distances valid).
+  FASTFA_HOST_DEVICE bool start_interior(int64_t row0, int64_t k0) {
+    if constexpr (kFixedTiles) {
+      tile_data = data + index.key(row0, k0);
+      tile_stored = Transform::kReadsStored ? stored + index.key(row0, k0) : nullptr;
+      k_step = index.key(0, kTileK);
+      // A copied operand takes the interior path K-major only (cp.async needs no registers
+      // there; both paths in one place would be issued both, predicated, on every tile).
+      return fixed && (!kCopies || k_contiguous) && index.inside(row0, 0, kTileRows, 0);
+    } else {
+      return false;
+    }
+  }
+
+  // Issues the loads of the next interior tile (after start_interior, tiles in order along K).
+  FASTFA_HOST_DEVICE void fetch_interior(unsigned char* tile) {
+    if constexpr (kFixedTiles) {
+      if constexpr (kCopies) {
+        copied = true;
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          copy_to_shared_async(tile, shared_offset(v, 0), tile_data + distance[v]);
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          raw[v] = Transform::kReadsWeight ? load_vector(tile_data + distance[v]) : make_uint4(0, 0, 0, 0);
+          if constexpr (Transform::kReadsStored) {
+            raw_stored[v] = load_vector(tile_stored + distance[v]);
+          }
+          if constexpr (Transform::kMasksOutside) {
+            present[v] = (1u << kVector) - 1u;
+          }
+        }
+        if constexpr (Transform::kReadsStored) {
+          tile_stored += k_step;
+        }
+      }
+      tile_data += k_step;
+    }
+  }
+
   // Issues the global loads of the tile at (row0, k0); elements outside read as zero.
   FASTFA_HOST_DEVICE void fetch(int64_t row0, int64_t k0) {
+    if constexpr (kCopies) {
+      copied = false;
+    }
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
@@ -536,6 +766,11 @@ struct TileLoader {
 
   // Transforms the fetched tile and stores it, K-major and swizzled, at `tile`.
   FASTFA_HOST_DEVICE void commit(unsigned char* tile, const Transform& transform, int64_t row0, int64_t k0) {
+    if constexpr (kCopies) {
+      if (copied) {
+        return;
+      }
+    }
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
@@ -548,6 +783,11 @@ struct TileLoader {
         for (int i = 0; i < kVector; ++i) {
           out.element[i] = Traits<Element>::operand_bits(in.element[i]);
         }
+      } else if constexpr (kPackedSign) {
+        // The zero fill outside W maps to scale * sign(0), as in the float path.
+        const PackedSignOfWeight<Element> sign_of_weight(transform.args.scale);
+        out.vector = make_uint4(sign_of_weight(in.vector.x), sign_of_weight(in.vector.y),
+                                sign_of_weight(in.vector.z), sign_of_weight(in.vector.w));
       } else {
         const int64_t grow = row0 + row, gk = k0 + k;
         float xi[kVector];
@@ -613,12 +853,12 @@ struct TileLoader {
           }
         }
       }
-      if (k_contiguous) {
-        *reinterpret_cast<uint4*>(tile + swizzled(row, k * sizeof(Bits))) = out.vector;
+      if (k_contiguous || mn_shared()) {
+        store_shared(tile, shared_offset(v, 0), out.vector);
       } else {
 #pragma unroll
         for (int i = 0; i < kVector; ++i) {
-          *reinterpret_cast<Bits*>(tile + swizzled(row + i, k * sizeof(Bits))) = out.element[i];
+          store_shared(tile, shared_offset(v, i), out.element[i]);
         }
       }
     }
@@ -643,10 +883,6 @@ struct TileLoader {
     }
   }
 };
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
 
 // ---- The MMAs of one shared-memory stage ----------------------------------------------
 
@@ -683,6 +919,13 @@ struct Sm80Math {
                                                       int& row, int& col) {
     row = warp_m * 64 + mi * 16 + lane / 4 + 8 * (e / 2);
     col = warp_n * 32 + nj * 8 + (lane % 4) * 2 + e % 2;
+  }
+
+  const unsigned char* stages = nullptr;
+  // BLoaderFor keeps B K-major for mma.sync, so the layout argument is always false here.
+  __device__ void bind(const unsigned char* shared, bool) { stages = shared; }
+  __device__ void multiply_stage(int stage) {
+    multiply(stages + stage * kStageBytes, stages + stage * kStageBytes + kTileBytes);
   }
 
   __device__ void multiply(const unsigned char* tile_a, const unsigned char* tile_b) {
@@ -764,6 +1007,16 @@ struct Sm90Math {
   __host__ __device__ static uint64_t descriptor_bits(uint32_t address) {
     return ((address & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
   }
+  // ... and for an MN-major tile (swizzled_mn): the leading byte offset is the distance between
+  // the 64-row atoms (1024 bytes), the stride byte offset that between groups of 8 k (2048).
+  __host__ __device__ static uint64_t mn_descriptor_bits(uint32_t address) {
+    return ((address & 0x3FFFFu) >> 4) | (uint64_t(1024 >> 4) << 16) | (uint64_t(2048 >> 4) << 32) |
+           (uint64_t(1) << 62);
+  }
+  // The start address advance per wgmma K step (32 bytes of K), in 16-byte units: inside the
+  // K-major swizzle atom, or two groups of 8 k in the MN-major tile.
+  static constexpr uint64_t kStepK = 2, kStepMn = 2 * 2048 / 16;
+  static constexpr bool kMnB = !std::is_void<typename Traits<Element>::Sm90OpMnB>::value;
   __device__ static uint64_t descriptor(const unsigned char* tile) { return descriptor_bits(shared_address(tile)); }
 
   template <size_t... I>
@@ -776,16 +1029,53 @@ struct Sm90Math {
     for (int i = 0; i < 64; ++i) cute::warpgroup_fence_operand(accumulator[i]);
   }
 
-  // Issues the tile's four wgmmas (one commit group); wait() completes them.
-  __device__ void multiply(const unsigned char* tile_a, const unsigned char* tile_b) {
-    const int group = threadIdx.x / 128;
-    const uint64_t a = descriptor(tile_a + group * 64 * kRowBytes), b = descriptor(tile_b);
+  // Stage 0's descriptors; a stage's are these plus its offset (the start address field,
+  // in 16-byte units, has room for every stage).
+  // Held as opaque 32-bit words: left to itself the compiler recomputes them from the shared
+  // address on every k-tile (about 15 instructions), to spare two registers.
+  uint32_t a_first = 0, b_first = 0, b_high = 0;
+  bool b_mn = false;  // B stored MN-major (TileLoader's mn_shared)
+  __device__ void bind(const unsigned char* shared, bool b_mn_major) {
+    b_mn = kMnB && b_mn_major;
+    const uint64_t a = descriptor(shared + (threadIdx.x / 128) * 64 * kRowBytes);
+    const uint32_t b_address = shared_address(shared + kTileBytes);
+    const uint64_t b = b_mn ? mn_descriptor_bits(b_address) : descriptor_bits(b_address);
+    a_first = static_cast<uint32_t>(a);
+    b_first = static_cast<uint32_t>(b);
+    b_high = static_cast<uint32_t>(b >> 32);
+    asm volatile("" : "+r"(a_first), "+r"(b_first), "+r"(b_high));
+  }
+  __device__ void multiply_stage(int stage) {
+    const uint32_t offset = static_cast<uint32_t>(stage) * (kStageBytes >> 4);
+    // The start address field (bits 0-13) has room for every stage: no carry into the rest.
+    multiply((uint64_t(descriptor_bits(0) >> 32) << 32) | (a_first + offset),
+             (uint64_t(b_high) << 32) | (b_first + offset));
+  }
+
+  template <class Op, size_t... I>
+  __device__ void mma_as(uint64_t a, uint64_t b, std::index_sequence<I...>) {
+    Op::fma(a, b, accumulator[I]...);
+  }
+
+  // Issues the tile's four wgmmas (one commit group); wait() completes them. A's K steps are
+  // 32 bytes further inside the swizzle atom: start address + 2 (16-byte units).
+  __device__ void multiply(uint64_t a, uint64_t b) {
     fence();
     cute::warpgroup_arrive();
+    if constexpr (kMnB) {
+      if (b_mn) {
+#pragma unroll
+        for (int step = 0; step < kRowBytes / 32; ++step) {
+          mma_as<typename Traits<Element>::Sm90OpMnB>(a + kStepK * step, b + kStepMn * step,
+                                                       std::make_index_sequence<64>{});
+        }
+        cute::warpgroup_commit_batch();
+        return;
+      }
+    }
 #pragma unroll
     for (int step = 0; step < kRowBytes / 32; ++step) {
-      // 32 bytes further along K inside the swizzle atom: start address + 2 (16-byte units).
-      mma(a + 2 * step, b + 2 * step, std::make_index_sequence<64>{});
+      mma(a + kStepK * step, b + kStepK * step, std::make_index_sequence<64>{});
     }
     cute::warpgroup_commit_batch();
   }
@@ -812,19 +1102,48 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// B's loader: MN-major B stays MN-major in shared memory where wgmma can read it so (16-bit).
+template <class Arch, class Element, class Transform, class Index>
+using BLoaderFor = TileLoader<Element, Transform, Index, false,
+                              Arch::kGmma && sizeof(typename Traits<Element>::Bits) == 2>;
+
+// Tiles [first, returned) have every row and K inside for both operands: their loads only
+// advance pointers. Only the last tile along K, and CTAs at the edges, take fetch().
+template <class ALoader, class BLoader>
+FASTFA_HOST_DEVICE int64_t start_interior(ALoader& a, BLoader& b, int64_t k, int64_t m0, int64_t n0, int64_t first,
+                                          int64_t end) {
+  constexpr int kTileK = ALoader::kTileK;
+  const bool rows_inside = a.start_interior(m0, first * kTileK) && b.start_interior(n0, first * kTileK);
+  const int64_t full_tiles = k / kTileK;
+  return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
+}
+
+// The loads of k-tile `tile` into `stage` (tiles in order along K; `interior` from start_interior).
+template <class ALoader, class BLoader>
+FASTFA_HOST_DEVICE void fetch_tile(ALoader& a, BLoader& b, unsigned char* stage, int64_t tile, int64_t interior,
+                                   int64_t m0, int64_t n0) {
+  if (tile < interior) {
+    a.fetch_interior(stage);
+    b.fetch_interior(stage + kTileBytes);
+  } else {
+    a.fetch(m0, tile * ALoader::kTileK);
+    b.fetch(n0, tile * ALoader::kTileK);
+  }
+}
+
 template <class Arch, class Element, class Gemm, class Transform, class Epilogue>
 __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transform, const Epilogue& epilogue) {
   extern __shared__ unsigned char shared_raw[];
   // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned.
-  unsigned char* shared = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  // (Offsetting the pointer, not rounding it as an integer, keeps it a shared-memory pointer.)
+  unsigned char* shared = shared_raw + ((1024u - (shared_address(shared_raw) & 1023u)) & 1023u);
   float* row_sums = reinterpret_cast<float*>(shared + kStages * kStageBytes);
 
   // Row sums only where A is loaded as it is next to an identity B (grad_weight), so the
   // transform kernels keep their registers.
   constexpr bool kRowSums = Epilogue::kRowSums && Transform::kIdentity;
   using ALoader = TileLoader<Element, IdentityTransform, decltype(problem.a_index), kRowSums>;
-  using BLoader = TileLoader<Element, Transform, decltype(problem.b_index), false>;
+  using BLoader = BLoaderFor<Arch, Element, Transform, decltype(problem.b_index)>;
   using Math = std::conditional_t<Arch::kGmma, Sm90Math<Element>, Sm80Math<Element>>;
   constexpr int kTileK = ALoader::kTileK;
 
@@ -844,28 +1163,34 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
 
   int64_t first, end;
   split_tiles((problem.k + kTileK - 1) / kTileK, problem.k_tiles_per_split, split, first, end);
+  const int64_t interior = start_interior(a_loader, b_loader, problem.k, m0, n0, first, end);
+  auto fetch = [&](unsigned char* stage, int64_t tile) {
+    fetch_tile(a_loader, b_loader, stage, tile, interior, m0, n0);
+  };
+  math.bind(shared, b_loader.mn_shared());
   if (first < end) {
-    a_loader.fetch(m0, first * kTileK);
-    b_loader.fetch(n0, first * kTileK);
+    fetch(shared, first);
     a_loader.commit(shared, identity, m0, first * kTileK);
     b_loader.commit(shared + kTileBytes, transform, n0, first * kTileK);
+    wait_async_copies();
     if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
     __syncthreads();
     for (int64_t tile = first; tile < end; ++tile) {
-      unsigned char* stage = shared + ((tile - first) & 1) * kStageBytes;
-      unsigned char* next = shared + ((tile - first + 1) & 1) * kStageBytes;
+      const int stage = static_cast<int>((tile - first) & 1);
+      unsigned char* next = shared + (stage ^ 1) * kStageBytes;
       const bool has_next = tile + 1 < end;
       const int64_t k_next = (tile + 1) * kTileK;
       if (has_next) {
-        a_loader.fetch(m0, k_next);
-        b_loader.fetch(n0, k_next);
+        // The other stage was last read by the MMAs of tile - 1, completed before the barrier,
+        // so cp.async may fill it now.
+        fetch(next, tile + 1);
       }
-      math.multiply(stage, stage + kTileBytes);
+      math.multiply_stage(stage);
       if (has_next) {
-        // The other stage was last read by the MMAs of tile - 1, completed before the barrier.
         a_loader.commit(next, identity, m0, k_next);
         b_loader.commit(next + kTileBytes, transform, n0, k_next);
       }
+      wait_async_copies();
       if constexpr (Arch::kGmma) {
         math.wait();
         fence_shared_for_async_proxy();

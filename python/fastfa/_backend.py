@@ -22,7 +22,7 @@ import torch
 from . import _C
 
 __all__ = ["BACKENDS", "BackendStatus", "Fallback", "backends", "set_backend", "get_backend", "use_backend",
-           "last_fallbacks", "clear_fallbacks", "record_fallback"]
+           "last_fallbacks", "clear_fallbacks", "record_fallback", "AUTO_COSTS", "PassPlan", "auto_plan"]
 
 logger = logging.getLogger("fastfa")
 
@@ -205,3 +205,80 @@ def resolve(name, device: torch.device) -> str:
                            "(use backend 'aten' or 'auto' for them)")
     # "auto" stays on aten until GPU runs show the fused kernels are the fastest usable path.
     return "aten" if chosen == "auto" else chosen
+
+
+# ---- "auto" on a GPU: a cost model per pass ----------------------------------------------
+#
+# For each pass of a linear layer's step it compares the modelled times of the paths that
+# can run it: the vendor GEMM (cuBLAS through aten), after fastfa's transform kernel where
+# grad_input needs B = T(W) materialised, or a fused kernel (cuda, triton) that applies the
+# transform in its tile loads. The forward and grad_weight have no transform to fuse, so they
+# take the vendor GEMM unless a fused kernel is measured faster; grad_input with B used as it
+# is (bp, a stored fa R, the estimated rules' B) too. The constants are issue 18's estimates
+# and design/gpu.md's measured ceilings, not yet calibrated by a GPU run of the fused
+# kernels (README: "auto" dispatch).
+#
+#   vendor GEMM      2 rows in out / (peak FLOP/s of the dtype)
+#   transform        launch + bytes of W read (+ R for frsf) and B written / bandwidth
+#   fused            vendor GEMM time / (its fraction of the vendor GEMM's speed: rule, backend)
+#
+# so a fused grad_input pays below a row count: rows < transform / (2 in out / peak) /
+# (1 / fraction - 1); above it the transform's one pass over W is the smaller cost.
+
+
+class AutoCosts(NamedTuple):
+    peak_tflops: dict  # dense tensor-core TFLOP/s the vendor GEMM reaches, per dtype
+    bandwidth_tbs: float  # device memory, bytes read + written per second / 1e12
+    launch_us: float  # one more kernel (the transform) on the stream
+    fused_fraction: dict  # {(backend, rule): a fused grad_input's speed over the vendor GEMM's}
+
+
+AUTO_COSTS = AutoCosts(
+    # H200 bf16 8192^3 matmul through PyTorch: 770-800 (design/gpu.md); tf32 about half.
+    peak_tflops={torch.bfloat16: 770.0, torch.float16: 770.0, torch.float32: 385.0},
+    bandwidth_tbs=4.3,  # device-to-device copies on the same H200
+    launch_us=4.0,
+    # Issue 18: cuda usf / frsf at 35-45% of cuBLAS, brsf and drawn fa (Philox per CTA along M)
+    # 20-25%; the Triton grad_input 40-60%.
+    fused_fraction={("cuda", "usf"): 0.40, ("cuda", "frsf"): 0.40, ("cuda", "brsf"): 0.22, ("cuda", "fa"): 0.22,
+                    ("triton", "usf"): 0.50, ("triton", "frsf"): 0.50, ("triton", "brsf"): 0.50,
+                    ("triton", "fa"): 0.50},
+)
+
+#: Rules whose grad_input needs B = T(W) made from W (or drawn): the only pass with a transform.
+TRANSFORMED_RULES = ("usf", "brsf", "frsf", "fa")
+
+
+class PassPlan(NamedTuple):
+    forward: str
+    grad_input: str
+    grad_weight: str
+    grad_input_ms: dict  # the modelled time of each candidate path for grad_input, in ms
+
+
+def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: torch.dtype, *,
+              fused=("cuda", "triton"), drawn: bool = True, costs: AutoCosts = AUTO_COSTS) -> PassPlan:
+    """The path "auto" takes for each pass of a linear layer's step on a GPU: "aten" (the
+    vendor GEMM, after the transform kernel where needed) or a fused backend among `fused`
+    (those usable here). `drawn`: for fa, whether R is drawn from (seed, step) rather than
+    stored (a stored R is used as it is)."""
+    for name, value in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+    if dtype not in costs.peak_tflops:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, costs.peak_tflops))}; got {dtype}")
+    flop = 2.0 * rows * in_features * out_features
+    vendor_ms = flop / (costs.peak_tflops[dtype] * 1e12) * 1e3
+    times = {"aten": vendor_ms}
+    if rule in TRANSFORMED_RULES and (rule != "fa" or drawn):
+        element = torch.finfo(dtype).bits // 8
+        reads = 0 if rule == "fa" else (2 if rule == "frsf" else 1)  # W, and R for frsf; drawn fa reads none
+        transform_ms = costs.launch_us * 1e-3 + (reads + 1) * in_features * out_features * element / (
+            costs.bandwidth_tbs * 1e12) * 1e3
+        times["aten"] = vendor_ms + transform_ms
+        for backend in fused:
+            fraction = costs.fused_fraction.get((backend, rule))
+            if fraction:
+                times[backend] = vendor_ms / fraction
+    grad_input = min(times, key=lambda name: (times[name], name != "aten"))
+    return PassPlan("aten", grad_input, "aten", times)

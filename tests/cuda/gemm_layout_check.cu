@@ -4,6 +4,7 @@
 //     (row, k) where CuTe's GMMA::Layout_K_SW128_Atom, tiled to the 128 x 128-byte tile, puts it;
 //   - the wgmma matrix descriptors (Sm90Math::descriptor_bits, + 2 per 32-byte K step,
 //     + 64 rows per warpgroup) must equal the ones CuTe's TiledMMA makes for that tile;
+//   - likewise for B kept MN-major (swizzled_mn, Sm90Math::mn_descriptor_bits);
 //   - the mma.sync path's fragments: the ldmatrix.x4 addresses each lane gives
 //     (Sm80Math::a_address / b_address), with ldmatrix's rule for which lane receives which
 //     bytes, must put into every register the element CuTe's MMA_Traits ALayout / BLayout
@@ -64,6 +65,48 @@ int check(const char* name) {
     }
   }
   std::printf("%s: %s\n", name, failures ? "MISMATCH" : "layout and descriptors match CuTe");
+  return failures;
+}
+
+// B kept MN-major (16-bit): swizzled_mn must place element (row, k) where CuTe's
+// GMMA::Layout_MN_SW128_Atom, tiled to the 128-row x 128-byte tile, puts it, and the MN-major
+// descriptors (Sm90Math::mn_descriptor_bits, + kStepMn per K step) must be the ones CuTe's
+// TiledMMA makes for B of the wgmma with B's transpose bit.
+template <class T, class Op, class Element>
+int check_mn_major(const char* name) {
+  constexpr int kTileK = kRowBytes / int(sizeof(T));
+  auto layout = tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, make_shape(Int<128>{}, Int<kTileK>{}));
+  alignas(1024) static T tile[128 * kTileK];
+  auto shared = make_tensor(make_smem_ptr(tile), layout);
+  int failures = 0;
+  for (int row = 0; row < 128; ++row) {
+    for (int k = 0; k < kTileK; ++k) {
+      const auto byte = uint32_t(reinterpret_cast<const char*>(&shared(row, k)) - reinterpret_cast<const char*>(tile));
+      if (byte != fastfa::gemm::detail::swizzled_mn(row, k)) {
+        if (failures++ == 0) std::printf("%s: element (%d, %d) at byte %u in CuTe's layout\n", name, row, k, byte);
+      }
+    }
+  }
+  auto slice = make_tiled_mma(Op{}).get_slice(0);
+  auto fragment = slice.make_fragment_B(slice.partition_B(shared));
+  const GmmaDescriptor origin = fragment(0, 0, 0);
+  using Math = fastfa::gemm::detail::Sm90Math<Element>;
+  if (size<1>(fragment) != 1 || size<2>(fragment) != kRowBytes / 32) {
+    std::printf("%s: CuTe splits B into (%d, %d) wgmmas, the kernel into (1, %d)\n", name, int(size<1>(fragment)),
+                int(size<2>(fragment)), kRowBytes / 32);
+    return failures + 1;
+  }
+  for (int step = 0; step < kRowBytes / 32; ++step) {
+    GmmaDescriptor theirs = fragment(0, 0, step);
+    theirs.bitfield.start_address_ = theirs.bitfield.start_address_ - origin.bitfield.start_address_;
+    const uint64_t ours = Math::mn_descriptor_bits(0) + Math::kStepMn * step;
+    if (theirs.desc_ != ours) {
+      ++failures;
+      std::printf("%s: B descriptor (step %d) is %#llx in CuTe, %#llx in the kernel\n", name, step,
+                  static_cast<unsigned long long>(theirs.desc_), static_cast<unsigned long long>(ours));
+    }
+  }
+  std::printf("%s: %s\n", name, failures ? "MISMATCH" : "MN-major layout and descriptors match CuTe");
   return failures;
 }
 
@@ -190,6 +233,10 @@ int main() {
   failures += check<cutlass::half_t, SM90_64x128x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>,
                     fastfa::gemm::Fp16>("fp16");
   failures += check<cutlass::tfloat32_t, SM90_64x128x8_F32TF32TF32_SS_TN<>, fastfa::gemm::Tf32>("tf32");
+  failures += check_mn_major<cutlass::bfloat16_t, SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>,
+                             fastfa::gemm::Bf16>("bf16 B MN-major");
+  failures += check_mn_major<cutlass::half_t, SM90_64x128x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::MN>,
+                             fastfa::gemm::Fp16>("fp16 B MN-major");
   failures += check_sm80<fastfa::gemm::Bf16, uint16_t, SM80_16x8x16_F32BF16BF16F32_TN>("bf16 sm80");
   failures += check_sm80<fastfa::gemm::Fp16, uint16_t, SM80_16x8x16_F32F16F16F32_TN>("fp16 sm80");
   failures += check_sm80<fastfa::gemm::Tf32, uint32_t, SM80_16x8x8_F32TF32TF32F32_TN>("tf32 sm80");

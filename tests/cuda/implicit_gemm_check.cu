@@ -27,12 +27,14 @@ using namespace fastfa::gemm::detail;
 
 // ---- The kernel's body, one thread at a time -------------------------------------------
 
-template <class Element, class Gemm, class Transform, class Epilogue>
+// Arch picks B's shared layout as the kernel does (BLoaderFor): MN-major B stays MN-major for
+// wgmma (16-bit), is stored element by element into the K-major tile for mma.sync.
+template <class Element, class Arch = Sm90Gmma, class Gemm, class Transform, class Epilogue>
 void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue) {
   using Bits = typename Traits<Element>::Bits;
   constexpr bool kRowSums = Epilogue::kRowSums && Transform::kIdentity;
   using ALoader = TileLoader<Element, IdentityTransform, decltype(problem.a_index), kRowSums>;
-  using BLoader = TileLoader<Element, Transform, decltype(problem.b_index), false>;
+  using BLoader = BLoaderFor<Arch, Element, Transform, decltype(problem.b_index)>;
   constexpr int kTileK = ALoader::kTileK;
   if (problem.m == 0 || problem.n == 0) {
     return;
@@ -57,12 +59,15 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
         std::fill(accumulator.begin(), accumulator.end(), 0.0f);
         int64_t first, end;
         split_tiles(k_tiles, problem.k_tiles_per_split, split, first, end);
+        std::vector<int64_t> interior(kThreads);
+        for (int thread = 0; thread < kThreads; ++thread) {
+          interior[thread] = start_interior(a[thread], b[thread], problem.k, m0, n0, first, end);
+        }
         for (int64_t tile = first; tile < end; ++tile) {
           const int64_t k0 = tile * kTileK;
           std::memset(tiles, 0xFF, sizeof(tiles));  // NaN in every dtype: a byte no thread wrote shows
           for (int thread = 0; thread < kThreads; ++thread) {
-            a[thread].fetch(m0, k0);
-            b[thread].fetch(n0, k0);
+            fetch_tile(a[thread], b[thread], tiles, tile, interior[thread], m0, n0);
             a[thread].commit(tiles, identity, m0, k0);
             b[thread].commit(tiles + kTileBytes, transform, n0, k0);
           }
@@ -71,7 +76,7 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
               float sum = 0.0f;
               for (int k = 0; k < kTileK; ++k) {
                 const Bits x = *reinterpret_cast<const Bits*>(tiles + swizzled(row, k * sizeof(Bits)));
-                const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + swizzled(col, k * sizeof(Bits)));
+                const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + b[0].tile_offset(col, k));
                 sum += Traits<Element>::to_float(x) * Traits<Element>::to_float(y);
               }
               accumulator[row * kTileRows + col] += sum;
@@ -412,11 +417,14 @@ std::vector<typename Traits<Element>::Bits> random_matrix(int64_t count) {
   return out;
 }
 
-template <class Element>
+template <class Element, class Arch = Sm90Gmma>
 int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
   using Bits = typename Traits<Element>::Bits;
   const auto f = [](Bits b) { return static_cast<double>(Traits<Element>::to_float(b)); };
-  const std::string name = std::string(std::is_same<Element, Bf16>::value ? "bf16" : "tf32") + " linear " +
+  const std::string name = std::string(std::is_same<Element, Bf16>::value   ? "bf16"
+                                       : std::is_same<Element, Fp16>::value ? "fp16"
+                                                                            : "tf32") +
+                           (std::is_same<Arch, Sm80Mma>::value ? " mma.sync" : "") + " linear " +
                            std::to_string(rows) + "x" + std::to_string(in_features) + " -> " +
                            std::to_string(out_features);
   int failures = 0;
@@ -440,7 +448,7 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     args.activation = Activation::kGelu;
     const BiasActivationEpilogue<Element, MatrixOutput> store{y.data(), MatrixOutput{out_features}, rows,
                                                               out_features, args};
-    emulate<Element>(matrix_problem(problem), IdentityTransform{}, store);
+    emulate<Element, Arch>(matrix_problem(problem), IdentityTransform{}, store);
     Comparison out{"forward y", output_tolerance<Element>()}, pre{"forward z", output_tolerance<Element>()},
         projection{"forward r", output_tolerance<Element>()};
     for (int64_t i = 0; i < rows; ++i)
@@ -462,7 +470,8 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
   FeedbackArgs feedback;
   feedback.rng = rng;
   feedback.scale = 0.25f;
-  for (Rule rule : {Rule::kBatchRandomSignFeedback, Rule::kFeedbackAlignment, Rule::kFixedRandomSignFeedback}) {
+  for (Rule rule : {Rule::kBatchRandomSignFeedback, Rule::kFeedbackAlignment, Rule::kFixedRandomSignFeedback,
+                    Rule::kUniformSignSymmetry}) {
     feedback.stored = rule == Rule::kFixedRandomSignFeedback ? stored.data() : nullptr;
     Problem problem;
     problem.m = rows;
@@ -476,11 +485,13 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     const auto gemm = matrix_problem(problem);
     const auto store = matrix_store<Element>(problem);
     if (rule == Rule::kBatchRandomSignFeedback) {
-      emulate<Element>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
+      emulate<Element, Arch>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
     } else if (rule == Rule::kFeedbackAlignment) {
-      emulate<Element>(gemm, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
+      emulate<Element, Arch>(gemm, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
+    } else if (rule == Rule::kUniformSignSymmetry) {
+      emulate<Element, Arch>(gemm, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, store);
     } else {
-      emulate<Element>(gemm, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
+      emulate<Element, Arch>(gemm, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
     }
     Comparison compare{"grad_input", output_tolerance<Element>()};
     for (int64_t r = 0; r < rows; ++r)
@@ -500,6 +511,7 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
       }
     failures += report(name + (rule == Rule::kBatchRandomSignFeedback ? " brsf"
                                : rule == Rule::kFeedbackAlignment    ? " fa"
+                               : rule == Rule::kUniformSignSymmetry  ? " usf"
                                                                      : " frsf"),
                        compare);
   }
@@ -516,7 +528,7 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     problem.c = grad_w.data();
     problem.ldc = in_features;
     problem.a_row_sums = grad_b.data();
-    emulate<Element>(matrix_problem(problem), IdentityTransform{}, matrix_store<Element>(problem));
+    emulate<Element, Arch>(matrix_problem(problem), IdentityTransform{}, matrix_store<Element>(problem));
     Comparison weights{"grad_weight", output_tolerance<Element>()}, sums{"grad_bias", output_tolerance<Element>()};
     for (int64_t o = 0; o < out_features; ++o) {
       double bias_sum = 0.0, bias_abs = 0.0;
@@ -542,7 +554,7 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     const int64_t splits = (rows + tile_k - 1) / tile_k;
     std::vector<float> partial(static_cast<size_t>(splits * out_features * in_features), NAN),
         partial_sums(static_cast<size_t>(splits * out_features), NAN);
-    emulate<Element>(sliced, IdentityTransform{}, SplitEpilogue{partial.data(), partial_sums.data(), out_features,
+    emulate<Element, Arch>(sliced, IdentityTransform{}, SplitEpilogue{partial.data(), partial_sums.data(), out_features,
                                                                 in_features});
     Comparison split_weights{"grad_weight", 1e-6}, split_sums{"grad_bias", 1e-6};
     for (int64_t o = 0; o < out_features; ++o) {
@@ -570,6 +582,38 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
 }
 
 } // namespace
+
+// usf's packed bit operations against the float path, on every 16-bit W in both halves of a
+// word (the other half a random W), for scales that round up, down, to subnormal and to
+// infinity: the bits must be identical.
+template <class Element>
+int check_packed_sign() {
+  using Bits = typename Traits<Element>::Bits;
+  int64_t failed = 0, checked = 0;
+  std::uniform_int_distribution<uint32_t> any_bits(0, 0xFFFF);
+  for (float scale : {0.25f, 0.0123456789f, 1.0f / 3.0f, 3.0e-39f, 1.0e-41f, 7.0e4f, 3.4e38f}) {
+    const PackedSignOfWeight<Element> packed(scale);
+    for (uint32_t w = 0; w <= 0xFFFF; ++w) {
+      const uint32_t other = any_bits(generator);
+      for (const uint32_t word : {w | (other << 16), other | (w << 16)}) {
+        const uint32_t got = packed(word);
+        for (int half = 0; half < 2; ++half) {
+          const Bits in = static_cast<Bits>(word >> (16 * half)), out = static_cast<Bits>(got >> (16 * half));
+          const Bits want = Traits<Element>::operand(feedback_transform<float>(
+              Rule::kUniformSignSymmetry, Traits<Element>::to_float(in), 0.0f, 0.0f, scale));
+          ++checked;
+          if (out != want && failed++ < 3) {
+            std::printf("    scale %g, W bits 0x%04x: got 0x%04x, want 0x%04x\n", scale, in, out, want);
+          }
+        }
+      }
+    }
+  }
+  std::printf("%-58s %-14s %7lld values, %lld wrong%s\n",
+              std::is_same<Element, Bf16>::value ? "bf16 usf packed" : "fp16 usf packed", "bits",
+              static_cast<long long>(checked), static_cast<long long>(failed), failed ? "  FAILED" : "");
+  return failed != 0;
+}
 
 // Divisor's multiply-and-shift against the division, for divisors and dividends up to 2^31 - 1.
 int check_divisor() {
@@ -622,7 +666,12 @@ int main() {
       failures += check_conv<Tf32>(geometries[g], layout);
     }
   }
+  failures += check_packed_sign<Bf16>() + check_packed_sign<Fp16>();
   failures += check_linear<Bf16>(37, 70, 130);
+  // Interior tiles (the loaders' fixed-distance and cp.async paths) next to ragged edges.
+  failures += check_linear<Bf16>(150, 260, 140);
+  failures += check_linear<Bf16, Sm80Mma>(150, 260, 140);
+  failures += check_linear<Fp16>(130, 136, 72);
   failures += check_linear<Bf16>(200, 64, 16);
   failures += check_linear<Tf32>(19, 33, 45);
   std::printf("%s\n", failures ? "MISMATCH" : "every pass matches its definition");
