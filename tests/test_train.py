@@ -171,7 +171,7 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--data", "/nonexistent/folder"], "--data: '/nonexistent/folder' is not a folder"),
     (["--resume", "--no-checkpoint"], "--resume needs checkpoints; drop --no-checkpoint"),
-    (["--scale", "huge"], "--scale must be one of xiao, xavier, kaiming or a positive number, got 'huge'"),
+    (["--scale", "huge"], "--scale must be one of rms, xiao, xavier, kaiming or a positive number, got 'huge'"),
     (["--sigma", "0"], "--sigma must be positive and finite, got 0.0"),
     (["--models", "alexnet"], "--models alexnet needs images of at least 63 pixels"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),

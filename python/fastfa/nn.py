@@ -13,7 +13,7 @@ import torch
 
 from . import functional as F
 from .ops import feedback_transform
-from .rules import Distribution, Rule
+from .rules import RMS_SCALE, Distribution, Rule
 
 __all__ = ["Linear", "Conv2d", "FeedbackLayer"]
 
@@ -185,7 +185,7 @@ class FeedbackLayer:
         if self.activation != "none":
             text += f", activation={self.activation}"
         if self._spec.id == Rule.USF:
-            text += f", scale={self.feedback_scale:.4g}"
+            text += ", scale=rms" if self.feedback_scale == RMS_SCALE else f", scale={self.feedback_scale:.4g}"
         if self.feedback_init is not None:
             text += f", init={self.feedback_init}"
         if self._spec.estimates_feedback:
@@ -200,7 +200,8 @@ class Linear(FeedbackLayer, torch.nn.Linear):
 
     Args: as torch.nn.Linear, plus keyword-only ``rule`` (one of fastfa.RULES, default
     "usf"), ``activation`` (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"),
-    ``scale`` (usf: "xiao" default, "xavier", "kaiming" or a number), ``init`` (R's
+    ``scale`` (usf: "rms" default, ||W||/sqrt(numel) at each step; "xiao", Xiao et al.'s; "xavier",
+    "kaiming" or a number), ``init`` (R's
     distribution for fa, brsf, frsf, and B's start for the estimated rules: "kaiming"
     default, "xavier", "xiao"), ``seed``, and ``alpha`` / ``beta`` / ``gamma`` / ``sigma``
     for the estimated rules kp, wm, sa, aa, ia (defaults in fastfa.rules).
