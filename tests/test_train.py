@@ -151,6 +151,7 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
         # --classifier bp: the last Linear is torch's, so it has no angles.
         layers = ("1", "4") if row["model"] == "mlp" else ("0", "3", "8")
         assert tuple(last["weight_alignment"]) == layers and tuple(last["gradient_alignment"]) == layers
+        assert tuple(last["gradient_norm_ratio"]) == layers and all(v > 0 for v in last["gradient_norm_ratio"].values())
         if row["rule"] == "bp":
             assert max(last["weight_alignment"].values()) < 1e-3  # acos near 1 rounds to ~1e-5 degrees
         if row["rule"] == "fa":

@@ -53,6 +53,9 @@ def _feedback_slot(layer) -> dict:
 
 def _grad_inputs(model, loss_fn, inputs, target, layers) -> dict:
     """Run one forward / backward and return {layer name: the grad_input reaching it}."""
+    # A fresh leaf per pass: the first layer's input is the leaf itself, whose .grad would
+    # otherwise add this pass's gradient to the previous pass's.
+    inputs = inputs.detach().requires_grad_(True)
     captured, handles = {}, []
     for name, layer in layers:
         def keep(module, args, name=name):
@@ -109,7 +112,6 @@ def _norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
 def _rule_and_backprop_grad_inputs(model, loss_fn, batch):
     inputs, target = batch
     layers = _layers(model)
-    inputs = inputs.detach().requires_grad_(True)
     with _preserved_state(model):
         rule_inputs = _grad_inputs(model, loss_fn, inputs, target, layers)
     backprop = rule_spec("bp")
