@@ -147,7 +147,8 @@ class _PeerLayer:
             if self.rule == "usf":
                 scale = self.sign_scale
                 if scale == RMS_SCALE:
-                    scale = torch.linalg.vector_norm(weight, dtype=torch.float32) / max(weight.numel(), 1) ** 0.5
+                    opmath = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                    scale = torch.linalg.vector_norm(weight, dtype=opmath) / max(weight.numel(), 1) ** 0.5
                 return (scale * torch.sign(weight)).to(weight.dtype)
             if self.rule == "frsf":
                 return torch.abs(self.feedback) * torch.sign(weight)
