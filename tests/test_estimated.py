@@ -246,7 +246,8 @@ def test_gradient_norm_ratio_is_the_rule_grad_input_over_backprop():
     through_b, through_w = delta @ oracle.feedback_matrix("usf", w, scale=0.75), delta @ w
     expected = float(through_b.norm() / through_w.norm())
     # (the first layer's input is the batch itself: each pass must start from a fresh gradient)
-    expected_angle = math.degrees(math.acos(float((through_b * through_w).sum() / (through_b.norm() * through_w.norm()))))
+    cosine = float((through_b * through_w).sum() / (through_b.norm() * through_w.norm()))
+    expected_angle = math.degrees(math.acos(cosine))
     ratios = fastfa.metrics.gradient_norm_ratio(model, torch.nn.functional.mse_loss, (x, target))
     assert ratios == {"0": pytest.approx(expected, rel=1e-12)}
     assert abs(expected - 1) > 0.1  # a ratio of 1 would not tell a wrong ratio from a right one
