@@ -8,9 +8,17 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 
 namespace fastfa {
+
+at::Tensor rms_scale(const at::Tensor& weight) {
+  const auto opmath = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::linalg_vector_norm(weight, 2, std::nullopt, false, opmath)
+      .div_(std::sqrt(static_cast<double>(std::max<int64_t>(weight.numel(), 1))));
+}
+
 namespace {
 
 at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
@@ -22,6 +30,10 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
   }
   if (kind == Rule::kFeedbackAlignment && feedback.has_value() && feedback->defined()) {
     return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
+  }
+  if (scale_from_weight(kind, scale)) {
+    // sign(W) is exact in every dtype, so B = s * sign(W) still rounds once, at s.
+    return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution).mul_(rms_scale(weight));
   }
   if (weight.is_cpu()) {
     return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution);

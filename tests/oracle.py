@@ -69,9 +69,15 @@ def _in_opmath(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def rms(w: torch.Tensor) -> torch.Tensor:
+    """usf's "rms" scale ||W|| / sqrt(numel(W)), so that ||s sign(W)|| = ||W|| (W without zeros)."""
+    return torch.linalg.vector_norm(w) / math.sqrt(max(w.numel(), 1))
+
+
 def feedback_matrix(rule: str, weight: torch.Tensor, *, feedback=None, seed=None, step=None, scale=1.0,
                     distribution="uniform") -> torch.Tensor:
-    """B per learning-rules.md; computed in float64 for fp64 weights, float32 otherwise, then rounded."""
+    """B per learning-rules.md; computed in float64 for fp64 weights, float32 otherwise, then rounded.
+    usf's scale is a number or "rms" (taken from this W)."""
     w = _in_opmath(weight.detach(), weight.dtype)
     sign = torch.sign(w)  # sign(0) = 0
     if rule == "bp":
@@ -80,7 +86,7 @@ def feedback_matrix(rule: str, weight: torch.Tensor, *, feedback=None, seed=None
         b = _in_opmath(feedback, weight.dtype) if feedback is not None else draw(
             seed, step, weight.shape, distribution, scale, weight.dtype)
     elif rule == "usf":
-        b = scale * sign
+        b = (rms(w) if scale == "rms" else scale) * sign
     elif rule == "brsf":
         b = draw(seed, step, weight.shape, distribution, scale, weight.dtype).abs() * sign
     elif rule == "frsf":

@@ -2,7 +2,7 @@
 
 What a test expects a layer to use: usf's scale s, the distribution of R (fa, brsf, frsf) and
 of the estimated rules' initial B, and the estimated rules' alpha, beta, gamma, sigma. The
-spec gives the formulas; the defaults it leaves open (scale "xiao", init "kaiming", B starting
+spec gives the formulas; the defaults it leaves open (scale "rms", init "kaiming", B starting
 from the init distribution) are the README's Rules section. tests/test_spec_options.py checks
 fastfa's resolution (fastfa.rules, fastfa.functional.feedback_arguments, the layers) against
 this module; every other test takes its expected options from here, so an error in fastfa's
@@ -19,9 +19,9 @@ import torch
 
 import oracle
 
-SCALES = ("xiao", "xavier", "kaiming")
+SCALES = ("rms", "xiao", "xavier", "kaiming")
 INITS = ("kaiming", "xavier", "xiao")
-DEFAULT_SCALE, DEFAULT_INIT = "xiao", "kaiming"
+DEFAULT_SCALE, DEFAULT_INIT = "rms", "kaiming"
 
 #: The estimated rules' coefficients by the spec's table: the Neural-Alignment code's defaults,
 #: and sigma, the std of wm's noise (default 1). A rule takes only the coefficients it has.
@@ -53,8 +53,11 @@ def fans(shape):
 def sign_scale(scale, shape) -> float:
     """usf's s: "xiao" (Xiao et al.'s code) sqrt(2/(kh*kw*out_ch)) for conv, 1/sqrt(in) for linear;
     "xavier" and "kaiming" the std of the init BioTorch draws W from, sqrt(2/(fan_in+fan_out)) and
-    1/sqrt(3*fan_in); or a number, positive and finite (anything else is refused)."""
+    1/sqrt(3*fan_in); or a number, positive and finite (anything else is refused). "rms" stays
+    "rms": s = ||W|| / sqrt(numel(W)) of the W at hand, which oracle.feedback_matrix computes."""
     scale = DEFAULT_SCALE if scale is None else scale
+    if scale == "rms":
+        return "rms"
     if isinstance(scale, str):
         fan_in, fan_out = fans(shape)
         if fan_in == 0 or fan_out == 0:
@@ -107,7 +110,7 @@ class Resolved:
     """A rule with its options resolved: what the oracle needs to build B and B's gradient."""
 
     rule: str
-    scale: float  # usf's s, or R's scale; 1.0 where B is neither scaled nor drawn
+    scale: float | str  # usf's s ("rms": from W), or R's scale; 1.0 where B is neither scaled nor drawn
     distribution: str  # xi's distribution, "uniform" or "normal"
     alignment: tuple  # (alpha, beta, gamma, sigma)
     seed: int | None  # the draw's key, for the rules in KEYED when a seed is given

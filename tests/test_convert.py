@@ -1,5 +1,7 @@
 """fastfa.convert on torchvision's resnet18 and alexnet, then a few SGD steps."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -70,3 +72,22 @@ def test_converted_torchvision_model_trains(name, size, rule):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses
+
+
+def test_convert_warns_where_a_fixed_usf_scale_is_off_the_weights():
+    """A head initialised N(0, 0.01) (RetinaNet's) is ~2.9x below Xiao et al.'s scale: named, with the fix;
+    a Kaiming-normal(fan_out) layer (what that scale is the std of) is not; the default "rms" never warns."""
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3), torch.nn.Conv2d(256, 256, 3))
+        torch.nn.init.normal_(net[0].weight, std=0.01)
+        torch.nn.init.kaiming_normal_(net[1].weight, mode="fan_out", nonlinearity="relu")
+        return net
+
+    with pytest.warns(UserWarning, match=r"in 1 layer\(s\): 0 \(s = 2\.9\d x RMS\(W\)\)\..*scale=\"rms\"") as caught:
+        fastfa.convert(model(), "usf", scale="xiao")
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastfa.convert(model(), "usf")
+        fastfa.convert(model(), "fa")

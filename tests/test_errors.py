@@ -16,7 +16,7 @@ def test_wrong_rule_names_the_choices():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(rule="usf", scale=-1.0), ValueError, "scale must be positive and finite"),
     (dict(rule="usf", scale=float("nan")), ValueError, "scale must be positive and finite"),
-    (dict(rule="usf", scale="huge"), ValueError, "scale must be one of xiao, xavier, kaiming"),
+    (dict(rule="usf", scale="huge"), ValueError, "scale must be one of rms, xiao, xavier, kaiming"),
     (dict(rule="usf", scale=True), TypeError, "scale must be"),
     (dict(rule="fa", scale=0.1), ValueError, "option 'scale' applies to rule.s. usf, not 'fa'"),
     (dict(rule="usf", init="xavier"), ValueError, "option 'init' applies to rule.s. fa, brsf, frsf, kp, wm, sa, aa, ia, not 'usf'"),

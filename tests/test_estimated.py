@@ -231,3 +231,31 @@ def test_gradient_alignment_leaves_state_untouched():
     assert all(a < 1e-3 or math.isnan(a) for a in bp_angles.values())
     weights = fastfa.metrics.weight_alignment(model)
     assert set(weights) == {"0", "3"} and all(0 <= a <= 180 for a in weights.values())
+
+
+def test_gradient_norm_ratio_is_the_rule_grad_input_over_backprop():
+    """Per layer, ||grad_input through B|| / ||through W|| on the same batch: for one usf layer with a
+    fixed scale it is ||delta s sign(W)|| / ||delta W|| (from the oracle), 1 for bp, and it is given
+    beside the angle by gradient_measures."""
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(6, 3, rule="usf", scale=0.75, dtype=torch.float64)
+    model = torch.nn.Sequential(layer)
+    x, target = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    delta = 2 * (layer(x).detach() - target) / target.numel()  # mse_loss's gradient at the output
+    w = layer.weight.detach()
+    through_b, through_w = delta @ oracle.feedback_matrix("usf", w, scale=0.75), delta @ w
+    expected = float(through_b.norm() / through_w.norm())
+    # (the first layer's input is the batch itself: each pass must start from a fresh gradient)
+    cosine = float((through_b * through_w).sum() / (through_b.norm() * through_w.norm()))
+    expected_angle = math.degrees(math.acos(cosine))
+    ratios = fastfa.metrics.gradient_norm_ratio(model, torch.nn.functional.mse_loss, (x, target))
+    assert ratios == {"0": pytest.approx(expected, rel=1e-12)}
+    assert abs(expected - 1) > 0.1  # a ratio of 1 would not tell a wrong ratio from a right one
+    measures = fastfa.metrics.gradient_measures(model, torch.nn.functional.mse_loss, (x, target))
+    angles = fastfa.metrics.gradient_alignment(model, torch.nn.functional.mse_loss, (x, target))
+    assert angles == {"0": pytest.approx(expected_angle, rel=1e-9)}
+    assert measures == {"0": (pytest.approx(expected_angle, rel=1e-9), pytest.approx(expected, rel=1e-12))}
+    bp = torch.nn.Sequential(fastfa.nn.Linear(5, 4, rule="bp", activation="tanh"), fastfa.nn.Linear(4, 2, rule="bp"))
+    bp_ratios = fastfa.metrics.gradient_norm_ratio(bp, torch.nn.functional.mse_loss,
+                                                   (torch.randn(6, 5), torch.randn(6, 2)))
+    assert bp_ratios and all(ratio == pytest.approx(1.0, rel=1e-6) for ratio in bp_ratios.values())

@@ -155,6 +155,7 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
         # --classifier bp: the last Linear is torch's, so it has no angles.
         layers = ("1", "4") if row["model"] == "mlp" else ("0", "3", "8")
         assert tuple(last["weight_alignment"]) == layers and tuple(last["gradient_alignment"]) == layers
+        assert tuple(last["gradient_norm_ratio"]) == layers and all(v > 0 for v in last["gradient_norm_ratio"].values())
         if row["rule"] == "bp":
             assert max(last["weight_alignment"].values()) < 1e-3  # acos near 1 rounds to ~1e-5 degrees
         if row["rule"] == "fa":
@@ -175,7 +176,7 @@ def test_cli_writes_the_record_and_plot(tmp_path, capsys):
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--data", "/nonexistent/folder"], "--data: '/nonexistent/folder' is not a folder"),
     (["--resume", "--no-checkpoint"], "--resume needs checkpoints; drop --no-checkpoint"),
-    (["--scale", "huge"], "--scale must be one of xiao, xavier, kaiming or a positive number, got 'huge'"),
+    (["--scale", "huge"], "--scale must be one of rms, xiao, xavier, kaiming or a positive number, got 'huge'"),
     (["--sigma", "0"], "--sigma must be positive and finite, got 0.0"),
     (["--models", "alexnet"], "--models alexnet needs images of at least 63 pixels"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),

@@ -44,7 +44,8 @@ ALIGNMENT = dict(alpha=0.3, beta=0.7, gamma=0.2, sigma=1.3)
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 CASES = [("bp", {}), ("fa", {"stored": True}), ("fa", {"seed": 11}), ("usf", {"scale": "kaiming"}),
          ("brsf", {"seed": 2**40 + 5, "step": 2**33 + 3}), ("frsf", {"stored": True}), ("kp", {}),
-         ("wm", {"seed": 9, "step": 4}), ("sa", {}), ("aa", {}), ("ia", {})]
+         ("wm", {"seed": 9, "step": 4}), ("sa", {}), ("aa", {}), ("ia", {}),
+         ("usf", {"scale": "rms"})]  # s from W: a device scalar the kernel reads
 # (batch, in_channels, H, W, out_channels, (kh, kw), stride, padding, dilation, groups)
 GEOMETRIES = [
     (3, 5, 7, 9, 7, (3, 3), 1, 1, 1, 1),

@@ -43,7 +43,8 @@ ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # (rule, options): fa both with a stored R and regenerating R from (seed, step).
 CASES = [("bp", {}), ("fa", {"stored": True}), ("fa", {"seed": 11}), ("usf", {"scale": "kaiming"}),
          ("brsf", {"seed": 2**40 + 5, "step": 2**33 + 3}), ("frsf", {"stored": True}), ("kp", {}),
-         ("wm", {"seed": 9, "step": 4}), ("sa", {}), ("aa", {}), ("ia", {})]
+         ("wm", {"seed": 9, "step": 4}), ("sa", {}), ("aa", {}), ("ia", {}),
+         ("usf", {"scale": "rms"})]  # s from W: a device scalar the kernel reads
 
 
 def _options(rule, options):

@@ -120,7 +120,8 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
                        kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, rows_bucket, columns,
                        reduction, sg_n, sg_c, sg_h, sg_w, ss_n, ss_c, ss_h, ss_w, sw_o, sw_c, sw_h, sw_w, sf_o, sf_c,
                        sf_h, sf_w, si_n, si_c, si_h, si_w, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
-                       DISTRIBUTION: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       DISTRIBUTION: tl.constexpr, SCALE_FROM_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[n, c, ih, iw] = sum_(oc, kh, kw) delta[n, oc, oh, ow] B[oc, c, kh, kw] over the (kh, kw)
     with ih = oh s - p + kh d (and the same for w), as B^T [c, (oc, kh, kw)] times delta^T [(oc, kh, kw), (n, ih, iw)].
@@ -147,6 +148,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
     row_mask = (row < rows) & (ih < in_h) & (iw < in_w)
     c = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
+    scale = fb.load_scale(scale, SCALE_FROM_WEIGHT)
     dtype = grad_input_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     class_reduction = out_per_group * taps_h * taps_w  # 0 where the class has no taps: grad_input is 0 there
@@ -343,13 +345,14 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
                                                                                              geometry.stride[1])
     taps_h, taps_w = (_taps(s, p, d, k, grad) for s, p, d, k in
                       zip(geometry.stride, geometry.padding, geometry.dilation, (geometry.kernel_h, geometry.kernel_w)))
+    scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     launch(_grad_input_kernel,
            lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(class_rows, meta["BLOCK_M"]),
                          geometry.groups * geometry.stride[0] * geometry.stride[1]),
            grad, saved, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), rows_bucket_of(class_rows),
            columns, reduction, *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(),
            *grad_input.stride(), scale, RULE=rule, HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution,
-           ACTIVATION=activation, INPUT_PRECISION=input_precision(grad.dtype))
+           SCALE_FROM_WEIGHT=scale_from_weight, ACTIVATION=activation, INPUT_PRECISION=input_precision(grad.dtype))
     return grad_input
 
 

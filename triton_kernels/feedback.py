@@ -21,6 +21,8 @@ odd. The uniform draw equals the C++ one bit for bit; the normal one to a few ul
 
 Public @triton.jit functions (every argument after the tensors is a scalar or constexpr):
 
+    load_scale(scale, SCALE_FROM_WEIGHT) -> the transform's scale: tl.load(scale) where the
+        launcher passed usf's "rms" scale as a device tensor (scale_argument), else scale.
     load_draw_state(rng_ptr, RULE, HAS_FEEDBACK) -> (seed, step)
         Loads [seed, step] from the int64 rng tensor where the rule draws (brsf; fa
         without stored R), else returns (0, 0); call once per program, outside the K loop.
@@ -78,6 +80,20 @@ NUM_RULES = 10
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 UNIFORM = tl.constexpr(0)
 NORMAL = tl.constexpr(1)
+
+
+#: The op contract's ``scale`` for usf's "rms" (feedback.h's kRmsScale): s = ||W|| / sqrt(numel(W)).
+RMS_SCALE = -1.0
+
+
+def scale_argument(weight, rule: int, scale: float):
+    """(scale, SCALE_FROM_WEIGHT) as the grad_input kernels take them: for usf's "rms", s as a
+    one-element fp32 tensor on W's device, reduced from W before the GEMM (no host synchronisation,
+    so a CUDA graph can capture it), which the kernel reads (load_scale); otherwise the float."""
+    if rule == 2 and scale == RMS_SCALE:
+        numel = max(weight.numel(), 1)
+        return torch.linalg.vector_norm(weight, dtype=torch.float32).div_(math.sqrt(numel)).reshape(1), True
+    return scale, False
 
 
 def draws(rule: int, has_feedback: bool) -> bool:
@@ -172,6 +188,16 @@ def feedback_transform(w, stored, xi, scale, RULE: tl.constexpr):
     else:  # the estimated rules send the error back through their stored B
         b = stored
     return b
+
+
+@triton.jit
+def load_scale(scale, SCALE_FROM_WEIGHT: tl.constexpr):
+    """The transform's scale: read from the device where scale_argument made it a tensor (usf's "rms")."""
+    if SCALE_FROM_WEIGHT:
+        value = tl.load(scale)
+    else:
+        value = scale
+    return value
 
 
 @triton.jit

@@ -209,6 +209,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
                        stride_saved_col, stride_weight_out, stride_weight_in, stride_feedback_out,
                        stride_feedback_in, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
                        DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr, DRAWS_BY_FOUR: tl.constexpr,
+                       SCALE_FROM_WEIGHT: tl.constexpr,
                        ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[rows, in] = delta[rows, out] B[out, in], computed transposed: B^T delta^T, so the
@@ -217,6 +218,7 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
+    scale = fb.load_scale(scale, SCALE_FROM_WEIGHT)
     dtype = grad_input_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for start in range(0, out_features, BLOCK_K):
@@ -366,11 +368,13 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
         feedback, rule, rng = materialise_feedback(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
     saved = saved if activation != "none" else grad
+    scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     launch(_grad_input_kernel,
             lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
             grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
             *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
-            HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, ACTIVATION=activation,
+            HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=scale_from_weight,
+            ACTIVATION=activation,
             INPUT_PRECISION=input_precision(grad.dtype), **_draw_arguments(rule, feedback, in_features))
     return grad_input
 

@@ -183,6 +183,10 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
   check_cpu(weight);
   const auto memory_format = weight.suggest_memory_format();
   at::Tensor out = at::empty_like(weight, weight.options(), memory_format);
+  if (scale_from_weight(static_cast<Rule>(rule), scale)) {
+    transform_into(weight, feedback, rng, rule, 1.0, distribution, memory_format, out);
+    return out.mul_(rms_scale(weight));
+  }
   transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, out);
   return out;
 }

@@ -93,15 +93,17 @@ at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional
   const int64_t groups = (numel + 3) / 4; // four elements per thread
   const int blocks = static_cast<int>(std::min((groups + kThreads - 1) / kThreads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
+  // usf's "rms": sign(W) here, times s (a device scalar, no host synchronisation) below.
+  const bool from_weight = scale_from_weight(kind, scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "feedback_transform_cuda", [&] {
     feedback_transform_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         w.const_data_ptr<scalar_t>(), uses_stored ? r.const_data_ptr<scalar_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), numel, kind, scale,
+        out.mutable_data_ptr<scalar_t>(), numel, kind, from_weight ? 1.0 : scale,
         static_cast<Distribution>(distribution), has_rng ? state.const_data_ptr<int64_t>() : nullptr,
         draw_index);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return from_weight ? out.mul_(rms_scale(weight)) : out;
 }
 
 } // namespace fastfa

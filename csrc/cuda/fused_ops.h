@@ -136,7 +136,7 @@ inline ForwardOutputs forward_outputs(const at::Tensor& output, const at::Tensor
 // kernel first, as on the aten path. The tensors live while this object does.
 struct FeedbackOperand {
   Rule transform;
-  at::Tensor operand, stored, state;
+  at::Tensor operand, stored, state, output_scale;
   gemm::FeedbackArgs args;
 
   FeedbackOperand(Rule rule, const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
@@ -161,6 +161,11 @@ struct FeedbackOperand {
     args.stored = stored.defined() ? stored.const_data_ptr() : nullptr;
     args.rng = state.defined() ? state.const_data_ptr<int64_t>() : nullptr;
     args.scale = static_cast<float>(scale);
+    if (scale_from_weight(rule, scale)) {
+      output_scale = rms_scale(weight).to(at::kFloat);
+      args.output_scale = output_scale.const_data_ptr<float>();
+      args.scale = 1.0f;
+    }
   }
 };
 

@@ -323,6 +323,7 @@ struct StoreEpilogue {
   Output output;
   int64_t m = 0, n = 0;
   void* row_sums = nullptr;  // A's row sums (grad_bias), in C's dtype
+  const float* output_scale = nullptr;  // C's factor on the device (usf's "rms" scale), or none
 
   FASTFA_HOST_DEVICE bool wants_row_sums() const { return row_sums != nullptr; }
   FASTFA_HOST_DEVICE void row_sum(int64_t row, int64_t /*split*/, float value) const {
@@ -331,6 +332,11 @@ struct StoreEpilogue {
   FASTFA_HOST_DEVICE void operator()(int64_t row, int64_t col, int64_t /*split*/, float v0, float v1) const {
     if (row >= m || col >= n) {
       return;
+    }
+    if (output_scale != nullptr) {
+      const float s = *output_scale;
+      v0 *= s;
+      v1 *= s;
     }
     Bits* out = static_cast<Bits*>(c);
     const int64_t at = output.offset(row, col);
@@ -1273,7 +1279,9 @@ cudaError_t launch_for(Arch arch, const Gemm& problem, const Transform& transfor
 // stored R or B) is the identity kernel, instantiated with the other identity ones.
 template <class Element, class Gemm, class Epilogue>
 cudaError_t transformed_gemm(Arch arch, Rule rule, const Gemm& problem, const FeedbackArgs& feedback,
-                             const Epilogue& epilogue, cudaStream_t stream) {
+                             const Epilogue& store, cudaStream_t stream) {
+  Epilogue epilogue = store;
+  epilogue.output_scale = feedback.output_scale;
   switch (rule) {
   case Rule::kFeedbackAlignment:
     return launch_for<Element>(arch, problem, RuleTransform<Rule::kFeedbackAlignment>{feedback}, epilogue, stream);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 
 import torch
@@ -10,9 +11,17 @@ import torch
 from . import nn as fnn
 from .coverage import ATTENTION_PART, BACKPROP, CONVERTIBLE, coverage
 from .dfa import attach as direct_feedback_attach
-from .rules import canonical_rule
+from .rules import RMS_SCALE, Rule, canonical_rule, weight_rms
 
-__all__ = ["convert"]
+__all__ = ["convert", "SCALE_MISMATCH_FACTOR"]
+
+#: convert warns where a layer's fixed usf scale s and its weights' RMS differ by more than this
+#: factor. B = s sign(W) carries the error back s / RMS(W) times as strong as W would (per unit of
+#: alignment), and k such layers in a row multiply it k times: RetinaNet's heads, s ~2.9x RMS(W)
+#: over five convolutions, diverge (issue 20). Every init torch and torchvision use matches one of
+#: the fixed scales up to sqrt(3) (a uniform and a normal draw of the same bound), so 2 flags a
+#: scale that does not belong to the weights, and not a model that merely used another init.
+SCALE_MISMATCH_FACTOR = 2.0
 
 
 def _excluded(name: str, patterns) -> bool:
@@ -69,7 +78,9 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
     Decoder layers and whole nn.Transformer models convert. Modules with parameters of their
     own that convert does not know (nn.Bilinear, an LSTM, a custom module calling F.linear, a
     subclass of Linear) stay on backprop: one warning names their parameters, and
-    :func:`fastfa.coverage` gives the per-module table. Xiao et al. keep the classifier on backprop (``exclude=("fc",)`` for
+    :func:`fastfa.coverage` gives the per-module table. A warning names the usf layers whose
+    fixed scale is more than SCALE_MISMATCH_FACTOR off their weights' RMS (the default scale
+    "rms" never is). Xiao et al. keep the classifier on backprop (``exclude=("fc",)`` for
     a torchvision ResNet); Kunin et al. convert it too, which is the default here.
 
     ``"dfa"`` also hooks ``model``: each call captures e = dL/d(model output) during the
@@ -97,15 +108,21 @@ def convert(model: torch.nn.Module, rule: str, *, exclude=(), **options) -> torc
         return replacements[id(layer)]
 
     if type(model) in swappable:
-        model = model if _excluded("", exclude) else replacement("", model)
-        return _with_direct_feedback(model) if rule == "dfa" else model
+        if _excluded("", exclude):
+            return model
+        layer = replacement("", model)
+        _warn_scale_mismatch({"": layer})
+        return _with_direct_feedback(layer) if rule == "dfa" else layer
+    converted = {}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         # _modules, not named_children(): a layer registered twice must be seen twice.
         for child_name, child in list(parent._modules.items()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if child is not None and type(child) in swappable and not _excluded(name, exclude):
-                setattr(parent, child_name, replacement(name, child))
+                converted[name] = replacement(name, child)
+                setattr(parent, child_name, converted[name])
     _warn_unknown(model)
+    _warn_scale_mismatch(converted)
     return _with_direct_feedback(model) if rule == "dfa" else model
 
 
@@ -126,3 +143,24 @@ def _with_direct_feedback(model: torch.nn.Module) -> torch.nn.Module:
     """dfa: the model's hooks that capture e, shared by its dfa layers (those it had already too)."""
     layers = [m for m in model.modules() if isinstance(m, fnn.FeedbackLayer) and m.rule == "dfa"]
     return direct_feedback_attach(model, layers)
+
+
+def _warn_scale_mismatch(layers: dict) -> None:
+    """One warning naming the usf layers whose fixed scale is off their weights' RMS (SCALE_MISMATCH_FACTOR)."""
+    mismatched = []
+    feedback_layers = ((f"{name}.{part}" if name and part else name or part, module)
+                       for name, layer in layers.items() for part, module in layer.named_modules()
+                       if isinstance(module, fnn.FeedbackLayer))  # a MultiheadAttention's projections too
+    for name, layer in feedback_layers:
+        if layer._spec.id != Rule.USF or layer.feedback_scale == RMS_SCALE or layer.weight.numel() == 0:
+            continue
+        rms = weight_rms(layer.weight)
+        ratio = layer.feedback_scale / rms if rms > 0 else math.inf
+        if not 1 / SCALE_MISMATCH_FACTOR <= ratio <= SCALE_MISMATCH_FACTOR:
+            mismatched.append(f"{name or '(the model)'} (s = {ratio:.3g} x RMS(W))")
+    if mismatched:
+        warnings.warn(f"fastfa.convert: the usf scale differs from the weights' RMS by more than a factor "
+                      f"{SCALE_MISMATCH_FACTOR:g} in {len(mismatched)} layer(s): {', '.join(mismatched)}. The "
+                      "error sent back through them is scaled by that much per layer and can blow up or vanish; "
+                      "scale=\"rms\" (the default) takes s from each layer's weights at every step.",
+                      stacklevel=3)

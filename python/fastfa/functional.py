@@ -16,7 +16,7 @@ import torch
 from . import _backend
 from . import alignment as _alignment
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
-from .rules import RULES, Distribution, Rule, init_distribution, rule_spec, sign_scale
+from .rules import DEFAULT_SCALE, RULES, Distribution, Rule, init_distribution, rule_spec, sign_scale
 
 __all__ = ["linear", "conv2d", "ACTIVATIONS", "feedback_arguments"]
 
@@ -117,7 +117,7 @@ def feedback_arguments(rule, weight_shape, device, options: dict):
                                    for key in sorted(refused)))
     scale, distribution = 1.0, Distribution.UNIFORM
     if spec.id == Rule.USF:
-        scale = sign_scale("xiao" if options.get("scale") is None else options["scale"], weight_shape)
+        scale = sign_scale(DEFAULT_SCALE if options.get("scale") is None else options["scale"], weight_shape)
     elif spec.id in (Rule.FA, Rule.BRSF, Rule.FRSF) or spec.estimates_feedback:
         init = options.get("init")
         distribution, scale = init_distribution("kaiming" if init is None else init, weight_shape)

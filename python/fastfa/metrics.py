@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -10,7 +11,7 @@ from .functional import _angle_degrees
 from .nn import FeedbackLayer
 from .rules import rule_spec
 
-__all__ = ["weight_alignment", "gradient_alignment", "norm_ratio"]
+__all__ = ["weight_alignment", "gradient_alignment", "norm_ratio", "gradient_norm_ratio", "gradient_measures"]
 
 
 def _layers(model: torch.nn.Module):
@@ -80,9 +81,37 @@ def gradient_alignment(model: torch.nn.Module, loss_fn, batch) -> dict:
     gradients, B, R, step counters, batch-norm statistics) is as it was before the call.
     The first layer's input needs grad to be measured: inputs is made to require it.
     """
+    return {name: angle for name, (angle, _) in gradient_measures(model, loss_fn, batch).items()}
+
+
+def gradient_norm_ratio(model: torch.nn.Module, loss_fn, batch) -> dict:
+    """{layer name: ||grad_input the rule propagates|| / ||backprop's||} on the same batch and weights.
+
+    Where the angle says whether the error points the right way, this says whether it has the
+    right size: a ratio that grows layer by layer towards the input is the error blowing up
+    (a feedback scale too large for the weights) before the loss shows it. Same passes and
+    guarantees as :func:`gradient_alignment`.
+    """
+    return {name: ratio for name, (_, ratio) in gradient_measures(model, loss_fn, batch).items()}
+
+
+def gradient_measures(model: torch.nn.Module, loss_fn, batch) -> dict:
+    """{layer name: (gradient angle in degrees, gradient norm ratio)} from one pair of passes
+    (:func:`gradient_alignment`, :func:`gradient_norm_ratio`)."""
+    rule_inputs, backprop_inputs = _rule_and_backprop_grad_inputs(model, loss_fn, batch)
+    return {name: (_angle_degrees(rule_inputs[name], backprop_inputs[name]),
+                   _norm_ratio(rule_inputs[name], backprop_inputs[name]))
+            for name in rule_inputs if name in backprop_inputs}
+
+
+def _norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    denominator = float(b.double().norm())
+    return float(a.double().norm()) / denominator if denominator != 0 else math.nan
+
+
+def _rule_and_backprop_grad_inputs(model, loss_fn, batch):
     inputs, target = batch
     layers = _layers(model)
-    inputs = inputs.detach().requires_grad_(True)
     with _preserved_state(model):
         rule_inputs = _grad_inputs(model, loss_fn, inputs, target, layers)
     backprop = rule_spec("bp")
@@ -97,5 +126,4 @@ def gradient_alignment(model: torch.nn.Module, loss_fn, batch) -> dict:
             for layer, spec, feedback in saved:
                 layer._spec = spec
                 _feedback_slot(layer)["feedback"] = feedback
-    return {name: _angle_degrees(rule_inputs[name], backprop_inputs[name])
-            for name in rule_inputs if name in backprop_inputs}
+    return rule_inputs, backprop_inputs

@@ -21,7 +21,7 @@ from . import ops as _ops
 from .alignment import OPTIONS as PIPELINE_OPTIONS
 from .alignment import split_options
 from .ops import feedback_transform
-from .rules import Distribution, Rule, rule_spec
+from .rules import RMS_SCALE, Distribution, Rule, rule_spec
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "MultiheadAttention", "FeedbackLayer"]
 
@@ -273,7 +273,7 @@ class FeedbackLayer:
         if self.activation != "none":
             text += f", activation={self.activation}"
         if self._spec.id == Rule.USF:
-            text += f", scale={self.feedback_scale:.4g}"
+            text += ", scale=rms" if self.feedback_scale == RMS_SCALE else f", scale={self.feedback_scale:.4g}"
         if self.feedback_init is not None:
             text += f", init={self.feedback_init}"
         if self._spec.estimates_feedback:
@@ -290,7 +290,8 @@ class Linear(FeedbackLayer, torch.nn.Linear):
 
     Args: as torch.nn.Linear, plus keyword-only ``rule`` (one of fastfa.RULES, default
     "usf"), ``activation`` (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"),
-    ``scale`` (usf: "xiao" default, "xavier", "kaiming" or a number), ``init`` (R's
+    ``scale`` (usf: "rms" default, ||W||/sqrt(numel) at each step; "xiao", Xiao et al.'s; "xavier",
+    "kaiming" or a number), ``init`` (R's
     distribution for fa, brsf, frsf, and B's start for the estimated rules: "kaiming"
     default, "xavier", "xiao"), ``seed``, and ``alpha`` / ``beta`` / ``gamma`` / ``sigma``
     for the estimated rules kp, wm, sa, aa, ia (defaults in fastfa.rules), and for wm, aa, ia

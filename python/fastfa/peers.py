@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .rules import Distribution, canonical_rule
+from .rules import RMS_SCALE, Distribution, canonical_rule, weight_rms
 
 __all__ = ["PEERS", "PeerLinear", "PeerConv2d", "peer_of", "convert_to_peers", "compile_peer",
            "biotorch_status", "biotorch_rules", "biotorch_of"]
@@ -145,7 +145,11 @@ class _PeerLayer:
             if self.rule == "fa":
                 return self.feedback
             if self.rule == "usf":
-                return self.sign_scale * torch.sign(weight)
+                scale = self.sign_scale
+                if scale == RMS_SCALE:
+                    opmath = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                    scale = torch.linalg.vector_norm(weight, dtype=opmath) / max(weight.numel(), 1) ** 0.5
+                return (scale * torch.sign(weight)).to(weight.dtype)
             if self.rule == "frsf":
                 return torch.abs(self.feedback) * torch.sign(weight)
             # brsf: a fresh R_t from R's init distribution at every step
@@ -332,6 +336,8 @@ def biotorch_of(layer) -> torch.nn.Module:
         elif layer.rule == "frsf":   # BioTorch keeps |R| and multiplies by sign(W) each step
             peer.weight_backward.copy_(layer.feedback.abs())
     if layer.rule == "usf":
-        peer.scaling_factor = layer.feedback_scale
+        # BioTorch's usf scale is a number: "rms" is taken from W now (the same s at this step).
+        rms = layer.feedback_scale == RMS_SCALE
+        peer.scaling_factor = weight_rms(layer.weight) if rms else layer.feedback_scale
     peer.train(layer.training)
     return peer

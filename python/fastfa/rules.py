@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = ["RULES", "LAYER_RULES", "ALIASES", "Rule", "Distribution", "RuleSpec", "rule_spec", "canonical_rule",
-           "SCALES", "INITS", "sign_scale", "init_distribution", "fan_in_and_fan_out"]
+           "SCALES", "INITS", "DEFAULT_SCALE", "RMS_SCALE", "sign_scale", "weight_rms", "init_distribution",
+           "fan_in_and_fan_out"]
 
 
 class Rule(enum.IntEnum):
@@ -127,7 +128,14 @@ _BY_NAME = {spec.name: spec for spec in _SPECS}
 _PLANNED: tuple = ()
 
 #: Choices of the usf scale s (or a positive finite float).
-SCALES = ("xiao", "xavier", "kaiming")
+SCALES = ("rms", "xiao", "xavier", "kaiming")
+#: usf's scale when none is given. "rms" follows the weights, so ||B|| = ||W|| whatever a model
+#: initialised them with: Xiao et al.'s "xiao" matches only W drawn from their own init, and is
+#: ~3x the weights of RetinaNet's heads (N(0, 0.01)), which then diverge (issue 20).
+DEFAULT_SCALE = "rms"
+#: The op contract's ``scale`` for "rms" (csrc/include/fastfa/feedback.h, kRmsScale): the kernels
+#: take s = ||W|| / sqrt(numel(W)) from the current W, on its device, at every step.
+RMS_SCALE = -1.0
 #: Choices of R's init distribution.
 INITS = ("kaiming", "xavier", "xiao")
 
@@ -162,15 +170,25 @@ def _is_conv(weight_shape) -> bool:
     return len(weight_shape) >= 3
 
 
-def sign_scale(scale, weight_shape: Sequence[int]) -> float:
-    """The usf scale s for a weight of this shape.
+def weight_rms(weight) -> float:
+    """||W|| / sqrt(numel(W)): the s of usf's "rms" scale, and the std a fixed scale is compared with."""
+    numel = max(weight.numel(), 1)
+    return float(weight.detach().double().norm()) / math.sqrt(numel)
 
+
+def sign_scale(scale, weight_shape: Sequence[int]) -> float:
+    """The usf scale s for a weight of this shape, as the op takes it.
+
+    ``"rms"``: ||W|| / sqrt(numel(W)) of the current W at each step, so that ||B|| = ||W||
+    (returned as RMS_SCALE, which tells the kernels to reduce W themselves);
     ``"xiao"``: sqrt(2 / (kh*kw*out_ch)) for conv, 1/sqrt(in) for linear (Xiao et al.'s code);
     ``"xavier"``: sqrt(2 / (fan_in + fan_out)); ``"kaiming"``: 1/sqrt(3*fan_in) (the std of
     torch's default Kaiming-uniform init, as BioTorch); or a positive finite number.
     """
     fan_in, fan_out = fan_in_and_fan_out(weight_shape)
     if isinstance(scale, str):
+        if scale == "rms":
+            return RMS_SCALE
         if scale == "xiao":
             return math.sqrt(2.0 / max(fan_out, 1)) if _is_conv(weight_shape) else 1.0 / math.sqrt(max(fan_in, 1))
         if scale == "xavier":

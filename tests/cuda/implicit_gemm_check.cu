@@ -289,19 +289,25 @@ int check_conv(const Geometry& geometry, const std::string& layout) {
   // grad_input for every transform: grad_x = the transposed convolution of delta with T(W).
   const int64_t rng[2] = {0x5EED1234, 7};
   const float scale = 0.375f;
+  // "usf rms" is usf's "rms" scale as the kernel gets it: sign(W) in the transform, and s read
+  // from memory (the device scalar) by the epilogue, once per output element.
+  const float rms_scale = 0.8125f;
   const Rule rules[] = {Rule::kBackprop, Rule::kFeedbackAlignment, Rule::kUniformSignSymmetry,
-                        Rule::kBatchRandomSignFeedback, Rule::kFixedRandomSignFeedback};
-  const char* rule_names[] = {"bp", "fa", "usf", "brsf", "frsf"};
-  for (int which = 0; which < 5; ++which) {
+                        Rule::kBatchRandomSignFeedback, Rule::kFixedRandomSignFeedback, Rule::kUniformSignSymmetry};
+  const char* rule_names[] = {"bp", "fa", "usf", "brsf", "frsf", "usf rms"};
+  for (int which = 0; which < 6; ++which) {
     const Rule rule = rules[which];
+    const bool scale_in_epilogue = which == 5;
     Tensor4<Element> grad_x(s.batch, s.in_channels, s.in_h, s.in_w, layout);
     FeedbackArgs feedback;
     feedback.stored = rule == Rule::kFixedRandomSignFeedback ? stored.memory.data() : nullptr;
     feedback.rng = rng;
-    feedback.scale = scale;
+    feedback.scale = scale_in_epilogue ? 1.0f : scale;
+    feedback.output_scale = scale_in_epilogue ? &rms_scale : nullptr;
     const auto problem =
         conv_grad_input_problem<Element>(s, delta.memory.data(), delta.strides, weight.memory.data(), weight.strides);
-    const auto store = conv_grad_input_epilogue<Element>(s, grad_x.memory.data(), grad_x.strides);
+    auto store = conv_grad_input_epilogue<Element>(s, grad_x.memory.data(), grad_x.strides);
+    store.output_scale = feedback.output_scale;  // as transformed_gemm hands it on
     switch (rule) {
     case Rule::kBackprop:
       emulate<Element>(problem, IdentityTransform{}, store);
@@ -330,8 +336,8 @@ int check_conv(const Geometry& geometry, const std::string& layout) {
             const float xi = unit_draw(rng[0], rng[1], key, Distribution::kUniform);
             const float w = static_cast<float>(weight.value(oc, c, kh, kw));
             const float r = rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(stored.value(oc, c, kh, kw))
-                                                                   : scale * xi;
-            feedback_weight[key] = round_operand<Element>(feedback_transform<float>(rule, w, r, xi, scale));
+                                                                   : feedback.scale * xi;
+            feedback_weight[key] = round_operand<Element>(feedback_transform<float>(rule, w, r, xi, feedback.scale));
           }
     Comparison compare{"grad_input", output_tolerance<Element>()};
     for (int64_t n = 0; n < s.batch; ++n)
@@ -353,7 +359,8 @@ int check_conv(const Geometry& geometry, const std::string& layout) {
                         abs_sum += std::fabs(term);
                       }
                     }
-            compare(grad_x.value(n, c, h, w), sum, abs_sum);
+            const double factor = scale_in_epilogue ? rms_scale : 1.0;
+            compare(grad_x.value(n, c, h, w), factor * sum, factor * abs_sum);
           }
     failures += report(name + " " + rule_names[which], compare);
   }
@@ -469,9 +476,13 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
   const int64_t rng[2] = {99, 3};
   FeedbackArgs feedback;
   feedback.rng = rng;
-  feedback.scale = 0.25f;
+  // usf here as its "rms" scale reaches the kernel (see check_conv): sign(W), s from memory in the epilogue.
+  const float rms_scale = 1.375f;
   for (Rule rule : {Rule::kBatchRandomSignFeedback, Rule::kFeedbackAlignment, Rule::kFixedRandomSignFeedback,
                     Rule::kUniformSignSymmetry}) {
+    const bool scale_in_epilogue = rule == Rule::kUniformSignSymmetry;
+    feedback.scale = scale_in_epilogue ? 1.0f : 0.25f;
+    feedback.output_scale = scale_in_epilogue ? &rms_scale : nullptr;
     feedback.stored = rule == Rule::kFixedRandomSignFeedback ? stored.data() : nullptr;
     Problem problem;
     problem.m = rows;
@@ -483,7 +494,8 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     problem.c = grad_x.data();
     problem.ldc = in_features;
     const auto gemm = matrix_problem(problem);
-    const auto store = matrix_store<Element>(problem);
+    auto store = matrix_store<Element>(problem);
+    store.output_scale = feedback.output_scale;  // as transformed_gemm hands it on
     if (rule == Rule::kBatchRandomSignFeedback) {
       emulate<Element, Arch>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
     } else if (rule == Rule::kFeedbackAlignment) {
@@ -501,17 +513,18 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
           const int64_t key = o * in_features + i;
           const float xi = unit_draw(rng[0], rng[1], key, Distribution::kUniform);
           const float stored_r =
-              rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(f(stored[key])) : 0.25f * xi;
+              rule == Rule::kFixedRandomSignFeedback ? static_cast<float>(f(stored[key])) : feedback.scale * xi;
           const double b = round_operand<Element>(
-              feedback_transform<float>(rule, static_cast<float>(f(w[key])), stored_r, xi, 0.25f));
+              feedback_transform<float>(rule, static_cast<float>(f(w[key])), stored_r, xi, feedback.scale));
           sum += f(delta[r * out_features + o]) * b;
           abs_sum += std::fabs(f(delta[r * out_features + o]) * b);
         }
-        compare(f(grad_x[r * in_features + i]), sum, abs_sum);
+        const double factor = scale_in_epilogue ? rms_scale : 1.0;
+        compare(f(grad_x[r * in_features + i]), factor * sum, factor * abs_sum);
       }
     failures += report(name + (rule == Rule::kBatchRandomSignFeedback ? " brsf"
                                : rule == Rule::kFeedbackAlignment    ? " fa"
-                               : rule == Rule::kUniformSignSymmetry  ? " usf"
+                               : rule == Rule::kUniformSignSymmetry  ? " usf rms"
                                                                      : " frsf"),
                        compare);
   }

@@ -36,6 +36,15 @@ FASTFA_HOST_DEVICE constexpr bool estimates_feedback(Rule rule) {
   return static_cast<int64_t>(rule) >= static_cast<int64_t>(Rule::kKolenPollack);
 }
 
+// usf's scale "rms" in the op contract's `scale`: s = ||W|| / sqrt(numel(W)), taken from the
+// current W at every step (so ||B|| = ||W||), on W's device. A negative scale is never a usf
+// scale a user can choose (fastfa.rules refuses it), so it is free to mean this.
+constexpr double kRmsScale = -1.0;
+
+FASTFA_HOST_DEVICE constexpr bool scale_from_weight(Rule rule, double scale) {
+  return rule == Rule::kUniformSignSymmetry && scale == kRmsScale;
+}
+
 // Distribution of the unit draw xi; scale turns it into R's init distribution.
 enum class Distribution : int64_t {
   kUniform = 0, // xi ~ U(-1, 1): R ~ U(-scale, scale)

@@ -48,6 +48,9 @@ struct FeedbackArgs {
   const void* stored = nullptr; // R of frsf (same strides as B)
   const int64_t* rng = nullptr; // [seed, step] on the device (brsf; fa without stored R)
   float scale = 1.0f;           // draws are uniform (Distribution::kUniform) inside the kernels
+  // usf's "rms" scale on the device (else null): the transform is sign(W) and grad_input's
+  // epilogue multiplies by s, once per output element (grad_x = s * (delta sign(W))).
+  const float* output_scale = nullptr;
 };
 
 // The layer's activation, applied in the forward epilogue (aten_backend.cpp's names).

@@ -39,6 +39,10 @@ at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional
                                    int64_t distribution);
 #endif
 
+// usf's "rms" scale ||W|| / sqrt(numel(W)) as a 0-dim tensor on W's device (fp64 for an fp64 W,
+// fp32 otherwise): computed there, so reading it costs no host synchronisation.
+at::Tensor rms_scale(const at::Tensor& weight);
+
 // Pieces of the aten backend that the cuda backend reuses: the linear ops' argument checks
 // (the message names the argument) and delta = dL/dz from dL/dy and the saved activation.
 void check_linear_arguments(const at::Tensor& input, const at::Tensor& weight,

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--dropout", type=float, default=0.0, help="dropout of convnet, mlp and vit (default 0)")
 
     options = parser.add_argument_group("rule options (each goes to the rules that take it; default: fastfa's)")
-    options.add_argument("--scale", help="usf's scale: xiao, xavier, kaiming or a positive number")
+    options.add_argument("--scale", help="usf's scale: rms (default), xiao, xavier, kaiming or a positive number")
     options.add_argument("--init", choices=("kaiming", "xavier", "xiao"),
                          help="R's distribution (fa, brsf, frsf) and B's start (kp, wm, sa, aa, ia)")
     for name, rules in (("alpha", "kp, wm, sa, aa, ia"), ("beta", "wm, sa, aa, ia"), ("gamma", "ia"),

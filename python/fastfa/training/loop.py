@@ -295,16 +295,26 @@ def _evaluate(model, dataset, args, context: Context) -> tuple:
 
 
 def _alignment(model, probe) -> tuple:
-    """Per-layer angles on the probe batch, in eval mode (no dropout draws, batch norm's running
-    statistics), in full precision, leaving the model and the RNG as they were."""
+    """Per-layer angles and gradient norm ratios (rule's grad_input over backprop's) on the probe
+    batch, in eval mode (no dropout draws, batch norm's running statistics), in full precision,
+    leaving the model and the RNG as they were."""
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             weight = metrics.weight_alignment(model)
-            gradient = metrics.gradient_alignment(model, _loss, probe)
+            measures = metrics.gradient_measures(model, _loss, probe)
     finally:
         model.train()
-    return weight, gradient
+    return (weight, {name: angle for name, (angle, _) in measures.items()},
+            {name: ratio for name, (_, ratio) in measures.items()})
+
+
+def _norm_ratio_text(ratios) -> str:
+    """Each layer's grad_input norm over backprop's, in the model's order: an error that blows up
+    shows as ratios growing towards the input side, before the loss does."""
+    if not ratios:
+        return ""
+    return "  grad norm / bp per layer: " + " ".join(f"{value:.3g}" for value in ratios.values())
 
 
 def _autocast(args, context: Context):
@@ -422,9 +432,11 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
                   "ms_per_step": 1000 * seconds / max(steps_timed, 1), "lr": scheduler.get_last_lr()[0]}
         if probe is not None:
             if all(torch.isfinite(p).all() for p in model.parameters()):
-                record["weight_alignment"], record["gradient_alignment"] = _alignment(model, probe)
+                (record["weight_alignment"], record["gradient_alignment"],
+                 record["gradient_norm_ratio"]) = _alignment(model, probe)
             else:  # a diverged model has no meaningful angles
-                record["weight_alignment"], record["gradient_alignment"] = None, None
+                for key in ("weight_alignment", "gradient_alignment", "gradient_norm_ratio"):
+                    record[key] = None
         state = dataclasses.replace(state, epoch=epoch + 1, step=0, sums=[0.0, 0.0, 0.0], seconds=0.0,
                                     steps_timed=0, history=state.history + [record])
         if not math.isfinite(record["train_loss"]):
@@ -434,7 +446,8 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
         progress.line(f"{tag}  epoch {epoch + 1}/{args.epochs}  loss {record['train_loss']:.4f}  "
                       f"train {100 * record['train_acc']:.1f}%  test {100 * test_acc:.1f}%  "
                       f"{record['ms_per_step']:.2f} ms/step" + ("  DIVERGED (loss is not finite)"
-                                                                if state.diverged else ""))
+                                                                if state.diverged else "")
+                      + _norm_ratio_text(record.get("gradient_norm_ratio")))
     history = state.history
     test = [e["test_acc"] for e in history]
     timed_epochs = [e["ms_per_step"] for e in history]
