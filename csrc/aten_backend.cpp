@@ -314,29 +314,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
 
 namespace {
 
-// torch 2.14.1's CPU bf16 convolution (oneDNN) goes wrong when the input is narrower than the
-// dilated kernel along an axis, so that only the padding makes it fit: convolution_backward
-// returns a wrong grad_weight (up to 1e37; a (12, 1, 2, 3) filter, groups 3, stride (3, 2),
-// padding (0, 1) over a 3x3x6x1 input), in none to all of the calls depending on what the process
-// freed before (it reads memory it never wrote), and some forwards crash (a (4, 3, 2, 2) filter,
-// stride (3, 1), padding (1, 2), dilation 2 over a 3x3x1x4 input). Padding the input explicitly
-// does not help (the forward of a 1x1x6x5 input, (1, 1, 2, 3) filter, stride (1, 2), dilation
-// (1, 2) is wrong too). fp32 is right there: such convolutions run in fp32, rounded to bf16 at the
-// end as oneDNN's bf16 kernels do.
-bool pads_past_the_input(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
-                         at::IntArrayRef dilation) {
-  if (!input.is_cpu() || input.scalar_type() != at::kBFloat16) {
-    return false;
-  }
-  for (int axis = 0; axis < 2; ++axis) {
-    if (padding[axis] > 0 && input.size(2 + axis) < dilation[axis] * (weight.size(2 + axis) - 1) + 1) {
-      return true;
-    }
-  }
-  return false;
+// torch 2.14.1's CPU bf16 convolution (oneDNN) goes wrong in geometries nobody has mapped fully:
+// where the input is narrower than the dilated kernel along an axis, so that only the padding
+// makes it fit, convolution_backward returns a wrong grad_weight (up to 1e37; a (12, 1, 2, 3)
+// filter, groups 3, stride (3, 2), padding (0, 1) over a 3x3x6x1 input), in none to all of the
+// calls depending on what the process freed before (it reads memory it never wrote), and some
+// forwards crash (a (4, 3, 2, 2) filter, stride (3, 1), padding (1, 2), dilation 2 over a 3x3x1x4
+// input); ordinary geometries with one output column are wrong too (a (1, 1, 1, 2) filter, stride
+// (1, 3), padding (0, 1) over a 1x1x2x2 input; a 1x1x6x5 input, (1, 1, 2, 3) filter, stride (1, 2),
+// dilation (1, 2)). fp32 is right in all of them, so every CPU bf16 convolution runs in fp32 and is
+// rounded to bf16 at the end, as oneDNN's bf16 kernels do; the GPU and other dtypes are untouched.
+bool widens_to_fp32(const at::Tensor& input) {
+  return input.is_cpu() && input.scalar_type() == at::kBFloat16;
 }
 
-// fp32 copies in, the input's dtype out, when `widen` (pads_past_the_input).
+// fp32 copies in, the input's dtype out, when `widen` (widens_to_fp32).
 struct Widening {
   bool widen;
   at::ScalarType dtype;
@@ -359,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_alignment(alignment);
   const Activation kind = parse_activation(activation);
-  const Widening fp32{pads_past_the_input(input, weight, padding, dilation), input.scalar_type()};
+  const Widening fp32{widens_to_fp32(input), input.scalar_type()};
   if (saves_projection(rule)) {
     at::Tensor projection = fp32.out(at::convolution(fp32.in(input), fp32.in(weight), std::nullopt, stride, padding,
                                                      dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
@@ -398,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const std::vector<int64_t> bias_sizes{weight.size(0)};
   const std::array<bool, 3> mask{output_mask[0], output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack),
                                  output_mask[2]};
-  const Widening fp32{pads_past_the_input(input, weight, padding, dilation), input.scalar_type()};
+  const Widening fp32{widens_to_fp32(input), input.scalar_type()};
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
       fp32.in(delta), fp32.in(input), fp32.in(filter), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
       stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);

@@ -246,7 +246,7 @@ def _check_against_oracle(rule, converted, reference, inputs):
                                    **tolerance)
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_converted_encoder_layer_against_the_oracle(rule):
     torch.manual_seed(0)
     reference = torch.nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True, dtype=F64)
@@ -257,7 +257,7 @@ def test_converted_encoder_layer_against_the_oracle(rule):
     _check_against_oracle(rule, _WithGrad(converted), _WithGrad(reference), (x,))
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 def test_converted_decoder_layer_against_the_oracle(rule):
     """The decoder's cross-attention runs the packed in_proj as two ops (q from tgt, k and v from memory)."""
     torch.manual_seed(0)
@@ -370,3 +370,11 @@ def test_converted_encoder_layer_compiles_whole():
         twin(xb).sum().backward()
         torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
         assert int(layer.self_attn.in_proj.feedback_rng[1]) == int(twin.self_attn.in_proj.feedback_rng[1]) == step
+
+
+def test_dfa_is_refused_by_attention_with_a_clear_error():
+    """Attention's projections have no e B_l path: a clear error, never bp run silently as dfa."""
+    with pytest.raises(ValueError, match="MultiheadAttention: rule 'dfa' is available for fastfa.nn.Linear and Conv2d only"):
+        fastfa.nn.MultiheadAttention(E, HEADS, rule="dfa")
+    with pytest.raises(ValueError, match="exclude="):
+        fastfa.convert(torch.nn.TransformerEncoderLayer(E, HEADS, 16, batch_first=True), "dfa")

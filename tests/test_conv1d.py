@@ -52,7 +52,7 @@ def test_bp_equals_torch_conv1d(case, batched):
             torch.testing.assert_close(got, expected, **TOL)
 
 
-@pytest.mark.parametrize("rule", fastfa.RULES)
+@pytest.mark.parametrize("rule", fastfa.rules.LAYER_RULES)
 @pytest.mark.parametrize("case", ["stride2-pad1", "groups", "same-even", "reflect", "circular"])
 def test_every_rule_against_the_oracle(rule, case):
     """The oracle: torch's Conv1d with B in W's place carries grad_input (padding modes included);
@@ -74,7 +74,7 @@ def test_every_rule_against_the_oracle(rule, case):
 
 def test_conv_scale_and_init_take_the_conv_formulas():
     """usf's "xiao" scale sqrt(2 / (k * out)) and "xiao" init's normal R, as for a conv2d."""
-    usf = fastfa.nn.Conv1d(4, 6, 5, rule="usf", dtype=F64)
+    usf = fastfa.nn.Conv1d(4, 6, 5, rule="usf", scale="xiao", dtype=F64)
     assert usf.feedback_scale == pytest.approx(spec_options.sign_scale("xiao", (6, 4, 5)))
     assert usf.feedback_scale == pytest.approx((2.0 / (6 * 5)) ** 0.5)
     frsf = fastfa.nn.Conv1d(4, 6, 5, rule="frsf", init="xiao", dtype=F64)
@@ -121,3 +121,8 @@ def test_bad_input_names_the_expected_shape():
         layer(torch.randn(2, 4, 5, 5))
     with pytest.raises(ValueError, match="in_channels=4"):
         layer(torch.randn(2, 3, 9))
+
+
+def test_dfa_is_refused_by_conv1d_with_a_clear_error():
+    with pytest.raises(ValueError, match="Conv1d: rule 'dfa' is available for fastfa.nn.Linear and Conv2d only"):
+        fastfa.nn.Conv1d(2, 3, 3, rule="dfa")

@@ -59,14 +59,14 @@ def oracle_step(kind, layer, x, g, B):
     return oracle.conv2d(x, weight, bias, B, g, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def layer_feedback(rule, layer):
+def layer_feedback(rule, layer, **options):
     """B from the oracle and the layer's state (before this step's forward).
 
     The sign rules' B is NaN where W is: fastfa's sign (feedback.h, sign_of) keeps NaN as backprop
     would, while torch.sign, and so oracle.feedback_matrix, maps NaN to 0.
     """
     weight = layer.weight.detach()
-    B = spec_options.expected_feedback(rule, layer)
+    B = spec_options.expected_feedback(rule, layer, **options)
     if rule in SIGN_RULES:
         B = torch.where(weight.isnan(), weight, B)
     return B
@@ -111,17 +111,41 @@ def test_bp_propagates_nan_and_inf_as_torch_does(kind, where, value):
         torch.testing.assert_close(a, e, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
+# usf's "rms" scale s = ||W|| / sqrt(numel) is NaN / Inf as soon as one weight is: a fixed scale keeps
+# the poison to the entries that read it.
+FIXED_USF_SCALE = {"usf": {"scale": "xiao"}}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_poisoned_weight_spreads_through_the_rms_scale(kind, value):
+    """usf with scale="rms": one NaN / Inf weight makes s, so all of B and grad_input, non-finite (as the
+    oracle's s from the same W), while grad_W and grad_b, which never read B, stay finite."""
+    layer = make(kind, "usf", scale="rms")
+    x = make_input(kind)
+    poison(layer, x, kind, "weight", value)
+    g = torch.randn_like(torch.nn.functional.linear(x, layer.weight.detach()) if kind == "linear" else
+                         torch.nn.functional.conv2d(x, layer.weight.detach(), padding=1))
+    B = layer_feedback("usf", layer)
+    y, gx, gw, gb = step(layer, x, g)
+    assert not torch.isfinite(gx).any()
+    assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
+    for what, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, gx, gw, gb),
+                          oracle_step(kind, layer, x, g, B)):
+        same_non_finite_pattern(a, e, what)
+
+
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("rule", RULES)
 def test_poisoned_weight_follows_the_math(rule, value):
     """Linear, W[2, 3] = NaN or Inf: y[:, 2] is not finite; grad_W and grad_b stay finite; grad_x's
     column 3 is NaN where B[2, 3] is (bp: B = W; usf, brsf, frsf: sign(NaN) = NaN, but sign(Inf) = 1;
-    fa: B = R does not read W)."""
-    layer = make("linear", rule)
+    fa: B = R does not read W). usf at a fixed scale: "rms" reads all of W (the test below)."""
+    layer = make("linear", rule, **FIXED_USF_SCALE.get(rule, {}))
     x = make_input("linear")
     poison(layer, x, "linear", "weight", value)
     g = torch.randn(3, 4, dtype=torch.float64)
-    B = layer_feedback(rule, layer)
+    B = layer_feedback(rule, layer, **FIXED_USF_SCALE.get(rule, {}))
     y, gx, gw, gb = step(layer, x, g)
     assert not torch.isfinite(y[:, 2]).any() and torch.isfinite(y[:, [0, 1, 3]]).all()
     assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
@@ -162,11 +186,11 @@ def test_poisoned_input_follows_the_math(rule, value):
 @pytest.mark.parametrize("rule", RULES)
 def test_poisoned_conv2d_follows_the_math(rule, where, value):
     """Conv2d (fp64: im2col + GEMM, no Winograd mixing): NaN / Inf only where the oracle has them."""
-    layer = make("conv2d", rule)
+    layer = make("conv2d", rule, **FIXED_USF_SCALE.get(rule, {}))
     x = make_input("conv2d")
     poison(layer, x, "conv2d", where, value)
     g = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    B = layer_feedback(rule, layer)
+    B = layer_feedback(rule, layer, **FIXED_USF_SCALE.get(rule, {}))
     y, gx, gw, gb = step(layer, x, g)
     assert torch.isfinite(gb).all()
     if where == "input":  # sample 1, channel 2 poisoned
@@ -312,7 +336,7 @@ def test_feedback_transform_indexes_past_2_31_elements():
     (dict(rule="usf", scale=-math.inf), ValueError, "scale must be positive and finite"),
     (dict(rule="usf", scale=0), ValueError, "scale must be positive and finite; got 0"),
     (dict(rule="usf", scale=-0.0), ValueError, "scale must be positive and finite"),
-    (dict(rule="usf", scale="XIAO"), ValueError, "scale must be one of xiao, xavier, kaiming"),
+    (dict(rule="usf", scale="XIAO"), ValueError, "scale must be one of rms, xiao, xavier, kaiming"),
     (dict(rule="usf", scale=[1.0]), TypeError, "scale must be one of .* got list"),
     (dict(rule="usf", scale=torch.tensor(1.0)), TypeError, "scale must be one of .* got Tensor"),
     (dict(rule="fa", init=3), ValueError, "init must be one of kaiming, xavier, xiao; got 3"),

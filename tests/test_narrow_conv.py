@@ -3,9 +3,9 @@ padding makes it fit, against the fp64 oracle.
 
 torch 2.14.1's own CPU bf16 convolution (oneDNN) goes wrong there: aten.convolution_backward returns
 a wrong grad_weight (it reads memory it never wrote: 0 to 40 of 40 calls, depending on what the
-process freed before), and some forwards crash. fastfa's aten backend pads such inputs explicitly
-and convolves with padding 0 (csrc/aten_backend.cpp, pads_past_the_input); these tests hold it to
-the oracle, run in fp64 on the same bf16 values (fp64 does not go through oneDNN).
+process freed before), and some forwards crash. fastfa's aten backend runs every CPU bf16
+convolution in fp32, rounded to bf16 at the end (csrc/aten_backend.cpp, widens_to_fp32); these tests
+hold it to the oracle, run in fp64 on the same bf16 values (fp64 does not go through oneDNN).
 """
 
 import copy

@@ -297,6 +297,26 @@ CONV_EDGE = dict(rule="usf", activation=None, dtype=torch.float64, bias=True, ze
                    batch=2, size=(5, 5), weight_layout="channels_last"))
 @example(case=dict(CONV_EDGE, rule="brsf", init="xavier", seed=5, in_channels=2, out_channels=3, kernel=(1, 3),
                    stride=(2, 1), batch=3, size=(4, 6), dtype=torch.float32))
+@example(
+    case={'rule': 'bp',
+     'activation': None,
+     'dtype': torch.bfloat16,
+     'bias': False,
+     'zeros': False,
+     'torch_seed': 0,
+     'groups': 1,
+     'in_channels': 1,
+     'out_channels': 1,
+     'kernel': (1, 2),
+     'stride': (1, 3),
+     'padding': (0, 1),
+     'dilation': (1, 1),
+     'batch': 0,
+     'size': (2, 2),
+     'input_layout': 'unbatched',
+     'weight_layout': 'contiguous',
+     'grad_layout': 'contiguous'},
+).via('discovered failure')
 def test_conv2d_matches_oracle(case):
     torch.manual_seed(case["torch_seed"])
     dtype = case["dtype"]

@@ -347,7 +347,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
 
     for rule in (0, 3, 4, 5):  # bp; brsf drawn in the kernel; frsf and kp stored
         kernel = compile_for_sm90(C._grad_input_kernel, "bf16",
-                                  dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, ACTIVATION="relu",
+                                  dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, SCALE_FROM_WEIGHT=False, ACTIVATION="relu",
                                        INPUT_PRECISION="ieee"), floats=("scale",), config=TILE)
         mma = re.findall(r"wgmma\.mma_async[^;]*;", kernel.asm["ptx"])
         # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".

@@ -315,7 +315,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
     # bp; brsf drawn in the kernel four elements per Philox call, and one per element; frsf, kp stored.
     for rule, by_four in ((0, False), (3, True), (3, False), (4, False), (5, False)):
         kernel = compile_for_sm90(L._grad_input_kernel, "bf16",
-                                  dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, DRAWS=rule == 3,
+                                  dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, SCALE_FROM_WEIGHT=False, DRAWS=rule == 3,
                                        DRAWS_BY_FOUR=by_four, ACTIVATION="gelu", INPUT_PRECISION="ieee"),
                                   floats=("scale",), config=TILE)
         mma = re.findall(r"wgmma\.mma_async[^;]*;", kernel.asm["ptx"])

@@ -120,10 +120,12 @@ def _rule_and_backprop_grad_inputs(model, loss_fn, batch):
         try:
             for layer, _, _ in saved:
                 layer._spec = backprop
+                layer._forget_resolved()
                 _feedback_slot(layer)["feedback"] = None  # bp takes no feedback tensor
             backprop_inputs = _grad_inputs(model, loss_fn, inputs, target, layers)
         finally:
             for layer, spec, feedback in saved:
                 layer._spec = spec
+                layer._forget_resolved()
                 _feedback_slot(layer)["feedback"] = feedback
     return rule_inputs, backprop_inputs

@@ -66,11 +66,23 @@ class _ResolvedCall(NamedTuple):
 class FeedbackLayer:
     """What fastfa.nn.Linear and fastfa.nn.Conv2d share: the rule, its state, its measures."""
 
+    _takes_direct_feedback = False  # dfa's e B_l (fastfa.dfa): Linear and Conv2d
+
+    @property
+    def _layer_kind(self) -> str:
+        return f"fastfa.nn.{type(self).__name__}"
+
     rule: str
     activation = _op_option("activation")
     feedback_scale = _op_option("feedback_scale")
     feedback_distribution = _op_option("feedback_distribution")
     alignment_options = _op_option("alignment_options")
+
+    def _forget_resolved(self) -> None:
+        """Drop the arguments resolved for the op: after ``_spec`` is swapped (fastfa.metrics runs
+        a backprop pass through the same layers), the next call resolves them again."""
+        self.__dict__.pop("_resolved_op_options", None)
+        self.__dict__.pop("_resolved_call", None)
 
     def _op_options(self) -> tuple:
         """(rule, scale, distribution, alignment, activation) as the op takes them, resolved once."""
@@ -127,6 +139,10 @@ class FeedbackLayer:
         if unknown:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}; the "
                             f"alignment pipeline's switches are {', '.join(PIPELINE_OPTIONS)}")
+        if rule_spec(rule).direct_feedback and not self._takes_direct_feedback:
+            # Conv1d and attention's projections have no e B_l path yet: refuse rather than run bp silently.
+            raise ValueError(f"{self._layer_kind}: rule 'dfa' is available for fastfa.nn.Linear and Conv2d only; "
+                             f"use another rule here, or keep this layer on backprop (convert's exclude=)")
         alignment_options, pipeline = split_options(rule_spec(rule), alignment_options)
         #: The alignment pipeline's switches (fastfa.alignment.Pipeline), None when all are off.
         self.alignment_pipeline = pipeline
@@ -299,6 +315,8 @@ class Linear(FeedbackLayer, torch.nn.Linear):
     Input (*, in_features) -> output (*, out_features).
     """
 
+    _takes_direct_feedback = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
                  gamma=None, sigma=None, **pipeline):
@@ -336,6 +354,8 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
     keyword-only ``rule``, ``activation``, ``scale``, ``init``, ``seed`` of :class:`Linear`.
     Input (N, C_in, H, W) or (C_in, H, W), NCHW or channels_last.
     """
+
+    _takes_direct_feedback = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -457,6 +477,8 @@ class _Projection(FeedbackLayer, torch.nn.Module):
     so torch's state_dict keys are unchanged; this adds ``<name>.feedback`` and
     ``<name>.feedback_rng``, and metrics see the projection as a FeedbackLayer.
     """
+
+    _layer_kind = "fastfa.nn.MultiheadAttention"
 
     def __init__(self, owner: torch.nn.Module, weight_name: str, rule: str, scale, init, seed, alignment_options):
         super().__init__()
