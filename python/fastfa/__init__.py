@@ -27,7 +27,7 @@ from ._backend import (BackendStatus, Fallback, backends, clear_fallbacks, get_b
                        set_backend, use_backend)
 from .convert import convert  # noqa: E402
 from .coverage import coverage  # noqa: E402
-from . import alignment, schedules  # noqa: E402
+from . import alignment, amp, schedules  # noqa: E402
 from .alignment import feedback_parameters  # noqa: E402
 from .schedules import AlignmentSchedule, CoefficientSchedule  # noqa: E402
 from .rules import ALIASES, RULES  # noqa: E402
@@ -47,4 +47,4 @@ _warn_on_torch_mismatch()
 
 __all__ = ["RULES", "ALIASES", "nn", "functional", "metrics", "ops", "rules", "convert", "coverage", "backends", "BackendStatus",
            "set_backend", "get_backend", "use_backend", "last_fallbacks", "clear_fallbacks", "Fallback", "__version__",
-           "alignment", "schedules", "feedback_parameters", "AlignmentSchedule", "CoefficientSchedule"]
+           "alignment", "amp", "schedules", "feedback_parameters", "AlignmentSchedule", "CoefficientSchedule"]

@@ -15,6 +15,7 @@ import torch
 
 from . import _backend
 from . import alignment as _alignment
+from . import amp as _amp
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
 from .rules import DEFAULT_SCALE, RULES, Distribution, Rule, init_distribution, rule_spec, sign_scale
 
@@ -213,6 +214,8 @@ def _linear(input, weight, bias, feedback, rng, spec, scale: float, distribution
 
     pipeline (alignment.Pipeline) or coefficients (a tensor [alpha, beta, gamma] that a schedule
     sets): B's gradient from the alignment pipeline's loss (fastfa.alignment) instead of the op's."""
+    if spec.estimates_feedback:  # before autocast's cast: loss scaling's node acts on B's own dtype (fastfa.amp)
+        feedback = _amp.for_loss_scaling(feedback, spec, alignment, coefficients, weight.device.type)
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     if weight.dim() != 2:
         _check_tensor("weight", weight, dims=(2,))
@@ -320,6 +323,8 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, feedback, rn
             coefficients=None):
     """geometry: layer_geometry's result where the caller has resolved it already (a module);
     pipeline, coefficients: as :func:`_linear`."""
+    if spec.estimates_feedback:
+        feedback = _amp.for_loss_scaling(feedback, spec, alignment, coefficients, weight.device.type)
     input, weight, bias, feedback = _prepare(input, weight, bias, feedback, rng, spec)
     if input.dim() not in (3, 4):
         _check_tensor("input", input, dims=(3, 4))

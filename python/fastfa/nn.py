@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from . import amp as _amp
 from . import dfa as _dfa
 from . import functional as F
 from . import ops as _ops
@@ -125,6 +126,8 @@ class FeedbackLayer:
         feedback = self.feedback
         if feedback is not None and not call.takes_feedback:
             return None
+        if _amp.enabled and self._spec.estimates_feedback:
+            feedback = _amp.for_loss_scaling(feedback, self._spec, self.alignment_options)
         rng = self._step_rng() if call.draws else None
         try:
             output = call.op(input, weight, bias, feedback, rng, *call.arguments)[0]

@@ -1,0 +1,180 @@
+"""Mixed precision with loss scaling for the estimated rules (kp, wm, sa, aa, ia).
+
+torch.amp.GradScaler multiplies the loss by S before the backward pass and divides every
+gradient by S before the optimizer step. That is right for a gradient proportional to the
+loss, and wrong for B's alignment terms, which the estimated rules add to B's gradient at
+the same step (learning-rules.md, "Estimated feedback") but which do not come from the loss:
+kp's decay 2αB, and everything wm, sa, aa and ia give B. Unscaled, those terms end up divided
+by S (65536 by default): B's decay vanishes, or B stops learning, with no error.
+
+:class:`GradScaler` is torch's, plus: the scaled loss carries S into its backward pass, and
+every estimated layer multiplies the loss-independent part of B's gradient by S there, so
+that the unscale divides it back to its true value with everything else. Concretely,
+
+- ``scaler.scale(loss)`` returns the scaled loss through an identity node whose backward runs
+  first in that backward pass: it writes S into one 0-d tensor per device (device to device,
+  no host sync) and queues a callback that writes 1 back when the pass ends. Any other
+  backward pass (an unscaled one, fastfa.metrics' probes) sees 1.
+- an estimated layer's B goes through an identity node whose backward multiplies B's
+  gradient by that tensor (wm, sa, aa, ia: every term of theirs is loss-independent), or, for
+  kp, adds (S - 1) * 2α * B (its task term grad_W already carries S). The node sits on B
+  before autocast casts it, so the product is taken in B's own dtype (fp32 under fp16
+  autocast: S * the terms does not overflow fp16).
+
+The nodes exist only once a ``fastfa.amp.GradScaler`` with ``enabled=True`` has been made in the
+process; other rules (bp, fa, usf, brsf, frsf, dfa) never get one: all their gradients are
+proportional to the loss. torch's own GradScaler cannot tell the layers S: an estimated layer
+under fp16 autocast without a fastfa scaler warns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .rules import Rule
+
+__all__ = ["GradScaler"]
+
+#: Whether a fastfa.amp.GradScaler with enabled=True exists (or has existed) in this process:
+#: only then do estimated layers put their B through the scaling node.
+enabled = False
+# device -> 0-d float32 tensor: S during the backward pass of a scaled loss, 1 otherwise. A
+# tensor (not a Python number) so that the layers' nodes read it on the device without a host
+# sync, and so that a torch.compile'd backward reads its value at run time rather than a
+# constant frozen at trace time.
+_holders: dict = {}
+_warned = False
+
+
+def _holder(device: torch.device) -> torch.Tensor:
+    holder = _holders.get(device)
+    if holder is None:
+        holder = torch.ones((), dtype=torch.float32, device=device)
+        _holders[device] = holder
+    return holder
+
+
+def _write(value) -> None:
+    # Through .data: the layers' nodes saved the holders for backward, and an in-place write to
+    # the tensor itself would bump its version counter and fail their backward's check. The
+    # holders are never part of a graph, so nothing else reads that counter.
+    for holder in _holders.values():
+        if isinstance(value, torch.Tensor):
+            holder.data.copy_(value, non_blocking=True)
+        else:
+            holder.data.fill_(value)
+
+
+def _end_of_backward() -> None:
+    _write(1.0)
+
+
+class _CarryScale(torch.autograd.Function):
+    """The scaled loss unchanged; in the backward pass (where it is the first node to run, as the
+    root), S written where the layers read it, and 1 written back when the pass ends."""
+
+    @staticmethod
+    def forward(ctx, scaled, scale):
+        ctx.scale = scale  # not saved: GradScaler.update() changes it in place after the pass
+        return scaled.view_as(scaled)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _write(ctx.scale)
+        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
+        return grad, None
+
+
+class _ScaleAlignment(torch.autograd.Function):
+    """B unchanged; its gradient's loss-independent part multiplied by S (the holder's value).
+
+    decay None: the whole gradient (wm, sa, aa, ia). Otherwise kp's 2α (a number, or a 0-d
+    tensor when a schedule drives α): the gradient is S*grad_W + 2αB, and (S - 1)*2αB is added.
+    """
+
+    @staticmethod
+    def forward(ctx, feedback, holder, decay):
+        if decay is None:
+            ctx.save_for_backward(holder)
+        elif isinstance(decay, torch.Tensor):
+            ctx.save_for_backward(holder, feedback, decay)
+        else:
+            ctx.save_for_backward(holder, feedback)
+        ctx.decay = decay if not isinstance(decay, torch.Tensor) else None
+        ctx.kp = decay is not None
+        return feedback.view_as(feedback)
+
+    @staticmethod
+    def backward(ctx, grad):
+        holder, *rest = ctx.saved_tensors
+        scale = holder.to(device=grad.device, dtype=grad.dtype)
+        if not ctx.kp:
+            return grad * scale, None, None
+        feedback = rest[0]
+        decay = rest[1].to(grad.dtype) if len(rest) > 1 else ctx.decay
+        return grad + (scale - 1) * decay * feedback, None, None
+
+
+def for_loss_scaling(feedback, spec, alignment, coefficients=None, device_type=None):
+    """The B an estimated layer hands its op: wrapped by the scaling node where a fastfa GradScaler
+    exists and B learns here; unchanged otherwise (and a one-time warning under fp16 autocast,
+    where torch's GradScaler would silently divide B's alignment terms by S).
+
+    alignment: the layer's [alpha, beta, gamma, sigma]; coefficients: the [alpha, beta, gamma]
+    tensor a schedule writes, or None."""
+    if not enabled:
+        _warn_without_scaler(spec, device_type)
+        return feedback
+    if not (isinstance(feedback, torch.Tensor) and feedback.requires_grad and torch.is_grad_enabled()):
+        return feedback
+    decay = None
+    if spec.id == Rule.KP:
+        decay = 2.0 * (alignment[0] if coefficients is None else coefficients[0])
+    return _ScaleAlignment.apply(feedback, _holder(feedback.device), decay)
+
+
+def _warn_without_scaler(spec, device_type) -> None:
+    global _warned
+    if _warned or device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return
+    if torch.get_autocast_dtype(device_type) != torch.float16:
+        return
+    _warned = True
+    warnings.warn(f"fastfa: a layer of the estimated rule {spec.name!r} runs under fp16 autocast. If you scale the "
+                  "loss with torch.amp.GradScaler, use fastfa.amp.GradScaler instead (a drop-in subclass): torch's "
+                  "divides B's alignment terms, which do not come from the loss, by the scale (65536 by default), "
+                  "so B stops learning. Without loss scaling, ignore this.", stacklevel=4)
+
+
+def _carry(value, scale):
+    if isinstance(value, torch.Tensor):
+        return _CarryScale.apply(value, scale) if value.requires_grad else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_carry(v, scale) for v in value)
+    return value
+
+
+class GradScaler(torch.amp.GradScaler):
+    """torch.amp.GradScaler (same arguments, state_dict and methods) that also scales the
+    estimated rules' loss-independent B-gradient terms, so that they survive the unscale.
+
+    ``scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()`` then gives every
+    parameter, B included, the gradient that ``loss.backward()`` gives (to rounding), and skips
+    the step on inf / nan as torch's does. Make it before the first forward pass: the estimated
+    layers add their scaling node from then on (a forward run before has none).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._enabled:
+            global enabled
+            enabled = True
+
+    def scale(self, outputs):
+        """outputs * S (a tensor, or a list / tuple of them), each carrying S into its backward pass."""
+        scaled = super().scale(outputs)
+        if not self._enabled:
+            return scaled
+        return _carry(scaled, self._scale)
