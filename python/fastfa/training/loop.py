@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .. import amp as fastfa_amp
 from .. import metrics
 from ..alignment import OPTIONS as PIPELINE_OPTIONS
 from ..alignment import feedback_parameters
@@ -356,7 +357,9 @@ def train_one(args, context: Context, dataset, model_name: str, rule: str, *, pr
         progress.line(f"{tag}: W's weight decay is {optimizer.param_groups[0]['weight_decay']:g} = --weight-decay "
                       f"{args.weight_decay:g} + 2*alpha, the decay B gets (Akrout et al. 2019)")
     # fp16's range needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler(context.device.type, enabled=args.amp == "fp16")
+    # fastfa's scaler also scales the estimated rules' B terms that do not come from the loss, which
+    # torch's would divide by the scale (fastfa.amp).
+    scaler = fastfa_amp.GradScaler(context.device.type, enabled=args.amp == "fp16")
 
     path = Path(args.checkpoint_dir) / f"{model_name}-{rule}.pt" if args.checkpoint_dir else None
     checkpoint = _Checkpoint(path, context, (optimizers[1:], schedulers[1:]))
