@@ -22,6 +22,14 @@ OTHERS = tuple(rule for rule in LAYER_RULES if not rule_spec(rule).estimates_fee
 SCALES = (2.0**10, 2.0**16)
 
 
+@pytest.fixture(autouse=True)
+def _no_scaler_left_behind(monkeypatch):
+    """A fastfa GradScaler switches the estimated layers' scaling node on for the process: off again
+    after each test here, so that the other test files run as they would alone."""
+    monkeypatch.setattr(fastfa.amp, "enabled", False)
+    monkeypatch.setattr(fastfa.amp, "_holders", {})
+
+
 class Net(torch.nn.Module):
     """A conv layer, a hidden linear layer and a classifier, all on the rule: B's terms of every
     layer kind, and a grad_input that goes through B twice."""
@@ -128,13 +136,14 @@ def test_functional_form_with_a_user_held_feedback():
     x = torch.randn(5, 6)
     gradients = []
     for scale in (None, 2.0**16):
+        scaler = None if scale is None else fastfa.amp.GradScaler("cpu", init_scale=scale)
         feedback = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
         output = fastfa.functional.linear(x, weight, rule="kp", feedback=feedback, alpha=0.1)
         loss = output.square().sum()
-        if scale is None:
+        if scaler is None:
             loss.backward()
         else:
-            fastfa.amp.GradScaler("cpu", init_scale=scale).scale(loss).backward()
+            scaler.scale(loss).backward()
             feedback.grad /= scale
         gradients.append(feedback.grad)
     torch.testing.assert_close(gradients[1], gradients[0], rtol=2e-6, atol=1e-7)
