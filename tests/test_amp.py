@@ -286,13 +286,20 @@ def test_disabled_scaler_is_torchs():
 
 def test_scale_takes_lists_and_tuples():
     scaler = fastfa.amp.GradScaler("cpu", init_scale=4.0)
-    a, b = torch.ones((), requires_grad=True), torch.full((), 2.0, requires_grad=True)
-    scaled = scaler.scale([a * 1, b * 1])
-    assert isinstance(scaled, list) and [float(t.detach()) for t in scaled] == [4.0, 8.0]
-    pair = scaler.scale((a * 1, b * 1))
+    layer = fastfa.nn.Linear(3, 1, rule="sa")
+    x = torch.randn(2, 3)
+    a, b = layer(x).sum(), layer(x).square().sum()
+    scaled = scaler.scale([a, b])
+    assert isinstance(scaled, list) and all(type(t.grad_fn).__name__ == "_CarryScaleBackward" for t in scaled)
+    torch.testing.assert_close(torch.stack(scaled).detach(), torch.stack([a, b]).detach() * 4)
+    pair = scaler.scale((a, b))
     assert isinstance(pair, tuple)
     torch.autograd.backward(list(pair))
-    assert float(a.grad) == 4.0 and float(b.grad) == 4.0
+    reference = fastfa.nn.Linear(3, 1, rule="sa")
+    reference.load_state_dict(layer.state_dict())
+    torch.autograd.backward([reference(x).sum(), reference(x).square().sum()])
+    torch.testing.assert_close(layer.feedback.grad, reference.feedback.grad * 4)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad * 4)
 
 
 @pytest.mark.parametrize("rule", OTHERS)
@@ -310,7 +317,9 @@ def test_other_rules_get_no_scaling_node(rule, monkeypatch):
     scaler = fastfa.amp.GradScaler("cpu", init_scale=2.0**8)
     for _ in range(2):  # the first call takes the checked path, the second the resolved one
         loss = layers[0](torch.randn(2, 6)).sum() + layers[1](torch.randn(1, 2, 4, 4)).sum()
-        scaler.scale(loss).backward()
+        scaled = scaler.scale(loss)
+        assert type(scaled.grad_fn).__name__ == "MulBackward0"  # torch's scaling alone: no carry node either
+        scaled.backward()
 
 
 def test_torch_scaler_under_fp16_autocast_warns_once(monkeypatch):

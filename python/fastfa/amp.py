@@ -23,7 +23,8 @@ that the unscale divides it back to its true value with everything else. Concret
 
 The nodes exist only once a ``fastfa.amp.GradScaler`` with ``enabled=True`` has been made in the
 process; other rules (bp, fa, usf, brsf, frsf, dfa) never get one: all their gradients are
-proportional to the loss. torch's own GradScaler cannot tell the layers S: an estimated layer
+proportional to the loss. A model without estimated layers gets no carry node on its loss
+either (no layer made a holder), so it pays nothing over torch's scaler. torch's own GradScaler cannot tell the layers S: an estimated layer
 under fp16 autocast without a fastfa scaler warns once.
 """
 
@@ -113,8 +114,9 @@ class _ScaleAlignment(torch.autograd.Function):
         if not ctx.kp:
             return grad * scale, None, None
         feedback = rest[0]
-        decay = rest[1].to(grad.dtype) if len(rest) > 1 else ctx.decay
-        return grad + (scale - 1) * decay * feedback, None, None
+        if len(rest) > 1:  # a scheduled alpha
+            return grad + (scale - 1) * rest[1].to(grad.dtype) * feedback, None, None
+        return torch.addcmul(grad, feedback, scale - 1, value=ctx.decay), None, None
 
 
 def for_loss_scaling(feedback, spec, alignment, coefficients=None, device_type=None):
@@ -175,6 +177,8 @@ class GradScaler(torch.amp.GradScaler):
     def scale(self, outputs):
         """outputs * S (a tensor, or a list / tuple of them), each carrying S into its backward pass."""
         scaled = super().scale(outputs)
-        if not self._enabled:
+        if not self._enabled or not _holders:
+            # No estimated layer has run a forward under a fastfa scaler (the forward that made this
+            # loss would have made its device's holder): nothing reads S, torch's scaling is all.
             return scaled
         return _carry(scaled, self._scale)
