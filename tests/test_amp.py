@@ -343,15 +343,15 @@ def test_torch_scaler_under_fp16_autocast_warns_once(monkeypatch):
 @pytest.mark.parametrize("rule", ("kp", "ia"))
 def test_compiled_model(rule):
     """torch.compile(fullgraph=True): the compiled backward reads S at run time (a tensor, not a
-    constant frozen when the graph was traced)."""
+    constant frozen when the graph was traced), from the first compiled step on (no eager step
+    before it made the holder)."""
     torch._dynamo.reset()
-    fastfa.amp.GradScaler("cpu")
     batches = _batches(2)
     reference_model, model = Net(rule), Net(rule)
     model.load_state_dict(reference_model.state_dict())
+    scaler = fastfa.amp.GradScaler("cpu", init_scale=2.0**16)
+    ours = _train(torch.compile(model, fullgraph=True, backend="aot_eager"), batches, scaler)
     reference = _train(reference_model, batches)
-    ours = _train(torch.compile(model, fullgraph=True, backend="aot_eager"), batches,
-                  fastfa.amp.GradScaler("cpu", init_scale=2.0**16))
     _assert_same({name.removeprefix("_orig_mod."): p for name, p in ours.items()}, reference, rule)
 
 
