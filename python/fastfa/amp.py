@@ -24,8 +24,8 @@ that the unscale divides it back to its true value with everything else. Concret
 The nodes exist only once a ``fastfa.amp.GradScaler`` with ``enabled=True`` has been made in the
 process; other rules (bp, fa, usf, brsf, frsf, dfa) never get one: all their gradients are
 proportional to the loss. A model without estimated layers gets no carry node on its loss
-either (no layer made a holder), so it pays nothing over torch's scaler. torch's own GradScaler cannot tell the layers S: an estimated layer
-under fp16 autocast without a fastfa scaler warns once.
+either (no layer made a holder), so it pays nothing over torch's scaler. torch's own GradScaler
+cannot tell the layers S: an estimated layer under fp16 autocast without a fastfa scaler warns once.
 """
 
 from __future__ import annotations
