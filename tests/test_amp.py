@@ -355,27 +355,28 @@ def test_compiled_model(rule):
     _assert_same({name.removeprefix("_orig_mod."): p for name, p in ours.items()}, reference, rule)
 
 
-# --- GPU: fp16 autocast, the case loss scaling exists for -------------------------------------------
+# --- fp16 autocast, the case loss scaling exists for (on the CPU, and on CUDA where there is a GPU) --
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (fp16 autocast on cuda)")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (fp16 autocast on cuda)")])])
 @pytest.mark.parametrize("rule", ESTIMATED)
-def test_fp16_autocast_on_cuda(rule):
+def test_fp16_autocast(rule, device):
     """Under fp16 autocast, one step with fastfa's scaler moves B as the unscaled fp16 step does; torch's
     scaler leaves B's alignment terms divided by S (65536)."""
-    device = torch.device("cuda")
-    fastfa.amp.GradScaler("cuda")
+    device = torch.device(device)
+    fastfa.amp.GradScaler(device.type)
     batches = [(x.to(device), t.to(device)) for x, t in _batches(1)]
     start = Net(rule).to(device)
     results = {}
     for name in ("none", "fastfa", "torch"):
         model = Net(rule).to(device)
         model.load_state_dict(start.state_dict())
-        scaler = {"none": None, "fastfa": fastfa.amp.GradScaler("cuda"), "torch": torch.amp.GradScaler("cuda")}[name]
+        scaler = {"none": None, "fastfa": fastfa.amp.GradScaler(device.type),
+                  "torch": torch.amp.GradScaler(device.type)}[name]
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         x, target = batches[0]
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             loss = _loss(model, x, target)
         if scaler is None:
             loss.backward()
