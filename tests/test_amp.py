@@ -393,3 +393,18 @@ def test_fp16_autocast(rule, device):
     feedback = [key for key in results["none"] if key.endswith("feedback")]
     assert any(not torch.allclose(results["torch"][key], results["none"][key], rtol=2e-2, atol=1e-5)
                for key in feedback)
+
+
+@pytest.mark.parametrize("reentrant", (False, True))
+def test_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint recomputes the forward inside the backward pass (reentrant: in a nested
+    backward of its own): the recomputed layers' B still gets S."""
+    class Checkpointed(Net):
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=reentrant)
+
+    batches = [(x.requires_grad_(), target) for x, target in _batches(2)]
+    reference_model, model = Net("ia"), Checkpointed("ia")
+    model.load_state_dict(reference_model.state_dict())
+    scaler = fastfa.amp.GradScaler("cpu", init_scale=2.0**16)
+    _assert_same(_train(model, batches, scaler), _train(reference_model, batches), f"reentrant={reentrant}")

@@ -129,12 +129,18 @@ def for_loss_scaling(feedback, spec, alignment, coefficients=None, device_type=N
     if not enabled:
         _warn_without_scaler(spec, device_type)
         return feedback
-    if not (isinstance(feedback, torch.Tensor) and feedback.requires_grad and torch.is_grad_enabled()):
+    if not isinstance(feedback, torch.Tensor):
+        return feedback
+    # The holder is made even where this forward records no graph: a scaled loss carries S only where
+    # a holder exists, and activation checkpointing runs its forward under no_grad, then again, with
+    # grad, inside the backward pass (after the loss has been scaled).
+    holder = _holder(feedback.device)
+    if not (feedback.requires_grad and torch.is_grad_enabled()):
         return feedback
     decay = None
     if spec.id == Rule.KP:
         decay = 2.0 * (alignment[0] if coefficients is None else coefficients[0])
-    return _ScaleAlignment.apply(feedback, _holder(feedback.device), decay)
+    return _ScaleAlignment.apply(feedback, holder, decay)
 
 
 def _warn_without_scaler(spec, device_type) -> None:
