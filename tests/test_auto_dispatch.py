@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -217,6 +218,36 @@ def test_auto_on_a_gpu_is_the_cuda_backend_where_usable_else_aten(monkeypatch, u
         assert _backend.resolve(None, torch.device("cpu")) == "aten"
     assert _backend._auto_gpu_backend == {0: "cuda" if usable else "aten"}
     assert _backend.resolve("aten", gpu) == "aten"
+
+
+def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
+    """benchmarks/fit_auto_costs.py on a synthetic auto_dispatch.py file whose pass times follow the
+    model with known constants gives those constants back, and picks as the 'measured' times do."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import fit_auto_costs
+    finally:
+        sys.path.pop(0)
+    truth = {"usf": 0.3, "frsf": 0.35, "brsf": 0.2, "fa": 0.25}
+    peak, launch_s, bandwidth = 700e12, 5e-6, 4e12
+    rows = []
+    for rule, fraction in truth.items():
+        for in_features, out_features in ((4096, 4096), (1024, 4096)):
+            for batch in (16, 64, 256, 1024, 4096, 16384):
+                vendor = 2 * batch * in_features * out_features / peak * 1e3
+                transform = (launch_s + (fit_auto_costs.READS[rule] + 1) * in_features * out_features * 2 /
+                             bandwidth) * 1e3
+                for op, ms in (("pass:vendor_gemm", vendor), ("pass:transform", transform),
+                               ("pass:fused_grad_input", vendor / fraction)):
+                    rows.append(dict(op=op, shape=f"{batch}x{in_features}x{out_features}", dtype="bf16", rule=rule,
+                                     backend="cuda", ms=ms, bp_ms=1.0, ratio=ms))
+    costs = fit_auto_costs.fit({"rows": rows})
+    assert costs.peak_tflops[torch.bfloat16] == pytest.approx(700.0)
+    assert costs.launch_us == pytest.approx(5.0) and costs.bandwidth_tbs == pytest.approx(4.0)
+    for rule, fraction in truth.items():
+        assert costs.fused_fraction[("cuda", rule)] == pytest.approx(fraction)
+    right, total = fit_auto_costs.agreement({"rows": rows}, costs)
+    assert right == total == 48
 
 
 # ---- on a GPU: the cuda backend's default passes (vendor, grad_input by the model) ----
