@@ -292,7 +292,7 @@ class PassPlan(NamedTuple):
 
 
 def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: torch.dtype, *,
-              fused=("cuda", "triton"), drawn: bool = True, nchw: bool = False, costs: AutoCosts = None) -> PassPlan:
+              fused=("cuda", "triton"), drawn: bool = True, nchw: bool = False, costs: AutoCosts | None = None) -> PassPlan:
     """The path each pass of a layer's step takes on a GPU by the cost model: "aten" (the vendor
     GEMM, after the transform kernel where needed) or a fused backend among `fused` (those usable
     here). A linear layer: rows of the batch, W in_features x out_features. A conv2d: rows = the
