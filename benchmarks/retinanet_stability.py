@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             with fastfa.use_backend("aten"):
                 curve = losses(rule, options)
         except TypeError as error:  # dfa: the model's output is not a tensor
-            lines.append(f"| {label} | refused: {str(error).split(';')[0]} | |")
+            lines.append(f"| {label} | refused: {error} | |")
             print(lines[-1], flush=True)
             continue
         text = ", ".join(f"{value:.4g}" for value in curve)
