@@ -317,3 +317,24 @@ def test_a_zero_sample_stays_zero_when_normalised_in_half_precision():
         x[1] = 0
         layer(x).sum().backward()
         assert torch.isfinite(layer.feedback.grad).all(), dtype
+
+
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_default_layers_under_autocast_and_with_an_empty_batch(rule):
+    """The default's pipeline path under bf16 autocast (B stays fp32, its gradient too) and on a zero-size batch."""
+    torch.manual_seed(9)
+    layer = fastfa.nn.Conv2d(3, 4, 3, padding=1, rule=rule)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.feedback.grad.dtype == torch.float32
+    expected = oracle.alignment_pipeline_gradient(rule, x.bfloat16().float(), layer.weight.bfloat16().float(), None,
+                                                  layer.feedback, conv=_geometry(layer),
+                                                  **{**spec_options.ALIGNMENT_DEFAULTS[rule],
+                                                     **spec_options.LAYER_SWITCHES[rule]}).float()
+    torch.testing.assert_close(layer.feedback.grad, expected, atol=2e-2 * float(expected.abs().max()), rtol=5e-2)
+    layer.zero_grad()
+    empty = layer(torch.randn(0, 3, 5, 5))
+    empty.sum().backward()
+    assert empty.shape == (0, 4, 5, 5) and torch.isfinite(layer.feedback.grad).all()

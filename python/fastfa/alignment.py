@@ -178,7 +178,7 @@ def split_options(spec, options: dict):
 
 
 def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+    return t.flatten(1)  # not reshape(N, -1): a zero-size batch has no -1 to infer
 
 
 def _center(t: torch.Tensor) -> torch.Tensor:
