@@ -9,6 +9,9 @@
 #   build   pip install -e . for the visible GPU only, every core; if the fused kernels fail to
 #           build, again without CUTLASS, and the summary says so
 #   cuda    tests/test_cuda.py and tests/test_sass.py: every fused cuda kernel against the oracle
+#   auto    benchmarks/auto_dispatch.py (under 90 s): "auto" against the aten and the all-fused
+#           cuda paths, and the passes of the cost model; benchmarks/fit_auto_costs.py fits its
+#           constants from them (end of auto.log)
 #   triton  tests/test_triton_*.py: every Triton kernel against the oracle and aten at ragged and
 #           real sizes, every rule and dtype, one autotune configuration (FASTFA_TRITON_AUTOTUNE=0)
 #   warm    the bench's Triton kernels compiled in parallel, a process per rule (GPU only)
@@ -43,7 +46,20 @@ elif [ "$cuda_status" != usable ]; then
   record cuda skipped 0 "the cuda backend is not usable: $cuda_status"
 else
   run cuda "$(limit 120)" INT "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" --junitxml="$out/cuda.xml" \
-    tests/test_cuda.py tests/test_sass.py
+    tests/test_cuda.py tests/test_sass.py tests/test_auto_dispatch.py
+fi
+
+# "auto" against each forced path, and the passes its cost model is made of (README, "auto" on a
+# GPU); the constants fitted from them go to auto.log, for python/fastfa/_backend.py's AUTO_COSTS.
+if [ "$device" != cuda ] || [ "$cuda_status" != usable ]; then
+  record auto skipped 0 "needs the cuda backend on a GPU"
+else
+  auto_json=$(results_file gpu-check-auto)
+  note="$(basename "$auto_json"); fitted constants at the end of auto.log"
+  if run auto "$(limit 90)" TERM "$py" benchmarks/auto_dispatch.py --budget 60 --out "$auto_json"; then
+    "$py" benchmarks/fit_auto_costs.py "$auto_json" >> "$out/auto.log" 2>&1
+    pack
+  fi
 fi
 
 if [ "$triton_status" != usable ]; then
@@ -79,7 +95,10 @@ fi
 
 others=()
 for test in tests/test_*.py; do
-  case $test in tests/test_cuda.py | tests/test_sass.py | tests/test_triton_*.py) ;; *) others+=("$test") ;; esac
+  case $test in tests/test_cuda.py | tests/test_sass.py | tests/test_triton_*.py) ;;
+    # with the cuda stage's run of it
+    tests/test_auto_dispatch.py) [ "$device" = cuda ] && [ "$cuda_status" = usable ] || others+=("$test") ;;
+    *) others+=("$test") ;; esac
 done
 note="what was left of the budget"
 FASTFA_TRITON_AUTOTUNE=0 run rest "$(limit 100000)" INT "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" \

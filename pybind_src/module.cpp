@@ -1,5 +1,6 @@
 // fastfa._C: loading it registers the ops (ops_registration.cpp); build_info() tells
 // what this binary was built with, so `fastfa info` and a mismatch warning can say it.
+#include "fastfa/dispatch.h"
 #include "fastfa/fallbacks.h"
 
 #include <torch/extension.h>
@@ -63,4 +64,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("backend") = "aten");
   m.def("_fallbacks", &fallbacks, "[(op, backend, reason, count)] since the last clear, in the order first seen");
   m.def("_clear_fallbacks", &fastfa::clear_fallbacks);
+  // The cuda backend's per-pass choice (csrc/dispatch.cpp), set and checked through fastfa._backend.
+  m.def("_set_cuda_fused", &fastfa::set_cuda_fused_passes, pybind11::arg("fused"));
+  m.def("_cuda_fused", &fastfa::cuda_fused_passes);
+  m.def(
+      "_set_auto_costs",
+      [](double bf16, double fp16, double fp32, double bandwidth_tbs, double launch_us, double usf, double brsf,
+         double frsf, double fa, double nchw_factor) {
+        fastfa::set_auto_costs({bf16, fp16, fp32, bandwidth_tbs, launch_us, usf, brsf, frsf, fa, nchw_factor});
+      },
+      "The cost model's constants: peak TFLOP/s (bf16, fp16, fp32), TB/s, launch µs, the cuda fused grad_input's "
+      "fractions (usf, brsf, frsf, drawn fa), the NCHW conv2d factor");
+  m.def(
+      "_fused_grad_input_pays",
+      [](int64_t transform, int64_t rows, int64_t weight_numel, at::ScalarType dtype, bool nchw) {
+        return fastfa::fused_grad_input_pays(static_cast<fastfa::Rule>(transform), rows, weight_numel, dtype, nchw);
+      },
+      pybind11::arg("transform"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
+      pybind11::arg("nchw") = false);
 }

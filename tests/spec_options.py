@@ -33,6 +33,15 @@ ALIGNMENT_DEFAULTS = {
     "ia": {"alpha": 2e-3, "beta": 1e-3, "gamma": 1e-3},
 }
 ESTIMATED = tuple(ALIGNMENT_DEFAULTS)
+#: The alignment pipeline's switches a layer (fastfa.nn's, and so convert's) turns on unless told
+#: otherwise: the README's Rules section (the spec's table has every switch off, and leaves a
+#: library's defaults open). The functional API keeps every switch off.
+LAYER_SWITCHES = {"aa": {"normalize_input": True}, "ia": {"normalize_input": True}}
+
+
+def paper(rule) -> dict:
+    """The options that give a layer the spec's table (every pipeline switch off) for ``rule``."""
+    return {name: False for name in LAYER_SWITCHES.get(ALIASES.get(rule, rule), {})}
 #: Rules whose R (or starting B) follows the layer's init.
 DRAWN = ("fa", "brsf", "frsf") + ESTIMATED
 #: Rules whose B is regenerated from (seed, step): brsf every step, wm's noise, fa without a stored R.

@@ -250,7 +250,9 @@ def _check_against_oracle(rule, converted, reference, inputs):
 def test_converted_encoder_layer_against_the_oracle(rule):
     torch.manual_seed(0)
     reference = torch.nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True, dtype=F64)
-    converted = fastfa.convert(copy.deepcopy(reference), rule, seed=11, **alignment_options(rule))
+    # The spec's table (aa's and ia's layer default off): the oracle's closed forms.
+    converted = fastfa.convert(copy.deepcopy(reference), rule, seed=11, **alignment_options(rule),
+                               **spec_options.paper(rule))
     assert type(converted.self_attn) is fastfa.nn.MultiheadAttention
     assert type(converted.linear1) is fastfa.nn.Linear
     x = torch.randn(N, L, E, dtype=F64)
@@ -262,7 +264,9 @@ def test_converted_decoder_layer_against_the_oracle(rule):
     """The decoder's cross-attention runs the packed in_proj as two ops (q from tgt, k and v from memory)."""
     torch.manual_seed(0)
     reference = torch.nn.TransformerDecoderLayer(E, HEADS, 16, dropout=0.0, dtype=F64)
-    converted = fastfa.convert(copy.deepcopy(reference), rule, seed=11, **alignment_options(rule))
+    # The spec's table (aa's and ia's layer default off): the oracle's closed forms.
+    converted = fastfa.convert(copy.deepcopy(reference), rule, seed=11, **alignment_options(rule),
+                               **spec_options.paper(rule))
     tgt, memory = torch.randn(L, N, E, dtype=F64), torch.randn(S, N, E, dtype=F64)
     _check_against_oracle(rule, _WithGrad(converted), _WithGrad(reference), (tgt, memory))
 

@@ -1,8 +1,15 @@
-"""The "auto" cost model (fastfa._backend.auto_plan): it picks per pass as documented, and every
-path it can pick for grad_input computes what the oracle does (on the CPU: aten, and Triton
-under its interpreter; the cuda backend's data path is checked by tests/cuda/implicit_gemm_check.cu
-through tests/test_sass.py)."""
+"""The "auto" cost model (fastfa._backend.auto_plan): it picks per pass as documented, the cuda
+ops' copy of it in C++ (csrc/dispatch.cpp) decides as it does, "auto" on a GPU resolves to the
+cuda backend whose passes follow it, and every path it can pick for grad_input computes what the
+oracle does (on the CPU: aten, and Triton under its interpreter; the cuda backend's data path is
+checked by tests/cuda/implicit_gemm_check.cu through tests/test_sass.py, and on a GPU below)."""
 from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +17,10 @@ import torch
 import fastfa
 import oracle
 import spec_options
-from conftest import assert_close
-from fastfa._backend import AUTO_COSTS, TRANSFORMED_RULES, auto_plan
+from conftest import assert_close, away_from_relu_kink
+from fastfa import _C, _backend
+from fastfa._backend import AUTO_COSTS, TRANSFORMED_RULES, BackendStatus, auto_plan
+from fastfa.rules import Rule
 
 F64 = torch.float64
 
@@ -112,3 +121,202 @@ def test_every_path_the_model_picks_matches_the_oracle(rule, options):
         got = _grad_input(backend, rule, options, x, w, grad_output)
         assert not fastfa.last_fallbacks(), fastfa.last_fallbacks()
         assert_close(got, expected.to(dtype), dtype, f"{rule} grad_input on {backend}")
+
+
+# ---- the cuda ops' copy of the model (C++), and the switch between fused and vendor passes ----
+
+# The transform each rule's fused grad_input applies (csrc/cuda/fused_ops.h, in_kernel_transform).
+TRANSFORMS = {"usf": Rule.USF, "brsf": Rule.BRSF, "frsf": Rule.FRSF, "fa": Rule.FA}
+
+
+@pytest.mark.parametrize("nchw", [False, True], ids=["linear-or-nhwc", "nchw-conv2d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rule", TRANSFORMED_RULES)
+def test_the_cuda_ops_model_decides_as_auto_plan(rule, dtype, nchw):
+    shapes = [(4096, 4096), (1024, 4096), (64, 64), (3 * 3 * 256, 256), (13, 7)]
+    for in_features, out_features in shapes:
+        for rows in (1, 7, 64, 100, 300, 1000, 3000, 10_000, 100_000, 10_000_000):
+            plan = auto_plan(rule, rows, in_features, out_features, dtype, fused=("cuda",), nchw=nchw)
+            pays = _C._fused_grad_input_pays(int(TRANSFORMS[rule]), rows, in_features * out_features, dtype, nchw)
+            assert pays == (plan.grad_input == "cuda"), (rule, rows, in_features, out_features, plan)
+
+
+def test_the_cuda_ops_model_never_fuses_b_as_it_is_nor_fp64():
+    for transform in (Rule.BP, Rule.KP, Rule.WM, Rule.SA, Rule.AA, Rule.IA):
+        assert not _C._fused_grad_input_pays(int(transform), 1, 4096 * 4096, torch.bfloat16, False)
+    assert not _C._fused_grad_input_pays(int(Rule.USF), 1, 4096 * 4096, torch.float64, False)
+
+
+def test_an_nchw_conv2d_fuses_below_half_the_rows_of_channels_last():
+    """NCHW's element gathers halve the implicit GEMM's modelled speed (issue 18's estimate)."""
+    def crossover(nchw):
+        rows = 1
+        while auto_plan("usf", rows, 3 * 3 * 256, 256, torch.bfloat16, fused=("cuda",), nchw=nchw).grad_input == "cuda":
+            rows += 1
+        return rows
+    assert 0 < crossover(True) < crossover(False) / 2
+
+
+@contextlib.contextmanager
+def _costs(costs):
+    previous = _backend.auto_costs()
+    _backend.set_auto_costs(costs)
+    try:
+        yield
+    finally:
+        _backend.set_auto_costs(previous)
+
+
+def test_a_calibration_reaches_auto_plan_and_the_cuda_ops_alike():
+    fast = AUTO_COSTS._replace(fused_fraction={key: 0.99 for key in AUTO_COSTS.fused_fraction})
+    rows, size = 10_000, 4096 * 4096
+    assert not _C._fused_grad_input_pays(int(Rule.USF), rows, size, torch.bfloat16, False)
+    with _costs(fast):
+        assert _backend.auto_costs() is fast
+        assert auto_plan("usf", rows, 4096, 4096, torch.bfloat16, fused=("cuda",)).grad_input == "cuda"
+        assert _C._fused_grad_input_pays(int(Rule.USF), rows, size, torch.bfloat16, False)
+    assert not _C._fused_grad_input_pays(int(Rule.USF), rows, size, torch.bfloat16, False)
+    with pytest.raises(TypeError, match="costs must be"):
+        _backend.set_auto_costs({"launch_us": 1.0})
+
+
+def test_the_fused_switch_round_trips_and_refuses_a_non_bool():
+    before = fastfa.cuda_fused()
+    try:
+        fastfa.set_cuda_fused(True)
+        assert fastfa.cuda_fused() is True
+        fastfa.set_cuda_fused(False)
+        assert fastfa.cuda_fused() is False
+        with pytest.raises(TypeError, match="fused must be a bool"):
+            fastfa.set_cuda_fused(1)
+    finally:
+        fastfa.set_cuda_fused(before)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("", False)])
+def test_fastfa_cuda_fused_in_the_environment_sets_the_switch(value, expected):
+    env = dict(os.environ, FASTFA_CUDA_FUSED=value)
+    result = subprocess.run([sys.executable, "-c", "import fastfa; print(fastfa.cuda_fused())"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(expected)
+
+
+@pytest.mark.parametrize("usable", [True, False])
+def test_auto_on_a_gpu_is_the_cuda_backend_where_usable_else_aten(monkeypatch, usable):
+    """Faked device: "auto" resolves per device, once, to the cuda backend (vendor forward and
+    grad_weight, grad_input by the model) or to aten; a forced backend stays forced."""
+    monkeypatch.setattr(_backend, "_BUILT_WITH_CUDA", True)
+    monkeypatch.setattr(_backend, "_cuda_status", lambda: BackendStatus(usable, "faked"))
+    monkeypatch.setattr(_backend, "_auto_gpu_backend", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu = torch.device("cuda", 0)
+    with fastfa.use_backend("auto"):
+        assert _backend.resolve(None, gpu) == ("cuda" if usable else "aten")
+        assert _backend.resolve(None, torch.device("cuda")) == ("cuda" if usable else "aten")
+        assert _backend.resolve(None, torch.device("cpu")) == "aten"
+    assert _backend._auto_gpu_backend == {0: "cuda" if usable else "aten"}
+    assert _backend.resolve("aten", gpu) == "aten"
+
+
+def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
+    """benchmarks/fit_auto_costs.py on a synthetic auto_dispatch.py file whose pass times follow the
+    model with known constants gives those constants back, and picks as the 'measured' times do."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import fit_auto_costs
+    finally:
+        sys.path.pop(0)
+    truth = {"usf": 0.3, "frsf": 0.35, "brsf": 0.2, "fa": 0.25}
+    peak, launch_s, bandwidth = 700e12, 5e-6, 4e12
+    rows = []
+    for rule, fraction in truth.items():
+        for in_features, out_features in ((4096, 4096), (1024, 4096)):
+            for batch in (16, 64, 256, 1024, 4096, 16384):
+                vendor = 2 * batch * in_features * out_features / peak * 1e3
+                transform = (launch_s + (fit_auto_costs.READS[rule] + 1) * in_features * out_features * 2 /
+                             bandwidth) * 1e3
+                for op, ms in (("pass:vendor_gemm", vendor), ("pass:transform", transform),
+                               ("pass:fused_grad_input", vendor / fraction)):
+                    rows.append(dict(op=op, shape=f"{batch}x{in_features}x{out_features}", dtype="bf16", rule=rule,
+                                     backend="cuda", ms=ms, bp_ms=1.0, ratio=ms))
+    costs = fit_auto_costs.fit({"rows": rows})
+    assert costs.peak_tflops[torch.bfloat16] == pytest.approx(700.0)
+    assert costs.launch_us == pytest.approx(5.0) and costs.bandwidth_tbs == pytest.approx(4.0)
+    for rule, fraction in truth.items():
+        assert costs.fused_fraction[("cuda", rule)] == pytest.approx(fraction)
+    right, total = fit_auto_costs.agreement({"rows": rows}, costs)
+    assert right == total == 48
+
+
+# ---- on a GPU: the cuda backend's default passes (vendor, grad_input by the model) ----
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _rows_either_side(rule, in_features, out_features, dtype):
+    crossover = crossover_rows(rule, in_features, out_features, dtype)
+    return [max(1, int(crossover * 0.5)), int(crossover * 2) + 1]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("rule, options", PICKS + [("kp", {}), ("bp", {})], ids=[r for r, _ in PICKS] + ["kp", "bp"])
+def test_cuda_backend_linear_either_side_of_the_crossover_matches_the_oracle(rule, options, activation, fused):
+    if not fastfa.backends()["cuda"].usable:
+        pytest.skip(fastfa.backends()["cuda"].reason)
+    dtype, out_features, in_features = torch.bfloat16, 512, 384
+    before = fastfa.cuda_fused()
+    fastfa.set_cuda_fused(fused)
+    try:
+        for rows in _rows_either_side("usf", in_features, out_features, dtype):
+            torch.manual_seed(rows)
+            weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype, requires_grad=True)
+            bias = torch.randn(out_features, device="cuda", dtype=dtype, requires_grad=True)
+            x = torch.randn(rows, in_features, device="cuda", dtype=dtype, requires_grad=True)
+            preactivation = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+            grad_output = away_from_relu_kink(torch.randn(rows, out_features, device="cuda", dtype=dtype),
+                                              preactivation, activation)
+            call = dict(options, rule=rule, activation=activation)
+            if rule in ("frsf", "kp"):
+                call["feedback"] = torch.randn(out_features, in_features, device="cuda", dtype=dtype)
+            results = {}
+            for backend in ("aten", "auto"):
+                with fastfa.use_backend(backend):
+                    y = fastfa.functional.linear(x, weight, bias, **call)
+                    results[backend] = (y, *torch.autograd.grad(y, [x, weight, bias], grad_output))
+            for name, got, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), results["auto"],
+                                           results["aten"]):
+                assert_close(got, expected, dtype, f"{rule} {name}, {rows} rows")
+    finally:
+        fastfa.set_cuda_fused(before)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("rule", ["usf", "frsf", "kp"])
+def test_cuda_backend_conv2d_default_passes_match_aten(rule, stride, channels_last):
+    if not fastfa.backends()["cuda"].usable:
+        pytest.skip(fastfa.backends()["cuda"].reason)
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    for batch in (1, 64):  # modelled fused and vendor grad_input at stride 1
+        layer = fastfa.nn.Conv2d(64, 96, 3, stride=stride, padding=1, rule=rule).cuda().to(dtype)
+        x = torch.randn(batch, 64, 14, 14, device="cuda", dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad_output = torch.randn_like(layer(x))
+        with fastfa.use_backend("aten"):
+            expected = torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], grad_output)
+        fastfa.clear_fallbacks()
+        with fastfa.use_backend("cuda"):
+            got = torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], grad_output)
+        assert not fastfa.last_fallbacks(), fastfa.last_fallbacks()
+        for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), got, expected):
+            assert_close(g, e, dtype, f"{rule} conv2d {name}, batch {batch}")

@@ -36,12 +36,16 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def _restores_global_state_and_expects_no_fallback():
-    """Each test leaves torch's tf32 switches, the default dtype and fastfa's backend as it found
-    them (a test that turned tf32 off would send every later fp32 cuda-backend call to the aten
-    path); and a cuda-backend call that fell back fails the test unless the test expected it."""
+    """Each test runs the cuda backend's every pass on its fused kernels (fastfa.set_cuda_fused:
+    by default its forward and grad_weight take the vendor calls, tested in test_auto_dispatch.py)
+    and "auto" as aten (the tests that name no backend compare the aten path on the GPU), and leaves torch's tf32 switches, the default dtype, fastfa's backend and that switch as it
+    found them (a test that turned tf32 off would send every later fp32 cuda-backend call to the
+    aten path); and a cuda-backend call that fell back fails the test unless the test expected it."""
     state = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype(),
-             fastfa.get_backend())
+             fastfa.get_backend(), fastfa.cuda_fused())
     fastfa.clear_fallbacks()
+    fastfa.set_cuda_fused(True)
+    fastfa.set_backend("aten")
     try:
         yield
         fallen = fastfa.last_fallbacks()
@@ -51,6 +55,7 @@ def _restores_global_state_and_expects_no_fallback():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state[:2]
         torch.set_default_dtype(state[2])
         fastfa.set_backend(state[3])
+        fastfa.set_cuda_fused(state[4])
 
 
 # What the cuda backend's fused kernels cover (README, "cuda"): fp16, bf16, and fp32 through

@@ -48,7 +48,7 @@ def test_cuda_backend_status_says_why():
     else:
         with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
             fastfa.functional.linear(torch.randn(2, 3), torch.randn(4, 3), rule="usf", backend="cuda")
-    # "auto" stays on aten until GPU measurements show the fused kernels are faster.
+    # "auto" on CPU tensors is aten (on a GPU: the cuda backend's per-pass choice, test_auto_dispatch.py).
     assert fastfa._backend.resolve(None, torch.device("cpu")) == "aten"
 
 

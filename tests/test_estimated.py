@@ -81,9 +81,11 @@ def _noise(layer, x, sigma, kernel: bool):
 
 
 def _layers(rule):
+    """The spec's table: aa and ia with their layers' default switch off (test_pipeline tests it on)."""
+    options = {**_options(rule), **spec_options.paper(rule)}
     return [
-        (fastfa.nn.Linear(7, 5, rule=rule, dtype=F64, **_options(rule)), (2, 6, 7)),
-        (fastfa.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64, **_options(rule)),
+        (fastfa.nn.Linear(7, 5, rule=rule, dtype=F64, **options), (2, 6, 7)),
+        (fastfa.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64, **options),
          (3, 4, 9, 8)),
     ]
 

@@ -56,8 +56,9 @@ def test_fp16_on_cpu(rule):
     """fp16 Linear and Conv2d against the oracle at fp16's tolerance."""
     options = _alignment_options(rule)
     half = torch.float16
-    for layer, x_shape in ((fastfa.nn.Linear(12, 6, rule=rule, dtype=half, **options), (5, 12)),
-                           (fastfa.nn.Conv2d(3, 4, 3, rule=rule, dtype=half, **options), (2, 3, 6, 6))):
+    paper = spec_options.paper(rule)  # the oracle's closed forms: aa's and ia's layer default off
+    for layer, x_shape in ((fastfa.nn.Linear(12, 6, rule=rule, dtype=half, **options, **paper), (5, 12)),
+                           (fastfa.nn.Conv2d(3, 4, 3, rule=rule, dtype=half, **options, **paper), (2, 3, 6, 6))):
         x = torch.randn(x_shape, dtype=half)
         with torch.no_grad():  # the output's shape, without a training step
             g = torch.randn(layer(x).shape, dtype=half)
@@ -76,8 +77,9 @@ def test_autocast_bf16(rule):
     the gradients come back in the leaves' fp32: all equal to the oracle on those rounded values."""
     bf16 = torch.bfloat16
     options = _alignment_options(rule)
-    for layer, x_shape in ((fastfa.nn.Linear(16, 8, rule=rule, **options), (4, 16)),
-                           (fastfa.nn.Conv2d(3, 8, 3, padding=1, rule=rule, **options), (2, 3, 5, 5))):
+    paper = spec_options.paper(rule)  # the oracle's closed forms: aa's and ia's layer default off
+    for layer, x_shape in ((fastfa.nn.Linear(16, 8, rule=rule, **options, **paper), (4, 16)),
+                           (fastfa.nn.Conv2d(3, 8, 3, padding=1, rule=rule, **options, **paper), (2, 3, 5, 5))):
         x = torch.randn(x_shape, requires_grad=True)
         with torch.no_grad():
             g = torch.randn(layer(x).shape)

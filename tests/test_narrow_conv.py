@@ -77,7 +77,7 @@ def test_bf16_conv2d_with_an_input_narrower_than_the_kernel(geometry, rule):
 def test_bf16_feedback_gradient_with_an_input_narrower_than_the_kernel(rule):
     """kp's B gradient holds grad_W; aa's takes filter gradients of the input (outer(r, x))."""
     torch.manual_seed(0)
-    layer = _layer(WRONG_GRAD_WEIGHT, rule, **_options(rule))
+    layer = _layer(WRONG_GRAD_WEIGHT, rule, **_options(rule), **spec_options.paper(rule))  # the closed form
     alignment = spec_options.alignment(rule, **_options(rule))
     exact = copy.deepcopy(layer).to(F64)
     for _ in range(CALLS):

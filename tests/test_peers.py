@@ -17,9 +17,11 @@ F64 = torch.float64
 
 
 def _layers(rule):
-    """(fastfa layer, input shape): a Linear over a 3-D input and a strided, grouped Conv2d."""
-    return [(fastfa.nn.Linear(7, 5, rule=rule, dtype=F64), (2, 3, 7)),
-            (fastfa.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64), (3, 4, 9, 8))]
+    """(fastfa layer, input shape): a Linear over a 3-D input and a strided, grouped Conv2d, in the spec's
+    configuration (aa's and ia's layer default off: the peers compute the closed forms)."""
+    paper = spec_options.paper(rule)
+    return [(fastfa.nn.Linear(7, 5, rule=rule, dtype=F64, **paper), (2, 3, 7)),
+            (fastfa.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64, **paper), (3, 4, 9, 8))]
 
 
 def _oracle(layer, x, B, grad_output):

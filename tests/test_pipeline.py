@@ -1,6 +1,7 @@
 """The alignment pipeline's switches (learning-rules.md, "The alignment pipeline's options"):
 B's gradient against the oracle's autograd of the losses as the spec writes them, fp64."""
 
+import copy
 import re
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from fastfa.alignment import IA_SWITCHES, SWITCHES
 from fastfa.rules import Distribution, Rule
 
@@ -21,6 +23,8 @@ def _coefficients(rule):
 
 
 def _layer(kind, rule, activation="gelu", **switches):
+    """A layer with exactly ``switches`` on: aa's and ia's layer default (normalize_input) is passed off."""
+    switches = {**spec_options.paper(rule), **switches}
     if kind == "linear":
         return fastfa.nn.Linear(7, 5, rule=rule, dtype=F64, activation=activation, **_coefficients(rule), **switches)
     return fastfa.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64, activation=activation,
@@ -228,3 +232,109 @@ def test_fused_backend_runs_a_switched_layer_on_aten_and_says_so():
         ours = _run(layer, x)
     for a, b in zip(ours, expected):
         assert torch.equal(a, b)
+
+
+# --- the layers' defaults (README's Rules section, spec_options.LAYER_SWITCHES) ---------------------
+
+
+def _default_layer(kind, rule):
+    """An aa or ia layer of ``kind`` built without any switch: its default ones."""
+    torch.manual_seed(6)
+    if kind == "linear":
+        return fastfa.nn.Linear(7, 5, rule=rule, dtype=F64, **_coefficients(rule))
+    if kind == "conv":
+        return fastfa.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64, **_coefficients(rule))
+    return fastfa.nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2, rule=rule, dtype=F64, **_coefficients(rule))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_aa_and_ia_layers_normalise_their_input_by_default(kind, rule):
+    """B's gradient of a layer built with no switch is the oracle's with the default switches on;
+    normalize_input=False gives the spec's table again (test_estimated checks that one)."""
+    layer = _default_layer(kind, rule)
+    assert layer.alignment_pipeline.on() == spec_options.LAYER_SWITCHES[rule]
+    assert "normalize_input=True" in repr(layer)
+    x = torch.randn(SHAPES[kind] if kind != "conv1d" else (3, 4, 9), dtype=F64)
+    grad_feedback = _run(layer, x)[0]
+    if kind == "conv1d":  # a Conv2d over a unit height (fastfa.nn.Conv1d's own reading)
+        geometry = ((1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0]), layer.groups)
+        expected = oracle.alignment_pipeline_gradient(
+            rule, x.unsqueeze(2), layer.weight.unsqueeze(2), layer.bias, layer.feedback.unsqueeze(2), conv=geometry,
+            **{**COEFFICIENTS, **spec_options.LAYER_SWITCHES[rule]}).squeeze(2)
+    else:
+        expected = _expected(rule, layer, x, **spec_options.LAYER_SWITCHES[rule])
+    torch.testing.assert_close(grad_feedback, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_attention_projections_take_the_default_and_match_the_oracle(rule):
+    """fastfa.nn.MultiheadAttention's packed in_proj and its out_proj run the pipeline like a Linear."""
+    torch.manual_seed(7)
+    attention = fastfa.nn.MultiheadAttention(8, 2, rule=rule, dtype=F64, **_coefficients(rule))
+    seen = {}
+    attention.out_proj.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].detach()))
+    query = torch.randn(5, 3, 8, dtype=F64)
+    output, _ = attention(query, query, query, need_weights=False)
+    output.backward(torch.linspace(-1, 1, output.numel(), dtype=F64).reshape(output.shape))
+    switches = {**COEFFICIENTS, **spec_options.LAYER_SWITCHES[rule]}
+    for projection, x in ((attention.in_proj, query.reshape(-1, 8)), (attention.out_proj, seen["x"])):
+        assert projection.alignment_pipeline.on() == spec_options.LAYER_SWITCHES[rule]
+        bias = attention.in_proj_bias if projection is attention.in_proj else attention.out_proj.bias
+        expected = oracle.alignment_pipeline_gradient(rule, x.reshape(-1, 8), projection.weight, bias,
+                                                      projection.feedback, **switches)
+        torch.testing.assert_close(projection.feedback.grad, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["aa", "ia", "wm", "fa"])
+def test_convert_gives_every_layer_kind_the_default_and_the_paper_one_option_away(rule):
+    model = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Conv2d(2, 3, 3), torch.nn.Conv1d(2, 3, 3),
+                                 torch.nn.MultiheadAttention(4, 2)])
+    layers = lambda m: [layer for layer in m.modules() if isinstance(layer, fastfa.nn.FeedbackLayer)]  # noqa: E731
+    default = fastfa.convert(copy.deepcopy(model), rule)
+    assert len(layers(default)) == 5  # Linear, Conv2d, Conv1d, in_proj, out_proj
+    expected = spec_options.LAYER_SWITCHES.get(rule)
+    assert all((layer.alignment_pipeline.on() if layer.alignment_pipeline else None) == expected
+               for layer in layers(default))
+    paper = fastfa.convert(copy.deepcopy(model), rule, **spec_options.paper(rule))
+    assert all(layer.alignment_pipeline is None for layer in layers(paper))
+    # The functional API keeps the table's closed form: the ops have no default to change.
+    x, W = torch.randn(6, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    if rule in ("aa", "ia"):
+        B = torch.randn(3, 4, dtype=F64, requires_grad=True)
+        y = fastfa.functional.linear(x, W, rule=rule, feedback=B, **_coefficients(rule))
+        y.backward(torch.ones_like(y))
+        torch.testing.assert_close(B.grad, oracle.alignment_pipeline_gradient(rule, x, W, None, B, **COEFFICIENTS),
+                                   atol=1e-10, rtol=1e-10)
+
+
+def test_a_zero_sample_stays_zero_when_normalised_in_half_precision():
+    """A sample of zeros (a dead ReLU layer's output) has norm 0: it must give B no NaN, in fp16 too."""
+    torch.manual_seed(8)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        layer = fastfa.nn.Linear(6, 4, rule="aa", dtype=dtype)
+        x = torch.randn(3, 6, dtype=dtype)
+        x[1] = 0
+        layer(x).sum().backward()
+        assert torch.isfinite(layer.feedback.grad).all(), dtype
+
+
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_default_layers_under_autocast_and_with_an_empty_batch(rule):
+    """The default's pipeline path under bf16 autocast (B stays fp32, its gradient too) and on a zero-size batch."""
+    torch.manual_seed(9)
+    layer = fastfa.nn.Conv2d(3, 4, 3, padding=1, rule=rule)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.feedback.grad.dtype == torch.float32
+    expected = oracle.alignment_pipeline_gradient(rule, x.bfloat16().float(), layer.weight.bfloat16().float(), None,
+                                                  layer.feedback, conv=_geometry(layer),
+                                                  **{**spec_options.ALIGNMENT_DEFAULTS[rule],
+                                                     **spec_options.LAYER_SWITCHES[rule]}).float()
+    torch.testing.assert_close(layer.feedback.grad, expected, atol=2e-2 * float(expected.abs().max()), rtol=5e-2)
+    layer.zero_grad()
+    empty = layer(torch.randn(0, 3, 5, 5))
+    empty.sum().backward()
+    assert empty.shape == (0, 4, 5, 5) and torch.isfinite(layer.feedback.grad).all()

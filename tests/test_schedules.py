@@ -7,6 +7,7 @@ import torch
 
 import fastfa
 import oracle
+import spec_options
 from fastfa.schedules import AlignmentSchedule, CoefficientSchedule
 
 F64 = torch.float64
@@ -53,7 +54,8 @@ def _closed_form(rule, W, B, x, grad_weight, alpha, beta, gamma):
 @pytest.mark.parametrize("rule", ["kp", "sa", "aa", "ia", "wm"])
 def test_scheduled_layer_gets_each_step_coefficients(rule):
     torch.manual_seed(0)
-    layer = fastfa.nn.Linear(6, 4, rule=rule, dtype=F64)
+    # The closed forms: aa's and ia's layer default (normalize_input) off.
+    layer = fastfa.nn.Linear(6, 4, rule=rule, dtype=F64, **spec_options.paper(rule))
     schedule = AlignmentSchedule(layer, alpha=CoefficientSchedule("linear", 0.4, 0.1, 3),
                                  beta=CoefficientSchedule("step", 0.8, milestones=(2,), factor=0.25),
                                  gamma=CoefficientSchedule("cosine", 0.3, 0.0, 3))

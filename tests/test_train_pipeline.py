@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastfa
+import spec_options
 from fastfa import training
 from fastfa.training import defaults, loop
 
@@ -64,13 +65,25 @@ def test_kp_decays_W_as_B_and_says_so(tmp_path, capsys):
 def test_documented_defaults_and_reference_defaults():
     for rule, options in defaults.TRAINING_DEFAULTS.items():
         assert loop.rule_options(_args([]), rule) == options
-        assert loop.rule_options(_args(["--reference-defaults"]), rule) == {}
-    # What the command line gives wins; --pipeline replaces the default switches.
+        # The reference's: every switch off, also those the layers turn on by default (aa's, ia's normalize_input).
+        assert loop.rule_options(_args(["--reference-defaults"]), rule) == spec_options.paper(rule)
+    # What the command line gives wins; --pipeline replaces the default switches, the layers' ones too.
     assert loop.rule_options(_args(["--alpha", "0.5"]), "sa")["alpha"] == 0.5
     options = loop.rule_options(_args(["--pipeline", "center_input,reconstruction_amp"]), "aa")
     assert options.get("center_input") is True and "reconstruction_amp" not in options
+    assert options["normalize_input"] is False
     options = loop.rule_options(_args(["--pipeline", "none", "--reference-defaults"]), "ia")
-    assert not set(options) & set(fastfa.alignment.OPTIONS)
+    assert not any(options.get(name) for name in fastfa.alignment.OPTIONS)
+    model = training.models.build("mlp", "ia", channels=1, image_size=8, num_classes=10, options=options)
+    assert all(m.alignment_pipeline is None for m in model.modules() if isinstance(m, fastfa.nn.FeedbackLayer))
+
+
+def test_training_defaults_agree_with_the_layers_defaults():
+    """fastfa train names the layers' default switches it keeps (so its record says which pipeline
+    trained a run), and never contradicts them where it does not mean to."""
+    for rule, switches in spec_options.LAYER_SWITCHES.items():
+        trained = defaults.TRAINING_DEFAULTS.get(rule, {})
+        assert {name: trained.get(name) for name in switches} == switches, rule
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -269,7 +269,9 @@ def test_backend_status_and_selection():
     with fastfa.use_backend("triton"):
         assert fastfa.get_backend() == "triton"
         assert fastfa.ops.linear_op(fastfa._backend.resolve(None, torch.device(DEVICE))) is torch.ops.fastfa.triton_linear
-    assert fastfa._backend.resolve(None, torch.device(DEVICE)) == "aten"  # "auto" stays on aten in this version
+    # "auto": aten on the CPU; on a GPU the cuda backend where usable (README, "auto" on a GPU), never triton.
+    on_gpu = "cuda" if DEVICE == "cuda" and fastfa.backends()["cuda"].usable else "aten"
+    assert fastfa._backend.resolve(None, torch.device(DEVICE)) == on_gpu
 
 
 def test_bad_arguments_are_refused_as_by_aten():

@@ -1,21 +1,30 @@
-// The cuda backend's conv2d ops: implicit GEMMs on fastfa's fused tensor-core kernel
-// (implicit_gemm.cuh), nothing unfolded in memory.
+// The cuda backend's conv2d ops: each pass on cuDNN through ATen where nothing is fused, on
+// implicit GEMMs of fastfa's fused tensor-core kernel (implicit_gemm.cuh, nothing unfolded in
+// memory) where they pay (issue 18).
 //
-//   forward      y = act(conv(x, W) + b)        one GEMM, bias and activation in its epilogue
-//   grad_input   conv_transpose(delta, T(W))    one GEMM, the rule's transform on W as it loads
-//   grad_weight  delta^T im2col(x), grad_b      one split-K GEMM: fp32 slices that ATen adds
-//                                               (K is batch x pixels, far longer than M x N)
+//   forward      y = act(conv(x, W) + b)        cuDNN with its bias (at::convolution), then the
+//                                               activation, as the aten backend runs it
+//   grad_input   conv_transpose(delta, T(W))    the implicit GEMM with the rule's transform on W
+//                                               as it loads, or the transform kernel + cuDNN, by
+//                                               the cost model of fastfa/dispatch.h
+//   grad_weight  delta^T im2col(x), grad_b      cuDNN (at::convolution_backward), with B's
+//                                               gradient of the estimated rules
+// FASTFA_CUDA_FUSED=1 (or fastfa.set_cuda_fused(True)) runs every pass on the implicit GEMMs
+// instead, so that a GPU run can time both: the forward with bias and activation in its epilogue,
+// grad_weight as one split-K GEMM (fp32 slices that ATen adds: K is batch x pixels, far longer
+// than M x N) with grad_bias, kp's and sa's B gradient from tensors the op has, wm / aa / ia's by
+// the aten backend's convolutions.
 // Activations are read through their strides (copied only where an element lies 2^31 or
 // more elements from the base) and outputs are made in the input's memory format;
 // channels_last runs 16-byte vector loads along channels. delta = dL/dz comes from ATen when
-// there is an activation, as in the linear op. The estimated rules' B gradient: kp and sa
-// from tensors this op has, wm / aa / ia by the aten backend's convolutions.
-// Not covered, and run on the aten path (cuDNN after the CUDA transform kernel) with a
-// warning that says why (Python shows it once per call site): the linear ops' reasons (fp64,
-// fp32 without tf32, GPUs below sm_80), groups > 1, tensors of 2^31 elements or more, and
-// grad_input of a strided convolution (as one implicit GEMM it would multiply the stride's
-// skipped pixels by zero: stride^2 the work). Each is recorded (fastfa.last_fallbacks()), as
-// are wm / aa / ia's B gradient and calls with an empty tensor (nothing to launch; no warning).
+// there is an activation, as in the linear op.
+// Not covered by the implicit GEMMs, and run on the aten path (cuDNN after the CUDA transform
+// kernel) with a warning that says why (Python shows it once per call site): the linear ops'
+// reasons (fp64, fp32 without tf32, GPUs below sm_80), groups > 1, tensors of 2^31 elements or
+// more, and grad_input of a strided convolution (as one implicit GEMM it would multiply the
+// stride's skipped pixels by zero: stride^2 the work). On the fused passes each is recorded
+// (fastfa.last_fallbacks()), as are wm / aa / ia's B gradient and calls with an empty tensor
+// (nothing to launch; no warning); by default they are simply the vendor path.
 // Only the kernels' declarations (fastfa/gemm.h, through fused_ops.h): their instantiations
 // live in gemm_<dtype>_conv*.cu, compiled once.
 #include "fused_ops.h"
@@ -101,6 +110,28 @@ at::MemoryFormat layout_of(const at::Tensor& input) {
                                                                          : at::MemoryFormat::Contiguous;
 }
 
+constexpr const char* kStridedGradInput =
+    "grad_input of a strided conv2d (its implicit GEMM would do stride^2 the work)";
+
+// grad_x = conv_transpose(delta, B), B = T(W) made element by element as W loads.
+at::Tensor fused_grad_input(const at::Tensor& delta, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+                            Rule rule, double scale, int64_t distribution, const gemm::ConvShape& shape,
+                            at::MemoryFormat format) {
+  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, format);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+  check_launch(with_element(input.scalar_type(),
+                            [&](auto element) {
+                              return gemm::conv_grad_input_gemm<decltype(element)>(
+                                  device_arch(input), b.transform, shape, delta.const_data_ptr(), strides_of(delta),
+                                  b.operand.const_data_ptr(), strides_of(b.operand), b.args,
+                                  grad_input.mutable_data_ptr(), strides_of(grad_input),
+                                  at::cuda::getCurrentCUDAStream());
+                            }),
+               "conv2d grad_input");
+  return grad_input;
+}
+
 } // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
@@ -118,6 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_forward(
   TORCH_CHECK(output[2] > 0 && output[3] > 0, "fastfa: conv2d output would be empty: input ", input.sizes(),
               ", kernel ", weight.sizes().slice(2), ", stride ", stride, ", padding ", padding, ", dilation ",
               dilation);
+  if (!cuda_fused_passes()) {
+    const c10::cuda::CUDAGuard device_guard(input.device());
+    return conv2d_forward(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule, scale,
+                          distribution, alignment, activation);
+  }
   const char* reason = conv_aten_path_reason(input, weight, output, groups);
   if (reason != nullptr) {
     TORCH_WARN("fastfa: the cuda backend runs conv2d ", reason, " on the aten path (cuDNN)");
@@ -170,6 +206,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
               "fastfa: grad_output must have input's dtype and device (", input.scalar_type(), ", ", input.device(),
               "), got ", grad_output.scalar_type(), ", ", grad_output.device());
+  const auto kind = static_cast<Rule>(rule);
+  const at::MemoryFormat format = layout_of(input);
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  const gemm::ConvShape shape = conv_shape(input, weight, output, stride, padding, dilation, channels_last);
+  if (!cuda_fused_passes()) {
+    // The vendor passes (aten's backward, on delta), grad_input on the implicit GEMM where the
+    // model says it pays (rows: the output's pixels, the GEMM's FLOPs over W's size). Only where
+    // the implicit GEMM can run it: not an empty tensor (nothing to launch), nor a strided
+    // convolution (stride^2 the work), nor what conv_aten_path_reason names; cuDNN there is the
+    // chosen path, not a fallback, so nothing is recorded.
+    const c10::cuda::CUDAGuard device_guard(input.device());
+    const bool empty = input.numel() == 0 || grad_output.numel() == 0 || weight.numel() == 0;
+    const bool fused_input = output_mask[0] && !empty && stride[0] == 1 && stride[1] == 1 &&
+                             conv_aten_path_reason(input, weight, output, groups) == nullptr &&
+                             grad_input_on_fused_kernel(kind, feedback, distribution,
+                                                        grad_output.numel() / weight.size(0), weight, !channels_last);
+    const at::Tensor delta = activation_delta(grad_output, activation_saved, activation);
+    auto gradients = conv2d_backward(delta, input, weight, feedback, rng, delta.new_empty({0}), projection, stride,
+                                     padding, dilation, groups, rule, scale, distribution, alignment, "none",
+                                     {output_mask[0] && !fused_input, output_mask[1], output_mask[2], output_mask[3]});
+    if (fused_input) {
+      std::get<0>(gradients) = fused_grad_input(within_32bit_offsets(delta, format), input, weight, feedback, rng,
+                                                kind, scale, distribution, shape, format);
+    }
+    return gradients;
+  }
   const char* reason = conv_aten_path_reason(input, weight, output, groups);
   if (reason != nullptr) {
     TORCH_WARN("fastfa: the cuda backend runs conv2d's backward ", reason, " on the aten path (cuDNN)");
@@ -182,11 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
                            dilation, groups, rule, scale, distribution, alignment, activation, output_mask);
   }
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const auto kind = static_cast<Rule>(rule);
   const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
-  const at::MemoryFormat format = layout_of(input);
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  const gemm::ConvShape shape = conv_shape(input, weight, output, stride, padding, dilation, channels_last);
   const at::Tensor delta = within_32bit_offsets(activation_delta(grad_output, activation_saved, activation), format);
   const at::Tensor x = within_32bit_offsets(input, format);
   const gemm::Arch arch = device_arch(input);
@@ -196,23 +254,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
   if (output_mask[0] && (stride[0] > 1 || stride[1] > 1)) {
     TORCH_WARN("fastfa: the cuda backend runs grad_input of a strided conv2d on the aten path (cuDNN after "
                     "the CUDA transform kernel); its implicit GEMM would do stride^2 the work");
-    record_fallback("cuda_conv2d_backward", "grad_input of a strided conv2d (its implicit GEMM would do stride^2 "
-                                            "the work)");
+    record_fallback("cuda_conv2d_backward", kStridedGradInput);
     grad_input = std::get<0>(conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved, projection,
                                              stride, padding, dilation, groups, rule, scale, distribution, alignment,
                                              activation, {true, false, false, false}));
   } else if (output_mask[0]) {
-    // grad_x = conv_transpose(delta, B), B = T(W) made element by element as W loads.
-    const FeedbackOperand b(kind, weight, feedback, rng, scale, distribution, format);
-    grad_input = at::empty(input.sizes(), input.options().memory_format(format));
-    check_launch(with_element(input.scalar_type(),
-                              [&](auto element) {
-                                return gemm::conv_grad_input_gemm<decltype(element)>(
-                                    arch, b.transform, shape, delta.const_data_ptr(), strides_of(delta),
-                                    b.operand.const_data_ptr(), strides_of(b.operand), b.args,
-                                    grad_input.mutable_data_ptr(), strides_of(grad_input), stream);
-                              }),
-                 "conv2d grad_input");
+    grad_input = fused_grad_input(delta, input, weight, feedback, rng, kind, scale, distribution, shape, format);
   }
   const bool needs_grad_weight = output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack);
   if (needs_grad_weight || output_mask[2]) {

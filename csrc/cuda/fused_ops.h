@@ -1,8 +1,10 @@
 // Host-side pieces shared by the cuda backend's ops (linear_cuda.cu, conv_cuda.cu): which
-// tensor-core path a GPU takes, why a call takes the aten path instead (recorded in
-// fastfa/fallbacks.h's record for fastfa.last_fallbacks()), the dtype switch.
+// tensor-core path a GPU takes, which passes run on the fused kernels (fastfa/dispatch.h), why a
+// call takes the aten path instead (recorded in fastfa/fallbacks.h's record for
+// fastfa.last_fallbacks()), the dtype switch.
 #pragma once
 
+#include "fastfa/dispatch.h"
 #include "fastfa/fallbacks.h"
 #include "fastfa/feedback.h"
 #include "fastfa/gemm.h"
@@ -130,10 +132,26 @@ inline ForwardOutputs forward_outputs(const at::Tensor& output, const at::Tensor
   return outputs;
 }
 
-// What grad_input's GEMM reads as B and how it transforms it. Where B is a stored tensor (fa's
-// R, the estimated rules' B) it is the operand itself, untransformed; frsf reads R beside W at
-// W's offsets; the kernels draw uniformly, so a normal draw's B comes from the transform
-// kernel first, as on the aten path. The tensors live while this object does.
+inline bool has_tensor(const std::optional<at::Tensor>& tensor) { return tensor.has_value() && tensor->defined(); }
+
+// The transform a fused grad_input applies to W's tiles as they load: the rule itself, or
+// kBackprop where B is used as it is (the estimated rules' B, a stored fa R) or made first by
+// the transform kernel (a normal draw: the kernels draw uniformly), so nothing is fused.
+inline Rule in_kernel_transform(Rule rule, bool has_feedback, int64_t distribution) {
+  if (estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_feedback)) {
+    return Rule::kBackprop;
+  }
+  if ((rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment) &&
+      static_cast<Distribution>(distribution) == Distribution::kNormal) {
+    return Rule::kBackprop;
+  }
+  return rule;
+}
+
+// What grad_input's GEMM reads as B and how it transforms it (in_kernel_transform). Where B is
+// a stored tensor it is the operand itself, untransformed; frsf reads R beside W at W's offsets;
+// a normal draw's B comes from the transform kernel first, as on the aten path. The tensors live
+// while this object does.
 struct FeedbackOperand {
   Rule transform;
   at::Tensor operand, stored, state, output_scale;
@@ -142,18 +160,15 @@ struct FeedbackOperand {
   FeedbackOperand(Rule rule, const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                   const std::optional<at::Tensor>& rng, double scale, int64_t distribution,
                   at::MemoryFormat format)
-      : transform(rule), operand(weight.contiguous(format)) {
-    const bool has_feedback = feedback.has_value() && feedback->defined();
-    if (estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_feedback)) {
-      operand = feedback->contiguous(format);
-      transform = Rule::kBackprop;
+      : transform(in_kernel_transform(rule, has_tensor(feedback), distribution)),
+        operand(weight.contiguous(format)) {
+    if (transform == Rule::kBackprop && rule != Rule::kBackprop) {
+      operand = estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_tensor(feedback))
+                    ? feedback->contiguous(format)
+                    : feedback_transform_cuda(operand, feedback, rng, static_cast<int64_t>(rule), scale, distribution)
+                          .contiguous(format);
     } else if (rule == Rule::kFixedRandomSignFeedback) {
       stored = feedback->contiguous(format);
-    } else if ((rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment) &&
-               static_cast<Distribution>(distribution) == Distribution::kNormal) {
-      operand = feedback_transform_cuda(operand, feedback, rng, static_cast<int64_t>(rule), scale, distribution)
-                    .contiguous(format);
-      transform = Rule::kBackprop;
     }
     TORCH_CHECK(gemm::has_feedback_kernel(transform), "fastfa: no fused grad_input kernel for rule ",
                 static_cast<int64_t>(rule));
@@ -168,6 +183,16 @@ struct FeedbackOperand {
     }
   }
 };
+
+// Whether grad_input runs on the fused kernel rather than the transform kernel + the vendor GEMM /
+// convolution: where every pass is forced onto the fused kernels (FASTFA_CUDA_FUSED), else where
+// the cost model (fastfa/dispatch.h) says the fused kernel pays for this shape.
+inline bool grad_input_on_fused_kernel(Rule rule, const std::optional<at::Tensor>& feedback, int64_t distribution,
+                                       int64_t rows, const at::Tensor& weight, bool nchw) {
+  return cuda_fused_passes() ||
+         fused_grad_input_pays(in_kernel_transform(rule, has_tensor(feedback), distribution), rows, weight.numel(),
+                               weight.scalar_type(), nchw);
+}
 
 inline int64_t k_tiles(const at::Tensor& like, int64_t k) {
   const int64_t tile_k = gemm::tile_k(like.element_size());

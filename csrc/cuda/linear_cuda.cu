@@ -1,17 +1,26 @@
-// The cuda backend's linear ops: fastfa's fused tensor-core GEMMs (gemm_kernel.cuh).
+// The cuda backend's linear ops: each pass on the vendor GEMM where nothing is fused, on
+// fastfa's fused tensor-core GEMMs (gemm_kernel.cuh) where they pay (issue 18).
 //
-//   forward      y = act(x W^T + b)         one GEMM, bias and activation in its epilogue
-//   grad_input   delta T(W)                 one GEMM, the rule's transform on W's tiles
-//   grad_weight  delta^T x, grad_bias       one GEMM, grad_bias from its A loader's row sums
-//                                           (split over K in fp32 slices for a long batch)
+//   forward      y = act(x W^T + b)    cuBLASLt through ATen: relu and bias in the GEMM's epilogue
+//                                      (at::_addmm_activation); other activations as the aten
+//                                      backend runs them (at::linear's bias epilogue, then one
+//                                      elementwise pass: they need z saved for the backward)
+//   grad_input   delta T(W)            the fused GEMM with the rule's transform on W's tiles, or
+//                                      the transform kernel + cuBLAS, by the cost model of
+//                                      fastfa/dispatch.h (B used as it is: always cuBLAS)
+//   grad_weight  delta^T x, grad_bias  cuBLAS and one row sum, as the aten backend; with it B's
+//                                      gradient of the estimated rules
+// FASTFA_CUDA_FUSED=1 (or fastfa.set_cuda_fused(True)) runs every pass on the fused GEMMs instead,
+// so that a GPU run can time both: the forward with bias and activation in its epilogue,
+// grad_weight with grad_bias from its A loader's row sums (split over K in fp32 slices for a long
+// batch), kp's and sa's B gradient from tensors the op has, wm / aa / ia's on aten.
 // delta = dL/dz is materialised by ATen when there is an activation (one elementwise pass,
 // shared by both backward GEMMs). The kernels draw brsf's / fa's R uniformly, as linear
 // layers do; a normal draw (only reachable through the op itself) makes B with the
-// transform kernel first. The estimated rules' B gradient: kp and sa are sums of
-// tensors this op already has; wm, aa and ia run the aten backend's computation.
-// What the fused kernels do not cover takes the aten path (cuBLAS), with a warning that
-// says why: fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80.
-// Every such call, and every B gradient of wm, aa, ia, is recorded (fastfa.last_fallbacks()).
+// transform kernel first. What the fused kernels do not cover takes the aten path (cuBLAS): fp64,
+// fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80. On the fused passes
+// that is warned and recorded (fastfa.last_fallbacks()), as is every B gradient of wm, aa, ia;
+// by default it is simply the vendor path.
 #include "fused_ops.h"
 
 #include "fastfa/ops.h"
@@ -34,6 +43,49 @@ std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features)
   return shape;
 }
 
+// grad_x = delta B, B = T(W) made tile by tile inside the GEMM; delta is rows x out_features.
+at::Tensor fused_grad_input(const at::Tensor& delta, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
+                            Rule rule, double scale, int64_t distribution) {
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  const int64_t rows = delta.size(0);
+  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous);
+  at::Tensor grad_input = at::empty({rows, in_features}, input.options());
+  gemm::Problem problem;
+  problem.m = rows;
+  problem.n = in_features;
+  problem.k = out_features;
+  problem.a = {delta.const_data_ptr(), out_features, 1};
+  problem.b = {b.operand.const_data_ptr(), 1, in_features};  // B[n][k] = W[k][n]: offsets are W's indices
+  problem.c = grad_input.mutable_data_ptr();
+  problem.ldc = in_features;
+  check_launch(with_element(input.scalar_type(),
+                            [&](auto element) {
+                              return gemm::feedback_gemm<decltype(element)>(device_arch(input), b.transform, problem,
+                                                                            b.args,
+                                                                            at::cuda::getCurrentCUDAStream());
+                            }),
+               "grad_input");
+  return grad_input.view(input.sizes());
+}
+
+// The forward on the vendor GEMM. relu with a bias is cuBLASLt's RELU_BIAS epilogue, one kernel;
+// the other cases are the aten backend's own forward (aa / ia keep r = x W^T without bias; gelu
+// and silu need z kept for the backward, which no epilogue that ATen reaches writes).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_linear_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, int64_t rule, double scale,
+    int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation) {
+  if (activation == "relu" && has_tensor(bias) && !saves_projection(rule) && input.numel() > 0 &&
+      weight.numel() > 0) {
+    const int64_t out_features = weight.size(0), in_features = weight.size(1);
+    const at::Tensor output = at::_addmm_activation(*bias, input.reshape({batch_rows(input, in_features), in_features}),
+                                                    weight.t(), 1, 1, /*use_gelu=*/false);
+    return {output.view(output_shape(input, out_features)), output.new_empty({0}), output.new_empty({0})};
+  }
+  return linear_forward(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation);
+}
+
 } // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_linear_forward(
@@ -45,6 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_linear_forward(
   TORCH_CHECK(alignment.size() == 4, "fastfa: alignment must be [alpha, beta, gamma, sigma], got ",
               alignment.size(), " values");
   const gemm::Activation kind = device_activation(activation);
+  if (!cuda_fused_passes()) {
+    const c10::cuda::CUDAGuard device_guard(input.device());
+    return vendor_linear_forward(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation);
+  }
   if (const char* reason = aten_path_reason(input)) {
     TORCH_WARN_ONCE("fastfa: the cuda backend runs linear in ", reason, " on the aten path (cuBLAS)");
     record_fallback("cuda_linear", reason);
@@ -98,42 +154,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
               "fastfa: grad_output must have input's dtype and device (", input.scalar_type(), ", ", input.device(),
               "), got ", grad_output.scalar_type(), ", ", grad_output.device());
+  const auto kind = static_cast<Rule>(rule);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  if (!cuda_fused_passes()) {
+    // The vendor passes (aten's backward, on delta), grad_input on the fused kernel where the model
+    // says it pays and the kernel can run it (not an empty batch, nothing aten_path_reason names:
+    // cuBLAS there is the chosen path, not a fallback, so nothing is recorded).
+    const bool fused_input = output_mask[0] && rows > 0 && aten_path_reason(input) == nullptr &&
+                             grad_input_on_fused_kernel(kind, feedback, distribution, rows, weight, false);
+    const at::Tensor delta = activation_delta(grad_output, activation_saved, activation);
+    auto gradients = linear_backward(delta, input, weight, feedback, rng, delta.new_empty({0}), projection, rule, scale,
+                                     distribution, alignment, "none",
+                                     {output_mask[0] && !fused_input, output_mask[1], output_mask[2], output_mask[3]});
+    if (fused_input) {
+      std::get<0>(gradients) = fused_grad_input(delta.reshape({rows, out_features}).contiguous(), input, weight,
+                                                feedback, rng, kind, scale, distribution);
+    }
+    return gradients;
+  }
   if (const char* reason = aten_path_reason(input)) {
     TORCH_WARN_ONCE("fastfa: the cuda backend runs linear's backward in ", reason, " on the aten path (cuBLAS)");
     record_fallback("cuda_linear_backward", reason);
     return linear_backward(grad_output, input, weight, feedback, rng, activation_saved, projection, rule, scale,
                            distribution, alignment, activation, output_mask);
   }
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const auto kind = static_cast<Rule>(rule);
   const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
   const at::Tensor delta =
       activation_delta(grad_output, activation_saved, activation).reshape({rows, out_features}).contiguous();
   const at::Tensor x = input.reshape({rows, in_features}).contiguous();
-  const at::Tensor w = weight.contiguous();
   const gemm::Arch arch = device_arch(input);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
-    // grad_x = delta B, B = T(W) made tile by tile inside the GEMM.
-    const FeedbackOperand b(kind, w, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous);
-    grad_input = at::empty({rows, in_features}, input.options());
-    gemm::Problem problem;
-    problem.m = rows;
-    problem.n = in_features;
-    problem.k = out_features;
-    problem.a = {delta.const_data_ptr(), out_features, 1};
-    problem.b = {b.operand.const_data_ptr(), 1, in_features};  // B[n][k] = W[k][n]: offsets are W's indices
-    problem.c = grad_input.mutable_data_ptr();
-    problem.ldc = in_features;
-    check_launch(with_element(input.scalar_type(),
-                              [&](auto element) {
-                                return gemm::feedback_gemm<decltype(element)>(arch, b.transform, problem, b.args,
-                                                                              stream);
-                              }),
-                 "grad_input");
-    grad_input = grad_input.view(input.sizes());
+    grad_input = fused_grad_input(delta, input, weight, feedback, rng, kind, scale, distribution);
   }
   const bool needs_grad_weight = output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack);
   if (needs_grad_weight) {

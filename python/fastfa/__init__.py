@@ -23,8 +23,8 @@ except ImportError as error:  # pragma: no cover - depends on the install
         "against the torch you run with.") from error
 
 from . import functional, metrics, nn, ops, rules  # noqa: E402
-from ._backend import (BackendStatus, Fallback, backends, clear_fallbacks, get_backend, last_fallbacks,  # noqa: E402
-                       set_backend, use_backend)
+from ._backend import (BackendStatus, Fallback, backends, clear_fallbacks, cuda_fused, get_backend,  # noqa: E402
+                       last_fallbacks, set_backend, set_cuda_fused, use_backend)
 from .convert import convert  # noqa: E402
 from .coverage import coverage  # noqa: E402
 from . import alignment, amp, schedules  # noqa: E402
@@ -46,5 +46,5 @@ def _warn_on_torch_mismatch() -> None:
 _warn_on_torch_mismatch()
 
 __all__ = ["RULES", "ALIASES", "nn", "functional", "metrics", "ops", "rules", "convert", "coverage", "backends", "BackendStatus",
-           "set_backend", "get_backend", "use_backend", "last_fallbacks", "clear_fallbacks", "Fallback", "__version__",
+           "set_backend", "get_backend", "use_backend", "set_cuda_fused", "cuda_fused", "last_fallbacks", "clear_fallbacks", "Fallback", "__version__",
            "alignment", "amp", "schedules", "feedback_parameters", "AlignmentSchedule", "CoefficientSchedule"]

@@ -22,7 +22,8 @@ import torch
 from . import _C
 
 __all__ = ["BACKENDS", "BackendStatus", "Fallback", "backends", "set_backend", "get_backend", "use_backend",
-           "last_fallbacks", "clear_fallbacks", "record_fallback", "AUTO_COSTS", "PassPlan", "auto_plan"]
+           "last_fallbacks", "clear_fallbacks", "record_fallback", "AUTO_COSTS", "AutoCosts", "PassPlan", "auto_plan",
+           "auto_costs", "set_auto_costs", "set_cuda_fused", "cuda_fused"]
 
 logger = logging.getLogger("fastfa")
 
@@ -187,6 +188,20 @@ def use_backend(name: str):
 
 
 _BUILT_WITH_CUDA = bool(_C.build_info()["cuda"])
+# "auto" on a GPU: the cuda backend where it is usable (its passes take the vendor GEMM /
+# convolution, grad_input the fused kernel where auto_plan's model says it pays), else aten.
+# Decided once per device: backends() is too slow for every call.
+_auto_gpu_backend: dict = {}
+
+
+def _auto_on(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    chosen = _auto_gpu_backend.get(index)
+    if chosen is None:
+        with torch.cuda.device(index):
+            chosen = "cuda" if _cuda_status().usable else "aten"
+        _auto_gpu_backend[index] = chosen
+    return chosen
 
 
 def resolve(name, device: torch.device) -> str:
@@ -203,8 +218,24 @@ def resolve(name, device: torch.device) -> str:
     if chosen == "cuda" and device.type == "cpu":
         raise RuntimeError("backend 'cuda' runs on CUDA tensors; this call's tensors are on cpu "
                            "(use backend 'aten' or 'auto' for them)")
-    # "auto" stays on aten until GPU runs show the fused kernels are the fastest usable path.
-    return "aten" if chosen == "auto" else chosen
+    if chosen == "auto":
+        return _auto_on(device) if device.type == "cuda" else "aten"
+    return chosen
+
+
+def set_cuda_fused(fused: bool) -> None:
+    """Run every pass of the cuda backend on fastfa's fused kernels (True), or only grad_input
+    where the cost model says the fused kernel pays, the forward and grad_weight on the vendor
+    GEMM / convolution (False, the default). Process-wide; FASTFA_CUDA_FUSED=1 in the environment
+    starts a process with True. For timing both ways (benchmarks/auto_dispatch.py) and tests."""
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool; got {fused!r}")
+    _C._set_cuda_fused(fused)
+
+
+def cuda_fused() -> bool:
+    """Whether every pass of the cuda backend runs on the fused kernels (set_cuda_fused)."""
+    return _C._cuda_fused()
 
 
 # ---- "auto" on a GPU: a cost model per pass ----------------------------------------------
@@ -221,6 +252,7 @@ def resolve(name, device: torch.device) -> str:
 #   vendor GEMM      2 rows in out / (peak FLOP/s of the dtype)
 #   transform        launch + bytes of W read (+ R for frsf) and B written / bandwidth
 #   fused            vendor GEMM time / (its fraction of the vendor GEMM's speed: rule, backend)
+#                    (a cuda conv2d in NCHW: the fraction times nchw_factor, for its gathers)
 #
 # so a fused grad_input pays below a row count: rows < transform / (2 in out / peak) /
 # (1 / fraction - 1); above it the transform's one pass over W is the smaller cost.
@@ -231,6 +263,7 @@ class AutoCosts(NamedTuple):
     bandwidth_tbs: float  # device memory, bytes read + written per second / 1e12
     launch_us: float  # one more kernel (the transform) on the stream
     fused_fraction: dict  # {(backend, rule): a fused grad_input's speed over the vendor GEMM's}
+    nchw_factor: float  # the cuda implicit GEMM's fraction in NCHW (element gathers) over channels_last's
 
 
 AUTO_COSTS = AutoCosts(
@@ -243,6 +276,8 @@ AUTO_COSTS = AutoCosts(
     fused_fraction={("cuda", "usf"): 0.40, ("cuda", "frsf"): 0.40, ("cuda", "brsf"): 0.22, ("cuda", "fa"): 0.22,
                     ("triton", "usf"): 0.50, ("triton", "frsf"): 0.50, ("triton", "brsf"): 0.50,
                     ("triton", "fa"): 0.50},
+    # Issue 18: NCHW convolutions under 20% of cuDNN, against 35-45% for the GEMMs.
+    nchw_factor=0.5,
 )
 
 #: Rules whose grad_input needs B = T(W) made from W (or drawn): the only pass with a transform.
@@ -257,11 +292,21 @@ class PassPlan(NamedTuple):
 
 
 def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: torch.dtype, *,
-              fused=("cuda", "triton"), drawn: bool = True, costs: AutoCosts = AUTO_COSTS) -> PassPlan:
-    """The path "auto" takes for each pass of a linear layer's step on a GPU: "aten" (the
-    vendor GEMM, after the transform kernel where needed) or a fused backend among `fused`
-    (those usable here). `drawn`: for fa, whether R is drawn from (seed, step) rather than
-    stored (a stored R is used as it is)."""
+              fused=("cuda", "triton"), drawn: bool = True, nchw: bool = False, costs: AutoCosts | None = None) -> PassPlan:
+    """The path each pass of a layer's step takes on a GPU by the cost model: "aten" (the vendor
+    GEMM, after the transform kernel where needed) or a fused backend among `fused` (those usable
+    here). A linear layer: rows of the batch, W in_features x out_features. A conv2d: rows = the
+    output's pixels (N H_out W_out), in_features = in_channels / groups x kh x kw, out_features =
+    out_channels (the same FLOPs and W's size), `nchw` for a contiguous (not channels_last) input.
+    `drawn`: for fa, whether R is drawn from (seed, step) rather than stored (a stored R is used
+    as it is). `costs`: the model's constants, auto_costs() by default.
+
+    "auto" realises it through the cuda backend (resolve): its forward and grad_weight always take
+    the vendor path, and its grad_input the fused kernel exactly where this plan says "cuda" (the
+    same model in C++; tests/test_auto_dispatch.py checks they agree). Triton's grad_input is
+    modelled, but "auto" does not pick the triton backend, whose forward and grad_weight are its
+    own fused kernels, until a GPU run shows them faster."""
+    costs = _auto_costs if costs is None else costs
     for name, value in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int; got {value!r}")
@@ -278,7 +323,33 @@ def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: 
         times["aten"] = vendor_ms + transform_ms
         for backend in fused:
             fraction = costs.fused_fraction.get((backend, rule))
+            if fraction and nchw and backend == "cuda":
+                fraction *= costs.nchw_factor
             if fraction:
                 times[backend] = vendor_ms / fraction
     grad_input = min(times, key=lambda name: (times[name], name != "aten"))
     return PassPlan("aten", grad_input, "aten", times)
+
+
+_auto_costs = AUTO_COSTS
+
+
+def set_auto_costs(costs: AutoCosts) -> None:
+    """Replace the cost model's constants (a calibration: benchmarks/fit_auto_costs.py prints
+    one), for auto_plan and the cuda ops' own copy of the model alike."""
+    global _auto_costs
+    if not isinstance(costs, AutoCosts):
+        raise TypeError(f"costs must be a fastfa._backend.AutoCosts; got {type(costs).__name__}")
+    peaks = [float(costs.peak_tflops.get(dtype, 0.0)) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    fractions = [float(costs.fused_fraction.get(("cuda", rule), 0.0)) for rule in ("usf", "brsf", "frsf", "fa")]
+    _C._set_auto_costs(*peaks, float(costs.bandwidth_tbs), float(costs.launch_us), *fractions,
+                       float(costs.nchw_factor))
+    _auto_costs = costs
+
+
+def auto_costs() -> AutoCosts:
+    """The cost model's constants in use (AUTO_COSTS, issue 18's estimates, until set_auto_costs)."""
+    return _auto_costs
+
+
+set_auto_costs(AUTO_COSTS)

@@ -20,6 +20,18 @@ reshaped to (N, -1)):
 7. the primitives decay, amp, sparse, null on these; ia's ``reconstruction_amp``,
    ``reconstruction_reversal`` and ``use_sparse`` change which.
 
+The layers' defaults (:data:`LAYER_DEFAULTS`): a fastfa.nn layer (Linear, Conv2d, Conv1d,
+MultiheadAttention's projections, and so every layer ``fastfa.convert`` makes) of rule aa or ia
+turns ``normalize_input`` on unless told otherwise. aa's and ia's B gradients are sums over
+every sample and, for a convolution, every position of the input (learning-rules.md): their
+size grows with the input's second moment (ia's null term with its fourth), so at the reference
+coefficients B blows up on layers with large or many-position inputs (RetinaNet's FPN within
+four SGD steps, benchmarks/results/2026-12-01-retinanet-stability.md; fastfa train's digits
+convnet). Each sample scaled to unit norm bounds those terms whatever the layer's input. The
+paper's configuration (the spec's table, every switch off) is one option away:
+``normalize_input=False``. The functional API (fastfa.functional.linear / conv2d) and the ops
+keep the table's closed form: they have no default to change.
+
 With every switch off a layer runs exactly as before (the op's closed-form B gradient).
 With a switch on, or with coefficients that follow a schedule (:mod:`fastfa.schedules`),
 the layer's forward op runs on aten with B detached (grad_input, grad_W and grad_b as
@@ -38,10 +50,10 @@ import torch
 
 from . import _backend
 from . import ops as _ops
-from .rules import Distribution, Rule
+from .rules import Distribution, Rule, rule_spec
 
-__all__ = ["Pipeline", "SWITCHES", "IA_SWITCHES", "OPTIONS", "split_options", "pipeline_loss", "linear", "conv2d",
-           "feedback_parameters"]
+__all__ = ["Pipeline", "SWITCHES", "IA_SWITCHES", "OPTIONS", "LAYER_DEFAULTS", "layer_options", "paper_options",
+           "split_options", "pipeline_loss", "linear", "conv2d", "feedback_parameters"]
 
 #: The boolean switches every rule whose loss reads the input (wm, aa, ia) takes.
 SWITCHES = ("center_input", "normalize_input", "batch_center_backward_input", "use_bias_forward",
@@ -54,9 +66,14 @@ INPUT_DISTRIBUTIONS = ("normal", "uniform")
 #: Every option name of the pipeline, as layers, convert and the functional API take them.
 OPTIONS = ("input_distribution", "input_stddev") + SWITCHES + IA_SWITCHES
 _READS_INPUT = frozenset({Rule.WM, Rule.AA, Rule.IA})
-# Dividing by a sample's L2 norm: a sample that is all zeros (a dead ReLU layer's output) stays zero
-# instead of turning into NaN that would reach B.
-_NORM_FLOOR = 1e-12
+#: Per rule, the pipeline switches a fastfa.nn layer (and so ``fastfa.convert``) turns on unless the
+#: caller passes them: aa's and ia's B gradients grow with the input's scale and positions and blow
+#: up on RetinaNet at the reference coefficients (module docstring). ``normalize_input=False`` is
+#: the paper's configuration (:func:`paper_options`). The coefficients stay the reference's.
+LAYER_DEFAULTS = {
+    "aa": {"normalize_input": True},
+    "ia": {"normalize_input": True},
+}
 # The layer's activation (functional.ACTIVATIONS), for activation_forward / activation_backward.
 _ACTIVATIONS = {
     "none": lambda z: z,
@@ -95,6 +112,26 @@ class Pipeline:
         """The options that differ from off, as keyword arguments."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                 if getattr(self, field.name) not in (None, False)}
+
+
+def _rule_name(rule):
+    """The canonical rule name, or None for a rule the layer will refuse itself (with its own message)."""
+    try:
+        return rule_spec(rule).name
+    except (TypeError, ValueError):
+        return None
+
+
+def layer_options(rule, options: dict) -> dict:
+    """``options`` with the rule's LAYER_DEFAULTS filled in where the caller gave none (absent or None)."""
+    defaults = LAYER_DEFAULTS.get(_rule_name(rule), {})
+    return {**options, **{name: value for name, value in defaults.items() if options.get(name) is None}}
+
+
+def paper_options(rule) -> dict:
+    """The options that turn the rule's LAYER_DEFAULTS off again (the spec's table, every switch off):
+    ``{"normalize_input": False}`` for aa and ia, ``{}`` for every other rule (which takes no switch)."""
+    return {name: False for name in LAYER_DEFAULTS.get(_rule_name(rule), {})}
 
 
 def split_options(spec, options: dict):
@@ -141,7 +178,7 @@ def split_options(spec, options: dict):
 
 
 def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+    return t.flatten(1)  # not reshape(N, -1): a zero-size batch has no -1 to infer
 
 
 def _center(t: torch.Tensor) -> torch.Tensor:
@@ -151,7 +188,10 @@ def _center(t: torch.Tensor) -> torch.Tensor:
 
 def _normalize(t: torch.Tensor) -> torch.Tensor:
     flat = _per_sample(_center(t))
-    return (flat / flat.norm(dim=1, keepdim=True).clamp_min(_NORM_FLOOR)).reshape(t.shape)
+    norm = flat.norm(dim=1, keepdim=True)
+    # A sample that is all zeros (a dead ReLU layer's output, zero padding) stays zero instead of turning
+    # into NaN that would reach B. Not a floor such as 1e-12: it underflows to 0 in fp16.
+    return (flat / torch.where(norm > 0, norm, torch.ones_like(norm))).reshape(t.shape)
 
 
 def _sample_outputs(t: torch.Tensor, center: bool, normalize: bool, batch_center: bool = False) -> torch.Tensor:

@@ -20,7 +20,7 @@ from . import dfa as _dfa
 from . import functional as F
 from . import ops as _ops
 from .alignment import OPTIONS as PIPELINE_OPTIONS
-from .alignment import split_options
+from .alignment import layer_options, split_options
 from .ops import feedback_transform
 from .rules import RMS_SCALE, Distribution, Rule, rule_spec
 
@@ -138,9 +138,11 @@ class FeedbackLayer:
         return output
 
     def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
+        # aa and ia layers normalise their alignment input unless told otherwise (alignment.LAYER_DEFAULTS).
+        alignment_options = layer_options(rule, alignment_options)
         unknown = sorted(set(alignment_options) - {"alpha", "beta", "gamma", "sigma", *PIPELINE_OPTIONS})
         if unknown:
-            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}; the "
+            raise TypeError(f"{self._layer_kind}() got an unexpected keyword argument {unknown[0]!r}; the "
                             f"alignment pipeline's switches are {', '.join(PIPELINE_OPTIONS)}")
         if rule_spec(rule).direct_feedback and not self._takes_direct_feedback:
             # Conv1d and attention's projections have no e B_l path yet: refuse rather than run bp silently.
@@ -314,7 +316,9 @@ class Linear(FeedbackLayer, torch.nn.Linear):
     distribution for fa, brsf, frsf, and B's start for the estimated rules: "kaiming"
     default, "xavier", "xiao"), ``seed``, and ``alpha`` / ``beta`` / ``gamma`` / ``sigma``
     for the estimated rules kp, wm, sa, aa, ia (defaults in fastfa.rules), and for wm, aa, ia
-    the alignment pipeline's switches (fastfa.alignment.OPTIONS, e.g. ``normalize_input=True``).
+    the alignment pipeline's switches (fastfa.alignment.OPTIONS). aa and ia layers default to
+    ``normalize_input=True`` (fastfa.alignment.LAYER_DEFAULTS: their B blows up on large inputs
+    otherwise); ``normalize_input=False`` is the paper's configuration.
     Input (*, in_features) -> output (*, out_features).
     """
 
@@ -425,7 +429,8 @@ class Conv1d(FeedbackLayer, torch.nn.Conv1d):
     """conv1d whose backward sends the error through the rule's feedback B instead of W.
 
     Args: as torch.nn.Conv1d (stride, padding including "same" / "valid", dilation, groups,
-    bias, padding_mode), plus the keyword-only options of :class:`Linear`. Input (N, C_in, L)
+    bias, padding_mode), plus the keyword-only options of :class:`Linear` (the alignment pipeline's
+    switches and their defaults too). Input (N, C_in, L)
     or (C_in, L). It runs as a Conv2d over a unit height, so every backend's conv2d op (and
     its rule) serves it; weight and feedback keep torch's Conv1d shape (C_out, C_in/groups, k).
     """
@@ -433,11 +438,11 @@ class Conv1d(FeedbackLayer, torch.nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
-                 gamma=None, sigma=None):
+                 gamma=None, sigma=None, **pipeline):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self._setup_feedback(rule, activation, scale, init, seed,
-                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma))
+                             dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, **pipeline))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
@@ -456,7 +461,8 @@ class Conv1d(FeedbackLayer, torch.nn.Conv1d):
         _, scale, distribution, alignment, activation = self._op_options()
         output = F._conv2d(input.unsqueeze(-2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), padding,
                            (1, self.dilation[0]), self.groups, feedback, self._step_rng(), self._spec, scale,
-                           distribution, alignment, activation)
+                           distribution, alignment, activation, pipeline=self.alignment_pipeline,
+                           coefficients=self.alignment_coefficients)
         self._advance_rng()
         return output.squeeze(-2)
 
@@ -501,7 +507,8 @@ class _Projection(FeedbackLayer, torch.nn.Module):
             weight = weight[rows]
             feedback = None if feedback is None else feedback[rows]
         _, scale, distribution, alignment, activation = self._op_options()
-        return F._linear(input, weight, bias, feedback, rng, self._spec, scale, distribution, alignment, activation)
+        return F._linear(input, weight, bias, feedback, rng, self._spec, scale, distribution, alignment, activation,
+                         pipeline=self.alignment_pipeline, coefficients=self.alignment_coefficients)
 
     def extra_repr(self) -> str:
         return f"{self.weight_name} {tuple(self.weight.shape)}, {self._feedback_repr()}"
@@ -511,7 +518,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose q / k / v and output projections follow a learning rule.
 
     Args: as torch.nn.MultiheadAttention, plus the keyword-only ``rule``, ``scale``, ``init``,
-    ``seed``, ``alpha`` / ``beta`` / ``gamma`` / ``sigma`` of :class:`Linear` (no activation).
+    ``seed``, ``alpha`` / ``beta`` / ``gamma`` / ``sigma`` and the alignment pipeline's switches
+    of :class:`Linear` (no activation), for every projection.
     The packed in_proj_weight is one projection with one feedback state (``in_proj``); with
     kdim or vdim other than embed_dim, ``q_proj``, ``k_proj`` and ``v_proj`` each have their
     own; ``out_proj`` is a fastfa :class:`Linear`. With ``seed=s`` they get s, s + 1, ...
@@ -525,10 +533,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, rule: str = "usf", scale=None,
-                 init=None, seed=None, alpha=None, beta=None, gamma=None, sigma=None):
+                 init=None, seed=None, alpha=None, beta=None, gamma=None, sigma=None, **pipeline):
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device=device, dtype=dtype)
-        alignment = dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma)
+        alignment = dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, **pipeline)
         names = ("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
         for offset, name in enumerate(names):
             setattr(self, name, _Projection(self, name + "_weight", rule, scale, init,

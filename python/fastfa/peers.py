@@ -225,6 +225,11 @@ def peer_of(layer) -> torch.nn.Module:
                    alignment=layer.alignment_options)
     if layer.activation != "none":
         raise ValueError(f"the peers have no fused activation; got a layer with activation={layer.activation!r}")
+    if layer.alignment_pipeline is not None:
+        switches = ", ".join(f"{name}={value}" for name, value in layer.alignment_pipeline.on().items())
+        raise ValueError(f"the peers compute the spec's closed forms, not the alignment pipeline; got a layer with "
+                         f"{switches} (aa's and ia's layers default to normalize_input=True: pass "
+                         f"normalize_input=False for the paper's configuration)")
     if isinstance(layer, fnn.Linear):
         peer = PeerLinear(layer.in_features, layer.out_features, layer.bias is not None, **options)
     else:

@@ -1,7 +1,8 @@
 """fastfa train's documented defaults for the estimated rules, where the reference code's fail.
 
-The reference code's alpha, beta, gamma (fastfa.rules, learning-rules.md) stay one flag away:
-``fastfa train --reference-defaults``. The values here were chosen on digits (convnet and
+The reference code's alpha, beta, gamma and switches (fastfa.rules, learning-rules.md: every
+switch off, so ``normalize_input=False`` against the layers' default, alignment.LAYER_DEFAULTS)
+stay one flag away: ``fastfa train --reference-defaults``. The values here were chosen on digits (convnet and
 mlp, seed 0, the default 20 epochs); README.md shows both tables.
 """
 
@@ -12,7 +13,9 @@ from ..rules import rule_spec
 
 __all__ = ["TRAINING_DEFAULTS", "pipeline_for"]
 
-#: Per rule, the options fastfa train gives it unless told otherwise (--reference-defaults: none).
+#: Per rule, the options fastfa train gives it unless told otherwise (--reference-defaults: the reference's).
+#: aa's and ia's normalize_input is also their layers' default (alignment.LAYER_DEFAULTS); it is named here
+#: so that a run's record says which pipeline trained it.
 TRAINING_DEFAULTS: dict = {
     # kp: W gets 2*alpha weight decay as B does (loop.kp_weight_decay), so B - W shrinks by about
     # exp(-2*alpha * the sum of the effective learning rates); the reference's alpha = 1e-3 leaves

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from .. import amp as fastfa_amp
 from .. import metrics
 from ..alignment import OPTIONS as PIPELINE_OPTIONS
-from ..alignment import feedback_parameters
+from ..alignment import feedback_parameters, paper_options
 from ..nn import FeedbackLayer
 from ..rules import rule_spec
 from . import data as data_module
@@ -108,9 +108,11 @@ def _settings(args, dataset, model_name: str, rule: str, steps: int) -> dict:
 
 
 def rule_options(args, rule: str) -> dict:
-    """This rule's options: fastfa train's documented defaults (training.defaults; none with
-    --reference-defaults), then the options given on the command line that this rule takes
-    (the others go to other rules). --pipeline's switches replace the default ones."""
+    """This rule's options: fastfa train's documented defaults (training.defaults; the reference's
+    with --reference-defaults), then the options given on the command line that this rule takes
+    (the others go to other rules). --pipeline's switches replace the default ones. Where the
+    reference's or --pipeline's switches leave a layer default (alignment.LAYER_DEFAULTS: aa's and
+    ia's normalize_input) unnamed, it is passed as off, so that the layers do not turn it on."""
     taken = rule_spec(rule).options
     reference = getattr(args, "reference_defaults", False)
     options = {} if reference else dict(defaults_module.TRAINING_DEFAULTS.get(rule, {}))
@@ -118,6 +120,8 @@ def rule_options(args, rule: str) -> dict:
     if pipeline is not None:
         options = {name: value for name, value in options.items() if name not in PIPELINE_OPTIONS}
         options.update(defaults_module.pipeline_for(rule, pipeline))
+    if reference or pipeline is not None:
+        options = {**paper_options(rule), **options}
     options.update({name: getattr(args, name) for name in RULE_OPTIONS
                     if getattr(args, name, None) is not None and name in taken})
     return options
