@@ -28,6 +28,7 @@ def _no_scaler_left_behind(monkeypatch):
     after each test here, so that the other test files run as they would alone."""
     monkeypatch.setattr(fastfa.amp, "enabled", False)
     monkeypatch.setattr(fastfa.amp, "_holders", {})
+    monkeypatch.setattr(fastfa.amp, "_ran_before_scaler", False)
 
 
 class Net(torch.nn.Module):
@@ -408,3 +409,16 @@ def test_activation_checkpointing(reentrant):
     model.load_state_dict(reference_model.state_dict())
     scaler = fastfa.amp.GradScaler("cpu", init_scale=2.0**16)
     _assert_same(_train(model, batches, scaler), _train(reference_model, batches), f"reentrant={reentrant}")
+
+
+def test_scaler_made_after_the_forward_pass_warns():
+    """The forward pass made no node on B (no fastfa scaler yet): that step cannot be fixed, so say so."""
+    model = Net("sa")
+    x, target = _batches(1)[0]
+    loss = _loss(model, x, target)
+    scaler = fastfa.amp.GradScaler("cpu")
+    with pytest.warns(UserWarning, match="Make the scaler before the first forward pass"):
+        scaler.scale(loss).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaler.scale(_loss(model, x, target)).backward()  # the next forward has the node: no warning

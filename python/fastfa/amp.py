@@ -26,6 +26,8 @@ process; other rules (bp, fa, usf, brsf, frsf, dfa) never get one: all their gra
 proportional to the loss. A model without estimated layers gets no carry node on its loss
 either (no layer made a holder), so it pays nothing over torch's scaler. torch's own GradScaler
 cannot tell the layers S: an estimated layer under fp16 autocast without a fastfa scaler warns once.
+A fastfa scaler made after an estimated layer's forward pass cannot reach that graph: the loss it
+scales first then warns (make the scaler before the first forward pass).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ enabled = False
 # constant frozen at trace time.
 _holders: dict = {}
 _warned = False
+# Whether an estimated layer ran a forward while no fastfa scaler existed (its graph has no node to
+# scale B's terms): a scaler made after it cannot fix that step's backward, and says so.
+_ran_before_scaler = False
 
 
 def _holder(device: torch.device) -> torch.Tensor:
@@ -127,6 +132,8 @@ def for_loss_scaling(feedback, spec, alignment, coefficients=None, device_type=N
     alignment: the layer's [alpha, beta, gamma, sigma]; coefficients: the [alpha, beta, gamma]
     tensor a schedule writes, or None."""
     if not enabled:
+        global _ran_before_scaler
+        _ran_before_scaler = True
         _warn_without_scaler(spec, device_type)
         return feedback
     if not isinstance(feedback, torch.Tensor):
@@ -183,8 +190,17 @@ class GradScaler(torch.amp.GradScaler):
     def scale(self, outputs):
         """outputs * S (a tensor, or a list / tuple of them), each carrying S into its backward pass."""
         scaled = super().scale(outputs)
-        if not self._enabled or not _holders:
+        if not self._enabled:
+            return scaled
+        if not _holders:
             # No estimated layer has run a forward under a fastfa scaler (the forward that made this
             # loss would have made its device's holder): nothing reads S, torch's scaling is all.
+            global _ran_before_scaler
+            if _ran_before_scaler:
+                _ran_before_scaler = False  # once: a later loss may well hold no estimated layer at all
+                warnings.warn("an estimated layer (kp, wm, sa, aa, ia) ran its forward pass before any "
+                              "fastfa.amp.GradScaler existed, and this loss has no node to scale B's alignment "
+                              "terms: if that layer made it, this backward divides its B terms by the scale. "
+                              "Make the scaler before the first forward pass.", stacklevel=2)
             return scaled
         return _carry(scaled, self._scale)
