@@ -28,7 +28,7 @@ def _no_scaler_left_behind(monkeypatch):
     after each test here, so that the other test files run as they would alone."""
     monkeypatch.setattr(fastfa.amp, "enabled", False)
     monkeypatch.setattr(fastfa.amp, "_holders", {})
-    monkeypatch.setattr(fastfa.amp, "_ran_before_scaler", False)
+    monkeypatch.setattr(fastfa.amp, "_before_scaler", {})
 
 
 class Net(torch.nn.Module):
@@ -422,3 +422,12 @@ def test_scaler_made_after_the_forward_pass_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scaler.scale(_loss(model, x, target)).backward()  # the next forward has the node: no warning
+
+
+def test_no_warning_for_a_loss_without_those_layers(monkeypatch):
+    """An estimated layer ran before the scaler, but the loss scaled is another model's: no warning."""
+    _loss(Net("kp"), *_batches(1)[0])
+    scaler = fastfa.amp.GradScaler("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaler.scale(_loss(Net("usf"), *_batches(1)[0])).backward()

@@ -33,6 +33,7 @@ scales first then warns (make the scaler before the first forward pass).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -49,9 +50,10 @@ enabled = False
 # constant frozen at trace time.
 _holders: dict = {}
 _warned = False
-# Whether an estimated layer ran a forward while no fastfa scaler existed (its graph has no node to
-# scale B's terms): a scaler made after it cannot fix that step's backward, and says so.
-_ran_before_scaler = False
+# id -> weakref of each B (its base tensor, for a layer's view of it) that an estimated layer used in a
+# forward while no fastfa scaler existed: that graph has no node to scale B's terms, so a scaler made
+# after it cannot fix its backward, and says so when the loss it scales first reaches such a B.
+_before_scaler: dict = {}
 
 
 def _holder(device: torch.device) -> torch.Tensor:
@@ -132,8 +134,11 @@ def for_loss_scaling(feedback, spec, alignment, coefficients=None, device_type=N
     alignment: the layer's [alpha, beta, gamma, sigma]; coefficients: the [alpha, beta, gamma]
     tensor a schedule writes, or None."""
     if not enabled:
-        global _ran_before_scaler
-        _ran_before_scaler = True
+        if isinstance(feedback, torch.Tensor) and feedback.requires_grad:
+            base = feedback if feedback._base is None else feedback._base
+            key = id(base)
+            if key not in _before_scaler:  # a layer's B: once; the entry goes when B does
+                _before_scaler[key] = weakref.ref(base, lambda _, key=key: _before_scaler.pop(key, None))
         _warn_without_scaler(spec, device_type)
         return feedback
     if not isinstance(feedback, torch.Tensor):
@@ -161,6 +166,29 @@ def _warn_without_scaler(spec, device_type) -> None:
                   "loss with torch.amp.GradScaler, use fastfa.amp.GradScaler instead (a drop-in subclass): torch's "
                   "divides B's alignment terms, which do not come from the loss, by the scale (65536 by default), "
                   "so B stops learning. Without loss scaling, ignore this.", stacklevel=4)
+
+
+def _warn_if_made_before(scaled) -> None:
+    """Once, on the first loss a fastfa scaler scales with no holder: whether its graph reaches a B that
+    an estimated layer used before any fastfa scaler existed (a walk of the graph, on this path only)."""
+    before = dict(_before_scaler)
+    _before_scaler.clear()
+    pending = [t.grad_fn for t in (scaled if isinstance(scaled, (list, tuple)) else [scaled])
+               if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen = set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None and id(variable) in before and before[id(variable)]() is variable:
+            warnings.warn("an estimated layer (kp, wm, sa, aa, ia) ran the forward pass of this loss before any "
+                          "fastfa.amp.GradScaler existed: its graph has no node to scale B's alignment terms, so "
+                          "this backward divides them by the scale. Make the scaler before the first forward "
+                          "pass.", stacklevel=3)
+            return
+        pending.extend(next_node for next_node, _ in node.next_functions)
 
 
 def _carry(value, scale):
@@ -195,12 +223,7 @@ class GradScaler(torch.amp.GradScaler):
         if not _holders:
             # No estimated layer has run a forward under a fastfa scaler (the forward that made this
             # loss would have made its device's holder): nothing reads S, torch's scaling is all.
-            global _ran_before_scaler
-            if _ran_before_scaler:
-                _ran_before_scaler = False  # once: a later loss may well hold no estimated layer at all
-                warnings.warn("an estimated layer (kp, wm, sa, aa, ia) ran its forward pass before any "
-                              "fastfa.amp.GradScaler existed, and this loss has no node to scale B's alignment "
-                              "terms: if that layer made it, this backward divides its B terms by the scale. "
-                              "Make the scaler before the first forward pass.", stacklevel=2)
+            if _before_scaler:
+                _warn_if_made_before(scaled)
             return scaled
         return _carry(scaled, self._scale)
