@@ -47,8 +47,13 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
   const IdentityTransform identity;
   alignas(1024) static unsigned char tiles[2 * kTileBytes];
   std::vector<float> accumulator(kTileRows * kTileRows);
-  for (int64_t m0 = 0; m0 < problem.m; m0 += kTileRows) {
-    for (int64_t n0 = 0; n0 < problem.n; n0 += kTileRows) {
+  // The CTAs in launch order, each at the tile of C that the kernel's raster gives it.
+  const int64_t grid_m = (problem.m + kTileRows - 1) / kTileRows, grid_n = (problem.n + kTileRows - 1) / kTileRows;
+  for (int64_t y = 0; y < grid_n; ++y) {
+    for (int64_t x = 0; x < grid_m; ++x) {
+      int64_t tile_m, tile_n;
+      raster(x, y, grid_m, grid_n, tile_m, tile_n);
+      const int64_t m0 = tile_m * kTileRows, n0 = tile_n * kTileRows;
       for (int64_t split = 0; split < splits; ++split) {
         std::vector<ALoader> a;
         std::vector<BLoader> b;
@@ -67,7 +72,7 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
           const int64_t k0 = tile * kTileK;
           std::memset(tiles, 0xFF, sizeof(tiles));  // NaN in every dtype: a byte no thread wrote shows
           for (int thread = 0; thread < kThreads; ++thread) {
-            fetch_tile(a[thread], b[thread], tiles, tile, interior[thread], m0, n0);
+            fetch_tile(a[thread], b[thread], tile, interior[thread], m0, n0);
             a[thread].commit(tiles, identity, m0, k0);
             b[thread].commit(tiles + kTileBytes, transform, n0, k0);
           }
@@ -628,6 +633,34 @@ int check_packed_sign() {
   return failed != 0;
 }
 
+// The kernel's raster: every CTA of a grid at a tile of C inside it, each tile once.
+int check_raster() {
+  int64_t failed = 0, grids = 0;
+  for (int64_t grid_m = 1; grid_m <= 40; ++grid_m) {
+    for (int64_t grid_n = 1; grid_n <= 40; ++grid_n) {
+      ++grids;
+      std::vector<int> hits(grid_m * grid_n, 0);
+      bool wrong = false;
+      for (int64_t y = 0; y < grid_n; ++y) {
+        for (int64_t x = 0; x < grid_m; ++x) {
+          int64_t tile_m, tile_n;
+          raster(x, y, grid_m, grid_n, tile_m, tile_n);
+          if (tile_m < 0 || tile_m >= grid_m || tile_n < 0 || tile_n >= grid_n) {
+            wrong = true;
+          } else {
+            ++hits[tile_n * grid_m + tile_m];
+          }
+        }
+      }
+      for (int h : hits) wrong |= h != 1;
+      failed += wrong;
+    }
+  }
+  std::printf("%-58s %-14s %7lld grids, %lld wrong%s\n", "raster", "a bijection", static_cast<long long>(grids),
+              static_cast<long long>(failed), failed ? "  FAILED" : "");
+  return failed != 0;
+}
+
 // Divisor's multiply-and-shift against the division, for divisors and dividends up to 2^31 - 1.
 int check_divisor() {
   std::uniform_int_distribution<int64_t> any(0, (int64_t(1) << 31) - 1), small(1, 1 << 12);
@@ -654,7 +687,7 @@ int check_divisor() {
 }
 
 int main() {
-  int failures = check_divisor();
+  int failures = check_divisor() + check_raster();
   // batch, in channels, in h, in w, out channels, kernel h, w, stride h, w, pad h, w, dilation h, w
   const Geometry geometries[] = {
       {2, 8, 9, 9, 16, 3, 3, 1, 1, 1, 1, 1, 1},     // whole vectors of channels
