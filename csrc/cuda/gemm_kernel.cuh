@@ -1176,6 +1176,53 @@ FASTFA_HOST_DEVICE void fetch_tile(ALoader& a, BLoader& b, int64_t tile, int64_t
   }
 }
 
+// The mainloop's schedule over the k-tiles [first, end), shared by the kernel and the host check
+// (tests/cuda/implicit_gemm_check.cu), which so runs the stages in the kernel's order:
+//   fetch(tile)          the global loads of a tile into registers (no shared memory);
+//   commit(stage, tile)  the fetched tile, transformed, into a stage (or its cp.async issued);
+//   end_group()          closes the tile's cp.async group (one per tile, empty or not);
+//   synchronize()        the next tile to read is in its stage, for every thread (the barrier);
+//   multiply(stage)      issues the MMAs of a stage;
+//   retire()             completes all but the last Arch::kMmasInFlight tiles' MMAs.
+// Tiles first .. first + kAhead - 1 go into stages 0 .. kAhead - 1 first. Iteration `tile`
+// then reads stage tile % kStages and fills stage (tile + kAhead) % kStages, last read by the
+// MMAs of tile + kAhead - kStages = tile - 1 - kMmasInFlight: complete before this iteration's
+// barrier in every thread (retire() in the iteration before). The loads of tile + kAhead + 1
+// are issued right after, so they are in flight across the next barrier.
+#pragma nv_exec_check_disable
+template <class Arch, class Fetch, class Commit, class EndGroup, class Synchronize, class Multiply, class Retire>
+FASTFA_HOST_DEVICE void run_mainloop(int64_t first, int64_t end, Fetch&& fetch, Commit&& commit, EndGroup&& end_group,
+                                     Synchronize&& synchronize, Multiply&& multiply, Retire&& retire) {
+  constexpr int kStages = Arch::kStages, kAhead = tiles_ahead<Arch>();
+#pragma unroll
+  for (int stage = 0; stage < kAhead; ++stage) {
+    if (first + stage < end) {
+      fetch(first + stage);
+      commit(stage, first + stage);
+    }
+    end_group();
+  }
+  if (first + kAhead < end) {
+    fetch(first + kAhead);
+  }
+  int stage = 0, fill = kAhead % kStages;
+  for (int64_t tile = first; tile < end; ++tile) {
+    synchronize();
+    multiply(stage);
+    const int64_t ahead = tile + kAhead;
+    if (ahead < end) {
+      commit(fill, ahead);
+      if (ahead + 1 < end) {
+        fetch(ahead + 1);
+      }
+    }
+    end_group();
+    retire();
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    fill = fill + 1 == kStages ? 0 : fill + 1;
+  }
+}
+
 // CTAs start in launch order (x fastest). Taken as they come, a wave of 132 CTAs would cover
 // up to 132 row tiles of one column of C, reading that many A tiles for one B tile; in groups
 // of kRasterGroup row tiles, walked down a group's rows then across its columns (as Triton's
@@ -1199,8 +1246,7 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned.
   // (Offsetting the pointer, not rounding it as an integer, keeps it a shared-memory pointer.)
   unsigned char* shared = shared_raw + ((1024u - (shared_address(shared_raw) & 1023u)) & 1023u);
-  constexpr int kStages = Arch::kStages, kAhead = tiles_ahead<Arch>();
-  float* row_sums = reinterpret_cast<float*>(shared + kStages * kStageBytes);
+  float* row_sums = reinterpret_cast<float*>(shared + Arch::kStages * kStageBytes);
 
   // Row sums only where A is loaded as it is next to an identity B (grad_weight), so the
   // transform kernels keep their registers.
@@ -1235,42 +1281,20 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
     b_loader.commit(tiles + kTileBytes, transform, n0, tile * kTileK);
   };
   math.bind(shared, b_loader.mn_shared());
-  // Prologue: tiles first .. first + kAhead - 1 into stages 0 .. kAhead - 1, one cp.async
-  // group each; tile first + kAhead's loads in flight.
-#pragma unroll
-  for (int stage = 0; stage < kAhead; ++stage) {
-    if (first + stage < end) {
-      fetch(first + stage);
-      commit(stage, first + stage);
-    }
-    commit_async_copies();
-  }
-  if (first + kAhead < end) {
-    fetch(first + kAhead);
-  }
-  // Iteration `tile` reads stage tile % kStages and fills stage (tile + kAhead) % kStages, which
-  // the MMAs of tile + kAhead - kStages read: complete in every thread before this barrier
-  // (mma.sync), or at the previous iteration's wait<1> (wgmma).
-  int stage = 0, fill = kAhead % kStages;
-  for (int64_t tile = first; tile < end; ++tile) {
-    // This thread's copies of `tile` done (the kAhead - 1 later groups may still run), its
-    // stores made visible to wgmma, and everyone's, by the barrier.
-    wait_async_copies<kAhead - 1>();
-    if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
-    __syncthreads();
-    math.multiply_stage(stage);
-    const int64_t ahead = tile + kAhead;
-    if (ahead < end) {
-      commit(fill, ahead);
-      if (ahead + 1 < end) {
-        fetch(ahead + 1);  // registers only: in flight across the next barrier
-      }
-    }
-    commit_async_copies();
-    if constexpr (Arch::kGmma) math.wait_for_previous();
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-    fill = fill + 1 == kStages ? 0 : fill + 1;
-  }
+  constexpr int kAhead = tiles_ahead<Arch>();
+  run_mainloop<Arch>(
+      first, end, fetch, commit, [] { commit_async_copies(); },
+      [] {
+        // This thread's copies of the tile to read done (the kAhead - 1 later groups may still
+        // run), its stores made visible to wgmma, and everyone's, by the barrier.
+        wait_async_copies<kAhead - 1>();
+        if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
+        __syncthreads();
+      },
+      [&](int stage) { math.multiply_stage(stage); },
+      [&] {
+        if constexpr (Arch::kGmma) math.wait_for_previous();
+      });
   if constexpr (Arch::kGmma) math.wait();
 
   if (sums_rows) {

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,6 +27,9 @@ using namespace fastfa::gemm;
 using namespace fastfa::gemm::detail;
 
 // ---- The kernel's body, one thread at a time -------------------------------------------
+
+// Stages that changed while an MMA reading them was in flight, over every emulated GEMM.
+int64_t overwritten = 0;
 
 // Arch picks B's shared layout as the kernel does (BLoaderFor): MN-major B stays MN-major for
 // wgmma (16-bit), is stored element by element into the K-major tile for mma.sync.
@@ -45,7 +49,7 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
                              : 1;
   transform.prepare();
   const IdentityTransform identity;
-  alignas(1024) static unsigned char tiles[2 * kTileBytes];
+  alignas(1024) static unsigned char stages[Arch::kStages * kStageBytes];
   std::vector<float> accumulator(kTileRows * kTileRows);
   // The CTAs in launch order, each at the tile of C that the kernel's raster gives it.
   const int64_t grid_m = (problem.m + kTileRows - 1) / kTileRows, grid_n = (problem.n + kTileRows - 1) / kTileRows;
@@ -68,26 +72,55 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
         for (int thread = 0; thread < kThreads; ++thread) {
           interior[thread] = start_interior(a[thread], b[thread], problem.k, m0, n0, first, end);
         }
-        for (int64_t tile = first; tile < end; ++tile) {
-          const int64_t k0 = tile * kTileK;
-          std::memset(tiles, 0xFF, sizeof(tiles));  // NaN in every dtype: a byte no thread wrote shows
-          for (int thread = 0; thread < kThreads; ++thread) {
-            fetch_tile(a[thread], b[thread], tile, interior[thread], m0, n0);
-            a[thread].commit(tiles, identity, m0, k0);
-            b[thread].commit(tiles + kTileBytes, transform, n0, k0);
-          }
-          for (int row = 0; row < kTileRows; ++row) {
-            for (int col = 0; col < kTileRows; ++col) {
-              float sum = 0.0f;
-              for (int k = 0; k < kTileK; ++k) {
-                const Bits x = *reinterpret_cast<const Bits*>(tiles + swizzled(row, k * sizeof(Bits)));
-                const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + b[0].tile_offset(col, k));
-                sum += Traits<Element>::to_float(x) * Traits<Element>::to_float(y);
-              }
-              accumulator[row * kTileRows + col] += sum;
+        // The kernel's schedule (run_mainloop) over Arch::kStages stages, each step by every
+        // thread in turn. An MMA reads its stage when issued (multiply) and may still read it
+        // until retired: the model takes a copy at issue, multiplies when it retires, and fails
+        // if the stage changed in between (a stage refilled under an MMA in flight); a retired
+        // stage is poisoned, so an MMA of a stage no thread refilled shows as NaN.
+        std::memset(stages, 0xFF, sizeof(stages));  // NaN in every dtype: a byte no thread wrote shows
+        std::deque<std::pair<int, std::vector<unsigned char>>> in_flight;
+        auto retire_all_but = [&](size_t keep) {
+          while (in_flight.size() > keep) {
+            const int stage = in_flight.front().first;
+            const unsigned char* tiles = in_flight.front().second.data();
+            if (std::memcmp(tiles, stages + stage * kStageBytes, kStageBytes) != 0) {
+              ++overwritten;
             }
+            for (int row = 0; row < kTileRows; ++row) {
+              for (int col = 0; col < kTileRows; ++col) {
+                float sum = 0.0f;
+                for (int k = 0; k < kTileK; ++k) {
+                  const Bits x = *reinterpret_cast<const Bits*>(tiles + swizzled(row, k * sizeof(Bits)));
+                  const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + b[0].tile_offset(col, k));
+                  sum += Traits<Element>::to_float(x) * Traits<Element>::to_float(y);
+                }
+                accumulator[row * kTileRows + col] += sum;
+              }
+            }
+            std::memset(stages + stage * kStageBytes, 0xFF, kStageBytes);
+            in_flight.pop_front();
           }
-        }
+        };
+        run_mainloop<Arch>(
+            first, end,
+            [&](int64_t tile) {
+              for (int thread = 0; thread < kThreads; ++thread) {
+                fetch_tile(a[thread], b[thread], tile, interior[thread], m0, n0);
+              }
+            },
+            [&](int stage, int64_t tile) {
+              for (int thread = 0; thread < kThreads; ++thread) {
+                a[thread].commit(stages + stage * kStageBytes, identity, m0, tile * kTileK);
+                b[thread].commit(stages + stage * kStageBytes + kTileBytes, transform, n0, tile * kTileK);
+              }
+            },
+            [] {}, [] {},
+            [&](int stage) {
+              in_flight.emplace_back(stage, std::vector<unsigned char>(stages + stage * kStageBytes,
+                                                                       stages + (stage + 1) * kStageBytes));
+            },
+            [&] { retire_all_but(Arch::kMmasInFlight); });
+        retire_all_but(0);
         if (kRowSums && epilogue.wants_row_sums() && n0 == 0) {
           float sums[kTileRows] = {};
           for (int thread = 0; thread < kThreads; ++thread) {
@@ -717,9 +750,15 @@ int main() {
   // Interior tiles (the loaders' fixed-distance and cp.async paths) next to ragged edges.
   failures += check_linear<Bf16>(150, 260, 140);
   failures += check_linear<Bf16, Sm80Mma>(150, 260, 140);
+  // Long K on both sides (9 and 10 k-tiles): the stage ring wraps twice, with interior tiles.
+  failures += check_linear<Bf16>(96, 520, 600);
+  failures += check_linear<Bf16, Sm80Mma>(96, 520, 600);
   failures += check_linear<Fp16>(130, 136, 72);
   failures += check_linear<Bf16>(200, 64, 16);
   failures += check_linear<Tf32>(19, 33, 45);
+  std::printf("%-58s %-14s %7s, %lld wrong%s\n", "pipeline", "stages in use", "", static_cast<long long>(overwritten),
+              overwritten ? "  FAILED (a stage refilled under an MMA in flight)" : "");
+  failures += overwritten != 0;
   std::printf("%s\n", failures ? "MISMATCH" : "every pass matches its definition");
   return failures != 0;
 }
