@@ -390,6 +390,7 @@ struct SplitEpilogue {
   float* partial = nullptr;
   float* partial_row_sums = nullptr;
   int64_t m = 0, n = 0;
+  const float* output_scale = nullptr;  // C's factor on the device (usf's "rms" scale), or none
 
   FASTFA_HOST_DEVICE bool wants_row_sums() const { return partial_row_sums != nullptr; }
   FASTFA_HOST_DEVICE void row_sum(int64_t row, int64_t split, float value) const {
@@ -398,6 +399,11 @@ struct SplitEpilogue {
   FASTFA_HOST_DEVICE void operator()(int64_t row, int64_t col, int64_t split, float v0, float v1) const {
     if (row >= m || col >= n) {
       return;
+    }
+    if (output_scale != nullptr) {
+      const float s = *output_scale;
+      v0 *= s;
+      v1 *= s;
     }
     float* out = partial + (split * m + row) * n + col;
     out[0] = v0;
@@ -1447,16 +1453,31 @@ cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const Fe
                                            detail::matrix_store<Element>(problem), stream);
 }
 
+template <typename Element>
+cudaError_t split_feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
+                                float* partial, int64_t k_tiles_per_split, cudaStream_t stream) {
+  if (rule == Rule::kBackprop) {
+    return split_gemm<Element>(arch, problem, partial, nullptr, k_tiles_per_split, stream);
+  }
+  auto gemm = detail::matrix_problem(problem);
+  gemm.k_tiles_per_split = k_tiles_per_split;
+  return detail::transformed_gemm<Element>(arch, rule, gemm, feedback,
+                                           SplitEpilogue{partial, nullptr, problem.m, problem.n}, stream);
+}
+
 // Splits the instantiations of one element type across files (gemm_<dtype>_*.cu).
-#define FASTFA_GEMM_EXTERN_IDENTITY(Element) \
-  extern template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);
+#define FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                 \
+  extern template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t); \
+  extern template cudaError_t split_gemm<Element>(Arch, const Problem&, float*, float*, int64_t, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_IDENTITY(Element)                                                                \
   template cudaError_t linear_forward_gemm<Element>(Arch, const Problem&, const LinearEpilogueArgs&, cudaStream_t); \
   template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);                          \
   template cudaError_t split_gemm<Element>(Arch, const Problem&, float*, float*, int64_t, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_FEEDBACK(Element)                                                                \
   FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                                           \
-  template cudaError_t feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, cudaStream_t);
+  template cudaError_t feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, cudaStream_t);    \
+  template cudaError_t split_feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, float*,     \
+                                                    int64_t, cudaStream_t);
 
 } // namespace gemm
 } // namespace fastfa

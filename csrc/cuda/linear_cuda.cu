@@ -2,6 +2,7 @@
 //
 //   forward      y = act(x W^T + b)         one GEMM, bias and activation in its epilogue
 //   grad_input   delta T(W)                 one GEMM, the rule's transform on W's tiles
+//                                           (split over K in fp32 slices for few rows)
 //   grad_weight  delta^T x, grad_bias       one GEMM, grad_bias from its A loader's row sums
 //                                           (split over K in fp32 slices for a long batch)
 // delta = dL/dz is materialised by ATen when there is an activation (one elementwise pass,
@@ -26,6 +27,21 @@ using namespace fused;
 int64_t batch_rows(const at::Tensor& input, int64_t in_features) {
   return in_features > 0 ? input.numel() / in_features
                          : c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+}
+
+// K tiles per slice of grad_input (rows x in_features over K = out_features): split only where
+// its tiles are fewer than the SMs (few rows), into the slices that fill the SMs once, each at
+// least four K tiles. Each slice costs an fp32 pass over C, repaid only while SMs would idle.
+int64_t grad_input_k_tiles_per_split(const at::Tensor& like, int64_t rows, int64_t in_features,
+                                     int64_t out_features) {
+  const int64_t tiles = k_tiles(like, out_features);
+  const int64_t ctas = ((rows + 127) / 128) * ((in_features + 127) / 128);
+  const int64_t sms = at::cuda::getDeviceProperties(like.get_device())->multiProcessorCount;
+  if (ctas >= sms) {
+    return tiles;
+  }
+  const int64_t splits = std::max<int64_t>(1, std::min((sms + ctas - 1) / ctas, tiles / 4));
+  return std::max<int64_t>(1, (tiles + splits - 1) / splits);
 }
 
 std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
@@ -118,21 +134,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
   if (output_mask[0]) {
     // grad_x = delta B, B = T(W) made tile by tile inside the GEMM.
     const FeedbackOperand b(kind, w, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous);
-    grad_input = at::empty({rows, in_features}, input.options());
     gemm::Problem problem;
     problem.m = rows;
     problem.n = in_features;
     problem.k = out_features;
     problem.a = {delta.const_data_ptr(), out_features, 1};
     problem.b = {b.operand.const_data_ptr(), 1, in_features};  // B[n][k] = W[k][n]: offsets are W's indices
-    problem.c = grad_input.mutable_data_ptr();
     problem.ldc = in_features;
-    check_launch(with_element(input.scalar_type(),
-                              [&](auto element) {
-                                return gemm::feedback_gemm<decltype(element)>(arch, b.transform, problem, b.args,
-                                                                              stream);
-                              }),
-                 "grad_input");
+    const int64_t per_split = grad_input_k_tiles_per_split(input, rows, in_features, out_features);
+    const int64_t splits = (k_tiles(input, out_features) + per_split - 1) / per_split;
+    if (splits > 1) {
+      // Few rows over a long K: K slices in fp32, added here.
+      at::Tensor partial = at::empty({splits, rows, in_features}, input.options().dtype(at::kFloat));
+      check_launch(with_element(input.scalar_type(),
+                                [&](auto element) {
+                                  return gemm::split_feedback_gemm<decltype(element)>(
+                                      arch, b.transform, problem, b.args, partial.mutable_data_ptr<float>(),
+                                      per_split, stream);
+                                }),
+                   "grad_input");
+      grad_input = partial.sum(0).to(input.scalar_type());
+    } else {
+      grad_input = at::empty({rows, in_features}, input.options());
+      problem.c = grad_input.mutable_data_ptr();
+      check_launch(with_element(input.scalar_type(),
+                                [&](auto element) {
+                                  return gemm::feedback_gemm<decltype(element)>(arch, b.transform, problem,
+                                                                                b.args, stream);
+                                }),
+                   "grad_input");
+    }
     grad_input = grad_input.view(input.sizes());
   }
   const bool needs_grad_weight = output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack);

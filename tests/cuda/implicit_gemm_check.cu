@@ -534,16 +534,29 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     const auto gemm = matrix_problem(problem);
     auto store = matrix_store<Element>(problem);
     store.output_scale = feedback.output_scale;  // as transformed_gemm hands it on
-    if (rule == Rule::kBatchRandomSignFeedback) {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
-    } else if (rule == Rule::kFeedbackAlignment) {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
-    } else if (rule == Rule::kUniformSignSymmetry) {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, store);
-    } else {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
-    }
-    Comparison compare{"grad_input", output_tolerance<Element>()};
+    auto run = [&](const auto& problem_of, const auto& epilogue) {
+      if (rule == Rule::kBatchRandomSignFeedback) {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, epilogue);
+      } else if (rule == Rule::kFeedbackAlignment) {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kFeedbackAlignment>{feedback}, epilogue);
+      } else if (rule == Rule::kUniformSignSymmetry) {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, epilogue);
+      } else {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, epilogue);
+      }
+    };
+    run(gemm, store);
+    // The same in K slices of two tiles (split_feedback_gemm, for few rows): fp32 partials, each
+    // times C's factor, added here.
+    auto sliced = gemm;
+    sliced.k_tiles_per_split = 2;
+    const int64_t tile_k = TileLoader<Element, IdentityTransform, MatrixIndex, false>::kTileK;
+    const int64_t splits = ((out_features + tile_k - 1) / tile_k + 1) / 2;
+    std::vector<float> partial(static_cast<size_t>(splits * rows * in_features), NAN);
+    SplitEpilogue slices{partial.data(), nullptr, rows, in_features};
+    slices.output_scale = feedback.output_scale;  // as transformed_gemm hands it on
+    run(sliced, slices);
+    Comparison compare{"grad_input", output_tolerance<Element>()}, split_compare{"grad_input", 1e-6};
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < in_features; ++i) {
         double sum = 0.0, abs_sum = 0.0;
@@ -559,12 +572,16 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
         }
         const double factor = scale_in_epilogue ? rms_scale : 1.0;
         compare(f(grad_x[r * in_features + i]), factor * sum, factor * abs_sum);
+        double got = 0.0;
+        for (int64_t s = 0; s < splits; ++s) got += partial[(s * rows + r) * in_features + i];
+        split_compare(got, factor * sum, factor * abs_sum);
       }
-    failures += report(name + (rule == Rule::kBatchRandomSignFeedback ? " brsf"
-                               : rule == Rule::kFeedbackAlignment    ? " fa"
-                               : rule == Rule::kUniformSignSymmetry  ? " usf rms"
-                                                                     : " frsf"),
-                       compare);
+    const std::string rule_name = rule == Rule::kBatchRandomSignFeedback ? " brsf"
+                                  : rule == Rule::kFeedbackAlignment    ? " fa"
+                                  : rule == Rule::kUniformSignSymmetry  ? " usf rms"
+                                                                        : " frsf";
+    failures += report(name + rule_name, compare) +
+                report(name + rule_name + " in " + std::to_string(splits) + " K slices", split_compare);
   }
   // grad_weight = delta^T x with grad_bias as A's row sums (A and B row-contiguous).
   {
