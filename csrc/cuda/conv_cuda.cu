@@ -203,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
                                              activation, {true, false, false, false}));
   } else if (output_mask[0]) {
     // grad_x = conv_transpose(delta, B), B = T(W) made element by element as W loads.
-    const FeedbackOperand b(kind, weight, feedback, rng, scale, distribution, format);
+    const FeedbackOperand b(kind, weight, feedback, rng, scale, distribution, format,
+                            input.size(0) * input.size(2) * input.size(3));  // grad_input's GEMM rows
     grad_input = at::empty(input.sizes(), input.options().memory_format(format));
     check_launch(with_element(input.scalar_type(),
                               [&](auto element) {

@@ -130,10 +130,19 @@ inline ForwardOutputs forward_outputs(const at::Tensor& output, const at::Tensor
   return outputs;
 }
 
+// Above this many rows of grad_input (its GEMM's M) a drawn B (brsf, fa without R) is made once
+// by the transform kernel and read by the identity GEMM, as the Triton backend does
+// (triton_kernels/linear.py, DRAW_IN_GEMM_MAX_ROWS): every CTA along M redraws its B tiles, and
+// the static model puts the draw at about 1,000 instructions per thread per k-tile on top of
+// the identity kernel's 238 (benchmarks/results/2026-12-01-sass-mainloop-after3.md), which one
+// W-sized write and read outgrow from a few row tiles on. A first guess, to be tuned on a GPU.
+constexpr int64_t kDrawInGemmMaxRows = 256;
+
 // What grad_input's GEMM reads as B and how it transforms it. Where B is a stored tensor (fa's
 // R, the estimated rules' B) it is the operand itself, untransformed; frsf reads R beside W at
 // W's offsets; the kernels draw uniformly, so a normal draw's B comes from the transform
-// kernel first, as on the aten path. The tensors live while this object does.
+// kernel first, as on the aten path, and so does any drawn B for more than kDrawInGemmMaxRows
+// rows. The tensors live while this object does.
 struct FeedbackOperand {
   Rule transform;
   at::Tensor operand, stored, state, output_scale;
@@ -141,7 +150,7 @@ struct FeedbackOperand {
 
   FeedbackOperand(Rule rule, const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                   const std::optional<at::Tensor>& rng, double scale, int64_t distribution,
-                  at::MemoryFormat format)
+                  at::MemoryFormat format, int64_t rows)
       : transform(rule), operand(weight.contiguous(format)) {
     const bool has_feedback = feedback.has_value() && feedback->defined();
     if (estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_feedback)) {
@@ -150,7 +159,7 @@ struct FeedbackOperand {
     } else if (rule == Rule::kFixedRandomSignFeedback) {
       stored = feedback->contiguous(format);
     } else if ((rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment) &&
-               static_cast<Distribution>(distribution) == Distribution::kNormal) {
+               (static_cast<Distribution>(distribution) == Distribution::kNormal || rows > kDrawInGemmMaxRows)) {
       operand = feedback_transform_cuda(operand, feedback, rng, static_cast<int64_t>(rule), scale, distribution)
                     .contiguous(format);
       transform = Rule::kBackprop;

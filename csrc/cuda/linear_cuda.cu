@@ -7,8 +7,8 @@
 //                                           (split over K in fp32 slices for a long batch)
 // delta = dL/dz is materialised by ATen when there is an activation (one elementwise pass,
 // shared by both backward GEMMs). The kernels draw brsf's / fa's R uniformly, as linear
-// layers do; a normal draw (only reachable through the op itself) makes B with the
-// transform kernel first. The estimated rules' B gradient: kp and sa are sums of
+// layers do; a normal draw (only reachable through the op itself), and any draw for more
+// than kDrawInGemmMaxRows rows (fused_ops.h), makes B with the transform kernel first. The estimated rules' B gradient: kp and sa are sums of
 // tensors this op already has; wm, aa and ia run the aten backend's computation.
 // What the fused kernels do not cover takes the aten path (cuBLAS), with a warning that
 // says why: fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80.
@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_linear_backward(
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
     // grad_x = delta B, B = T(W) made tile by tile inside the GEMM.
-    const FeedbackOperand b(kind, w, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous);
+    const FeedbackOperand b(kind, w, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous, rows);
     gemm::Problem problem;
     problem.m = rows;
     problem.n = in_features;
