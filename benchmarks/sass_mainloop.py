@@ -309,6 +309,8 @@ def short_name(name: str) -> str:
     parts.append("conv" if any(view in name for view in views) else "linear")
     if rule := re.search(r"RuleTransformILNS_4RuleE(\d+)E", name):
         parts.append(f"grad_input {_RULES.get(rule.group(1), rule.group(1))}")
+        if "SplitEpilogue" in name:
+            parts.append("(split-K)")
     elif "BiasActivationEpilogue" in name:
         parts.append("forward")
     elif "SplitEpilogue" in name:

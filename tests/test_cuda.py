@@ -161,9 +161,10 @@ def test_cuda_compile_fullgraph():
 # (rows as the input's leading dims, in_features, out_features): ragged against the 128 x 128
 # tiles and the 64 (16-bit) / 32 (tf32) element K tiles, K tails of one element, odd strides
 # that refuse the vector loads, and several tiles in every dimension.
-# The last one: a long batch over one output tile, so grad_weight runs split over K.
+# The last two: a long batch over one output tile, so grad_weight runs split over K; few rows
+# over a long out_features, so grad_input does.
 LINEAR_SHAPES = [((37,), 67, 129), ((5, 7), 200, 75), ((1,), 3, 131), ((300,), 257, 130), ((129,), 64, 256),
-                 ((4099,), 64, 96)]
+                 ((4099,), 64, 96), ((3, 5), 96, 1031)]
 # fp32 goes through tf32 (10 mantissa bits, like fp16), so it gets fp16's tolerance.
 TOLERANCE_AS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16, torch.float32: torch.float16}
 

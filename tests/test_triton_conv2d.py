@@ -347,7 +347,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
 
     for rule in (0, 3, 4, 5):  # bp; brsf drawn in the kernel; frsf and kp stored
         kernel = compile_for_sm90(C._grad_input_kernel, "bf16",
-                                  dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, SCALE_FROM_WEIGHT=False, ACTIVATION="relu",
+                                  dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, SCALE_FROM_WEIGHT=False,
                                        INPUT_PRECISION="ieee"), floats=("scale",), config=TILE)
         mma = re.findall(r"wgmma\.mma_async[^;]*;", kernel.asm["ptx"])
         # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".
@@ -357,7 +357,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
                               SAVES_PREACTIVATION=True, SAVES_PROJECTION=True, INPUT_PRECISION="ieee"), config=TILE)
     assert "wgmma.mma_async" in kernel.asm["ptx"]
     record.add("forward", kernel)
-    kernel = compile_for_sm90(C._grad_weight_kernel, "bf16", dict(ACTIVATION="silu", STORES_GRAD_WEIGHT=True,
+    kernel = compile_for_sm90(C._grad_weight_kernel, "bf16", dict(STORES_GRAD_WEIGHT=True,
                               STORES_GRAD_BIAS=True, STORES_GRAD_FEEDBACK=True, HAS_ADDEND=True,
                               INPUT_PRECISION="ieee"), floats=("outer_scale", "addend_scale"), config=TILE)
     assert "wgmma.mma_async" in kernel.asm["ptx"]

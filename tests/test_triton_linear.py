@@ -318,7 +318,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
     for rule, by_four in ((0, False), (3, True), (3, False), (4, False), (5, False)):
         kernel = compile_for_sm90(L._grad_input_kernel, "bf16",
                                   dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, SCALE_FROM_WEIGHT=False, DRAWS=rule == 3,
-                                       DRAWS_BY_FOUR=by_four, ACTIVATION="gelu", INPUT_PRECISION="ieee"),
+                                       DRAWS_BY_FOUR=by_four, INPUT_PRECISION="ieee"),
                                   floats=("scale",), config=TILE)
         mma = re.findall(r"wgmma\.mma_async[^;]*;", kernel.asm["ptx"])
         # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".
@@ -328,7 +328,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
                               SAVES_PREACTIVATION=True, SAVES_PROJECTION=True, INPUT_PRECISION="tf32"), config=TILE)
     assert "wgmma.mma_async" in kernel.asm["ptx"] and ".tf32" in kernel.asm["ptx"]
     record.add("forward", kernel)
-    kernel = compile_for_sm90(L._grad_weight_kernel, "bf16", dict(ACTIVATION="silu", STORES_GRAD_WEIGHT=True,
+    kernel = compile_for_sm90(L._grad_weight_kernel, "bf16", dict(STORES_GRAD_WEIGHT=True,
                               STORES_GRAD_BIAS=True, STORES_GRAD_FEEDBACK=True, HAS_ADDEND=True,
                               INPUT_PRECISION="ieee"), floats=("outer_scale", "addend_scale"), config=TILE)
     assert "wgmma.mma_async" in kernel.asm["ptx"]

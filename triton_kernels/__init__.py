@@ -2,7 +2,7 @@
 
     feedback.py   the rule transform as @triton.jit functions (B = T(W) per tile, the Philox draw)
     linear.py     fastfa::triton_linear / triton_linear_backward, and the GEMM pieces conv2d.py
-                  shares (gemm_configs, grouped_tile, apply_activation, load_delta, draw_noise,
+                  shares (gemm_configs, grouped_tile, apply_activation, activation_delta, draw_noise,
                   materialise_feedback, rows_bucket_of)
     conv2d.py     fastfa::triton_conv2d / triton_conv2d_backward (implicit GEMMs)
 

@@ -12,7 +12,8 @@ Per group g (the grid's second axis), with rows the GEMM's M dimension:
                  activation_saved (the pre-activation, gelu / silu) and projection r =
                  conv(x, W) without bias (aa, ia) from the same tile.
     grad_input   rows = (n, ih, iw), columns = in channels of g, reduction = (oc, kh, kw),
-                 reading delta = act'(grad_output) at oh = (ih + pad - kh dil) / stride
+                 reading delta = act'(grad_output) (made once, in grad_output's layout, by
+                 linear.activation_delta where there is an activation) at oh = (ih + pad - kh dil) / stride
                  where that divides; B = T(W) made as its filter tiles load
                  (triton_kernels/feedback.py), so B never exists in memory. Computed
                  transposed, grad_input^T = B^T delta^T, so the transformed tile is the
@@ -47,8 +48,8 @@ from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import input_precision, launch, unsupported_reason
-from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, apply_activation, draw_noise, gemm_configs, grouped_tile,
-                     load_delta, materialise_feedback, rows_bucket_of)
+from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, activation_delta, apply_activation, draw_noise,
+                     gemm_configs, grouped_tile, materialise_feedback, rows_bucket_of)
 
 _FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 _KEY = ["rows_bucket", "columns", "reduction"]
@@ -115,13 +116,12 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
 
 @triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
-def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, taps_h_ptr, taps_w_ptr,
-                       grad_input_ptr, batch, in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h,
-                       kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, rows_bucket, columns,
-                       reduction, sg_n, sg_c, sg_h, sg_w, ss_n, ss_c, ss_h, ss_w, sw_o, sw_c, sw_h, sw_w, sf_o, sf_c,
-                       sf_h, sf_w, si_n, si_c, si_h, si_w, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
-                       DISTRIBUTION: tl.constexpr, SCALE_FROM_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr,
+def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, taps_h_ptr, taps_w_ptr, grad_input_ptr, batch,
+                       in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h, kernel_w, stride_h,
+                       stride_w, pad_h, pad_w, dilation_h, dilation_w, rows_bucket, columns, reduction, sg_n, sg_c,
+                       sg_h, sg_w, sw_o, sw_c, sw_h, sw_w, sf_o, sf_c, sf_h, sf_w, si_n, si_c, si_h, si_w, scale,
+                       RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr,
+                       SCALE_FROM_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[n, c, ih, iw] = sum_(oc, kh, kw) delta[n, oc, oh, ow] B[oc, c, kh, kw] over the (kh, kw)
     with ih = oh s - p + kh d (and the same for w), as B^T [c, (oc, kh, kw)] times delta^T [(oc, kh, kw), (n, ih, iw)].
@@ -173,22 +173,20 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
         ow = tl.maximum(tw, 0) // stride_w
         delta_mask = (in_reduction[:, None] & row_mask[None, :] & (th >= 0) & (tw >= 0) & (oh < out_h)
                       & (ow < out_w))
-        delta_t = load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh * sg_h + ow * sg_w,
-                              saved_ptr + n[None, :] * ss_n + oc[:, None] * ss_c + oh * ss_h + ow * ss_w,
-                              delta_mask, ACTIVATION)
-        acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
+        delta_t = tl.load(delta_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh * sg_h + ow * sg_w,
+                          mask=delta_mask, other=0.0)
+        acc = fb.dot(fb.round_to(b_t, dtype), delta_t, acc, INPUT_PRECISION)
     tl.store(grad_input_ptr + n[None, :] * si_n + (group * in_per_group + c[:, None]) * si_c + ih[None, :] * si_h
              + iw[None, :] * si_w, fb.round_to(acc, dtype), mask=(c[:, None] < in_per_group) & row_mask[None, :])
 
 
 @triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
-def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr,
-                        grad_feedback_ptr, batch, in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h,
-                        kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, rows_bucket, columns,
-                        reduction, sg_n, sg_c, sg_h, sg_w, ss_n, ss_c, ss_h, ss_w, sx_n, sx_c, sx_h, sx_w, sa_o,
-                        sa_c, sa_h, sa_w, sgw_o, sgw_c, sgw_h, sgw_w, sgf_o, sgf_c, sgf_h, sgf_w, outer_scale,
-                        addend_scale, ACTIVATION: tl.constexpr, STORES_GRAD_WEIGHT: tl.constexpr,
+def _grad_weight_kernel(delta_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr, grad_feedback_ptr, batch,
+                        in_h, in_w, out_h, out_w, in_per_group, out_per_group, kernel_h, kernel_w, stride_h,
+                        stride_w, pad_h, pad_w, dilation_h, dilation_w, rows_bucket, columns, reduction, sg_n, sg_c,
+                        sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sa_o, sa_c, sa_h, sa_w, sgw_o, sgw_c, sgw_h, sgw_w,
+                        sgf_o, sgf_c, sgf_h, sgf_w, outer_scale, addend_scale, STORES_GRAD_WEIGHT: tl.constexpr,
                         STORES_GRAD_BIAS: tl.constexpr, STORES_GRAD_FEEDBACK: tl.constexpr,
                         HAS_ADDEND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -214,11 +212,9 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
         r = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
         n, oh, ow = _spatial(r, out_h, out_w)
         delta_mask = (oc_in_group[:, None] < out_per_group) & (r[None, :] < reduction)
-        delta_t = fb.round_to(
-            load_delta(grad_output_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh[None, :] * sg_h
-                        + ow[None, :] * sg_w,
-                        saved_ptr + n[None, :] * ss_n + oc[:, None] * ss_c + oh[None, :] * ss_h + ow[None, :] * ss_w,
-                        delta_mask, ACTIVATION), dtype)
+        # delta comes in x's dtype (as do the projections that wm / aa / ia pass in its place).
+        delta_t = tl.load(delta_ptr + n[None, :] * sg_n + oc[:, None] * sg_c + oh[None, :] * sg_h + ow[None, :] * sg_w,
+                          mask=delta_mask, other=0.0)
         if STORES_GRAD_BIAS:
             bias_acc += tl.sum(delta_t.to(tl.float32), axis=1)
         if NEEDS_PRODUCT:
@@ -327,10 +323,9 @@ def _taps(stride, padding, dilation, kernel, like):
 DRAW_IN_GEMM_MAX_ROWS = 256
 
 
-def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation, input, geometry,
-          memory_format):
+def _back(delta, weight, feedback, rng, rule, scale, distribution, input, geometry, memory_format):
     """delta B as a transposed convolution, B = T(W) made tile by tile; grad_input shaped like input."""
-    grad_input = _empty(input.shape, grad, memory_format)
+    grad_input = _empty(input.shape, delta, memory_format)
     if not grad_input.numel():
         return grad_input
     rows = geometry.batch * geometry.in_h * geometry.in_w
@@ -339,26 +334,25 @@ def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activat
         b = materialise_feedback(weight.reshape(weight.shape[0], -1), None, rng, rule, scale, distribution)
         feedback, rule, rng = b.view(weight.shape), _FA, None
     stored = feedback if feedback is not None else weight
-    saved = saved if activation != "none" else grad
     columns, reduction = geometry.in_per_group, geometry.out_per_group * geometry.kernel_h * geometry.kernel_w
     class_rows = geometry.batch * triton.cdiv(geometry.in_h, geometry.stride[0]) * triton.cdiv(geometry.in_w,
                                                                                              geometry.stride[1])
-    taps_h, taps_w = (_taps(s, p, d, k, grad) for s, p, d, k in
+    taps_h, taps_w = (_taps(s, p, d, k, delta) for s, p, d, k in
                       zip(geometry.stride, geometry.padding, geometry.dilation, (geometry.kernel_h, geometry.kernel_w)))
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     launch(_grad_input_kernel,
            lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(class_rows, meta["BLOCK_M"]),
                          geometry.groups * geometry.stride[0] * geometry.stride[1]),
-           grad, saved, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), rows_bucket_of(class_rows),
-           columns, reduction, *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(),
-           *grad_input.stride(), scale, RULE=rule, HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution,
-           SCALE_FROM_WEIGHT=scale_from_weight, ACTIVATION=activation, INPUT_PRECISION=input_precision(grad.dtype))
+           delta, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), rows_bucket_of(class_rows),
+           columns, reduction, *delta.stride(), *weight.stride(), *stored.stride(), *grad_input.stride(), scale,
+           RULE=rule, HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution,
+           SCALE_FROM_WEIGHT=scale_from_weight, INPUT_PRECISION=input_precision(delta.dtype))
     return grad_input
 
 
-def _outer(grad, saved, x, weight, geometry, activation="none", *, grad_weight=None, grad_bias=False,
-           grad_feedback=None, outer_scale=1.0, addend=None, addend_scale=0.0):
-    """The filter gradient delta^T x (delta = act'(grad)) and its epilogues: returns (grad_weight,
+def _outer(delta, x, weight, geometry, *, grad_weight=None, grad_bias=False, grad_feedback=None, outer_scale=1.0,
+           addend=None, addend_scale=0.0):
+    """The filter gradient delta^T x and its epilogues: returns (grad_weight,
     grad_bias, grad_feedback), None where not asked; grad_weight is the memory format to make it in,
     grad_feedback the tensor to fill (B's layout)."""
     gw = _empty(weight.shape, x, grad_weight) if grad_weight is not None else None
@@ -367,7 +361,6 @@ def _outer(grad, saved, x, weight, geometry, activation="none", *, grad_weight=N
         gb = x.new_empty(weight.shape[0])
     gf = grad_feedback
     if weight.shape[0] and (gw is not None or gb is not None or gf is not None):
-        saved = saved if activation != "none" else grad
         addend_tensor = addend if addend is not None else weight
         placeholder = next(t for t in (gw, gf, gb) if t is not None)
         filter_like = gw if gw is not None else (gf if gf is not None else weight)
@@ -377,11 +370,11 @@ def _outer(grad, saved, x, weight, geometry, activation="none", *, grad_weight=N
         launch(_grad_weight_kernel,
                lambda meta: (triton.cdiv(geometry.out_per_group, meta["BLOCK_M"])
                              * (max(triton.cdiv(columns, meta["BLOCK_N"]), 1) if needs_product else 1), geometry.groups),
-               grad, saved, x, addend_tensor, gw if gw is not None else placeholder,
+               delta, x, addend_tensor, gw if gw is not None else placeholder,
                gb if gb is not None else placeholder, gf if gf is not None else placeholder, *geometry.arguments(),
-               rows_bucket_of(rows), columns, rows, *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
+               rows_bucket_of(rows), columns, rows, *delta.stride(), *x.stride(), *addend_tensor.stride(),
                *filter_like.stride(), *(gf if gf is not None else filter_like).stride(), outer_scale, addend_scale,
-               ACTIVATION=activation, STORES_GRAD_WEIGHT=gw is not None, STORES_GRAD_BIAS=gb is not None,
+               STORES_GRAD_WEIGHT=gw is not None, STORES_GRAD_BIAS=gb is not None,
                STORES_GRAD_FEEDBACK=gf is not None, HAS_ADDEND=addend is not None,
                INPUT_PRECISION=input_precision(x.dtype))
     return gw, gb, gf
@@ -438,32 +431,31 @@ def triton_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: 
     return _convolve(input, weight, bias, geometry, activation, saves_projection=rule in (_AA, _IA))
 
 
-def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, alignment, activation, geometry,
-                       grad_weight, grad_bias):
+def _feedback_gradient(rule, feedback, weight, delta, x, projection, rng, alignment, geometry, grad_weight,
+                       grad_bias):
     """The estimated rules' B gradient (learning-rules.md, conv primitives as conv2d_backward in C++),
     with grad_weight / grad_bias when asked. Returns (grad_weight, grad_bias, grad_feedback)."""
     alpha, beta, gamma, sigma = alignment
     batch = max(geometry.batch, 1)
     gf = feedback.new_empty(feedback.shape).contiguous(memory_format=suggest_memory_format(feedback))
     if rule == _KP:  # grad_W + alpha * decay, from the grad_weight accumulator
-        return _outer(grad, saved, x, weight, geometry, activation, grad_weight=grad_weight, grad_bias=grad_bias,
-                      grad_feedback=gf, addend=feedback, addend_scale=2.0 * alpha)
-    gw, gb, _ = _outer(grad, saved, x, weight, geometry, activation, grad_weight=grad_weight, grad_bias=grad_bias)
+        return _outer(delta, x, weight, geometry, grad_weight=grad_weight, grad_bias=grad_bias, grad_feedback=gf,
+                      addend=feedback, addend_scale=2.0 * alpha)
+    gw, gb, _ = _outer(delta, x, weight, geometry, grad_weight=grad_weight, grad_bias=grad_bias)
     if rule == _SA:  # alpha * decay + beta * self
         gf.copy_(feedback * (2.0 * alpha) - weight * beta)
     elif rule == _WM:  # alpha * decay + beta * amp, with x replaced by noise ~ N(0, sigma^2)
         noise = draw_noise(x, rng, sigma, 1)
         noise_projection, _, _ = _convolve(noise, weight, None, geometry)
-        _outer(noise_projection, None, noise, weight, geometry, grad_feedback=gf, outer_scale=-beta / batch,
+        _outer(noise_projection, noise, weight, geometry, grad_feedback=gf, outer_scale=-beta / batch,
                addend=feedback, addend_scale=2.0 * alpha)
     elif rule == _AA:  # alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x, p = conv(x, B)
         p, _, _ = _convolve(x, feedback, None, geometry)
-        _outer(p * (2.0 * alpha) - projection * beta, None, x, weight, geometry, grad_feedback=gf,
+        _outer(p * (2.0 * alpha) - projection * beta, x, weight, geometry, grad_feedback=gf,
                outer_scale=1.0 / batch)
     else:  # ia: alpha * amp + beta * null + gamma * decay, linear in outer's x
-        r_b = _back(projection, None, feedback, feedback, None, _KP, 1.0, 0, "none", x, geometry,
-                    suggest_memory_format(x))
-        _outer(projection, None, x * (-alpha / batch) + r_b * (2.0 * beta / batch), weight, geometry,
+        r_b = _back(projection, feedback, feedback, None, _KP, 1.0, 0, x, geometry, suggest_memory_format(x))
+        _outer(projection, x * (-alpha / batch) + r_b * (2.0 * beta / batch), weight, geometry,
                grad_feedback=gf, addend=feedback, addend_scale=2.0 * gamma)
     return gw, gb, gf
 
@@ -498,22 +490,21 @@ def triton_conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
         return torch.ops.fastfa.conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
                                                 projection, stride, padding, dilation, groups, rule, scale,
                                                 distribution, alignment, activation, output_mask)
-    saved = activation_saved if activation != "none" else grad_output
+    delta = activation_delta(grad_output, activation_saved, activation)
     # The aten op hands B (a stored one as it is) to convolution_backward in W's place.
     filter = feedback if output_mask[0] and feedback is not None and (rule == _FA or rule >= _KP) else weight
     memory_format = _memory_format(input, filter, geometry, bias_sizes=[weight.shape[0]] if output_mask[2] else None)
     grad_weight_format = memory_format if output_mask[1] else None
     grad_input = grad_weight = grad_bias = grad_feedback = None
     if output_mask[0]:
-        grad_input = _back(grad_output, saved, weight, feedback, rng, rule, scale, distribution, activation, input,
-                           geometry, memory_format)
+        grad_input = _back(delta, weight, feedback, rng, rule, scale, distribution, input, geometry, memory_format)
     if feedback_grad:
         grad_weight, grad_bias, grad_feedback = _feedback_gradient(
-            rule, feedback, weight, grad_output, saved, input, projection, rng, alignment, activation, geometry,
-            grad_weight_format, output_mask[2])
+            rule, feedback, weight, delta, input, projection, rng, alignment, geometry, grad_weight_format,
+            output_mask[2])
     elif output_mask[1] or output_mask[2]:
-        grad_weight, grad_bias, _ = _outer(grad_output, saved, input, weight, geometry, activation,
-                                           grad_weight=grad_weight_format, grad_bias=output_mask[2])
+        grad_weight, grad_bias, _ = _outer(delta, input, weight, geometry, grad_weight=grad_weight_format,
+                                           grad_bias=output_mask[2])
     return (grad_input if grad_input is not None else input.new_empty(0),
             grad_weight if grad_weight is not None else weight.new_empty(0),
             grad_bias if grad_bias is not None else weight.new_empty(0),

@@ -43,10 +43,9 @@ def direct_feedback_product(error: torch.Tensor, rng: torch.Tensor, input_numel:
     rng = rng.to(error.device)
     launch(_grad_input_kernel,
            lambda meta: (triton.cdiv(input_numel, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
-           error, error, placeholder, placeholder, rng, grad_input, rows, output_width, input_numel,
-           rows_bucket_of(rows), *error.stride(), *error.stride(), *placeholder.stride(), *placeholder.stride(),
+           error, placeholder, placeholder, rng, grad_input, rows, output_width, input_numel,
+           rows_bucket_of(rows), *error.stride(), *placeholder.stride(), *placeholder.stride(),
            scale, RULE=_FA, HAS_FEEDBACK=False, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=False,
-           ACTIVATION="none",
            INPUT_PRECISION=input_precision(error.dtype), **_draw_arguments(_FA, None, input_numel))
     return grad_input
 

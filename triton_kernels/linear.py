@@ -9,8 +9,9 @@ bool[] where it reads bool[4]; the same values pass (tests/test_triton_schema.py
     forward         output = act(x W^T + b): one GEMM, bias and activation in its epilogue;
                     also activation_saved (the pre-activation, for gelu / silu) and
                     projection r = x W^T without bias (aa, ia), written from the same tile.
-    grad_input      delta B, with delta = act'(grad_output) computed as its tiles load and
-                    B = T(W) made tile by tile as W (or the stored R / B) loads
+    delta           act'(grad_output), made once by an elementwise kernel where there is an
+                    activation (activation_delta), so that both GEMMs below read it as it is.
+    grad_input      delta B, with B = T(W) made tile by tile as W (or the stored R / B) loads
                     (triton_kernels/feedback.py), so B never exists in memory. It is computed
                     as grad_input^T = B^T delta^T: the transformed tile is the left operand,
                     which Hopper's wgmma can read from registers (issue 3).
@@ -204,13 +205,12 @@ def _feedback_tile_t(weight_ptr, feedback_ptr, first_col, col, out, in_features,
 
 @triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
-def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows,
-                       out_features, in_features, rows_bucket, stride_grad_row, stride_grad_col, stride_saved_row,
-                       stride_saved_col, stride_weight_out, stride_weight_in, stride_feedback_out,
-                       stride_feedback_in, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
-                       DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr, DRAWS_BY_FOUR: tl.constexpr,
-                       SCALE_FROM_WEIGHT: tl.constexpr,
-                       ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows, out_features,
+                       in_features, rows_bucket, stride_delta_row, stride_delta_col, stride_weight_out,
+                       stride_weight_in, stride_feedback_out, stride_feedback_in, scale, RULE: tl.constexpr,
+                       HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr,
+                       DRAWS_BY_FOUR: tl.constexpr, SCALE_FROM_WEIGHT: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[rows, in] = delta[rows, out] B[out, in], computed transposed: B^T delta^T, so the
     transformed B tile is the left operand. BLOCK_M tiles rows, BLOCK_N in_features, BLOCK_K out_features."""
@@ -226,13 +226,41 @@ def _grad_input_kernel(grad_output_ptr, saved_ptr, weight_ptr, feedback_ptr, rng
         b_t = _feedback_tile_t(weight_ptr, feedback_ptr, tile_n * BLOCK_N, col, out, in_features, out_features, stride_weight_out,
                                stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE,
                                HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR)
-        delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
-        delta_t = load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
-                              saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row,
-                              delta_mask, ACTIVATION)
-        acc = fb.dot(fb.round_to(b_t, dtype), fb.round_to(delta_t, dtype), acc, INPUT_PRECISION)
+        delta_t = tl.load(delta_ptr + out[:, None] * stride_delta_col + row[None, :] * stride_delta_row,
+                          mask=(out[:, None] < out_features) & (row[None, :] < rows), other=0.0)
+        acc = fb.dot(fb.round_to(b_t, dtype), delta_t, acc, INPUT_PRECISION)
     tl.store(grad_input_ptr + row[None, :] * in_features + col[:, None], fb.round_to(acc, dtype),
              mask=(col[:, None] < in_features) & (row[None, :] < rows))
+
+
+@triton.jit
+def _delta_kernel(grad_output_ptr, saved_ptr, delta_ptr, numel, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    """delta = act'(grad_output), rounded to its dtype, elementwise over contiguous tensors."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    delta = load_delta(grad_output_ptr + offsets, saved_ptr + offsets, mask, ACTIVATION)
+    tl.store(delta_ptr + offsets, fb.round_to(delta, delta_ptr.dtype.element_ty), mask=mask)
+
+
+def activation_delta(grad, saved, activation):
+    """delta = dL/dz (like grad) from dL/dy and the saved y or z, made once for both backward
+    GEMMs: the kernels would otherwise redo the derivative (erf, exp) for every tile column
+    they read it in, and read two operands where they need one; made, delta is one raw operand
+    (a tensor-descriptor / TMA load once the kernels take one). Rounded to the dtype as the
+    GEMMs round it before their dots, so their results are the same bits."""
+    if activation == "none":
+        return grad
+    # One memory order for all three, so the kernel runs over them flat: grad's own where it is
+    # channels_last (a convolution's), else row-major.
+    channels_last = grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last and not grad.is_contiguous() else torch.contiguous_format
+    grad, saved = grad.contiguous(memory_format=memory_format), saved.contiguous(memory_format=memory_format)
+    delta = torch.empty_like(grad, memory_format=memory_format)
+    if delta.numel():
+        block = 1024
+        launch(_delta_kernel, (triton.cdiv(delta.numel(), block),), grad, saved, delta, delta.numel(),
+               ACTIVATION=activation, BLOCK=block)
+    return delta
 
 
 @triton.jit
@@ -253,11 +281,10 @@ def _materialise_kernel(weight_ptr, feedback_ptr, rng_ptr, out_ptr, out_features
 
 @triton.autotune(configs=gemm_configs(), key=_KEY)
 @triton.jit
-def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr,
-                        grad_feedback_ptr, rows, out_features, in_features, rows_bucket, stride_grad_row,
-                        stride_grad_col, stride_saved_row, stride_saved_col, stride_input_row, stride_input_col,
-                        stride_addend_out, stride_addend_in, outer_scale, addend_scale, ACTIVATION: tl.constexpr,
-                        STORES_GRAD_WEIGHT: tl.constexpr, STORES_GRAD_BIAS: tl.constexpr,
+def _grad_weight_kernel(delta_ptr, input_ptr, addend_ptr, grad_weight_ptr, grad_bias_ptr, grad_feedback_ptr, rows,
+                        out_features, in_features, rows_bucket, stride_delta_row, stride_delta_col,
+                        stride_input_row, stride_input_col, stride_addend_out, stride_addend_in, outer_scale,
+                        addend_scale, STORES_GRAD_WEIGHT: tl.constexpr, STORES_GRAD_BIAS: tl.constexpr,
                         STORES_GRAD_FEEDBACK: tl.constexpr, HAS_ADDEND: tl.constexpr,
                         INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -278,11 +305,9 @@ def _grad_weight_kernel(grad_output_ptr, saved_ptr, input_ptr, addend_ptr, grad_
     bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, rows, BLOCK_K):
         row = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
-        delta_mask = (out[:, None] < out_features) & (row[None, :] < rows)
-        delta_t = fb.round_to(
-            load_delta(grad_output_ptr + out[:, None] * stride_grad_col + row[None, :] * stride_grad_row,
-                        saved_ptr + out[:, None] * stride_saved_col + row[None, :] * stride_saved_row, delta_mask,
-                        ACTIVATION), dtype)
+        # delta comes in x's dtype (as do the projections that wm / aa / ia pass in its place).
+        delta_t = tl.load(delta_ptr + out[:, None] * stride_delta_col + row[None, :] * stride_delta_row,
+                          mask=(out[:, None] < out_features) & (row[None, :] < rows), other=0.0)
         if STORES_GRAD_BIAS:
             bias_acc += tl.sum(delta_t.to(tl.float32), axis=1)
         if NEEDS_PRODUCT:
@@ -358,38 +383,35 @@ def materialise_feedback(weight, feedback, rng, rule, scale, distribution):
     return b
 
 
-def _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation):
-    """delta B, B = T(W) made tile by tile: grad and saved [rows, out] -> [rows, in]."""
-    rows, out_features, in_features = grad.shape[0], weight.shape[0], weight.shape[1]
-    grad_input = grad.new_empty(rows, in_features)
+def _back(delta, weight, feedback, rng, rule, scale, distribution):
+    """delta B, B = T(W) made tile by tile: delta [rows, out] -> [rows, in]."""
+    rows, out_features, in_features = delta.shape[0], weight.shape[0], weight.shape[1]
+    grad_input = delta.new_empty(rows, in_features)
     if not grad_input.numel():
         return grad_input
     if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
         feedback, rule, rng = materialise_feedback(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
-    saved = saved if activation != "none" else grad
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     launch(_grad_input_kernel,
             lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
-            grad, saved, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
-            *grad.stride(), *saved.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
+            delta, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
+            *delta.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=scale_from_weight,
-            ACTIVATION=activation,
-            INPUT_PRECISION=input_precision(grad.dtype), **_draw_arguments(rule, feedback, in_features))
+            INPUT_PRECISION=input_precision(delta.dtype), **_draw_arguments(rule, feedback, in_features))
     return grad_input
 
 
-def _outer(grad, saved, x, activation="none", *, grad_weight=False, grad_bias=False, grad_feedback=False,
-           outer_scale=1.0, addend=None, addend_scale=0.0):
-    """delta^T x for delta = act'(grad) [rows, out] and x [rows, in], with the epilogues the
-    backward needs: returns (grad_weight, grad_bias, grad_feedback), None where not asked."""
-    rows, out_features, in_features = grad.shape[0], grad.shape[1], x.shape[1]
+def _outer(delta, x, *, grad_weight=False, grad_bias=False, grad_feedback=False, outer_scale=1.0, addend=None,
+           addend_scale=0.0):
+    """delta^T x for delta [rows, out] and x [rows, in], with the epilogues the backward needs:
+    returns (grad_weight, grad_bias, grad_feedback), None where not asked."""
+    rows, out_features, in_features = delta.shape[0], delta.shape[1], x.shape[1]
     gw = x.new_empty(out_features, in_features) if grad_weight else None
     gb = x.new_empty(out_features) if grad_bias else None
     gf = x.new_empty(out_features, in_features) if grad_feedback else None
     needs_product = grad_weight or grad_feedback
     if out_features:
-        saved = saved if activation != "none" else grad
         addend_tensor = addend if addend is not None else x
         placeholder = gw if gw is not None else (gf if gf is not None else gb)
         # Only the bias: one tile column reads delta once and no GEMM runs. Column 0 also
@@ -397,10 +419,10 @@ def _outer(grad, saved, x, activation="none", *, grad_weight=False, grad_bias=Fa
         launch(_grad_weight_kernel,
                 lambda meta: (triton.cdiv(out_features, meta["BLOCK_M"])
                               * (max(triton.cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
-                grad, saved, x, addend_tensor, gw if gw is not None else placeholder,
+                delta, x, addend_tensor, gw if gw is not None else placeholder,
                 gb if gb is not None else placeholder, gf if gf is not None else placeholder, rows, out_features,
-                in_features, rows_bucket_of(rows), *grad.stride(), *saved.stride(), *x.stride(), *addend_tensor.stride(),
-                outer_scale, addend_scale, ACTIVATION=activation, STORES_GRAD_WEIGHT=grad_weight,
+                in_features, rows_bucket_of(rows), *delta.stride(), *x.stride(), *addend_tensor.stride(),
+                outer_scale, addend_scale, STORES_GRAD_WEIGHT=grad_weight,
                 STORES_GRAD_BIAS=grad_bias, STORES_GRAD_FEEDBACK=grad_feedback, HAS_ADDEND=addend is not None,
                 INPUT_PRECISION=input_precision(x.dtype))
     return gw, gb, gf
@@ -465,29 +487,28 @@ def triton_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: 
             projection.view(shape) if projection.numel() else projection)
 
 
-def _feedback_gradient(rule, feedback, weight, grad, saved, x, projection, rng, alignment, activation,
-                       grad_weight, grad_bias):
+def _feedback_gradient(rule, feedback, weight, delta, x, projection, rng, alignment, grad_weight, grad_bias):
     """The estimated rules' B gradient (learning-rules.md), with grad_weight / grad_bias when asked.
     Returns (grad_weight, grad_bias, grad_feedback)."""
     alpha, beta, gamma, sigma = alignment
     batch = max(x.shape[0], 1)
     if rule == _KP:  # grad_W + alpha * decay, from the grad_weight accumulator
-        return _outer(grad, saved, x, activation, grad_weight=grad_weight, grad_bias=grad_bias, grad_feedback=True,
-                      addend=feedback, addend_scale=2.0 * alpha)
-    gw, gb, _ = _outer(grad, saved, x, activation, grad_weight=grad_weight, grad_bias=grad_bias)
+        return _outer(delta, x, grad_weight=grad_weight, grad_bias=grad_bias, grad_feedback=True, addend=feedback,
+                      addend_scale=2.0 * alpha)
+    gw, gb, _ = _outer(delta, x, grad_weight=grad_weight, grad_bias=grad_bias)
     if rule == _SA:  # alpha * decay + beta * self
         gf = (feedback * (2.0 * alpha) - weight * beta).contiguous()
     elif rule == _WM:  # alpha * decay + beta * amp, with x replaced by noise ~ N(0, sigma^2)
         noise = draw_noise(x, rng, sigma, 1)
         noise_projection, _, _ = _project(noise, weight)
-        _, _, gf = _outer(noise_projection, None, noise, grad_feedback=True, outer_scale=-beta / batch,
+        _, _, gf = _outer(noise_projection, noise, grad_feedback=True, outer_scale=-beta / batch,
                           addend=feedback, addend_scale=2.0 * alpha)
     elif rule == _AA:  # alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x, p = x B^T
         p, _, _ = _project(x, feedback)
-        _, _, gf = _outer(p * (2.0 * alpha) - projection * beta, None, x, grad_feedback=True, outer_scale=1.0 / batch)
+        _, _, gf = _outer(p * (2.0 * alpha) - projection * beta, x, grad_feedback=True, outer_scale=1.0 / batch)
     else:  # ia: alpha * amp + beta * null + gamma * decay = r^T (-alpha/N x + 2 beta/N r B) + 2 gamma B
-        r_b = _back(projection, None, feedback, feedback, None, _KP, 1.0, 0, "none")
-        _, _, gf = _outer(projection, None, x * (-alpha / batch) + r_b * (2.0 * beta / batch),
+        r_b = _back(projection, feedback, feedback, None, _KP, 1.0, 0)
+        _, _, gf = _outer(projection, x * (-alpha / batch) + r_b * (2.0 * beta / batch),
                           grad_feedback=True, addend=feedback, addend_scale=2.0 * gamma)
     return gw, gb, gf
 
@@ -521,18 +542,19 @@ def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
                                                 projection, rule, scale, distribution, alignment, activation,
                                                 output_mask)
     grad = grad_output.reshape(rows, out_features)
+    # activation_saved is empty without an activation.
     saved = activation_saved.reshape(rows, out_features) if activation != "none" else grad
+    delta = activation_delta(grad, saved, activation)
     x = input.reshape(rows, in_features)
     grad_input = grad_weight = grad_bias = grad_feedback = None
     if output_mask[0]:
-        grad_input = _back(grad, saved, weight, feedback, rng, rule, scale, distribution, activation).view(input.shape)
+        grad_input = _back(delta, weight, feedback, rng, rule, scale, distribution).view(input.shape)
     if feedback_grad:
         r = projection.reshape(rows, out_features) if rule in (_AA, _IA) else None
         grad_weight, grad_bias, grad_feedback = _feedback_gradient(
-            rule, feedback, weight, grad, saved, x, r, rng, alignment, activation, output_mask[1], output_mask[2])
+            rule, feedback, weight, delta, x, r, rng, alignment, output_mask[1], output_mask[2])
     elif output_mask[1] or output_mask[2]:
-        grad_weight, grad_bias, _ = _outer(grad, saved, x, activation, grad_weight=output_mask[1],
-                                           grad_bias=output_mask[2])
+        grad_weight, grad_bias, _ = _outer(delta, x, grad_weight=output_mask[1], grad_bias=output_mask[2])
     empty = weight.new_empty(0)
     return (grad_input if grad_input is not None else input.new_empty(0),
             grad_weight if grad_weight is not None else empty,

@@ -118,7 +118,8 @@ at::Tensor fused_grad_input(const at::Tensor& delta, const at::Tensor& input, co
                             const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
                             Rule rule, double scale, int64_t distribution, const gemm::ConvShape& shape,
                             at::MemoryFormat format) {
-  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, format);
+  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, format,
+                          input.size(0) * input.size(2) * input.size(3));  // grad_input's GEMM rows
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(format));
   check_launch(with_element(input.scalar_type(),
                             [&](auto element) {

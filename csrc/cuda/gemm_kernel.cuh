@@ -17,19 +17,23 @@
 // Data path (both architectures): 256 threads load a 128-row x 128-byte tile of A and of B
 // from global memory into registers, transform and round them (bf16 / fp16, or fp32 to
 // tf32), and store them K-major into shared memory with the 128-byte swizzle that wgmma
-// reads natively. Two shared stages: the loads of tile k+1 are issued before the MMAs of
-// tile k and stored after them, so the global latency and the transform's arithmetic (a
-// Philox draw for brsf) overlap the tensor cores. Staging through registers, rather than
-// cp.async / TMA, is what lets an arbitrary elementwise transform sit in the data path and
-// lets any operand layout (K- or row-contiguous) land in the one K-major layout that
-// every MMA here wants (tf32 wgmma exists only K-major).
+// reads natively (a tile copied as it is goes by cp.async instead, without registers).
+// Staging B through registers, rather than TMA, is what lets an arbitrary elementwise
+// transform sit in the data path and lets any operand layout (K- or row-contiguous) land in
+// the one layout that the MMA reads (tf32 wgmma exists only K-major).
+// The pipeline (Arch::kStages shared stages, see gemm_body): tile t + 2 is stored while the
+// MMAs of tile t run, and tile t + 3's global loads are in flight across the barrier; on
+// sm_90a the wgmmas of a tile complete only at the next tile's wait<1>, so the tensor cores
+// always hold a queued tile and never drain at the barrier. The global latency and the
+// transform's arithmetic (a Philox draw for brsf) overlap the tensor cores.
 //   sm_90a: two warpgroups, each a 64x128 slab with wgmma.m64n128 (SS: both operands from
 //           shared memory through matrix descriptors), 64 fp32 accumulators per thread.
 //   sm_80+: eight warps in 2x4, each a 64x32 slab with mma.sync.m16n8 fed by ldmatrix.
 // Each K step of either MMA consumes 32 bytes of every row (k16 for 16-bit types, k8 for
 // tf32), so one 128-byte tile row is four steps for every dtype. The grid: x over C's
 // 128-row tiles, y over its 128-column tiles, z over K slices (split-K, for a long K such as
-// grad_weight's batch; SplitEpilogue writes each slice's fp32 partial).
+// grad_weight's batch; SplitEpilogue writes each slice's fp32 partial); raster() reorders the
+// (x, y) tiles in groups along M, for L2 reuse.
 #pragma once
 
 #include "fastfa/feedback.h"
@@ -53,11 +57,19 @@ namespace gemm {
 
 // The architecture policies; their names appear in the kernels' symbols, which is how
 // tests/test_sass.py tells which tensor-core instruction each kernel must contain.
+// kStages: shared-memory stages of 32 KiB (A and B tiles); kMmasInFlight: k-tiles whose MMAs
+// may still read their stage when a thread reaches the next barrier (mma.sync's ldmatrix
+// reads complete in the thread, wgmma's only at warpgroup_wait). Three stages fit the 99 KiB
+// of sm_86 / sm_89 as well as sm_80's 163; four fit sm_90's 227 KiB.
 struct Sm80Mma {
   static constexpr bool kGmma = false;
+  static constexpr int kStages = 3;
+  static constexpr int kMmasInFlight = 0;
 };
 struct Sm90Gmma {
   static constexpr bool kGmma = true;
+  static constexpr int kStages = 4;
+  static constexpr int kMmasInFlight = 1;
 };
 
 namespace detail {
@@ -67,11 +79,23 @@ constexpr int kTileRows = 128;  // rows of A (M) and of B (N) per CTA
 constexpr int kRowBytes = 128;  // bytes of K per tile row: the width of the 128-byte swizzle
 constexpr int kTileBytes = kTileRows * kRowBytes;
 constexpr int kStageBytes = 2 * kTileBytes;  // A and B
-constexpr int kStages = 2;
 constexpr int kVectorsPerThread = kTileBytes / (16 * kThreads);  // 16-byte vectors: 4
-constexpr int kSharedBytes = kStages * kStageBytes + kTileRows * int(sizeof(float)) + 1024;  // + row sums, alignment
 
 static_assert(kVectorsPerThread == 4, "tile geometry");
+
+// Dynamic shared memory of a kernel: its stages, the row sums and the 1024-byte alignment.
+template <class Arch>
+constexpr int shared_bytes() {
+  return Arch::kStages * kStageBytes + kTileRows * int(sizeof(float)) + 1024;
+}
+static_assert(shared_bytes<Sm80Mma>() <= 99 * 1024, "sm_86 / sm_89 allow 99 KiB per block");
+static_assert(shared_bytes<Sm90Gmma>() <= 227 * 1024, "sm_90 allows 227 KiB per block");
+// Tiles ahead of the one the MMAs read that the loop keeps stored: a stage is refilled only
+// once no MMA can still read it (Arch::kMmasInFlight), so two with either policy.
+template <class Arch>
+constexpr int tiles_ahead() {
+  return Arch::kStages - 1 - Arch::kMmasInFlight;
+}
 
 // Byte offset of (row, byte) in a K-major tile with the 128-byte swizzle (Swizzle<3,4,3>):
 // the 16-byte chunk index is XORed with row % 8, so the eight rows of a core matrix hit
@@ -366,6 +390,7 @@ struct SplitEpilogue {
   float* partial = nullptr;
   float* partial_row_sums = nullptr;
   int64_t m = 0, n = 0;
+  const float* output_scale = nullptr;  // C's factor on the device (usf's "rms" scale), or none
 
   FASTFA_HOST_DEVICE bool wants_row_sums() const { return partial_row_sums != nullptr; }
   FASTFA_HOST_DEVICE void row_sum(int64_t row, int64_t split, float value) const {
@@ -374,6 +399,11 @@ struct SplitEpilogue {
   FASTFA_HOST_DEVICE void operator()(int64_t row, int64_t col, int64_t split, float v0, float v1) const {
     if (row >= m || col >= n) {
       return;
+    }
+    if (output_scale != nullptr) {
+      const float s = *output_scale;
+      v0 *= s;
+      v1 *= s;
     }
     float* out = partial + (split * m + row) * n + col;
     out[0] = v0;
@@ -505,7 +535,13 @@ FASTFA_HOST_DEVICE void copy_to_shared_async(unsigned char* tile, uint32_t offse
 #endif
 }
 
-__device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// One cp.async group per k-tile (empty where the tile has no copies, so that the count stays
+// one per tile); wait_async_copies<N> waits until at most N of this thread's groups are pending.
+__device__ __forceinline__ void commit_async_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wait_async_copies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 
 // Each 16-bit half of x made all ones where its top bit is set, else zero: prmt's sign
 // replication of bytes 1 and 3, one instruction.
@@ -558,7 +594,9 @@ struct PackedSignOfWeight {
 // fetch_interior(): each vector lies at a distance from the tile's first element fixed at
 // construction, and the tile's pointer only advances along K, so a tile costs a load per
 // vector and one pointer increment; a tile copied as it is (bf16 / fp16 without row sums,
-// K-major: only then is it interior) goes to shared memory by cp.async, never through registers. Everything else
+// K-major: only then is it interior) goes to shared memory by cp.async, never through
+// registers, issued by commit() (fetch() and fetch_interior() touch registers only, so the
+// loop may issue them before its stage is free). Everything else
 // (edge tiles, the convolutions' views, misaligned data) goes through fetch() and the index.
 
 // kMnShared: an operand whose vectors run along rows (MN-major) stays MN-major in shared
@@ -592,7 +630,7 @@ struct TileLoader {
   bool k_contiguous, aligned;
   uint32_t store_at = 0;  // shared_offset(0, 0), kept: recomputing the swizzle costs ~5 per vector
   bool fixed = false;   // the interior fast path applies (kFixedTiles)
-  bool copied = false;  // the last fetch went to shared memory by cp.async (kCopies)
+  bool copied = false;  // the last fetch goes to shared memory by cp.async at commit (kCopies)
   int32_t distance[kFixedTiles ? kVectorsPerThread : 1];
   const Bits* tile_data = nullptr;  // the next interior tile's first element, and of stored
   const Bits* tile_stored = nullptr;
@@ -692,15 +730,12 @@ struct TileLoader {
     }
   }
 
-  // Issues the loads of the next interior tile (after start_interior, tiles in order along K).
-  FASTFA_HOST_DEVICE void fetch_interior(unsigned char* tile) {
+  // Issues the loads of the next interior tile (after start_interior, tiles in order along K);
+  // a copied tile's cp.async waits for commit().
+  FASTFA_HOST_DEVICE void fetch_interior() {
     if constexpr (kFixedTiles) {
       if constexpr (kCopies) {
         copied = true;
-#pragma unroll
-        for (int v = 0; v < kVectorsPerThread; ++v) {
-          copy_to_shared_async(tile, shared_offset(v, 0), tile_data + distance[v]);
-        }
       } else {
 #pragma unroll
         for (int v = 0; v < kVectorsPerThread; ++v) {
@@ -715,8 +750,8 @@ struct TileLoader {
         if constexpr (Transform::kReadsStored) {
           tile_stored += k_step;
         }
+        tile_data += k_step;
       }
-      tile_data += k_step;
     }
   }
 
@@ -772,8 +807,13 @@ struct TileLoader {
 
   // Transforms the fetched tile and stores it, K-major and swizzled, at `tile`.
   FASTFA_HOST_DEVICE void commit(unsigned char* tile, const Transform& transform, int64_t row0, int64_t k0) {
-    if constexpr (kCopies) {
+    if constexpr (kCopies && kFixedTiles) {
       if (copied) {
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          copy_to_shared_async(tile, shared_offset(v, 0), tile_data + distance[v]);
+        }
+        tile_data += k_step;
         return;
       }
     }
@@ -1090,6 +1130,11 @@ struct Sm90Math {
     cute::warpgroup_wait<0>();
     fence();
   }
+  // Completes all but the last tile's wgmmas: the stage they read is free after the next barrier.
+  __device__ void wait_for_previous() {
+    cute::warpgroup_wait<1>();
+    fence();
+  }
 
   template <class Epilogue>
   __device__ void store(const Epilogue& epilogue, int64_t m0, int64_t n0, int64_t split) const {
@@ -1124,17 +1169,81 @@ FASTFA_HOST_DEVICE int64_t start_interior(ALoader& a, BLoader& b, int64_t k, int
   return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
 }
 
-// The loads of k-tile `tile` into `stage` (tiles in order along K; `interior` from start_interior).
+// The global loads of k-tile `tile` into registers (tiles in order along K; `interior` from
+// start_interior); the loaders' commit() stores them, or issues the copies, into a stage.
 template <class ALoader, class BLoader>
-FASTFA_HOST_DEVICE void fetch_tile(ALoader& a, BLoader& b, unsigned char* stage, int64_t tile, int64_t interior,
-                                   int64_t m0, int64_t n0) {
+FASTFA_HOST_DEVICE void fetch_tile(ALoader& a, BLoader& b, int64_t tile, int64_t interior, int64_t m0, int64_t n0) {
   if (tile < interior) {
-    a.fetch_interior(stage);
-    b.fetch_interior(stage + kTileBytes);
+    a.fetch_interior();
+    b.fetch_interior();
   } else {
     a.fetch(m0, tile * ALoader::kTileK);
     b.fetch(n0, tile * ALoader::kTileK);
   }
+}
+
+// The mainloop's schedule over the k-tiles [first, end), shared by the kernel and the host check
+// (tests/cuda/implicit_gemm_check.cu), which so runs the stages in the kernel's order:
+//   fetch(tile)          the global loads of a tile into registers (no shared memory);
+//   commit(stage, tile)  the fetched tile, transformed, into a stage (or its cp.async issued);
+//   end_group()          closes the tile's cp.async group (one per tile, empty or not);
+//   synchronize()        the next tile to read is in its stage, for every thread (the barrier);
+//   multiply(stage)      issues the MMAs of a stage;
+//   retire()             completes all but the last Arch::kMmasInFlight tiles' MMAs.
+// Tiles first .. first + kAhead - 1 go into stages 0 .. kAhead - 1 first. Iteration `tile`
+// then reads stage tile % kStages and fills stage (tile + kAhead) % kStages, last read by the
+// MMAs of tile + kAhead - kStages = tile - 1 - kMmasInFlight: complete before this iteration's
+// barrier in every thread (retire() in the iteration before). The loads of tile + kAhead + 1
+// are issued right after, so they are in flight across the next barrier.
+#pragma nv_exec_check_disable
+template <class Arch, class Fetch, class Commit, class EndGroup, class Synchronize, class Multiply, class Retire>
+FASTFA_HOST_DEVICE void run_mainloop(int64_t first, int64_t end, Fetch&& fetch, Commit&& commit, EndGroup&& end_group,
+                                     Synchronize&& synchronize, Multiply&& multiply, Retire&& retire) {
+  constexpr int kStages = Arch::kStages, kAhead = tiles_ahead<Arch>();
+#pragma unroll
+  for (int stage = 0; stage < kAhead; ++stage) {
+    if (first + stage < end) {
+      fetch(first + stage);
+      commit(stage, first + stage);
+    }
+    end_group();
+  }
+  if (first + kAhead < end) {
+    fetch(first + kAhead);
+  }
+  int stage = 0, fill = kAhead % kStages;
+  for (int64_t tile = first; tile < end; ++tile) {
+    synchronize();
+    multiply(stage);
+    const int64_t ahead = tile + kAhead;
+    if (ahead < end) {
+      commit(fill, ahead);
+      if (ahead + 1 < end) {
+        fetch(ahead + 1);
+      }
+    }
+    end_group();
+    retire();
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    fill = fill + 1 == kStages ? 0 : fill + 1;
+  }
+}
+
+// CTAs start in launch order (x fastest). Taken as they come, a wave of 132 CTAs would cover
+// up to 132 row tiles of one column of C, reading that many A tiles for one B tile; in groups
+// of kRasterGroup row tiles, walked down a group's rows then across its columns (as Triton's
+// GROUP_SIZE_M), it covers 8 row tiles x about 16 column tiles: fewer distinct tiles per wave
+// to share the L2. A bijection of the grid onto C's tiles (tests/cuda/implicit_gemm_check.cu).
+constexpr int64_t kRasterGroup = 8;
+FASTFA_HOST_DEVICE void raster(int64_t x, int64_t y, int64_t grid_m, int64_t grid_n, int64_t& tile_m,
+                               int64_t& tile_n) {
+  const int64_t linear = y * grid_m + x;
+  const int64_t span = kRasterGroup * grid_n;  // CTAs per group
+  const int64_t group = linear / span, within = linear - group * span;
+  const int64_t first_m = group * kRasterGroup;
+  const int64_t rows = grid_m - first_m < kRasterGroup ? grid_m - first_m : kRasterGroup;
+  tile_m = first_m + within % rows;
+  tile_n = within / rows;
 }
 
 template <class Arch, class Element, class Gemm, class Transform, class Epilogue>
@@ -1143,7 +1252,7 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned.
   // (Offsetting the pointer, not rounding it as an integer, keeps it a shared-memory pointer.)
   unsigned char* shared = shared_raw + ((1024u - (shared_address(shared_raw) & 1023u)) & 1023u);
-  float* row_sums = reinterpret_cast<float*>(shared + kStages * kStageBytes);
+  float* row_sums = reinterpret_cast<float*>(shared + Arch::kStages * kStageBytes);
 
   // Row sums only where A is loaded as it is next to an identity B (grad_weight), so the
   // transform kernels keep their registers.
@@ -1153,12 +1262,13 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   using Math = std::conditional_t<Arch::kGmma, Sm90Math<Element>, Sm80Math<Element>>;
   constexpr int kTileK = ALoader::kTileK;
 
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
+  int64_t tile_m, tile_n;
+  raster(blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, tile_m, tile_n);
+  const int64_t m0 = tile_m * kTileRows, n0 = tile_n * kTileRows;
   const int64_t split = blockIdx.z;
-  const bool sums_rows = kRowSums && epilogue.wants_row_sums() && blockIdx.y == 0;
+  const bool sums_rows = kRowSums && epilogue.wants_row_sums() && tile_n == 0;
   if (sums_rows && threadIdx.x < kTileRows) {
-    row_sums[threadIdx.x] = 0.0f;  // published by the barrier after the first tile
+    row_sums[threadIdx.x] = 0.0f;  // published by the mainloop's first barrier
   }
   transform.prepare();
   const IdentityTransform identity;
@@ -1170,40 +1280,28 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   int64_t first, end;
   split_tiles((problem.k + kTileK - 1) / kTileK, problem.k_tiles_per_split, split, first, end);
   const int64_t interior = start_interior(a_loader, b_loader, problem.k, m0, n0, first, end);
-  auto fetch = [&](unsigned char* stage, int64_t tile) {
-    fetch_tile(a_loader, b_loader, stage, tile, interior, m0, n0);
+  auto fetch = [&](int64_t tile) { fetch_tile(a_loader, b_loader, tile, interior, m0, n0); };
+  auto commit = [&](int stage, int64_t tile) {
+    unsigned char* tiles = shared + stage * kStageBytes;
+    a_loader.commit(tiles, identity, m0, tile * kTileK);
+    b_loader.commit(tiles + kTileBytes, transform, n0, tile * kTileK);
   };
   math.bind(shared, b_loader.mn_shared());
-  if (first < end) {
-    fetch(shared, first);
-    a_loader.commit(shared, identity, m0, first * kTileK);
-    b_loader.commit(shared + kTileBytes, transform, n0, first * kTileK);
-    wait_async_copies();
-    if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
-    __syncthreads();
-    for (int64_t tile = first; tile < end; ++tile) {
-      const int stage = static_cast<int>((tile - first) & 1);
-      unsigned char* next = shared + (stage ^ 1) * kStageBytes;
-      const bool has_next = tile + 1 < end;
-      const int64_t k_next = (tile + 1) * kTileK;
-      if (has_next) {
-        // The other stage was last read by the MMAs of tile - 1, completed before the barrier,
-        // so cp.async may fill it now.
-        fetch(next, tile + 1);
-      }
-      math.multiply_stage(stage);
-      if (has_next) {
-        a_loader.commit(next, identity, m0, k_next);
-        b_loader.commit(next + kTileBytes, transform, n0, k_next);
-      }
-      wait_async_copies();
-      if constexpr (Arch::kGmma) {
-        math.wait();
-        fence_shared_for_async_proxy();
-      }
-      __syncthreads();
-    }
-  }
+  constexpr int kAhead = tiles_ahead<Arch>();
+  run_mainloop<Arch>(
+      first, end, fetch, commit, [] { commit_async_copies(); },
+      [] {
+        // This thread's copies of the tile to read done (the kAhead - 1 later groups may still
+        // run), its stores made visible to wgmma, and everyone's, by the barrier.
+        wait_async_copies<kAhead - 1>();
+        if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
+        __syncthreads();
+      },
+      [&](int stage) { math.multiply_stage(stage); },
+      [&] {
+        if constexpr (Arch::kGmma) math.wait_for_previous();
+      });
+  if constexpr (Arch::kGmma) math.wait();
 
   if (sums_rows) {
     if (first >= end) {
@@ -1258,6 +1356,7 @@ cudaError_t launch(const Gemm& problem, const Transform& transform, const Epilog
   }
   auto kernel = fused_gemm_kernel<Arch, Element, Gemm, Transform, Epilogue>;
   // More than the default 48 KiB of dynamic shared memory needs the opt-in.
+  constexpr int kSharedBytes = shared_bytes<Arch>();
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
   if (status != cudaSuccess) {
     return status;
@@ -1354,16 +1453,31 @@ cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const Fe
                                            detail::matrix_store<Element>(problem), stream);
 }
 
+template <typename Element>
+cudaError_t split_feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
+                                float* partial, int64_t k_tiles_per_split, cudaStream_t stream) {
+  if (rule == Rule::kBackprop) {
+    return split_gemm<Element>(arch, problem, partial, nullptr, k_tiles_per_split, stream);
+  }
+  auto gemm = detail::matrix_problem(problem);
+  gemm.k_tiles_per_split = k_tiles_per_split;
+  return detail::transformed_gemm<Element>(arch, rule, gemm, feedback,
+                                           SplitEpilogue{partial, nullptr, problem.m, problem.n}, stream);
+}
+
 // Splits the instantiations of one element type across files (gemm_<dtype>_*.cu).
-#define FASTFA_GEMM_EXTERN_IDENTITY(Element) \
-  extern template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);
+#define FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                 \
+  extern template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t); \
+  extern template cudaError_t split_gemm<Element>(Arch, const Problem&, float*, float*, int64_t, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_IDENTITY(Element)                                                                \
   template cudaError_t linear_forward_gemm<Element>(Arch, const Problem&, const LinearEpilogueArgs&, cudaStream_t); \
   template cudaError_t detail::store_gemm<Element>(Arch, const Problem&, cudaStream_t);                          \
   template cudaError_t split_gemm<Element>(Arch, const Problem&, float*, float*, int64_t, cudaStream_t);
 #define FASTFA_GEMM_INSTANTIATE_FEEDBACK(Element)                                                                \
   FASTFA_GEMM_EXTERN_IDENTITY(Element)                                                                           \
-  template cudaError_t feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, cudaStream_t);
+  template cudaError_t feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, cudaStream_t);    \
+  template cudaError_t split_feedback_gemm<Element>(Arch, Rule, const Problem&, const FeedbackArgs&, float*,     \
+                                                    int64_t, cudaStream_t);
 
 } // namespace gemm
 } // namespace fastfa

@@ -5,7 +5,8 @@
 //                                      (at::_addmm_activation); other activations as the aten
 //                                      backend runs them (at::linear's bias epilogue, then one
 //                                      elementwise pass: they need z saved for the backward)
-//   grad_input   delta T(W)            the fused GEMM with the rule's transform on W's tiles, or
+//   grad_input   delta T(W)            the fused GEMM with the rule's transform on W's tiles (split
+//                                      over K in fp32 slices for few rows), or
 //                                      the transform kernel + cuBLAS, by the cost model of
 //                                      fastfa/dispatch.h (B used as it is: always cuBLAS)
 //   grad_weight  delta^T x, grad_bias  cuBLAS and one row sum, as the aten backend; with it B's
@@ -16,8 +17,8 @@
 // batch), kp's and sa's B gradient from tensors the op has, wm / aa / ia's on aten.
 // delta = dL/dz is materialised by ATen when there is an activation (one elementwise pass,
 // shared by both backward GEMMs). The kernels draw brsf's / fa's R uniformly, as linear
-// layers do; a normal draw (only reachable through the op itself) makes B with the
-// transform kernel first. What the fused kernels do not cover takes the aten path (cuBLAS): fp64,
+// layers do; a normal draw (only reachable through the op itself), and any draw for more than
+// kDrawInGemmMaxRows rows (fused_ops.h), makes B with the transform kernel first. What the fused kernels do not cover takes the aten path (cuBLAS): fp64,
 // fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80. On the fused passes
 // that is warned and recorded (fastfa.last_fallbacks()), as is every B gradient of wm, aa, ia;
 // by default it is simply the vendor path.
@@ -37,6 +38,21 @@ int64_t batch_rows(const at::Tensor& input, int64_t in_features) {
                          : c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
 }
 
+// K tiles per slice of grad_input (rows x in_features over K = out_features): split only where
+// its tiles are fewer than the SMs (few rows), into the slices that fill the SMs once, each at
+// least four K tiles. Each slice costs an fp32 pass over C, repaid only while SMs would idle.
+int64_t grad_input_k_tiles_per_split(const at::Tensor& like, int64_t rows, int64_t in_features,
+                                     int64_t out_features) {
+  const int64_t tiles = k_tiles(like, out_features);
+  const int64_t ctas = ((rows + 127) / 128) * ((in_features + 127) / 128);
+  const int64_t sms = at::cuda::getDeviceProperties(like.get_device())->multiProcessorCount;
+  if (ctas >= sms) {
+    return tiles;
+  }
+  const int64_t splits = std::max<int64_t>(1, std::min((sms + ctas - 1) / ctas, tiles / 4));
+  return std::max<int64_t>(1, (tiles + splits - 1) / splits);
+}
+
 std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = out_features;
@@ -49,23 +65,40 @@ at::Tensor fused_grad_input(const at::Tensor& delta, const at::Tensor& input, co
                             Rule rule, double scale, int64_t distribution) {
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   const int64_t rows = delta.size(0);
-  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous);
-  at::Tensor grad_input = at::empty({rows, in_features}, input.options());
+  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, at::MemoryFormat::Contiguous, rows);
   gemm::Problem problem;
   problem.m = rows;
   problem.n = in_features;
   problem.k = out_features;
   problem.a = {delta.const_data_ptr(), out_features, 1};
   problem.b = {b.operand.const_data_ptr(), 1, in_features};  // B[n][k] = W[k][n]: offsets are W's indices
-  problem.c = grad_input.mutable_data_ptr();
   problem.ldc = in_features;
-  check_launch(with_element(input.scalar_type(),
-                            [&](auto element) {
-                              return gemm::feedback_gemm<decltype(element)>(device_arch(input), b.transform, problem,
-                                                                            b.args,
-                                                                            at::cuda::getCurrentCUDAStream());
-                            }),
-               "grad_input");
+  const gemm::Arch arch = device_arch(input);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t per_split = grad_input_k_tiles_per_split(input, rows, in_features, out_features);
+  const int64_t splits = (k_tiles(input, out_features) + per_split - 1) / per_split;
+  at::Tensor grad_input;
+  if (splits > 1) {
+    // Few rows over a long K: K slices in fp32, added here.
+    at::Tensor partial = at::empty({splits, rows, in_features}, input.options().dtype(at::kFloat));
+    check_launch(with_element(input.scalar_type(),
+                              [&](auto element) {
+                                return gemm::split_feedback_gemm<decltype(element)>(
+                                    arch, b.transform, problem, b.args, partial.mutable_data_ptr<float>(), per_split,
+                                    stream);
+                              }),
+                 "grad_input");
+    grad_input = partial.sum(0).to(input.scalar_type());
+  } else {
+    grad_input = at::empty({rows, in_features}, input.options());
+    problem.c = grad_input.mutable_data_ptr();
+    check_launch(with_element(input.scalar_type(),
+                              [&](auto element) {
+                                return gemm::feedback_gemm<decltype(element)>(arch, b.transform, problem, b.args,
+                                                                              stream);
+                              }),
+                 "grad_input");
+  }
   return grad_input.view(input.sizes());
 }
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,6 +27,9 @@ using namespace fastfa::gemm;
 using namespace fastfa::gemm::detail;
 
 // ---- The kernel's body, one thread at a time -------------------------------------------
+
+// Stages that changed while an MMA reading them was in flight, over every emulated GEMM.
+int64_t overwritten = 0;
 
 // Arch picks B's shared layout as the kernel does (BLoaderFor): MN-major B stays MN-major for
 // wgmma (16-bit), is stored element by element into the K-major tile for mma.sync.
@@ -45,10 +49,15 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
                              : 1;
   transform.prepare();
   const IdentityTransform identity;
-  alignas(1024) static unsigned char tiles[2 * kTileBytes];
+  alignas(1024) static unsigned char stages[Arch::kStages * kStageBytes];
   std::vector<float> accumulator(kTileRows * kTileRows);
-  for (int64_t m0 = 0; m0 < problem.m; m0 += kTileRows) {
-    for (int64_t n0 = 0; n0 < problem.n; n0 += kTileRows) {
+  // The CTAs in launch order, each at the tile of C that the kernel's raster gives it.
+  const int64_t grid_m = (problem.m + kTileRows - 1) / kTileRows, grid_n = (problem.n + kTileRows - 1) / kTileRows;
+  for (int64_t y = 0; y < grid_n; ++y) {
+    for (int64_t x = 0; x < grid_m; ++x) {
+      int64_t tile_m, tile_n;
+      raster(x, y, grid_m, grid_n, tile_m, tile_n);
+      const int64_t m0 = tile_m * kTileRows, n0 = tile_n * kTileRows;
       for (int64_t split = 0; split < splits; ++split) {
         std::vector<ALoader> a;
         std::vector<BLoader> b;
@@ -63,26 +72,55 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
         for (int thread = 0; thread < kThreads; ++thread) {
           interior[thread] = start_interior(a[thread], b[thread], problem.k, m0, n0, first, end);
         }
-        for (int64_t tile = first; tile < end; ++tile) {
-          const int64_t k0 = tile * kTileK;
-          std::memset(tiles, 0xFF, sizeof(tiles));  // NaN in every dtype: a byte no thread wrote shows
-          for (int thread = 0; thread < kThreads; ++thread) {
-            fetch_tile(a[thread], b[thread], tiles, tile, interior[thread], m0, n0);
-            a[thread].commit(tiles, identity, m0, k0);
-            b[thread].commit(tiles + kTileBytes, transform, n0, k0);
-          }
-          for (int row = 0; row < kTileRows; ++row) {
-            for (int col = 0; col < kTileRows; ++col) {
-              float sum = 0.0f;
-              for (int k = 0; k < kTileK; ++k) {
-                const Bits x = *reinterpret_cast<const Bits*>(tiles + swizzled(row, k * sizeof(Bits)));
-                const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + b[0].tile_offset(col, k));
-                sum += Traits<Element>::to_float(x) * Traits<Element>::to_float(y);
-              }
-              accumulator[row * kTileRows + col] += sum;
+        // The kernel's schedule (run_mainloop) over Arch::kStages stages, each step by every
+        // thread in turn. An MMA reads its stage when issued (multiply) and may still read it
+        // until retired: the model takes a copy at issue, multiplies when it retires, and fails
+        // if the stage changed in between (a stage refilled under an MMA in flight); a retired
+        // stage is poisoned, so an MMA of a stage no thread refilled shows as NaN.
+        std::memset(stages, 0xFF, sizeof(stages));  // NaN in every dtype: a byte no thread wrote shows
+        std::deque<std::pair<int, std::vector<unsigned char>>> in_flight;
+        auto retire_all_but = [&](size_t keep) {
+          while (in_flight.size() > keep) {
+            const int stage = in_flight.front().first;
+            const unsigned char* tiles = in_flight.front().second.data();
+            if (std::memcmp(tiles, stages + stage * kStageBytes, kStageBytes) != 0) {
+              ++overwritten;
             }
+            for (int row = 0; row < kTileRows; ++row) {
+              for (int col = 0; col < kTileRows; ++col) {
+                float sum = 0.0f;
+                for (int k = 0; k < kTileK; ++k) {
+                  const Bits x = *reinterpret_cast<const Bits*>(tiles + swizzled(row, k * sizeof(Bits)));
+                  const Bits y = *reinterpret_cast<const Bits*>(tiles + kTileBytes + b[0].tile_offset(col, k));
+                  sum += Traits<Element>::to_float(x) * Traits<Element>::to_float(y);
+                }
+                accumulator[row * kTileRows + col] += sum;
+              }
+            }
+            std::memset(stages + stage * kStageBytes, 0xFF, kStageBytes);
+            in_flight.pop_front();
           }
-        }
+        };
+        run_mainloop<Arch>(
+            first, end,
+            [&](int64_t tile) {
+              for (int thread = 0; thread < kThreads; ++thread) {
+                fetch_tile(a[thread], b[thread], tile, interior[thread], m0, n0);
+              }
+            },
+            [&](int stage, int64_t tile) {
+              for (int thread = 0; thread < kThreads; ++thread) {
+                a[thread].commit(stages + stage * kStageBytes, identity, m0, tile * kTileK);
+                b[thread].commit(stages + stage * kStageBytes + kTileBytes, transform, n0, tile * kTileK);
+              }
+            },
+            [] {}, [] {},
+            [&](int stage) {
+              in_flight.emplace_back(stage, std::vector<unsigned char>(stages + stage * kStageBytes,
+                                                                       stages + (stage + 1) * kStageBytes));
+            },
+            [&] { retire_all_but(Arch::kMmasInFlight); });
+        retire_all_but(0);
         if (kRowSums && epilogue.wants_row_sums() && n0 == 0) {
           float sums[kTileRows] = {};
           for (int thread = 0; thread < kThreads; ++thread) {
@@ -496,16 +534,29 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
     const auto gemm = matrix_problem(problem);
     auto store = matrix_store<Element>(problem);
     store.output_scale = feedback.output_scale;  // as transformed_gemm hands it on
-    if (rule == Rule::kBatchRandomSignFeedback) {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, store);
-    } else if (rule == Rule::kFeedbackAlignment) {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kFeedbackAlignment>{feedback}, store);
-    } else if (rule == Rule::kUniformSignSymmetry) {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, store);
-    } else {
-      emulate<Element, Arch>(gemm, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, store);
-    }
-    Comparison compare{"grad_input", output_tolerance<Element>()};
+    auto run = [&](const auto& problem_of, const auto& epilogue) {
+      if (rule == Rule::kBatchRandomSignFeedback) {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kBatchRandomSignFeedback>{feedback}, epilogue);
+      } else if (rule == Rule::kFeedbackAlignment) {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kFeedbackAlignment>{feedback}, epilogue);
+      } else if (rule == Rule::kUniformSignSymmetry) {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kUniformSignSymmetry>{feedback}, epilogue);
+      } else {
+        emulate<Element, Arch>(problem_of, RuleTransform<Rule::kFixedRandomSignFeedback>{feedback}, epilogue);
+      }
+    };
+    run(gemm, store);
+    // The same in K slices of two tiles (split_feedback_gemm, for few rows): fp32 partials, each
+    // times C's factor, added here.
+    auto sliced = gemm;
+    sliced.k_tiles_per_split = 2;
+    const int64_t tile_k = TileLoader<Element, IdentityTransform, MatrixIndex, false>::kTileK;
+    const int64_t splits = ((out_features + tile_k - 1) / tile_k + 1) / 2;
+    std::vector<float> partial(static_cast<size_t>(splits * rows * in_features), NAN);
+    SplitEpilogue slices{partial.data(), nullptr, rows, in_features};
+    slices.output_scale = feedback.output_scale;  // as transformed_gemm hands it on
+    run(sliced, slices);
+    Comparison compare{"grad_input", output_tolerance<Element>()}, split_compare{"grad_input", 1e-6};
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < in_features; ++i) {
         double sum = 0.0, abs_sum = 0.0;
@@ -521,12 +572,16 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
         }
         const double factor = scale_in_epilogue ? rms_scale : 1.0;
         compare(f(grad_x[r * in_features + i]), factor * sum, factor * abs_sum);
+        double got = 0.0;
+        for (int64_t s = 0; s < splits; ++s) got += partial[(s * rows + r) * in_features + i];
+        split_compare(got, factor * sum, factor * abs_sum);
       }
-    failures += report(name + (rule == Rule::kBatchRandomSignFeedback ? " brsf"
-                               : rule == Rule::kFeedbackAlignment    ? " fa"
-                               : rule == Rule::kUniformSignSymmetry  ? " usf rms"
-                                                                     : " frsf"),
-                       compare);
+    const std::string rule_name = rule == Rule::kBatchRandomSignFeedback ? " brsf"
+                                  : rule == Rule::kFeedbackAlignment    ? " fa"
+                                  : rule == Rule::kUniformSignSymmetry  ? " usf rms"
+                                                                        : " frsf";
+    failures += report(name + rule_name, compare) +
+                report(name + rule_name + " in " + std::to_string(splits) + " K slices", split_compare);
   }
   // grad_weight = delta^T x with grad_bias as A's row sums (A and B row-contiguous).
   {
@@ -628,6 +683,34 @@ int check_packed_sign() {
   return failed != 0;
 }
 
+// The kernel's raster: every CTA of a grid at a tile of C inside it, each tile once.
+int check_raster() {
+  int64_t failed = 0, grids = 0;
+  for (int64_t grid_m = 1; grid_m <= 40; ++grid_m) {
+    for (int64_t grid_n = 1; grid_n <= 40; ++grid_n) {
+      ++grids;
+      std::vector<int> hits(grid_m * grid_n, 0);
+      bool wrong = false;
+      for (int64_t y = 0; y < grid_n; ++y) {
+        for (int64_t x = 0; x < grid_m; ++x) {
+          int64_t tile_m, tile_n;
+          raster(x, y, grid_m, grid_n, tile_m, tile_n);
+          if (tile_m < 0 || tile_m >= grid_m || tile_n < 0 || tile_n >= grid_n) {
+            wrong = true;
+          } else {
+            ++hits[tile_n * grid_m + tile_m];
+          }
+        }
+      }
+      for (int h : hits) wrong |= h != 1;
+      failed += wrong;
+    }
+  }
+  std::printf("%-58s %-14s %7lld grids, %lld wrong%s\n", "raster", "a bijection", static_cast<long long>(grids),
+              static_cast<long long>(failed), failed ? "  FAILED" : "");
+  return failed != 0;
+}
+
 // Divisor's multiply-and-shift against the division, for divisors and dividends up to 2^31 - 1.
 int check_divisor() {
   std::uniform_int_distribution<int64_t> any(0, (int64_t(1) << 31) - 1), small(1, 1 << 12);
@@ -654,7 +737,7 @@ int check_divisor() {
 }
 
 int main() {
-  int failures = check_divisor();
+  int failures = check_divisor() + check_raster();
   // batch, in channels, in h, in w, out channels, kernel h, w, stride h, w, pad h, w, dilation h, w
   const Geometry geometries[] = {
       {2, 8, 9, 9, 16, 3, 3, 1, 1, 1, 1, 1, 1},     // whole vectors of channels
@@ -684,9 +767,15 @@ int main() {
   // Interior tiles (the loaders' fixed-distance and cp.async paths) next to ragged edges.
   failures += check_linear<Bf16>(150, 260, 140);
   failures += check_linear<Bf16, Sm80Mma>(150, 260, 140);
+  // Long K on both sides (9 and 10 k-tiles): the stage ring wraps twice, with interior tiles.
+  failures += check_linear<Bf16>(96, 520, 600);
+  failures += check_linear<Bf16, Sm80Mma>(96, 520, 600);
   failures += check_linear<Fp16>(130, 136, 72);
   failures += check_linear<Bf16>(200, 64, 16);
   failures += check_linear<Tf32>(19, 33, 45);
+  std::printf("%-58s %-14s %7s, %lld wrong%s\n", "pipeline", "stages in use", "", static_cast<long long>(overwritten),
+              overwritten ? "  FAILED (a stage refilled under an MMA in flight)" : "");
+  failures += overwritten != 0;
   std::printf("%s\n", failures ? "MISMATCH" : "every pass matches its definition");
   return failures != 0;
 }

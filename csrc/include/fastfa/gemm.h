@@ -84,6 +84,13 @@ template <typename Element>
 cudaError_t feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
                           cudaStream_t stream);
 
+// feedback_gemm split over K into slices of k_tiles_per_split tiles, as split_gemm: slice s
+// writes its C (times feedback.output_scale, where set) to partial[s] (m x n) in fp32, and the
+// caller adds the slices. For grad_input with few rows, whose m x n tiles leave SMs idle.
+template <typename Element>
+cudaError_t split_feedback_gemm(Arch arch, Rule rule, const Problem& problem, const FeedbackArgs& feedback,
+                                float* partial, int64_t k_tiles_per_split, cudaStream_t stream);
+
 // ---- Convolutions as implicit GEMMs (csrc/cuda/implicit_gemm.cuh) -----------------------
 //
 // A convolution with groups = 1. The filter's taps are ordered (c, kh, kw), or (kh, kw, c)
