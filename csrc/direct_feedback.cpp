@@ -57,8 +57,8 @@ at::Tensor direct_feedback_product(const at::Tensor& error, const at::Tensor& rn
   at::Tensor grad_input = at::empty({rows, columns}, error.options());
   for (int64_t begin = 0; begin < columns; begin += per_block) {
     const int64_t count = std::min(per_block, columns - begin);
-    at::mm_out(grad_input.narrow(1, begin, count), error,
-               draw_block(rng, width, columns, begin, count, scale, distribution, dtype));
+    at::Tensor columns_out = grad_input.narrow(1, begin, count);  // a strided view: the GEMM writes in place
+    at::mm_out(columns_out, error, draw_block(rng, width, columns, begin, count, scale, distribution, dtype));
   }
   return grad_input;
 }

@@ -39,10 +39,11 @@ class _OracleLayer(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer, seed, init, error):
         ctx.layer, ctx.seed, ctx.init, ctx.error, ctx.has_bias = layer, seed, init, error, bias is not None
         ctx.input_shape = x.shape
-        if isinstance(layer, torch.nn.Conv2d):
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
             padded = _padded(x, layer)
             ctx.save_for_backward(padded, weight)
-            return torch.nn.functional.conv2d(padded, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+            conv = torch.nn.functional.conv1d if isinstance(layer, torch.nn.Conv1d) else torch.nn.functional.conv2d
+            return conv(padded, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
         ctx.save_for_backward(x, weight)
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -57,10 +58,11 @@ class _OracleLayer(torch.autograd.Function):
         b = oracle_feedback(ctx.seed, output_width, input_numel, ctx.init, x.dtype)
         # B_l maps e onto the layer's own input, before any padding.
         grad_x = (e.reshape(-1, output_width).to(b.dtype) @ b).to(x.dtype).reshape(shape)
-        if isinstance(layer, torch.nn.Conv2d):
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, delta, layer.stride, 0, layer.dilation,
-                                                 layer.groups)
-            grad_b = delta.sum((0, 2, 3))
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            grad_weight = (torch.nn.grad.conv1d_weight if isinstance(layer, torch.nn.Conv1d)
+                           else torch.nn.grad.conv2d_weight)
+            grad_w = grad_weight(x, weight.shape, delta, layer.stride, 0, layer.dilation, layer.groups)
+            grad_b = delta.sum([0, *range(2, delta.dim())])
         else:
             d2, x2 = delta.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1])
             grad_w, grad_b = d2.t() @ x2, d2.sum(0)
@@ -68,26 +70,26 @@ class _OracleLayer(torch.autograd.Function):
 
 
 def _padded(x, layer):
-    """x padded as torch.nn.Conv2d pads it (its padding mode; "same": the extra row / column of an
-    even total at the bottom / right), so the oracle's convolution itself has no padding."""
+    """x padded as torch.nn.Conv1d / Conv2d pads it (its padding mode; "same": the extra row / column
+    of an even total at the bottom / right), so the oracle's convolution itself has no padding."""
     if layer.padding == "same":
         totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
         pads = [(t // 2, t - t // 2) for t in totals]
     elif layer.padding == "valid":
-        pads = [(0, 0), (0, 0)]
+        pads = [(0, 0)] * len(layer.kernel_size)
     else:
         pads = [(p, p) for p in layer.padding]
-    (top, bottom), (left, right) = pads
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    return torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
+    # F.pad takes the last dimension's (before, after) first.
+    return torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair], mode=mode)
 
 
 def oracle_model(model, seed, init="xavier"):
-    """A copy of the torch model whose Linear / Conv2d layers follow the spec's dfa; the i-th
+    """A copy of the torch model whose Linear / Conv1d / Conv2d layers follow the spec's dfa; the i-th
     layer (module order, as fastfa.convert numbers them) gets seed + i."""
     model = copy.deepcopy(model)
     error = _Error()
-    layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)]
     for i, layer in enumerate(layers):
         layer.forward = (lambda x, layer=layer, s=seed + i:
                          _OracleLayer.apply(x, layer.weight, layer.bias, layer, s, init, error))
@@ -274,6 +276,49 @@ def test_conv2d_options(options, dtype):
     assert_close(inputs[0].grad, inputs[1].grad, dtype, "grad_input")
     for (name, p), q in zip(converted.named_parameters(), expected_model.parameters()):
         assert_close(p.grad, q.grad, dtype, name)
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=4, padding="same", dilation=2, groups=2),
+                                     dict(kernel_size=5, padding="valid", stride=3),
+                                     dict(kernel_size=3, padding=2, padding_mode="reflect", bias=False),
+                                     dict(kernel_size=3, padding=1, stride=2, padding_mode="circular")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_conv1d_against_the_oracle(options, dtype):
+    """fastfa.nn.Conv1d with dfa: grad_x = e B_l onto the layer's own (C_in, L) input (before a
+    padding mode's padding), grad_W and grad_b from the delta through the layer's geometry."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, dtype=dtype, **options), torch.nn.ReLU(),
+                                torch.nn.Conv1d(4, 3, 3, padding=1, dtype=dtype), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5, dtype=dtype))
+    model(torch.randn(1, 4, 17, dtype=dtype))  # materialise the lazy layer
+    model[4] = torch.nn.Linear(model[4].in_features, 5, dtype=dtype)
+    expected_model, expected_layers = oracle_model(model, SEED)
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    layers = _fastfa_layers(converted)
+    assert [type(layer) for layer in layers] == [fastfa.nn.Conv1d, fastfa.nn.Conv1d, fastfa.nn.Linear]
+    x = torch.randn(3, 4, 17, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, 5, (3,))
+    output, grad_x, grad_inputs, grads = _run(converted, layers, x, target)
+    expected = _run(expected_model, expected_layers, x, target)
+    assert_close(output, expected[0], dtype, "output")
+    assert_close(grad_x, expected[1], dtype, "model input's grad (first layer's e B_1)")
+    for index in grad_inputs:
+        assert_close(grad_inputs[index], expected[2][index], dtype, f"layer {index}'s grad_input")
+    for name in grads:
+        assert_close(grads[name], expected[3][name], dtype, f"{name}.grad")
+    assert converted[0].feedback_weight().shape == (5, 4 * 17)
+
+
+def test_unbatched_conv1d():
+    """A (C_in, L) input: the model's output (K,) and x's (C_in, L) share no batch axis, so dfa
+    refuses it with the layout error, as for the other layers; batched it runs."""
+    layer = fastfa.convert(torch.nn.Conv1d(2, 3, 3, dtype=torch.float64), "dfa", seed=SEED)
+    with pytest.raises(RuntimeError, match="does not match the model's output"):
+        layer(torch.randn(2, 9, dtype=torch.float64, requires_grad=True))
+    x = torch.randn(4, 2, 9, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad is not None
 
 
 def test_exclude_keeps_layers_on_backprop():
