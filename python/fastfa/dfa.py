@@ -62,11 +62,12 @@ def direct_feedback(rng: torch.Tensor, rows: int, columns: int, column_begin: in
 class _Layout:
     """How one layer call meets the model's output: B_l's shape and how e's rows map to x's."""
 
-    __slots__ = ("output_width", "input_numel", "input_shape", "scale", "distribution")
+    __slots__ = ("output_width", "input_numel", "input_shape", "scale", "distribution", "key")
 
-    def __init__(self, output_width, input_numel, input_shape, scale, distribution):
+    def __init__(self, output_width, input_numel, input_shape, scale, distribution, key):
         self.output_width, self.input_numel, self.input_shape = output_width, input_numel, input_shape
         self.scale, self.distribution = scale, distribution
+        self.key = key  # (input shape, output shape, init) it was made for: reused while they hold
 
 
 class _Pass:
@@ -90,7 +91,12 @@ class _Call:
 
 
 def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
-    """B_l's shape for this input and model output (learning-rules.md: per sample, or per token)."""
+    """B_l's shape for this input and model output (learning-rules.md: per sample, or per token);
+    the layer's last one where the shapes and init are the same (every step of a training loop)."""
+    key = (input_shape, output.shape, layer.feedback_init)
+    previous = layer.__dict__.get("_direct_feedback_layout")
+    if previous is not None and previous.key == key:
+        return previous
     if output.dim() == 3 and len(input_shape) == 3 and tuple(input_shape[:2]) == tuple(output.shape[:2]):
         # per-token: grad_x[n, t] = e[n, t] B_l
         output_width, input_numel = output.shape[-1], input_shape[-1]
@@ -103,7 +109,7 @@ def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
             f"{tuple(output.shape)}: dfa needs an output (N, ...) with the layer's input (N, ...) (K and F the "
             f"per-sample numels), or an output (N, T, K) with the layer's input (N, T, F) (per-token)")
     distribution, scale = distribution_for(layer.feedback_init, output_width, input_numel)
-    return _Layout(output_width, input_numel, tuple(input_shape), scale, int(distribution))
+    return _Layout(output_width, input_numel, tuple(input_shape), scale, int(distribution), key)
 
 
 class _DirectFeedback(torch.autograd.Function):
