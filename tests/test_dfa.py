@@ -55,7 +55,7 @@ class _OracleLayer(torch.autograd.Function):
         per_token = e.dim() == 3 and len(shape) == 3 and shape[:2] == e.shape[:2]
         output_width = e.shape[-1] if per_token else math.prod(e.shape[1:])
         input_numel = shape[-1] if per_token else math.prod(shape[1:])
-        b = oracle_feedback(ctx.seed, output_width, input_numel, ctx.init, x.dtype)
+        b = oracle_feedback(ctx.seed, output_width, input_numel, ctx.init, x.dtype).to(x.device)
         # B_l maps e onto the layer's own input, before any padding.
         grad_x = (e.reshape(-1, output_width).to(b.dtype) @ b).to(x.dtype).reshape(shape)
         if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
@@ -527,3 +527,80 @@ def test_gradient_alignment_measures_dfa_against_backprop():
     assert set(angles) == {"fc1", "fc2", "fc3"}
     assert angles["fc1"] == pytest.approx(math.degrees(math.acos(float(cosine))), abs=1e-9)
     assert all(0.0 <= angle <= 180.0 for angle in angles.values())
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@_needs_cuda
+@pytest.mark.parametrize("distribution", [0, 1], ids=["uniform", "normal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_draw_equals_the_cpu_draw(distribution, dtype):
+    """fastfa::direct_feedback on the GPU (the aten backend's blocks there) is the CPU's B_l,
+    block by block: the same keys k * F + f, a ragged block at an odd column offset included."""
+    rng = torch.tensor([SEED, 0], dtype=torch.int64)
+    for begin, count in ((0, 37), (5, 19), (36, 1)):
+        cpu = torch.ops.fastfa.direct_feedback(rng, 6, 37, begin, count, 0.37, distribution, dtype)
+        gpu = torch.ops.fastfa.direct_feedback(rng.cuda(), 6, 37, begin, count, 0.37, distribution, dtype)
+        if distribution == 0:
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0)
+        else:  # log / sin / cos of two math libraries: a few ulps
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+@_needs_cuda
+@pytest.mark.parametrize("shape", [(37, 10, 300), (130, 70, 136), (1, 1000, 4099)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("distribution", [0, 1], ids=["uniform", "normal"])
+def test_cuda_backend_product_matches_the_draws(shape, dtype, distribution):
+    """fastfa::cuda_direct_feedback_product against e B_l in fp64 with the CPU's B_l (rounded to
+    the operand type, as every fused kernel rounds B); fp64 and a normal init take aten's blocks,
+    recorded, every other call the fused kernel, which records nothing."""
+    rows, width, numel = shape
+    torch.manual_seed(0)
+    error = torch.randn(rows, width, dtype=torch.float64).to(dtype)
+    rng = torch.tensor([SEED, 0], dtype=torch.int64)
+    b = torch.ops.fastfa.direct_feedback(rng, width, numel, 0, numel, 0.05, distribution, dtype)
+    expected = (error.double() @ b.double()).to(dtype)
+    fastfa.clear_fallbacks()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs the fused kernel through tf32
+    try:
+        got = torch.ops.fastfa.cuda_direct_feedback_product(error.cuda(), rng.cuda(), numel, 0.05, distribution,
+                                                           fastfa.dfa.BLOCK_ELEMENTS)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    reasons = [f.reason for f in fastfa.last_fallbacks() if f.op == "cuda_dfa_grad_input"]
+    if dtype == torch.float64:
+        assert reasons and "fp64" in reasons[0]
+    elif distribution == 1:
+        assert reasons and "normal init" in reasons[0]
+    else:
+        assert not reasons, reasons
+    if dtype == torch.float32:  # tf32 operands (fused, or cuBLAS under allow_tf32): 10-bit mantissas
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-2, atol=1e-2 * scale)
+    else:
+        assert_close(got.cpu(), expected, dtype, "e B_l")
+
+
+@_needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backend_model_matches_the_oracle(dtype):
+    """A converted ConvNet on the GPU with the cuda backend: e B_l by the fused kernel, the layers'
+    own products by the cuda backend's ops; every gradient equals the oracle's."""
+    torch.manual_seed(0)
+    model = ConvNet(dtype).cuda()
+    expected_model, expected_layers = oracle_model(model, SEED)
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    x, target = torch.randn(4, 3, 8, 8, device="cuda").to(dtype), torch.randint(0, 5, (4,), device="cuda")
+    fastfa.clear_fallbacks()
+    with fastfa.use_backend("cuda"):
+        _, grad_x, grad_inputs, grads = _run(converted, _fastfa_layers(converted), x, target)
+    assert not [f for f in fastfa.last_fallbacks() if "dfa" in f.op]
+    _, expected_grad_x, expected_grad_inputs, expected_grads = _run(expected_model, expected_layers, x, target)
+    assert_close(grad_x, expected_grad_x, dtype, "grad_input")
+    for index in expected_grad_inputs:
+        assert_close(grad_inputs[index], expected_grad_inputs[index], dtype, f"layer {index}'s grad_input")
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], dtype, f"{name}.grad")
