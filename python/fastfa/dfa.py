@@ -27,6 +27,7 @@ anything that produced it, so e is stored before any layer's backward reads it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -155,9 +156,7 @@ def project(layer, error: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> 
     rng, width, numel = layer.feedback_rng, layout.output_width, layout.input_numel
     backend = _backend.resolve(None, rows.device)
     if rows.device.type == "cuda" and _backend.get_backend() == "auto":
-        # A fused kernel draws B_l inside the product; aten writes and reads every block of it.
-        statuses = _backend.backends()
-        backend = next((name for name in ("cuda", "triton") if statuses[name].usable), "aten")
+        backend = _auto_gpu_backend()
     if backend == "cuda":
         # Drawn fa's fused GEMM; fp64, fp32 without tf32 and a normal init take aten's blocks (recorded).
         product = torch.ops.fastfa.cuda_direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution,
@@ -173,6 +172,15 @@ def project(layer, error: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> 
     product = torch.ops.fastfa.direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution,
                                                        BLOCK_ELEMENTS)
     return product.reshape(layout.input_shape)
+
+
+@functools.cache
+def _auto_gpu_backend() -> str:
+    """e B_l's backend under "auto" on a GPU: a fused kernel draws B_l inside the product, where
+    aten writes and reads every block of it. Looked up once (the statuses cost more than a small
+    layer's backward, and what was built and installed does not change in a process)."""
+    statuses = _backend.backends()
+    return next((name for name in ("cuda", "triton") if statuses[name].usable), "aten")
 
 
 def _cached_feedback(layer, layout: _Layout, dtype: torch.dtype) -> torch.Tensor:
