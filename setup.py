@@ -135,7 +135,7 @@ def extension_modules():
     # The cuda backend's fused GEMMs (csrc/cuda/gemm_*.cu; the ops in linear_cuda.cu and
     # conv_cuda.cu): one small file per group of instantiations, so MAX_JOBS compiles them in
     # parallel.
-    cuda_sources = ["csrc/cuda/feedback_transform.cu"]
+    cuda_sources = ["csrc/cuda/feedback_transform.cu", "csrc/cuda/direct_feedback_cuda.cu"]
     cutlass = cutlass_include_dirs()
     if cutlass:
         cuda_sources += sorted(glob.glob("csrc/cuda/gemm_*.cu")) + ["csrc/cuda/linear_cuda.cu", "csrc/cuda/conv_cuda.cu"]

@@ -50,6 +50,12 @@ TORCH_LIBRARY(fastfa, m) {
   // dfa's B_l (K x F), a block of its columns, drawn from the layer's [seed, step] (rng).
   m.def("direct_feedback(Tensor rng, int rows, int columns, int column_begin, int column_count, float scale, "
         "int distribution, ScalarType dtype) -> Tensor");
+  // dfa's grad_x = e B_l (rows x columns) with B_l drawn, never stored whole: the aten backend's
+  // blocked product, and the cuda backend's fused one (B_l's tiles drawn inside the GEMM).
+  constexpr const char* kDirectFeedbackProductSchema =
+      "(Tensor error, Tensor rng, int columns, float scale, int distribution, int block_elements) -> Tensor";
+  m.def((std::string("direct_feedback_product") + kDirectFeedbackProductSchema).c_str());
+  m.def((std::string("cuda_direct_feedback_product") + kDirectFeedbackProductSchema).c_str());
   define_layer_ops(m, "");
   // Defined in every build so that Python can register their fakes and autograd; they have
   // CUDA kernels only where the fused kernels were compiled (fastfa.backends() says why not).
@@ -74,10 +80,15 @@ void register_kernels(torch::Library& m, Transform transform) {
 TORCH_LIBRARY_IMPL(fastfa, CPU, m) {
   register_kernels(m, &fastfa::feedback_transform_cpu);
   m.impl("direct_feedback", &fastfa::direct_feedback_cpu);
+  m.impl("direct_feedback_product", &fastfa::direct_feedback_product);
 }
 
 #ifdef FASTFA_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastfa, CUDA, m) { register_kernels(m, &fastfa::feedback_transform_cuda); }
+TORCH_LIBRARY_IMPL(fastfa, CUDA, m) {
+  register_kernels(m, &fastfa::feedback_transform_cuda);
+  m.impl("direct_feedback", &fastfa::direct_feedback_cuda);
+  m.impl("direct_feedback_product", &fastfa::direct_feedback_product);
+}
 #endif
 
 #ifdef FASTFA_WITH_FUSED_CUDA
@@ -88,5 +99,6 @@ TORCH_LIBRARY_IMPL(fastfa, CUDA, m) {
   m.impl("cuda_linear_backward", &fastfa::cuda_linear_backward);
   m.impl("cuda_conv2d", &fastfa::cuda_conv2d_forward);
   m.impl("cuda_conv2d_backward", &fastfa::cuda_conv2d_backward);
+  m.impl("cuda_direct_feedback_product", &fastfa::cuda_direct_feedback_product);
 }
 #endif

@@ -378,7 +378,7 @@ def test_converted_encoder_layer_compiles_whole():
 
 def test_dfa_is_refused_by_attention_with_a_clear_error():
     """Attention's projections have no e B_l path: a clear error, never bp run silently as dfa."""
-    with pytest.raises(ValueError, match="MultiheadAttention: rule 'dfa' is available for fastfa.nn.Linear and Conv2d only"):
+    with pytest.raises(ValueError, match="MultiheadAttention: rule 'dfa' is available for fastfa.nn.Linear, Conv1d and Conv2d only"):
         fastfa.nn.MultiheadAttention(E, HEADS, rule="dfa")
     with pytest.raises(ValueError, match="exclude="):
         fastfa.convert(torch.nn.TransformerEncoderLayer(E, HEADS, 16, batch_first=True), "dfa")

@@ -39,10 +39,11 @@ class _OracleLayer(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer, seed, init, error):
         ctx.layer, ctx.seed, ctx.init, ctx.error, ctx.has_bias = layer, seed, init, error, bias is not None
         ctx.input_shape = x.shape
-        if isinstance(layer, torch.nn.Conv2d):
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
             padded = _padded(x, layer)
             ctx.save_for_backward(padded, weight)
-            return torch.nn.functional.conv2d(padded, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+            conv = torch.nn.functional.conv1d if isinstance(layer, torch.nn.Conv1d) else torch.nn.functional.conv2d
+            return conv(padded, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
         ctx.save_for_backward(x, weight)
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -54,13 +55,14 @@ class _OracleLayer(torch.autograd.Function):
         per_token = e.dim() == 3 and len(shape) == 3 and shape[:2] == e.shape[:2]
         output_width = e.shape[-1] if per_token else math.prod(e.shape[1:])
         input_numel = shape[-1] if per_token else math.prod(shape[1:])
-        b = oracle_feedback(ctx.seed, output_width, input_numel, ctx.init, x.dtype)
+        b = oracle_feedback(ctx.seed, output_width, input_numel, ctx.init, x.dtype).to(x.device)
         # B_l maps e onto the layer's own input, before any padding.
         grad_x = (e.reshape(-1, output_width).to(b.dtype) @ b).to(x.dtype).reshape(shape)
-        if isinstance(layer, torch.nn.Conv2d):
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, delta, layer.stride, 0, layer.dilation,
-                                                 layer.groups)
-            grad_b = delta.sum((0, 2, 3))
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            grad_weight = (torch.nn.grad.conv1d_weight if isinstance(layer, torch.nn.Conv1d)
+                           else torch.nn.grad.conv2d_weight)
+            grad_w = grad_weight(x, weight.shape, delta, layer.stride, 0, layer.dilation, layer.groups)
+            grad_b = delta.sum([0, *range(2, delta.dim())])
         else:
             d2, x2 = delta.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1])
             grad_w, grad_b = d2.t() @ x2, d2.sum(0)
@@ -68,26 +70,26 @@ class _OracleLayer(torch.autograd.Function):
 
 
 def _padded(x, layer):
-    """x padded as torch.nn.Conv2d pads it (its padding mode; "same": the extra row / column of an
-    even total at the bottom / right), so the oracle's convolution itself has no padding."""
+    """x padded as torch.nn.Conv1d / Conv2d pads it (its padding mode; "same": the extra row / column
+    of an even total at the bottom / right), so the oracle's convolution itself has no padding."""
     if layer.padding == "same":
         totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
         pads = [(t // 2, t - t // 2) for t in totals]
     elif layer.padding == "valid":
-        pads = [(0, 0), (0, 0)]
+        pads = [(0, 0)] * len(layer.kernel_size)
     else:
         pads = [(p, p) for p in layer.padding]
-    (top, bottom), (left, right) = pads
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    return torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
+    # F.pad takes the last dimension's (before, after) first.
+    return torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair], mode=mode)
 
 
 def oracle_model(model, seed, init="xavier"):
-    """A copy of the torch model whose Linear / Conv2d layers follow the spec's dfa; the i-th
+    """A copy of the torch model whose Linear / Conv1d / Conv2d layers follow the spec's dfa; the i-th
     layer (module order, as fastfa.convert numbers them) gets seed + i."""
     model = copy.deepcopy(model)
     error = _Error()
-    layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)]
     for i, layer in enumerate(layers):
         layer.forward = (lambda x, layer=layer, s=seed + i:
                          _OracleLayer.apply(x, layer.weight, layer.bias, layer, s, init, error))
@@ -274,6 +276,49 @@ def test_conv2d_options(options, dtype):
     assert_close(inputs[0].grad, inputs[1].grad, dtype, "grad_input")
     for (name, p), q in zip(converted.named_parameters(), expected_model.parameters()):
         assert_close(p.grad, q.grad, dtype, name)
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=4, padding="same", dilation=2, groups=2),
+                                     dict(kernel_size=5, padding="valid", stride=3),
+                                     dict(kernel_size=3, padding=2, padding_mode="reflect", bias=False),
+                                     dict(kernel_size=3, padding=1, stride=2, padding_mode="circular")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_conv1d_against_the_oracle(options, dtype):
+    """fastfa.nn.Conv1d with dfa: grad_x = e B_l onto the layer's own (C_in, L) input (before a
+    padding mode's padding), grad_W and grad_b from the delta through the layer's geometry."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, dtype=dtype, **options), torch.nn.ReLU(),
+                                torch.nn.Conv1d(4, 3, 3, padding=1, dtype=dtype), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5, dtype=dtype))
+    model(torch.randn(1, 4, 17, dtype=dtype))  # materialise the lazy layer
+    model[4] = torch.nn.Linear(model[4].in_features, 5, dtype=dtype)
+    expected_model, expected_layers = oracle_model(model, SEED)
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    layers = _fastfa_layers(converted)
+    assert [type(layer) for layer in layers] == [fastfa.nn.Conv1d, fastfa.nn.Conv1d, fastfa.nn.Linear]
+    x = torch.randn(3, 4, 17, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, 5, (3,))
+    output, grad_x, grad_inputs, grads = _run(converted, layers, x, target)
+    expected = _run(expected_model, expected_layers, x, target)
+    assert_close(output, expected[0], dtype, "output")
+    assert_close(grad_x, expected[1], dtype, "model input's grad (first layer's e B_1)")
+    for index in grad_inputs:
+        assert_close(grad_inputs[index], expected[2][index], dtype, f"layer {index}'s grad_input")
+    for name in grads:
+        assert_close(grads[name], expected[3][name], dtype, f"{name}.grad")
+    assert converted[0].feedback_weight().shape == (5, 4 * 17)
+
+
+def test_unbatched_conv1d():
+    """A (C_in, L) input: the model's output (K,) and x's (C_in, L) share no batch axis, so dfa
+    refuses it with the layout error, as for the other layers; batched it runs."""
+    layer = fastfa.convert(torch.nn.Conv1d(2, 3, 3, dtype=torch.float64), "dfa", seed=SEED)
+    with pytest.raises(RuntimeError, match="does not match the model's output"):
+        layer(torch.randn(2, 9, dtype=torch.float64, requires_grad=True))
+    x = torch.randn(4, 2, 9, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad is not None
 
 
 def test_exclude_keeps_layers_on_backprop():
@@ -482,3 +527,80 @@ def test_gradient_alignment_measures_dfa_against_backprop():
     assert set(angles) == {"fc1", "fc2", "fc3"}
     assert angles["fc1"] == pytest.approx(math.degrees(math.acos(float(cosine))), abs=1e-9)
     assert all(0.0 <= angle <= 180.0 for angle in angles.values())
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@_needs_cuda
+@pytest.mark.parametrize("distribution", [0, 1], ids=["uniform", "normal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_draw_equals_the_cpu_draw(distribution, dtype):
+    """fastfa::direct_feedback on the GPU (the aten backend's blocks there) is the CPU's B_l,
+    block by block: the same keys k * F + f, a ragged block at an odd column offset included."""
+    rng = torch.tensor([SEED, 0], dtype=torch.int64)
+    for begin, count in ((0, 37), (5, 19), (36, 1)):
+        cpu = torch.ops.fastfa.direct_feedback(rng, 6, 37, begin, count, 0.37, distribution, dtype)
+        gpu = torch.ops.fastfa.direct_feedback(rng.cuda(), 6, 37, begin, count, 0.37, distribution, dtype)
+        if distribution == 0:
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0)
+        else:  # log / sin / cos of two math libraries: a few ulps
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+@_needs_cuda
+@pytest.mark.parametrize("shape", [(37, 10, 300), (130, 70, 136), (1, 1000, 4099)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("distribution", [0, 1], ids=["uniform", "normal"])
+def test_cuda_backend_product_matches_the_draws(shape, dtype, distribution):
+    """fastfa::cuda_direct_feedback_product against e B_l in fp64 with the CPU's B_l (rounded to
+    the operand type, as every fused kernel rounds B); fp64 and a normal init take aten's blocks,
+    recorded, every other call the fused kernel, which records nothing."""
+    rows, width, numel = shape
+    torch.manual_seed(0)
+    error = torch.randn(rows, width, dtype=torch.float64).to(dtype)
+    rng = torch.tensor([SEED, 0], dtype=torch.int64)
+    b = torch.ops.fastfa.direct_feedback(rng, width, numel, 0, numel, 0.05, distribution, dtype)
+    expected = (error.double() @ b.double()).to(dtype)
+    fastfa.clear_fallbacks()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs the fused kernel through tf32
+    try:
+        got = torch.ops.fastfa.cuda_direct_feedback_product(error.cuda(), rng.cuda(), numel, 0.05, distribution,
+                                                           fastfa.dfa.BLOCK_ELEMENTS)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    reasons = [f.reason for f in fastfa.last_fallbacks() if f.op == "cuda_dfa_grad_input"]
+    if dtype == torch.float64:
+        assert reasons and "fp64" in reasons[0]
+    elif distribution == 1:
+        assert reasons and "normal init" in reasons[0]
+    else:
+        assert not reasons, reasons
+    if dtype == torch.float32:  # tf32 operands (fused, or cuBLAS under allow_tf32): 10-bit mantissas
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-2, atol=1e-2 * scale)
+    else:
+        assert_close(got.cpu(), expected, dtype, "e B_l")
+
+
+@_needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backend_model_matches_the_oracle(dtype):
+    """A converted ConvNet on the GPU with the cuda backend: e B_l by the fused kernel, the layers'
+    own products by the cuda backend's ops; every gradient equals the oracle's."""
+    torch.manual_seed(0)
+    model = ConvNet(dtype).cuda()
+    expected_model, expected_layers = oracle_model(model, SEED)
+    converted = fastfa.convert(copy.deepcopy(model), "dfa", seed=SEED)
+    x, target = torch.randn(4, 3, 8, 8, device="cuda").to(dtype), torch.randint(0, 5, (4,), device="cuda")
+    fastfa.clear_fallbacks()
+    with fastfa.use_backend("cuda"):
+        _, grad_x, grad_inputs, grads = _run(converted, _fastfa_layers(converted), x, target)
+    assert not [f for f in fastfa.last_fallbacks() if "dfa" in f.op]
+    _, expected_grad_x, expected_grad_inputs, expected_grads = _run(expected_model, expected_layers, x, target)
+    assert_close(grad_x, expected_grad_x, dtype, "grad_input")
+    for index in expected_grad_inputs:
+        assert_close(grad_inputs[index], expected_grad_inputs[index], dtype, f"layer {index}'s grad_input")
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], dtype, f"{name}.grad")

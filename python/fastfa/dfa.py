@@ -12,8 +12,9 @@ learning-rules.md, "Direct feedback alignment" (Nøkland 2016; Launay et al. 202
 B_l is fa's drawn R for a K x F matrix: the same Philox generator, keyed by the layer's seed
 and the element's row-major index, with fa's ``init`` distributions taken with fan_in = K and
 fan_out = F (B_l maps e, K wide, to x, F wide). It is never stored: the aten backend draws it
-a block of columns at a time and the Triton kernel draws its tiles inside the product, so a
-ResNet layer's K x C x H x W matrix (3.2 GB in fp32 at ImageNet sizes) costs no memory.
+a block of columns at a time (a small B_l, at most CACHE_ELEMENTS, is kept on the layer) and the
+Triton and cuda kernels draw its tiles inside the product, so a ResNet layer's K x C x H x W
+matrix (3.2 GB in fp32 at ImageNet sizes) costs no memory.
 
 How e reaches the layers. ``fastfa.convert(model, "dfa")`` puts a forward pre-hook and a
 forward hook on the model. Each call of the model opens a *pass*; every dfa layer that runs
@@ -26,6 +27,7 @@ anything that produced it, so e is stored before any layer's backward reads it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,26 +53,22 @@ def direct_feedback(rng: torch.Tensor, rows: int, columns: int, column_begin: in
     """Columns [column_begin, column_begin + column_count) of B_l (rows x columns), on rng's device.
 
     rng is the layer's int64 [seed, step]; element (k, f) is keyed by k * columns + f, so a
-    block is exactly the matching slice of the whole B_l.
+    block is exactly the matching slice of the whole B_l. Drawn on rng's device (a CPU or CUDA
+    kernel).
     """
-    if rng.device.type == "cpu":
-        return torch.ops.fastfa.direct_feedback(rng, rows, columns, column_begin, column_count, scale,
-                                                distribution, dtype)
-    # No device kernel draws B_l for the aten path yet: draw on the CPU, recorded.
-    _backend.record_fallback("dfa_feedback", f"B_l is drawn on the CPU and copied to {rng.device}")
-    block = torch.ops.fastfa.direct_feedback(rng.cpu(), rows, columns, column_begin, column_count, scale,
-                                             distribution, dtype)
-    return block.to(rng.device, non_blocking=True)
+    return torch.ops.fastfa.direct_feedback(rng, rows, columns, column_begin, column_count, scale, distribution,
+                                            dtype)
 
 
 class _Layout:
     """How one layer call meets the model's output: B_l's shape and how e's rows map to x's."""
 
-    __slots__ = ("output_width", "input_numel", "input_shape", "scale", "distribution")
+    __slots__ = ("output_width", "input_numel", "input_shape", "scale", "distribution", "key")
 
-    def __init__(self, output_width, input_numel, input_shape, scale, distribution):
+    def __init__(self, output_width, input_numel, input_shape, scale, distribution, key):
         self.output_width, self.input_numel, self.input_shape = output_width, input_numel, input_shape
         self.scale, self.distribution = scale, distribution
+        self.key = key  # (input shape, output shape, init) it was made for: reused while they hold
 
 
 class _Pass:
@@ -94,7 +92,12 @@ class _Call:
 
 
 def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
-    """B_l's shape for this input and model output (learning-rules.md: per sample, or per token)."""
+    """B_l's shape for this input and model output (learning-rules.md: per sample, or per token);
+    the layer's last one where the shapes and init are the same (every step of a training loop)."""
+    key = (input_shape, output.shape, layer.feedback_init)
+    previous = layer.__dict__.get("_direct_feedback_layout")
+    if previous is not None and previous.key == key:
+        return previous
     if output.dim() == 3 and len(input_shape) == 3 and tuple(input_shape[:2]) == tuple(output.shape[:2]):
         # per-token: grad_x[n, t] = e[n, t] B_l
         output_width, input_numel = output.shape[-1], input_shape[-1]
@@ -107,7 +110,7 @@ def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
             f"{tuple(output.shape)}: dfa needs an output (N, ...) with the layer's input (N, ...) (K and F the "
             f"per-sample numels), or an output (N, T, K) with the layer's input (N, T, F) (per-token)")
     distribution, scale = distribution_for(layer.feedback_init, output_width, input_numel)
-    return _Layout(output_width, input_numel, tuple(input_shape), scale, int(distribution))
+    return _Layout(output_width, input_numel, tuple(input_shape), scale, int(distribution), key)
 
 
 class _DirectFeedback(torch.autograd.Function):
@@ -141,35 +144,58 @@ class _DirectFeedback(torch.autograd.Function):
         return grad_output, grad_input, None
 
 
+#: A B_l of at most this many elements (256 KiB in fp32) is kept on its layer between backward
+#: passes instead of drawn again: for the small layers of an MLP the draw cost more than the
+#: product itself. Larger ones are drawn every time, never stored (the point of dfa's draw).
+CACHE_ELEMENTS = 1 << 16
+
+
 def project(layer, error: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> torch.Tensor:
     """grad_x = reshape(e B_l, x's shape), with B_l drawn, never stored whole when large."""
     rows = error.reshape(-1, layout.output_width).to(dtype)
     rng, width, numel = layer.feedback_rng, layout.output_width, layout.input_numel
     backend = _backend.resolve(None, rows.device)
-    on_gpu = rows.device.type == "cuda"
-    if backend == "cuda" or (on_gpu and backend == "aten"):
-        # No CUDA C++ kernel draws B_l yet; Triton's draws it inside the product, where usable.
-        if _backend.backends()["triton"].usable and rows.dtype != torch.float64:
-            _backend.record_fallback(f"{backend}_dfa_grad_input", "e B_l runs Triton's kernel", "triton")
-            backend = "triton"
-        else:
-            _backend.record_fallback(f"{backend}_dfa_grad_input", "e B_l: B_l drawn on the CPU a block at a time")
+    if rows.device.type == "cuda" and _backend.get_backend() == "auto":
+        backend = _auto_gpu_backend()
+    if backend == "cuda":
+        # Drawn fa's fused GEMM; fp64, fp32 without tf32 and a normal init take aten's blocks (recorded).
+        product = torch.ops.fastfa.cuda_direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution,
+                                                                BLOCK_ELEMENTS)
+        return product.reshape(layout.input_shape)
     if backend == "triton":
         from .triton_kernels.direct_feedback import direct_feedback_product
         product = direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution)
         if product is not None:
             return product.reshape(layout.input_shape)
-    grad_input = rows.new_empty((rows.shape[0], numel))
-    if numel == 0:
-        return grad_input.reshape(layout.input_shape)
-    columns_per_block = max(1, BLOCK_ELEMENTS // max(width, 1))
-    for begin in range(0, numel, columns_per_block):
-        count = min(columns_per_block, numel - begin)
-        block = direct_feedback(rng, width, numel, begin, count, layout.scale, layout.distribution, dtype)
-        if count == numel:
-            return torch.mm(rows, block).reshape(layout.input_shape)
-        grad_input[:, begin:begin + count] = rows @ block
-    return grad_input.reshape(layout.input_shape)
+    if width * numel <= min(CACHE_ELEMENTS, BLOCK_ELEMENTS):
+        return torch.mm(rows, _cached_feedback(layer, layout, rows.dtype)).reshape(layout.input_shape)
+    product = torch.ops.fastfa.direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution,
+                                                       BLOCK_ELEMENTS)
+    return product.reshape(layout.input_shape)
+
+
+@functools.cache
+def _auto_gpu_backend() -> str:
+    """e B_l's backend under "auto" on a GPU: a fused kernel draws B_l inside the product, where
+    aten writes and reads every block of it. Looked up once (the statuses cost more than a small
+    layer's backward, and what was built and installed does not change in a process)."""
+    statuses = _backend.backends()
+    return next((name for name in ("cuda", "triton") if statuses[name].usable), "aten")
+
+
+def _cached_feedback(layer, layout: _Layout, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's small B_l, drawn once per (seed tensor and its version, shape, init, dtype)."""
+    rng = layer.feedback_rng
+    # The rng tensor itself (kept alive here, so never confused with a new one at its address)
+    # and its version: load_state_dict writes new seeds in place, which bumps the version.
+    key = (rng._version, layout.output_width, layout.input_numel, layout.scale, layout.distribution, dtype)
+    cached = layer.__dict__.get("_direct_feedback_cache")
+    if cached is None or cached[0] is not rng or cached[1] != key:
+        block = direct_feedback(rng, layout.output_width, layout.input_numel, 0, layout.input_numel, layout.scale,
+                                layout.distribution, dtype)
+        cached = (rng, key, block)
+        layer.__dict__["_direct_feedback_cache"] = cached
+    return cached[2]
 
 
 class DirectFeedbackContext:
@@ -234,6 +260,22 @@ def conv2d_forward(layer, input: torch.Tensor) -> torch.Tensor:
                                 layer.groups, None, None, _BACKPROP, scale, distribution, alignment, activation,
                                 geometry=layer._geometry(padding))
     return _join(layer, input, output)
+
+
+def conv1d_forward(layer, input: torch.Tensor) -> torch.Tensor:
+    """A dfa fastfa.nn.Conv1d's forward: its conv2d over a unit height, as bp (padding modes pad
+    first), on the detached input; B_l maps e to the layer's own (C_in, L) input, before padding."""
+    padded, padding = input.detach(), layer.padding
+    if layer.padding_mode != "zeros":
+        padded = torch.nn.functional.pad(padded, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = (0,)
+    if not isinstance(padding, str):
+        padding = (0, padding[0])
+    _, scale, distribution, alignment, activation = layer._op_options()
+    output = functional._conv2d(padded.unsqueeze(-2), layer.weight.unsqueeze(2), layer.bias, (1, layer.stride[0]),
+                                padding, (1, layer.dilation[0]), layer.groups, None, None, _BACKPROP, scale,
+                                distribution, alignment, activation)
+    return _join(layer, input, output.squeeze(-2))
 
 
 def _join(layer, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ class _ResolvedCall(NamedTuple):
 class FeedbackLayer:
     """What fastfa.nn.Linear and fastfa.nn.Conv2d share: the rule, its state, its measures."""
 
-    _takes_direct_feedback = False  # dfa's e B_l (fastfa.dfa): Linear and Conv2d
+    _takes_direct_feedback = False  # dfa's e B_l (fastfa.dfa): Linear, Conv1d and Conv2d
 
     @property
     def _layer_kind(self) -> str:
@@ -145,9 +145,9 @@ class FeedbackLayer:
             raise TypeError(f"{self._layer_kind}() got an unexpected keyword argument {unknown[0]!r}; the "
                             f"alignment pipeline's switches are {', '.join(PIPELINE_OPTIONS)}")
         if rule_spec(rule).direct_feedback and not self._takes_direct_feedback:
-            # Conv1d and attention's projections have no e B_l path yet: refuse rather than run bp silently.
-            raise ValueError(f"{self._layer_kind}: rule 'dfa' is available for fastfa.nn.Linear and Conv2d only; "
-                             f"use another rule here, or keep this layer on backprop (convert's exclude=)")
+            # Attention's projections have no e B_l path yet: refuse rather than run bp silently.
+            raise ValueError(f"{self._layer_kind}: rule 'dfa' is available for fastfa.nn.Linear, Conv1d and Conv2d "
+                             "only; use another rule here, or keep this layer on backprop (convert's exclude=)")
         alignment_options, pipeline = split_options(rule_spec(rule), alignment_options)
         #: The alignment pipeline's switches (fastfa.alignment.Pipeline), None when all are off.
         self.alignment_pipeline = pipeline
@@ -435,6 +435,8 @@ class Conv1d(FeedbackLayer, torch.nn.Conv1d):
     its rule) serves it; weight and feedback keep torch's Conv1d shape (C_out, C_in/groups, k).
     """
 
+    _takes_direct_feedback = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  rule: str = "usf", activation=None, scale=None, init=None, seed=None, alpha=None, beta=None,
@@ -451,6 +453,8 @@ class Conv1d(FeedbackLayer, torch.nn.Conv1d):
         if input.shape[-2] != self.in_channels:
             raise ValueError(f"input must have in_channels={self.in_channels} channels, got input of shape "
                              f"{tuple(input.shape)}")
+        if self._spec.direct_feedback:
+            return _dfa.conv1d_forward(self, input)
         padding = self.padding
         if self.padding_mode != "zeros":
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)

@@ -248,3 +248,12 @@ for _op, _fake in (("cuda_linear", _linear_fake), ("cuda_linear_backward", _line
     torch.library.register_fake(f"fastfa::{_op}", _fake)
 _LINEAR_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_linear.default
 _CONV2D_OPS["cuda"] = lambda: torch.ops.fastfa.cuda_conv2d.default
+
+
+def _direct_feedback_product_fake(error, rng, columns, scale, distribution, block_elements):
+    # dfa's e B_l (fastfa.dfa): rows x columns in e's dtype, on e's device.
+    return error.new_empty((error.shape[0], columns))
+
+
+for _op in ("direct_feedback_product", "cuda_direct_feedback_product"):
+    torch.library.register_fake(f"fastfa::{_op}", _direct_feedback_product_fake)

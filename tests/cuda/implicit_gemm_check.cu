@@ -6,10 +6,11 @@
 // is replaced by a plain loop over the same swizzled tiles. Checked against convolutions and
 // matrix products written from their definitions in double precision: the conv implicit
 // GEMMs (forward with bias and activation, grad_input for every transform, split-K
-// grad_weight with grad_bias) in NCHW, channels_last and strided layouts, and the linear
-// layer's GEMMs as linear_cuda.cu builds them. What the replaced MMA does with the tiles
-// (ldmatrix fragments, wgmma descriptors, accumulator layout) gemm_layout_check.cu compares
-// with CuTe; barriers and timing need a GPU (tests/test_cuda.py).
+// grad_weight with grad_bias) in NCHW, channels_last and strided layouts, the linear
+// layer's GEMMs as linear_cuda.cu builds them, and dfa's e B_l as direct_feedback_cuda.cu
+// does. What the replaced MMA does with the tiles (ldmatrix fragments, wgmma descriptors,
+// accumulator layout) gemm_layout_check.cu compares with CuTe; barriers and timing need a GPU
+// (tests/test_cuda.py).
 #include "../../csrc/cuda/implicit_gemm.cuh"
 
 #include <cmath>
@@ -649,6 +650,43 @@ int check_linear(int64_t rows, int64_t in_features, int64_t out_features) {
   return failures;
 }
 
+// dfa's grad_x = e B_l (direct_feedback_cuda.cu): drawn fa's GEMM over gemm.h's
+// direct_feedback_problem, B_l (K x F) drawn in the loader from (seed, k * F + f) with no B
+// in memory at all (a null operand), against the sum written from the spec's definition.
+template <class Element, class Arch = Sm90Gmma>
+int check_direct_feedback(int64_t rows, int64_t output_width, int64_t input_numel) {
+  using Bits = typename Traits<Element>::Bits;
+  const auto f = [](Bits b) { return static_cast<double>(Traits<Element>::to_float(b)); };
+  const std::string name = std::string(std::is_same<Element, Bf16>::value   ? "bf16"
+                                       : std::is_same<Element, Fp16>::value ? "fp16"
+                                                                            : "tf32") +
+                           (std::is_same<Arch, Sm80Mma>::value ? " mma.sync" : "") + " dfa e B_l " +
+                           std::to_string(rows) + "x" + std::to_string(output_width) + " -> " +
+                           std::to_string(input_numel);
+  const auto error = random_matrix<Element>(rows * output_width);
+  const int64_t rng[2] = {1234567, 0};
+  FeedbackArgs feedback;
+  feedback.rng = rng;
+  feedback.scale = 0.125f;
+  std::vector<Bits> grad_x(static_cast<size_t>(rows * input_numel), Traits<Element>::operand(std::nanf("")));
+  const Problem problem = direct_feedback_problem(rows, output_width, input_numel, error.data(), grad_x.data());
+  emulate<Element, Arch>(matrix_problem(problem), RuleTransform<Rule::kFeedbackAlignment>{feedback},
+                         matrix_store<Element>(problem));
+  Comparison compare{"grad_input", output_tolerance<Element>()};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < input_numel; ++i) {
+      double sum = 0.0, abs_sum = 0.0;
+      for (int64_t k = 0; k < output_width; ++k) {
+        const float xi = unit_draw(rng[0], rng[1], static_cast<uint64_t>(k * input_numel + i), Distribution::kUniform);
+        const double b = round_operand<Element>(feedback.scale * xi);
+        sum += f(error[r * output_width + k]) * b;
+        abs_sum += std::fabs(f(error[r * output_width + k]) * b);
+      }
+      compare(f(grad_x[r * input_numel + i]), sum, abs_sum);
+    }
+  return report(name, compare);
+}
+
 } // namespace
 
 // usf's packed bit operations against the float path, on every 16-bit W in both halves of a
@@ -773,6 +811,11 @@ int main() {
   failures += check_linear<Fp16>(130, 136, 72);
   failures += check_linear<Bf16>(200, 64, 16);
   failures += check_linear<Tf32>(19, 33, 45);
+  // dfa: a classifier's K = 10 (one ragged K tile), a wide F over several tiles, and K over two tiles.
+  failures += check_direct_feedback<Bf16>(37, 10, 300);
+  failures += check_direct_feedback<Bf16, Sm80Mma>(37, 10, 300);
+  failures += check_direct_feedback<Fp16>(130, 70, 136);
+  failures += check_direct_feedback<Tf32>(19, 45, 33);
   std::printf("%-58s %-14s %7s, %lld wrong%s\n", "pipeline", "stages in use", "", static_cast<long long>(overwritten),
               overwritten ? "  FAILED (a stage refilled under an MMA in flight)" : "");
   failures += overwritten != 0;

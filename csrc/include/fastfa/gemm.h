@@ -138,6 +138,25 @@ cudaError_t conv_grad_weight_gemm(Arch arch, const ConvShape& shape, const void*
                                   float* partial, float* partial_row_sums, int64_t k_tiles_per_split,
                                   cudaStream_t stream);
 
+// dfa's grad_x = e B_l (learning-rules.md, "Direct feedback alignment") as drawn fa's
+// feedback_gemm: C (rows x F) = e (rows x K) B_l, B_l (K x F) the "weight" whose row-major
+// index k * F + f keys the Philox draw, read as B[f][k] (row stride 1, k stride F), exactly as
+// linear's grad_input reads W. Drawn fa reads nothing of B (RuleTransform's kReadsWeight is
+// false): B_l is made tile by tile in the loader and never exists in memory, so b.data stays
+// null. error is contiguous rows x K; grad_input contiguous rows x F.
+inline Problem direct_feedback_problem(int64_t rows, int64_t output_width, int64_t input_numel, const void* error,
+                                       void* grad_input) {
+  Problem problem;
+  problem.m = rows;
+  problem.n = input_numel;
+  problem.k = output_width;
+  problem.a = {error, output_width, 1};
+  problem.b = {nullptr, 1, input_numel};
+  problem.c = grad_input;
+  problem.ldc = input_numel;
+  return problem;
+}
+
 // The transforms feedback_gemm has a kernel for.
 inline bool has_feedback_kernel(Rule rule) {
   return rule == Rule::kBackprop || rule == Rule::kFeedbackAlignment || rule == Rule::kUniformSignSymmetry ||

@@ -33,7 +33,16 @@ at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::option
 // is scale * xi from fa's generator at (seed, step, k * F + f). rng is the layer's [seed, step].
 at::Tensor direct_feedback_cpu(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
                                int64_t column_count, double scale, int64_t distribution, at::ScalarType dtype);
+// dfa's grad_x = e B_l: error (rows x K) times B_l (K x columns), B_l drawn a block of at most
+// block_elements at a time on error's device, then ATen's GEMM (csrc/direct_feedback.cpp).
+at::Tensor direct_feedback_product(const at::Tensor& error, const at::Tensor& rng, int64_t columns, double scale,
+                                   int64_t distribution, int64_t block_elements);
+void check_direct_feedback_product_arguments(const at::Tensor& error, const at::Tensor& rng, int64_t columns,
+                                             double scale, int64_t distribution);
 #ifdef FASTFA_WITH_CUDA
+// direct_feedback_cpu's block of B_l, drawn on rng's CUDA device (csrc/cuda/direct_feedback_cuda.cu).
+at::Tensor direct_feedback_cuda(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
+                                int64_t column_count, double scale, int64_t distribution, at::ScalarType dtype);
 at::Tensor feedback_transform_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                    const std::optional<at::Tensor>& rng, int64_t rule, double scale,
                                    int64_t distribution);
@@ -117,6 +126,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv2d_backward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rule, double scale,
     int64_t distribution, at::ArrayRef<double> alignment, c10::string_view activation,
     std::array<bool, 4> output_mask);
+
+// The cuda backend's dfa grad_x = e B_l: drawn fa's fused GEMM, B_l's tiles drawn inside it and
+// never stored; direct_feedback_product's signature, and its path (recorded) where the fused
+// kernels do not apply.
+at::Tensor cuda_direct_feedback_product(const at::Tensor& error, const at::Tensor& rng, int64_t columns,
+                                        double scale, int64_t distribution, int64_t block_elements);
 #endif
 
 } // namespace fastfa
