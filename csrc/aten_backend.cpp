@@ -31,12 +31,12 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
   if (kind == Rule::kFeedbackAlignment && feedback.has_value() && feedback->defined()) {
     return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
   }
+  if (weight.is_cpu()) {
+    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution); // reads usf's rms scale too
+  }
   if (scale_from_weight(kind, scale)) {
     // sign(W) is exact in every dtype, so B = s * sign(W) still rounds once, at s.
     return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution).mul_(rms_scale(weight));
-  }
-  if (weight.is_cpu()) {
-    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution);
   }
   static const auto transform = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("fastfa::feedback_transform", "")

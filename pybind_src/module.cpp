@@ -9,6 +9,10 @@
 #include <cuda_runtime_api.h>
 #endif
 
+namespace fastfa {
+void bind_layer_call(pybind11::module_& m); // layer_call.cpp
+} // namespace fastfa
+
 #define FASTFA_STRINGIFY_(x) #x
 #define FASTFA_STRINGIFY(x) FASTFA_STRINGIFY_(x)
 
@@ -63,4 +67,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("backend") = "aten");
   m.def("_fallbacks", &fallbacks, "[(op, backend, reason, count)] since the last clear, in the order first seen");
   m.def("_clear_fallbacks", &fastfa::clear_fallbacks);
+  fastfa::bind_layer_call(m);
 }
