@@ -10,6 +10,7 @@
 // Python dispatch modes and every C++ check of its arguments run as for any other call.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
+#include <ATen/ScalarOps.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -71,7 +72,8 @@ class LayerCall {
                                          groups_, rule_, scale_, distribution_, alignment_, activation_));
     }
     if (advance) {
-      rng->select(0, 1).add_(1);
+      // A wrapped number, as Python's `+= 1` passes it: add_(Scalar) would copy 1 into a tensor first.
+      rng->select(0, 1).add_(at::native::wrapped_scalar_tensor(c10::Scalar(int64_t{1})));
     }
     return output;
   }

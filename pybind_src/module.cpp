@@ -1,5 +1,6 @@
 // fastfa._C: loading it registers the ops (ops_registration.cpp); build_info() tells
-// what this binary was built with, so `fastfa info` and a mismatch warning can say it.
+// what this binary was built with, so `fastfa info` and a mismatch warning can say it;
+// LayerCall (layer_call.cpp) is a module's resolved op call, the per-step host path.
 #include "fastfa/fallbacks.h"
 
 #include <torch/extension.h>
