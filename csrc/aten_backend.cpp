@@ -197,9 +197,16 @@ at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tens
 }
 
 // t * c. `t * double` in C++ goes through mul.Scalar, which copies c into a tensor with four more
-// op dispatches (to, _to_copy, empty_strided, copy_); a wrapped number is what Python's `t * c`
-// passes, read as a scalar on any device. Sums of scaled terms use add / sub's alpha instead.
-at::Tensor scaled(const at::Tensor& t, double c) { return at::mul(t, at::native::wrapped_scalar_tensor(c)); }
+// op dispatches (to, _to_copy, empty_strided, copy_); a wrapped number, as Python's `t * c` passes,
+// is read as a scalar on any device. In t's dtype for fp32 / fp64 (a wrapped number of another
+// dtype is cast with .to() first; the kernel would round c to t's dtype anyway); fp16 / bf16 keep
+// a double, which their kernels read in fp32. Sums of scaled terms use add / sub's alpha instead.
+at::Tensor scaled(const at::Tensor& t, double c) {
+  const auto dtype = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ? t.scalar_type() : at::kDouble;
+  at::Tensor scalar = at::detail::scalar_tensor_static(c, dtype, at::kCPU);
+  scalar.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return at::mul(t, scalar);
+}
 
 // B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
 // B gets no task gradient, only the alignment terms (kp: W's task gradient).

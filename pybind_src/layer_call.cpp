@@ -10,7 +10,9 @@
 // Python dispatch modes and every C++ check of its arguments run as for any other call.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -62,7 +64,17 @@ class LayerCall {
   Tensor operator()(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                     const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng) const {
     const bool advance = draws_ && rng.has_value() && rng->defined() && at::GradMode::is_enabled();
-    const std::optional<Tensor> step_rng = advance ? std::optional<Tensor>(rng->clone()) : rng;
+    const bool on_host = advance && plain_cpu_counter(*rng);
+    std::optional<Tensor> step_rng = rng;
+    if (on_host) {
+      step_rng = at::detail::empty_cpu({2}, at::kLong);
+      const int64_t* counter = rng->const_data_ptr<int64_t>();
+      int64_t* copy = step_rng->mutable_data_ptr<int64_t>();
+      copy[0] = counter[0];
+      copy[1] = counter[rng->stride(0)];
+    } else if (advance) {
+      step_rng = rng->clone();
+    }
     Tensor output;
     if (linear_) {
       output = std::get<0>(linear_->call(input, weight, bias, feedback, step_rng, rule_, scale_, distribution_,
@@ -71,7 +83,10 @@ class LayerCall {
       output = std::get<0>(conv2d_->call(input, weight, bias, feedback, step_rng, stride_, padding_, dilation_,
                                          groups_, rule_, scale_, distribution_, alignment_, activation_));
     }
-    if (advance) {
+    if (on_host) {
+      rng->mutable_data_ptr<int64_t>()[rng->stride(0)] += 1;
+      rng->unsafeGetTensorImpl()->bump_version(); // as add_ would: autograd sees the write
+    } else if (advance) {
       // A wrapped number, as Python's `+= 1` passes it: add_(Scalar) would copy 1 into a tensor first.
       rng->select(0, 1).add_(at::native::wrapped_scalar_tensor(c10::Scalar(int64_t{1})));
     }
@@ -83,6 +98,18 @@ class LayerCall {
             bool draws)
       : rule_(rule), scale_(scale), distribution_(distribution), alignment_(std::move(alignment)),
         activation_(std::move(activation)), draws_(draws) {}
+
+  // A counter that is only memory: an int64 [seed, step] on the CPU, not an inference tensor (whose
+  // in-place update outside inference mode the op would refuse), under no Python dispatch mode or
+  // subclass (whose tensors may hold no data). Its copy and step then need no op dispatch
+  // (clone, select, add_: a third of brsf's host time on a small layer). Anything else, and a
+  // CUDA counter (advanced on its device, in place, so that a graph replay moves it too), takes
+  // the ops.
+  static bool plain_cpu_counter(const Tensor& rng) {
+    return rng.is_cpu() && rng.layout() == at::kStrided && rng.scalar_type() == at::kLong && rng.dim() == 1 &&
+           rng.size(0) == 2 && !rng.is_inference() && !rng.unsafeGetTensorImpl()->is_python_dispatch() &&
+           !c10::impl::dispatch_mode_enabled();
+  }
 
   static c10::OperatorHandle find(const std::string& op) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), "");
