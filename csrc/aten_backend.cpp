@@ -5,6 +5,7 @@
 #include "fastfa/ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -31,12 +32,12 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
   if (kind == Rule::kFeedbackAlignment && feedback.has_value() && feedback->defined()) {
     return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
   }
+  if (weight.is_cpu()) {
+    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution); // reads usf's rms scale too
+  }
   if (scale_from_weight(kind, scale)) {
     // sign(W) is exact in every dtype, so B = s * sign(W) still rounds once, at s.
     return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution).mul_(rms_scale(weight));
-  }
-  if (weight.is_cpu()) {
-    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution);
   }
   static const auto transform = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("fastfa::feedback_transform", "")
@@ -195,6 +196,18 @@ at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tens
                         static_cast<int64_t>(Distribution::kNormal));
 }
 
+// t * c. `t * double` in C++ goes through mul.Scalar, which copies c into a tensor with four more
+// op dispatches (to, _to_copy, empty_strided, copy_); a wrapped number, as Python's `t * c` passes,
+// is read as a scalar on any device. In t's dtype for fp32 / fp64 (a wrapped number of another
+// dtype is cast with .to() first; the kernel would round c to t's dtype anyway); fp16 / bf16 keep
+// a double, which their kernels read in fp32. Sums of scaled terms use add / sub's alpha instead.
+at::Tensor scaled(const at::Tensor& t, double c) {
+  const auto dtype = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ? t.scalar_type() : at::kDouble;
+  at::Tensor scalar = at::detail::scalar_tensor_static(c, dtype, at::kCPU);
+  scalar.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return at::mul(t, scalar);
+}
+
 // B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
 // B gets no task gradient, only the alignment terms (kp: W's task gradient).
 at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Tensor& weight,
@@ -205,18 +218,20 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
   const double batch = static_cast<double>(std::max<int64_t>(maps.batch, 1));
   switch (rule) {
   case Rule::kKolenPollack: // grad_W + alpha * decay
-    return grad_weight + feedback * (2.0 * alpha);
+    return at::add(grad_weight, feedback, 2.0 * alpha);
   case Rule::kSymmetricAlignment: // alpha * decay + beta * self
-    return feedback * (2.0 * alpha) - weight * beta;
+    return at::sub(scaled(feedback, 2.0 * alpha), weight, beta);
   case Rule::kWeightMirror: { // alpha * decay + beta * amp, with x replaced by noise
     const at::Tensor noise = weight_mirror_noise(input, rng, sigma);
-    return feedback * (2.0 * alpha) - maps.outer(maps.project(noise, weight), noise) * (beta / batch);
+    return at::sub(scaled(feedback, 2.0 * alpha), maps.outer(maps.project(noise, weight), noise), beta / batch);
   }
   case Rule::kActivationAlignment: // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
-    return maps.outer(maps.project(input, feedback) * (2.0 * alpha) - projection * beta, input) / batch;
+    return maps.outer(at::sub(scaled(maps.project(input, feedback), 2.0 * alpha / batch), projection, beta / batch),
+                      input);
   case Rule::kInformationAlignment: // alpha * amp + beta * null + gamma * decay, linear in outer's x
-    return maps.outer(projection, input * (-alpha / batch) + maps.back(projection, feedback) * (2.0 * beta / batch)) +
-           feedback * (2.0 * gamma);
+    return at::add(maps.outer(projection, at::add(scaled(input, -alpha / batch), maps.back(projection, feedback),
+                                                  2.0 * beta / batch)),
+                   feedback, 2.0 * gamma);
   default:
     TORCH_CHECK(false, "fastfa: rule ", static_cast<int64_t>(rule), " does not estimate its feedback");
   }

@@ -1,5 +1,6 @@
 // fastfa._C: loading it registers the ops (ops_registration.cpp); build_info() tells
-// what this binary was built with, so `fastfa info` and a mismatch warning can say it.
+// what this binary was built with, so `fastfa info` and a mismatch warning can say it;
+// LayerCall (layer_call.cpp) is a module's resolved op call, the per-step host path.
 #include "fastfa/dispatch.h"
 #include "fastfa/fallbacks.h"
 
@@ -9,6 +10,10 @@
 #ifdef FASTFA_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
+
+namespace fastfa {
+void bind_layer_call(pybind11::module_& m); // layer_call.cpp
+} // namespace fastfa
 
 #define FASTFA_STRINGIFY_(x) #x
 #define FASTFA_STRINGIFY(x) FASTFA_STRINGIFY_(x)
@@ -82,4 +87,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("transform"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
       pybind11::arg("nchw") = false);
+  fastfa::bind_layer_call(m);
 }

@@ -264,3 +264,65 @@ def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, c
         (kind, rule) for kind in ("linear", "conv2d") for rule in ("bp", "brsf")}
     for row in rows:  # the values are times on a shared machine: only their presence is checked
         assert row["torch_us"] > 0 and row["fastfa_us"] > 0 and isinstance(row["overhead_us"], float)
+
+
+@pytest.mark.parametrize("rule", ["usf", "brsf", "kp"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_the_resolved_layer_call_steps_as_the_checked_path(kind, rule):
+    # After the first call the module makes one call into its C++ LayerCall; it must give what
+    # the checked path gives, and move brsf's counter on as that path does.
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = fastfa.nn.Linear(5, 4, rule=rule, seed=3, activation="gelu"), torch.randn(3, 5)
+    else:
+        layer, x = fastfa.nn.Conv2d(2, 3, 3, padding=1, rule=rule, seed=3), torch.randn(2, 2, 5, 5)
+    checked = copy.deepcopy(layer)
+    for step in range(3):
+        ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        layer(ours).sum().backward()
+        checked._forget_resolved()  # the checked path every step
+        checked(theirs).sum().backward()
+        assert isinstance(vars(layer)["_resolved_call"].layer_call, fastfa._C.LayerCall)
+        assert torch.equal(ours.grad, theirs.grad), step
+        for a, b in zip(layer.parameters(), checked.parameters()):
+            assert torch.equal(a.grad, b.grad), step
+        if layer.feedback_rng is not None:
+            assert torch.equal(layer.feedback_rng, checked.feedback_rng)
+            assert int(layer.feedback_rng[1]) == step + 1
+
+
+def test_a_layer_past_its_first_call_deepcopies_and_saves(tmp_path):
+    # The resolved call holds a C++ object: __getstate__ leaves it out, and the copy resolves its own.
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(5, 4, rule="brsf", seed=1)
+    x = torch.randn(3, 5, requires_grad=True)
+    layer(x).sum().backward()
+    twin = copy.deepcopy(layer)
+    assert "_resolved_call" not in vars(twin)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    for other in (twin, loaded):
+        other(x).sum()
+        assert "_resolved_call" in vars(other)
+        other(x).sum()
+        assert int(other.feedback_rng[1]) == 3  # its own counter, not the original's
+    assert int(layer.feedback_rng[1]) == 1
+
+
+def test_a_torch_function_mode_or_tensor_subclass_takes_the_checked_path():
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(5, 4, rule="usf")
+    x = torch.randn(3, 5)
+    expected = layer(x)
+    with Recorder() as mode:
+        assert torch.equal(layer(x), expected)
+    assert mode.calls > 0  # the mode saw the layer's work: the LayerCall would have skipped it

@@ -10,6 +10,8 @@
 #include <c10/util/strides.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 
 namespace fastfa {
 namespace {
@@ -136,7 +138,36 @@ void transform_kernel(const scalar_t* weight, const scalar_t* stored, scalar_t* 
   });
 }
 
+// sum(w^2) in double: the rms scale's ||W||^2, one pass over W. The partial sums go to eight
+// lanes so that the loop vectorises without reassociating a single accumulator.
+template <typename scalar_t>
+double sum_of_squares(const scalar_t* weight, int64_t numel) {
+  constexpr int64_t kGrain = 32768;
+  return at::parallel_reduce(
+      0, numel, kGrain, 0.0,
+      [&](int64_t begin, int64_t end, double partial) {
+        double lanes[8] = {};
+        int64_t i = begin;
+        for (; i + 8 <= end; i += 8) {
+          for (int lane = 0; lane < 8; ++lane) {
+            const double w = static_cast<double>(weight[i + lane]);
+            lanes[lane] += w * w;
+          }
+        }
+        for (; i < end; ++i) {
+          const double w = static_cast<double>(weight[i]);
+          partial += w * w;
+        }
+        for (const double lane : lanes) partial += lane;
+        return partial;
+      },
+      std::plus<double>());
+}
+
 // Writes B = T(W) into `out`, which has W's shape and the dense layout of memory_format.
+// usf's rms scale (kRmsScale) is read from W here, on the host, in one pass: as a tensor
+// (norm, divide, then B *= s) it cost three more op dispatches per step, more than the
+// transform itself on a small W.
 void transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                     const std::optional<at::Tensor>& rng, int64_t rule, double scale, int64_t distribution,
                     at::MemoryFormat memory_format, at::Tensor& out) {
@@ -163,6 +194,9 @@ void transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& f
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "feedback_transform_cpu", [&] {
+    if (scale_from_weight(kind, scale)) {
+      scale = std::sqrt(sum_of_squares(w.const_data_ptr<scalar_t>(), w.numel()) / static_cast<double>(w.numel()));
+    }
     transform_kernel<scalar_t>(w.const_data_ptr<scalar_t>(), uses_stored ? r.const_data_ptr<scalar_t>() : nullptr,
                                out.mutable_data_ptr<scalar_t>(), w.numel(), kind, scale,
                                static_cast<Distribution>(distribution), seed, step, draw_index);
@@ -183,10 +217,6 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
   check_cpu(weight);
   const auto memory_format = weight.suggest_memory_format();
   at::Tensor out = at::empty_like(weight, weight.options(), memory_format);
-  if (scale_from_weight(static_cast<Rule>(rule), scale)) {
-    transform_into(weight, feedback, rng, rule, 1.0, distribution, memory_format, out);
-    return out.mul_(rms_scale(weight));
-  }
   transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, out);
   return out;
 }

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend
+from . import _C, _backend
 from . import amp as _amp
 from . import dfa as _dfa
 from . import functional as F
@@ -52,6 +52,18 @@ def _op_option(name: str) -> property:
 _CHECKED_IN_CPP = frozenset(("aten", "cuda"))
 
 
+def _member(module: torch.nn.Module, name: str):
+    """``module.<name>`` for a parameter or buffer, as nn.Module.__getattr__ finds it, without that
+    Python call (0.6 µs, four times per forward); anything else (a parametrization's property) by getattr."""
+    parameters = module._parameters
+    if name in parameters:
+        return parameters[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 class _ResolvedCall(NamedTuple):
     """A layer's forward op and its arguments after the tensors, for one backend and device."""
 
@@ -59,6 +71,7 @@ class _ResolvedCall(NamedTuple):
     device: torch.device  # weight's device
     op: object  # the op overload, e.g. torch.ops.fastfa.linear.default
     arguments: tuple  # the static arguments after (input, weight, bias, feedback, rng)
+    layer_call: object  # fastfa._C.LayerCall: op and arguments kept in C++, called with the tensors
     takes_feedback: bool  # whether the rule reads a stored feedback tensor
     draws: bool  # whether the rule reads [seed, step] (brsf, wm)
     key: tuple  # what else the arguments were resolved from (conv2d's geometry)
@@ -97,10 +110,12 @@ class FeedbackLayer:
     def _call(self, weight, key=()):
         """The resolved call for this forward, or None where it must take functional's checked path:
         the first call, a changed backend, device or option, autocast (which casts the arguments),
-        torch.compile (which traces the checked path), a backend that does not check in C++."""
+        torch.compile (which traces the checked path), a torch function mode (the LayerCall enters
+        the dispatcher below it), a backend that does not check in C++."""
         call = self.__dict__.get("_resolved_call")
         if (call is None or call.backend != _backend.get_backend() or call.device != weight.device
-                or call.key != key or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()):
+                or call.key != key or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+                or torch._C._is_torch_function_mode_enabled()):
             return None
         return call
 
@@ -114,28 +129,31 @@ class FeedbackLayer:
         name = _backend.resolve(None, weight.device)
         if name not in _CHECKED_IN_CPP:
             return
-        spec = self._spec
+        spec, op = self._spec, op_for(name)
+        make = _C.LayerCall.linear if op_for is _ops.linear_op else _C.LayerCall.conv2d
         self.__dict__["_resolved_call"] = _ResolvedCall(
-            backend, weight.device, op_for(name), arguments,
-            takes_feedback=spec.id in F._TAKES_FEEDBACK,
-            draws=spec.draws_every_step, key=key)
+            backend, weight.device, op, arguments, make(op._name, *arguments, draws=spec.draws_every_step),
+            takes_feedback=spec.id in F._TAKES_FEEDBACK, draws=spec.draws_every_step, key=key)
 
     def _fast_forward(self, call, input, weight, bias):
-        """One op call with the resolved arguments; None where the op refused the call, so that the
-        checked path can say why (the C++ checks run before any kernel, so nothing has changed)."""
-        feedback = self.feedback
-        if feedback is not None and not call.takes_feedback:
-            return None
+        """One call into the resolved LayerCall (which advances brsf's and wm's [seed, step] in place,
+        as _step_rng and _advance_rng do); None where the op refused the call, so that the checked
+        path can say why (the C++ checks run before any kernel, so nothing has changed)."""
+        feedback = _member(self, "feedback")
+        if (feedback is not None and not call.takes_feedback) or type(input) is not torch.Tensor:
+            return None  # a Tensor subclass's __torch_function__ runs on the checked path
         if _amp.enabled and self._spec.estimates_feedback:
             feedback = _amp.for_loss_scaling(feedback, self._spec, self.alignment_options)
-        rng = self._step_rng() if call.draws else None
         try:
-            output = call.op(input, weight, bias, feedback, rng, *call.arguments)[0]
+            return call.layer_call(input, weight, bias, feedback, _member(self, "feedback_rng") if call.draws else None)
         except (RuntimeError, TypeError, ValueError):
             return None
-        if call.draws:
-            self._advance_rng()
-        return output
+
+    def __getstate__(self):
+        # The resolved call holds a C++ object that neither pickles nor deepcopies; the next
+        # forward resolves it again (deepcopy, torch.save of a whole module).
+        state = super().__getstate__()
+        return {key: value for key, value in state.items() if not key.startswith("_resolved_")}
 
     def _setup_feedback(self, rule, activation, scale, init, seed, alignment_options) -> None:
         # aa and ia layers normalise their alignment input unless told otherwise (alignment.LAYER_DEFAULTS).
@@ -332,7 +350,7 @@ class Linear(FeedbackLayer, torch.nn.Linear):
                              dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, **pipeline))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
+        weight, bias = _member(self, "weight"), _member(self, "bias")
         call = self._call(weight)
         if call is not None:
             output = self._fast_forward(call, input, weight, bias)
@@ -376,7 +394,7 @@ class Conv2d(FeedbackLayer, torch.nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._spec.direct_feedback:
             return _dfa.conv2d_forward(self, input)
-        weight, bias = self.weight, self.bias
+        weight, bias = _member(self, "weight"), _member(self, "bias")
         # The arguments are resolved from these (tuples, replaced when set): "same" padding from
         # the kernel's size too.
         key = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode)

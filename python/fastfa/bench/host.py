@@ -19,7 +19,7 @@ import torch
 
 import fastfa
 
-__all__ = ["SHAPE_SET", "HostCase", "host_cases", "host_overhead_rows", "format_host_overhead",
+__all__ = ["SHAPE_SET", "HostCase", "host_cases", "host_target", "host_overhead_rows", "format_host_overhead",
            "print_host_overhead"]
 
 #: The name of this set in ``fastfa bench --shapes``.
@@ -50,6 +50,30 @@ def host_cases() -> list:
 
 #: Rules per case kind: every rule on the single layers, usf on the MLP (the issue's 1.10x target).
 HOST_RULES = {"linear": fastfa.RULES, "conv2d": fastfa.RULES, "mlp": ("usf",)}
+
+
+#: Issue 14's targets: the overhead in µs over torch's layer (single layers), the time ratio (MLP).
+_FIXED_RULES = frozenset({"bp", "fa", "usf", "frsf"})
+
+
+def host_target(kind: str, rule: str):
+    """(value, unit) of the issue's target for a row: µs of overhead, or a ratio for the MLP; None where none."""
+    if kind == "mlp":
+        return (1.10, "x") if rule == "usf" else None
+    if rule not in fastfa.rules.LAYER_RULES:
+        return None  # dfa: B_l from the model's output, outside the per-layer targets
+    if rule in _FIXED_RULES:
+        return (10.0 if kind == "linear" else 15.0, "us")
+    return (25.0, "us")
+
+
+def _meets(row) -> str:
+    target = host_target(row["kind"], row["rule"])
+    if target is None:
+        return ""
+    value, unit = target
+    got = row["ratio"] if unit == "x" else row["overhead_us"]
+    return f"{'yes' if got <= value else 'no'} (<={value:g}{'x' if unit == 'x' else ''})"
 
 
 def _step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -111,10 +135,10 @@ def host_overhead_rows(steps: int = 2000, rounds: int = 5, warmup: int = 200, ru
 
 def format_host_overhead(rows: list) -> str:
     lines = ["host overhead per forward + backward step (µs; one torch thread)",
-             f"{'case':<36} {'rule':<5} {'torch':>8} {'fastfa':>8} {'over':>8} {'ratio':>6}"]
+             f"{'case':<36} {'rule':<5} {'torch':>8} {'fastfa':>8} {'over':>8} {'ratio':>6}  target met"]
     for row in rows:
         lines.append(f"{row['case']:<36} {row['rule']:<5} {row['torch_us']:>8.1f} {row['fastfa_us']:>8.1f} "
-                     f"{row['overhead_us']:>8.1f} {row['ratio']:>6.2f}")
+                     f"{row['overhead_us']:>8.1f} {row['ratio']:>6.2f}  {_meets(row)}".rstrip())
     return "\n".join(lines)
 
 

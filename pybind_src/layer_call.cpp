@@ -1,0 +1,145 @@
+// fastfa._C.LayerCall: a module's resolved layer op call, so that a training step's forward is one
+// call from Python into C++.
+//
+// Calling torch.ops.fastfa.conv2d.default from Python matches its 14 arguments against the schema
+// and converts each to an IValue on every call (10+ µs on a small CPU, more than torch's whole
+// Conv2d step); the module's static arguments (rule, scale, distribution, alignment, activation,
+// conv2d's geometry) never change between calls. A LayerCall keeps them, and the op's typed
+// handle, from the call that resolved them (fastfa.nn's _resolve_call), and takes only the
+// tensors. The op is still called through the dispatcher: its autograd (csrc/autograd.cpp),
+// Python dispatch modes and every C++ check of its arguments run as for any other call.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/ScalarOps.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace fastfa {
+namespace {
+
+using at::Tensor;
+
+using LinearSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, int64_t, double, int64_t, at::ArrayRef<double>, c10::string_view);
+using Conv2dSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, double,
+    int64_t, at::ArrayRef<double>, c10::string_view);
+
+class LayerCall {
+ public:
+  // A linear op with fastfa::linear's schema (fastfa::linear, fastfa::cuda_linear).
+  static LayerCall linear(const std::string& op, int64_t rule, double scale, int64_t distribution,
+                          std::vector<double> alignment, std::string activation, bool draws) {
+    LayerCall call(rule, scale, distribution, std::move(alignment), std::move(activation), draws);
+    call.linear_ = find(op).typed<LinearSignature>();
+    return call;
+  }
+
+  // A conv2d op with fastfa::conv2d's schema (fastfa::conv2d, fastfa::cuda_conv2d).
+  static LayerCall conv2d(const std::string& op, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                          std::vector<int64_t> dilation, int64_t groups, int64_t rule, double scale,
+                          int64_t distribution, std::vector<double> alignment, std::string activation, bool draws) {
+    LayerCall call(rule, scale, distribution, std::move(alignment), std::move(activation), draws);
+    call.conv2d_ = find(op).typed<Conv2dSignature>();
+    call.stride_ = std::move(stride);
+    call.padding_ = std::move(padding);
+    call.dilation_ = std::move(dilation);
+    call.groups_ = groups;
+    return call;
+  }
+
+  // The layer's output. rng is the layer's own [seed, step] counter for the rules that draw
+  // (brsf, wm), else None: where a backward is recorded, the op gets a copy (its backward reads
+  // this step's draw even if another forward runs first) and the counter moves on in place, on
+  // its device, after the op, so that a refused call leaves it where it was and a CUDA graph's
+  // replay advances it too.
+  Tensor operator()(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                    const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng) const {
+    const bool advance = draws_ && rng.has_value() && rng->defined() && at::GradMode::is_enabled();
+    const bool on_host = advance && plain_cpu_counter(*rng);
+    std::optional<Tensor> step_rng = rng;
+    if (on_host) {
+      step_rng = at::detail::empty_cpu({2}, at::kLong);
+      const int64_t* counter = rng->const_data_ptr<int64_t>();
+      int64_t* copy = step_rng->mutable_data_ptr<int64_t>();
+      copy[0] = counter[0];
+      copy[1] = counter[rng->stride(0)];
+    } else if (advance) {
+      step_rng = rng->clone();
+    }
+    Tensor output;
+    if (linear_) {
+      output = std::get<0>(linear_->call(input, weight, bias, feedback, step_rng, rule_, scale_, distribution_,
+                                         alignment_, activation_));
+    } else {
+      output = std::get<0>(conv2d_->call(input, weight, bias, feedback, step_rng, stride_, padding_, dilation_,
+                                         groups_, rule_, scale_, distribution_, alignment_, activation_));
+    }
+    if (on_host) {
+      rng->mutable_data_ptr<int64_t>()[rng->stride(0)] += 1;
+      rng->unsafeGetTensorImpl()->bump_version(); // as add_ would: autograd sees the write
+    } else if (advance) {
+      // A wrapped number, as Python's `+= 1` passes it: add_(Scalar) would copy 1 into a tensor first.
+      rng->select(0, 1).add_(at::native::wrapped_scalar_tensor(c10::Scalar(int64_t{1})));
+    }
+    return output;
+  }
+
+ private:
+  LayerCall(int64_t rule, double scale, int64_t distribution, std::vector<double> alignment, std::string activation,
+            bool draws)
+      : rule_(rule), scale_(scale), distribution_(distribution), alignment_(std::move(alignment)),
+        activation_(std::move(activation)), draws_(draws) {}
+
+  // A counter that is only memory: an int64 [seed, step] on the CPU, not an inference tensor (whose
+  // in-place update outside inference mode the op would refuse), under no Python dispatch mode or
+  // subclass (whose tensors may hold no data). Its copy and step then need no op dispatch
+  // (clone, select, add_: a third of brsf's host time on a small layer). Anything else, and a
+  // CUDA counter (advanced on its device, in place, so that a graph replay moves it too), takes
+  // the ops.
+  static bool plain_cpu_counter(const Tensor& rng) {
+    return rng.is_cpu() && rng.layout() == at::kStrided && rng.scalar_type() == at::kLong && rng.dim() == 1 &&
+           rng.size(0) == 2 && !rng.is_inference() && !rng.unsafeGetTensorImpl()->is_python_dispatch() &&
+           !c10::impl::dispatch_mode_enabled();
+  }
+
+  static c10::OperatorHandle find(const std::string& op) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), "");
+  }
+
+  std::optional<c10::TypedOperatorHandle<LinearSignature>> linear_;
+  std::optional<c10::TypedOperatorHandle<Conv2dSignature>> conv2d_;
+  std::vector<int64_t> stride_, padding_, dilation_;
+  int64_t groups_ = 1;
+  int64_t rule_;
+  double scale_;
+  int64_t distribution_;
+  std::vector<double> alignment_;
+  std::string activation_;
+  bool draws_;
+};
+
+} // namespace
+
+void bind_layer_call(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<LayerCall>(m, "LayerCall",
+                        "A layer's resolved op call: the op and its static arguments, kept; called with the tensors "
+                        "(input, weight, bias, feedback, rng) it returns the layer's output")
+      .def_static("linear", &LayerCall::linear, py::arg("op"), py::arg("rule"), py::arg("scale"),
+                  py::arg("distribution"), py::arg("alignment"), py::arg("activation"), py::arg("draws"))
+      .def_static("conv2d", &LayerCall::conv2d, py::arg("op"), py::arg("stride"), py::arg("padding"),
+                  py::arg("dilation"), py::arg("groups"), py::arg("rule"), py::arg("scale"), py::arg("distribution"),
+                  py::arg("alignment"), py::arg("activation"), py::arg("draws"))
+      .def("__call__", &LayerCall::operator());
+}
+
+} // namespace fastfa
