@@ -169,14 +169,33 @@ at::Tensor empty_gradient(const at::Tensor& like) { return like.new_empty({0}); 
 // The alignment primitives of learning-rules.md for one layer kind: project(x, M) = x M^T
 // (conv: conv2d(x, M)), outer(r, x) = r^T x (conv: conv2d_weight(x, W.shape, r)),
 // back(r, M) = r M (conv: the transposed convolution of r with M); means over `batch`.
+// `matrices`: a Linear layer's, where the primitives are plain matrix products, so that a scaled
+// sum with a product folds into one addmm (a small layer's B gradient is mostly op dispatch).
 struct AlignmentMaps {
   std::function<at::Tensor(const at::Tensor&, const at::Tensor&)> project, outer, back;
   int64_t batch;
+  bool matrices = false;
 };
 
+// [alpha, beta, gamma, sigma], and on aten an optional fifth value: normalize_input (1 or 0), the
+// fastfa.nn layers' default for aa and ia (fastfa.alignment.LAYER_DEFAULTS), whose B gradient is
+// then the closed form with x normalised per sample (normalized_per_sample).
 void check_alignment(at::ArrayRef<double> alignment) {
-  TORCH_CHECK(alignment.size() == 4, "fastfa: alignment must be [alpha, beta, gamma, sigma], got ",
-              alignment.size(), " values");
+  TORCH_CHECK(alignment.size() == 4 || alignment.size() == 5,
+              "fastfa: alignment must be [alpha, beta, gamma, sigma] (or, on aten, [alpha, beta, gamma, sigma, "
+              "normalize_input]), got ", alignment.size(), " values");
+}
+
+bool normalizes_input(at::ArrayRef<double> alignment) { return alignment.size() == 5 && alignment[4] != 0.0; }
+
+// x centred and scaled to unit L2 norm per sample (x flattened to (N, -1)), as the alignment
+// pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample stays zero.
+at::Tensor normalized_per_sample(const at::Tensor& x) {
+  const at::Tensor flat = x.flatten(1);
+  const at::Tensor centered = flat - flat.mean(1, /*keepdim=*/true);
+  at::Tensor norm = at::linalg_vector_norm(centered, 2, at::IntArrayRef{1}, /*keepdim=*/true);
+  norm.masked_fill_(norm == 0, 1);
+  return centered.div_(norm).view(x.sizes());
 }
 
 // xi ~ N(0, sigma^2) shaped like x, from the same counter-based generator as brsf's draws
@@ -209,13 +228,19 @@ at::Tensor scaled(const at::Tensor& t, double c) {
 }
 
 // B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
-// B gets no task gradient, only the alignment terms (kp: W's task gradient).
+// B gets no task gradient, only the alignment terms (kp: W's task gradient). With normalize_input
+// (aa, ia), x is normalised per sample and r is recomputed from it: the pipeline's loss with that
+// one switch has the table's gradient in x_hat and r_hat = project(x_hat, W).
 at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Tensor& weight,
-                             const at::Tensor& grad_weight, const at::Tensor& input, const at::Tensor& projection,
-                             const std::optional<at::Tensor>& rng, at::ArrayRef<double> alignment,
-                             const AlignmentMaps& maps) {
+                             const at::Tensor& grad_weight, const at::Tensor& layer_input,
+                             const at::Tensor& layer_projection, const std::optional<at::Tensor>& rng,
+                             at::ArrayRef<double> alignment, const AlignmentMaps& maps) {
   const double alpha = alignment[0], beta = alignment[1], gamma = alignment[2], sigma = alignment[3];
   const double batch = static_cast<double>(std::max<int64_t>(maps.batch, 1));
+  const bool normalize = normalizes_input(alignment) &&
+                         (rule == Rule::kActivationAlignment || rule == Rule::kInformationAlignment);
+  const at::Tensor input = normalize ? normalized_per_sample(layer_input) : layer_input;
+  const at::Tensor projection = normalize ? maps.project(input, weight) : layer_projection;
   switch (rule) {
   case Rule::kKolenPollack: // grad_W + alpha * decay
     return at::add(grad_weight, feedback, 2.0 * alpha);
@@ -223,15 +248,26 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
     return at::sub(scaled(feedback, 2.0 * alpha), weight, beta);
   case Rule::kWeightMirror: { // alpha * decay + beta * amp, with x replaced by noise
     const at::Tensor noise = weight_mirror_noise(input, rng, sigma);
-    return at::sub(scaled(feedback, 2.0 * alpha), maps.outer(maps.project(noise, weight), noise), beta / batch);
+    const at::Tensor noise_projection = maps.project(noise, weight);
+    if (maps.matrices) { // 2 alpha B - (beta / N) r^T noise
+      return at::addmm(feedback, noise_projection.t(), noise, 2.0 * alpha, -beta / batch);
+    }
+    return maps.outer(noise_projection, noise).mul_(-beta / batch).add_(feedback, 2.0 * alpha);
   }
-  case Rule::kActivationAlignment: // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
-    return maps.outer(at::sub(scaled(maps.project(input, feedback), 2.0 * alpha / batch), projection, beta / batch),
-                      input);
-  case Rule::kInformationAlignment: // alpha * amp + beta * null + gamma * decay, linear in outer's x
-    return at::add(maps.outer(projection, at::add(scaled(input, -alpha / batch), maps.back(projection, feedback),
-                                                  2.0 * beta / batch)),
-                   feedback, 2.0 * gamma);
+  case Rule::kActivationAlignment: { // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
+    if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm
+      return maps.outer(at::addmm(projection, input, feedback.t(), -beta / batch, 2.0 * alpha / batch), input);
+    }
+    return maps.outer(maps.project(input, feedback).mul_(2.0 * alpha / batch).sub_(projection, beta / batch), input);
+  }
+  case Rule::kInformationAlignment: { // alpha * amp + beta * null + gamma * decay, linear in outer's x
+    if (maps.matrices) { // r^T ((2 beta / N) r B - (alpha / N) x) + 2 gamma B, in two addmm
+      return at::addmm(feedback, projection.t(), at::addmm(input, projection, feedback, -alpha / batch, 2.0 * beta / batch),
+                       2.0 * gamma, 1.0);
+    }
+    return maps.outer(projection, maps.back(projection, feedback).mul_(2.0 * beta / batch).sub_(input, alpha / batch))
+        .add_(feedback, 2.0 * gamma);
+  }
   default:
     TORCH_CHECK(false, "fastfa: rule ", static_cast<int64_t>(rule), " does not estimate its feedback");
   }
@@ -316,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const AlignmentMaps maps{
         [](const at::Tensor& a, const at::Tensor& m) { return at::mm(a, m.t()); },
         [](const at::Tensor& r, const at::Tensor& a) { return at::mm(r.t(), a); },
-        [](const at::Tensor& r, const at::Tensor& m) { return at::mm(r, m); }, rows};
+        [](const at::Tensor& r, const at::Tensor& m) { return at::mm(r, m); }, rows, /*matrices=*/true};
     const at::Tensor r = projection.numel() > 0 ? projection.reshape({rows, out_features}) : projection;
     grad_feedback =
         in_layout_of(feedback_gradient(kind, *feedback, weight, grad_weight, x, r, rng, alignment, maps), *feedback);

@@ -355,6 +355,20 @@ def _for_op(spec, feedback, alignment):
     return (None if feedback is None else feedback.detach()), alignment
 
 
+#: The one pipeline the aten op computes in closed form: the layers' default for aa and ia. With
+#: x_hat = x normalised per sample and r = x_hat W^T, p = x_hat B^T, the loss's gradient is the
+#: table's (learning-rules.md) with x_hat in x's place, so no loss graph is built per step.
+_CLOSED_FORM = Pipeline(normalize_input=True)
+
+
+def op_alignment(spec, pipeline, coefficients, alignment):
+    """The alignment the aten op takes where it computes B's gradient itself under ``pipeline``
+    ([alpha, beta, gamma, sigma, 1]: normalize_input, aa and ia with fixed coefficients), else None."""
+    if coefficients is None and pipeline == _CLOSED_FORM and spec.id in (Rule.AA, Rule.IA):
+        return [*alignment, 1.0]
+    return None
+
+
 def _reason(pipeline) -> str:
     return "alignment pipeline switch" if pipeline is not None else "alignment coefficient schedule"
 
@@ -363,6 +377,10 @@ def linear(input, weight, bias, feedback, rng, spec, scale, distribution, alignm
            coefficients):
     """A Linear layer whose B gradient comes from the pipeline's loss (checked arguments, as functional._linear)."""
     _on_aten("linear", backend, _reason(pipeline))
+    closed_form = op_alignment(spec, pipeline, coefficients, alignment)
+    if closed_form is not None:
+        return _ops.linear_op("aten")(input, weight, bias, feedback, rng, int(spec.id), scale, distribution,
+                                      closed_form, activation)[0]
     task_feedback, alignment_of_op = _for_op(spec, feedback, alignment)
     output, _, _ = _ops.linear_op("aten")(input, weight, bias, task_feedback, rng, int(spec.id), scale, distribution,
                                           alignment_of_op, activation)
@@ -375,6 +393,10 @@ def conv2d(input, weight, bias, feedback, rng, stride, padding, dilation, groups
            alignment, activation, backend, pipeline, coefficients):
     """A Conv2d layer (4-D input, padding applied) whose B gradient comes from the pipeline's loss."""
     _on_aten("conv2d", backend, _reason(pipeline))
+    closed_form = op_alignment(spec, pipeline, coefficients, alignment)
+    if closed_form is not None:
+        return _ops.conv2d_op("aten")(input, weight, bias, feedback, rng, stride, padding, dilation, groups,
+                                      int(spec.id), scale, distribution, closed_form, activation)[0]
     task_feedback, alignment_of_op = _for_op(spec, feedback, alignment)
     output, _, _ = _ops.conv2d_op("aten")(input, weight, bias, task_feedback, rng, stride, padding, dilation, groups,
                                           int(spec.id), scale, distribution, alignment_of_op, activation)

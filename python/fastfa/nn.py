@@ -20,7 +20,7 @@ from . import dfa as _dfa
 from . import functional as F
 from . import ops as _ops
 from .alignment import OPTIONS as PIPELINE_OPTIONS
-from .alignment import layer_options, split_options
+from .alignment import layer_options, op_alignment, split_options
 from .ops import feedback_transform
 from .rules import RMS_SCALE, Distribution, Rule, rule_spec
 
@@ -91,6 +91,8 @@ class FeedbackLayer:
     feedback_scale = _op_option("feedback_scale")
     feedback_distribution = _op_option("feedback_distribution")
     alignment_options = _op_option("alignment_options")
+    # A resolved call of aa / ia may compute the pipeline's normalize_input in the op (alignment.op_alignment).
+    alignment_pipeline = _op_option("alignment_pipeline")
 
     def _forget_resolved(self) -> None:
         """Drop the arguments resolved for the op: after ``_spec`` is swapped (fastfa.metrics runs
@@ -123,10 +125,16 @@ class FeedbackLayer:
         """After a call that took the checked path: remember its op and arguments for the next ones."""
         if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
             return
-        if self.alignment_pipeline is not None or self.alignment_coefficients is not None:
-            return  # the alignment pipeline and scheduled coefficients run through functional's aten path
         backend = _backend.get_backend()
         name = _backend.resolve(None, weight.device)
+        if self.alignment_pipeline is not None or self.alignment_coefficients is not None:
+            # The alignment pipeline and scheduled coefficients run through functional's aten path,
+            # except the pipeline the aten op computes in closed form (aa's and ia's default).
+            closed_form = op_alignment(self._spec, self.alignment_pipeline, self.alignment_coefficients,
+                                       self.alignment_options)
+            if closed_form is None or name != "aten":
+                return
+            arguments = (*arguments[:-2], closed_form, arguments[-1])
         if name not in _CHECKED_IN_CPP:
             return
         spec, op = self._spec, op_for(name)
