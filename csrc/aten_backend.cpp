@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 
 namespace fastfa {
 
@@ -190,11 +191,22 @@ bool normalizes_input(at::ArrayRef<double> alignment) { return alignment.size() 
 
 // x centred and scaled to unit L2 norm per sample (x flattened to (N, -1)), as the alignment
 // pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample stays zero.
+// The mean as a sum subtracted with sub's alpha, and the zero norm raised to the dtype's smallest
+// positive value (where the sample is all zeros, and so is its quotient; any other norm is at
+// least that value, so unchanged, even a subnormal fp16 one): half the ops of mean and a masked fill.
 at::Tensor normalized_per_sample(const at::Tensor& x) {
   const at::Tensor flat = x.flatten(1);
-  const at::Tensor centered = flat - flat.mean(1, /*keepdim=*/true);
+  const double width = static_cast<double>(std::max<int64_t>(flat.size(1), 1));
+  const at::Tensor centered = at::sub(flat, flat.sum(1, /*keepdim=*/true), 1.0 / width);
   at::Tensor norm = at::linalg_vector_norm(centered, 2, at::IntArrayRef{1}, /*keepdim=*/true);
-  norm.masked_fill_(norm == 0, 1);
+  double smallest = std::numeric_limits<double>::denorm_min();
+  switch (x.scalar_type()) {
+  case at::kHalf: smallest = static_cast<double>(std::numeric_limits<c10::Half>::denorm_min()); break;
+  case at::kBFloat16: smallest = static_cast<double>(std::numeric_limits<c10::BFloat16>::denorm_min()); break;
+  case at::kFloat: smallest = static_cast<double>(std::numeric_limits<float>::denorm_min()); break;
+  default: break;
+  }
+  norm.clamp_min_(smallest);
   return centered.div_(norm).view(x.sizes());
 }
 
@@ -215,17 +227,24 @@ at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tens
                         static_cast<int64_t>(Distribution::kNormal));
 }
 
-// t * c. `t * double` in C++ goes through mul.Scalar, which copies c into a tensor with four more
-// op dispatches (to, _to_copy, empty_strided, copy_); a wrapped number, as Python's `t * c` passes,
-// is read as a scalar on any device. In t's dtype for fp32 / fp64 (a wrapped number of another
-// dtype is cast with .to() first; the kernel would round c to t's dtype anyway); fp16 / bf16 keep
-// a double, which their kernels read in fp32. Sums of scaled terms use add / sub's alpha instead.
-at::Tensor scaled(const at::Tensor& t, double c) {
+// c as a wrapped number for t's kernels. `t * double` in C++ goes through mul.Scalar, which copies
+// c into a tensor with four more op dispatches (to, _to_copy, empty_strided, copy_); a wrapped
+// number, as Python's `t * c` passes, is read as a scalar on any device. In t's dtype for fp32 /
+// fp64 (a wrapped number of another dtype is cast with .to() first; the kernel would round c to t's
+// dtype anyway); fp16 / bf16 keep a double, which their kernels read in fp32. Sums of scaled terms
+// use add / sub's alpha instead.
+at::Tensor wrapped_scalar(const at::Tensor& t, double c) {
   const auto dtype = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ? t.scalar_type() : at::kDouble;
   at::Tensor scalar = at::detail::scalar_tensor_static(c, dtype, at::kCPU);
   scalar.unsafeGetTensorImpl()->set_wrapped_number(true);
-  return at::mul(t, scalar);
+  return scalar;
 }
+
+// t * c, new.
+at::Tensor scaled(const at::Tensor& t, double c) { return at::mul(t, wrapped_scalar(t, c)); }
+
+// t *= c, in place (t is a new tensor of ours).
+at::Tensor scale_(at::Tensor t, double c) { return t.mul_(wrapped_scalar(t, c)); }
 
 // B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
 // B gets no task gradient, only the alignment terms (kp: W's task gradient). With normalize_input
@@ -252,20 +271,21 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
     if (maps.matrices) { // 2 alpha B - (beta / N) r^T noise
       return at::addmm(feedback, noise_projection.t(), noise, 2.0 * alpha, -beta / batch);
     }
-    return maps.outer(noise_projection, noise).mul_(-beta / batch).add_(feedback, 2.0 * alpha);
+    return scale_(maps.outer(noise_projection, noise), -beta / batch).add_(feedback, 2.0 * alpha);
   }
   case Rule::kActivationAlignment: { // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
     if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm
       return maps.outer(at::addmm(projection, input, feedback.t(), -beta / batch, 2.0 * alpha / batch), input);
     }
-    return maps.outer(maps.project(input, feedback).mul_(2.0 * alpha / batch).sub_(projection, beta / batch), input);
+    return maps.outer(scale_(maps.project(input, feedback), 2.0 * alpha / batch).sub_(projection, beta / batch),
+                      input);
   }
   case Rule::kInformationAlignment: { // alpha * amp + beta * null + gamma * decay, linear in outer's x
     if (maps.matrices) { // r^T ((2 beta / N) r B - (alpha / N) x) + 2 gamma B, in two addmm
       return at::addmm(feedback, projection.t(), at::addmm(input, projection, feedback, -alpha / batch, 2.0 * beta / batch),
                        2.0 * gamma, 1.0);
     }
-    return maps.outer(projection, maps.back(projection, feedback).mul_(2.0 * beta / batch).sub_(input, alpha / batch))
+    return maps.outer(projection, scale_(maps.back(projection, feedback), 2.0 * beta / batch).sub_(input, alpha / batch))
         .add_(feedback, 2.0 * gamma);
   }
   default:
