@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from . import _backend, functional
+from . import _backend, functional, ops
 from .rules import init_distribution, rule_spec
 
 __all__ = ["attach", "direct_feedback", "feedback_weight", "DirectFeedbackContext"]
@@ -238,27 +238,54 @@ class DirectFeedbackContext:
 
 
 _BACKPROP = rule_spec("bp")
+#: Where a dfa layer keeps its resolved bp op call (fastfa.nn's FeedbackLayer._resolve_call), apart
+#: from the layer's own: that one would skip the join below.
+RESOLVED_CALL = "_resolved_direct_feedback_call"
+
+
+def _bp_arguments(layer) -> tuple:
+    """(rule, scale, distribution, alignment, activation) of the bp op a dfa layer's forward runs."""
+    _, scale, distribution, alignment, activation = layer._op_options()
+    return int(_BACKPROP.id), scale, distribution, alignment, activation
 
 
 def linear_forward(layer, input: torch.Tensor) -> torch.Tensor:
-    """A dfa fastfa.nn.Linear's forward: bp's op on the detached input, joined through e B_l."""
-    _, scale, distribution, alignment, activation = layer._op_options()
-    output = functional._linear(input.detach(), layer.weight, layer.bias, None, None, _BACKPROP, scale,
-                                distribution, alignment, activation)
+    """A dfa fastfa.nn.Linear's forward: bp's op on the detached input, joined through e B_l.
+    The op call is resolved once (a LayerCall, as every rule's layer), after a checked call."""
+    weight, bias, detached = layer.weight, layer.bias, input.detach()
+    call = layer._call(weight, slot=RESOLVED_CALL)
+    output = None if call is None else layer._fast_forward(call, detached, weight, bias)
+    if output is None:
+        arguments = _bp_arguments(layer)
+        output = functional._linear(detached, weight, bias, None, None, _BACKPROP, *arguments[1:])
+        layer._resolve_call(weight, ops.linear_op, arguments, slot=RESOLVED_CALL, spec=_BACKPROP)
     return _join(layer, input, output)
 
 
 def conv2d_forward(layer, input: torch.Tensor) -> torch.Tensor:
     """A dfa fastfa.nn.Conv2d's forward: as torch.nn.Conv2d's (padding modes pad first) on the
-    detached input; B_l maps e to the layer's own input, before any padding."""
-    padded, padding = input.detach(), layer.padding
+    detached input; B_l maps e to the layer's own input, before any padding. A batched input with
+    zero padding and an even "same" padding takes the resolved op call, as fastfa.nn.Conv2d's."""
+    weight, bias, detached = layer.weight, layer.bias, input.detach()
+    key = (layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+    if isinstance(layer.padding, str):
+        key += (weight.shape,)
+    call = layer._call(weight, key, slot=RESOLVED_CALL)
+    output = None if call is None else layer._fast_forward(call, detached, weight, bias)
+    if output is not None:
+        return _join(layer, input, output)
+    padded, padding = detached, layer.padding
     if layer.padding_mode != "zeros":
         padded = torch.nn.functional.pad(padded, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         padding = (0, 0)
-    _, scale, distribution, alignment, activation = layer._op_options()
-    output = functional._conv2d(padded, layer.weight, layer.bias, layer.stride, padding, layer.dilation,
-                                layer.groups, None, None, _BACKPROP, scale, distribution, alignment, activation,
-                                geometry=layer._geometry(padding))
+    arguments = _bp_arguments(layer)
+    output = functional._conv2d(padded, weight, bias, layer.stride, padding, layer.dilation, layer.groups, None, None,
+                                _BACKPROP, *arguments[1:], geometry=layer._geometry(padding))
+    if layer.padding_mode == "zeros" and input.dim() == 4:
+        stride, padding, extra, dilation, groups = layer._geometry(layer.padding)
+        if extra == (0, 0):
+            layer._resolve_call(weight, ops.conv2d_op, (stride, padding, dilation, groups, *arguments), key,
+                                slot=RESOLVED_CALL, spec=_BACKPROP)
     return _join(layer, input, output)
 
 

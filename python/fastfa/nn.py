@@ -43,6 +43,7 @@ def _op_option(name: str) -> property:
         self.__dict__[stored] = value
         self.__dict__.pop("_resolved_op_options", None)
         self.__dict__.pop("_resolved_call", None)
+        self.__dict__.pop(_dfa.RESOLVED_CALL, None)
 
     return property(get, set)
 
@@ -99,6 +100,7 @@ class FeedbackLayer:
         a backprop pass through the same layers), the next call resolves them again."""
         self.__dict__.pop("_resolved_op_options", None)
         self.__dict__.pop("_resolved_call", None)
+        self.__dict__.pop(_dfa.RESOLVED_CALL, None)
 
     def _op_options(self) -> tuple:
         """(rule, scale, distribution, alignment, activation) as the op takes them, resolved once."""
@@ -109,20 +111,21 @@ class FeedbackLayer:
             self.__dict__["_resolved_op_options"] = options
         return options
 
-    def _call(self, weight, key=()):
+    def _call(self, weight, key=(), slot="_resolved_call"):
         """The resolved call for this forward, or None where it must take functional's checked path:
         the first call, a changed backend, device or option, autocast (which casts the arguments),
         torch.compile (which traces the checked path), a torch function mode (the LayerCall enters
         the dispatcher below it), a backend that does not check in C++."""
-        call = self.__dict__.get("_resolved_call")
+        call = self.__dict__.get(slot)
         if (call is None or call.backend != _backend.get_backend() or call.device != weight.device
                 or call.key != key or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
                 or torch._C._is_torch_function_mode_enabled()):
             return None
         return call
 
-    def _resolve_call(self, weight, op_for, arguments: tuple, key=()) -> None:
-        """After a call that took the checked path: remember its op and arguments for the next ones."""
+    def _resolve_call(self, weight, op_for, arguments: tuple, key=(), slot="_resolved_call", spec=None) -> None:
+        """After a call that took the checked path: remember its op and arguments for the next ones.
+        slot, spec: where to keep it and the rule it runs (dfa's layers keep their bp call apart)."""
         if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
             return
         backend = _backend.get_backend()
@@ -137,9 +140,9 @@ class FeedbackLayer:
             arguments = (*arguments[:-2], closed_form, arguments[-1])
         if name not in _CHECKED_IN_CPP:
             return
-        spec, op = self._spec, op_for(name)
+        spec, op = spec or self._spec, op_for(name)
         make = _C.LayerCall.linear if op_for is _ops.linear_op else _C.LayerCall.conv2d
-        self.__dict__["_resolved_call"] = _ResolvedCall(
+        self.__dict__[slot] = _ResolvedCall(
             backend, weight.device, op, arguments, make(op._name, *arguments, draws=spec.draws_every_step),
             takes_feedback=spec.id in F._TAKES_FEEDBACK, draws=spec.draws_every_step, key=key)
 
