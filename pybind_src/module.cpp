@@ -13,6 +13,7 @@
 
 namespace fastfa {
 void bind_layer_call(pybind11::module_& m); // layer_call.cpp
+void bind_direct_feedback(pybind11::module_& m); // direct_feedback_join.cpp
 } // namespace fastfa
 
 #define FASTFA_STRINGIFY_(x) #x
@@ -88,4 +89,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("transform"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
       pybind11::arg("nchw") = false);
   fastfa::bind_layer_call(m);
+  fastfa::bind_direct_feedback(m);
 }

@@ -20,7 +20,8 @@ How e reaches the layers. ``fastfa.convert(model, "dfa")`` puts a forward pre-ho
 forward hook on the model. Each call of the model opens a *pass*; every dfa layer that runs
 in it computes its output with the bp ops on a detached input (so its backward computes
 grad_W and grad_b only, never delta W or delta B) and joins the input back through
-:class:`_DirectFeedback`, whose backward is grad_x = e B_l. The forward hook registers a hook
+:class:`_DirectFeedback`, whose backward is grad_x = e B_l (on the CPU's aten backend, the C++
+node of pybind_src/direct_feedback_join.cpp instead: no Python in the backward). The forward hook registers a hook
 on the model's output tensor that stores e in the pass. Autograd runs a tensor's hooks before
 anything that produced it, so e is stored before any layer's backward reads it.
 """
@@ -32,7 +33,7 @@ import math
 
 import torch
 
-from . import _backend, functional, ops
+from . import _C, _backend, functional, ops
 from .rules import init_distribution, rule_spec
 
 __all__ = ["attach", "direct_feedback", "feedback_weight", "DirectFeedbackContext"]
@@ -74,21 +75,24 @@ class _Layout:
 class _Pass:
     """One call of a converted model: the layer calls in it, and e once the backward reaches the output."""
 
-    __slots__ = ("calls", "error")
+    __slots__ = ("calls", "error", "native")
 
     def __init__(self):
         self.calls = []  # (_Call, input shape) in the order the layers ran
         self.error = None
+        self.native = _C.DirectFeedbackPass()  # e for the C++ joins' backward
 
 
 class _Call:
     """One dfa layer's call inside a pass: what its backward needs to project e."""
 
-    __slots__ = ("layer", "record", "layout", "joined")
+    __slots__ = ("layer", "record", "layout", "joined", "projection", "dtype")
 
     def __init__(self, layer, record: _Pass):
         self.layer, self.record, self.layout = layer, record, None
         self.joined = False  # linked into the autograd graph: its backward will need e
+        self.projection = None  # a C++ join's _C.DirectFeedbackProjection, filled when the model's forward returns
+        self.dtype = None  # the layer input's dtype: e B_l's
 
 
 def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
@@ -136,12 +140,16 @@ class _DirectFeedback(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             error = call.record.error
             if error is None:
-                raise RuntimeError(
-                    f"dfa: the backward reached a dfa layer ({type(call.layer).__name__}) but not the converted "
-                    "model's output: dfa needs e = dL/d(model output), so compute the loss from the output the "
-                    "converted model returned (a backward from an intermediate tensor has no e)")
+                raise RuntimeError(_missing_error(type(call.layer).__name__))
             grad_input = project(call.layer, error, call.layout, ctx.input_dtype)
         return grad_output, grad_input, None
+
+
+@functools.cache
+def _missing_error(layer_kind: str) -> str:
+    return (f"dfa: the backward reached a dfa layer ({layer_kind}) but not the converted model's output: dfa needs "
+            "e = dL/d(model output), so compute the loss from the output the converted model returned (a backward "
+            "from an intermediate tensor has no e)")
 
 
 #: A B_l of at most this many elements (256 KiB in fp32) is kept on its layer between backward
@@ -231,10 +239,25 @@ class DirectFeedbackContext:
                     raise
                 continue
             call.layer.__dict__["_direct_feedback_layout"] = call.layout
+            if call.projection is not None:
+                _set_projection(call)
         if needs_error and output.requires_grad:
+            if all(call.projection is not None for call, _ in record.calls if call.joined):
+                _C.direct_feedback_capture(output, record.native)  # only C++ joins: no Python in the backward
+                return
+
             def keep_error(grad, record=record):
-                record.error = grad.detach()
+                record.error = record.native.error = grad.detach()
             output.register_hook(keep_error)
+
+
+def _set_projection(call: _Call) -> None:
+    """What a C++ join's backward reads: B_l's shape, and the small B_l itself (as project's aten path)."""
+    layer, layout = call.layer, call.layout
+    small = layout.output_width * layout.input_numel <= min(CACHE_ELEMENTS, BLOCK_ELEMENTS)
+    call.projection.set(_cached_feedback(layer, layout, call.dtype) if small else None, layer.feedback_rng,
+                        layout.output_width, layout.input_numel, layout.scale, layout.distribution, BLOCK_ELEMENTS,
+                        list(layout.input_shape))
 
 
 _BACKPROP = rule_spec("bp")
@@ -319,7 +342,19 @@ def _join(layer, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and input.requires_grad):
         return output
     call.joined = True
+    if _joins_in_cpp(input, output):
+        call.projection, call.dtype = _C.DirectFeedbackProjection(), input.dtype
+        return _C.direct_feedback_join(output, input, record.native, call.projection,
+                                       _missing_error(type(layer).__name__))
     return _DirectFeedback.apply(output, input, call)
+
+
+def _joins_in_cpp(input: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether the join can be the C++ node (no Python in the backward): plain CPU tensors on the aten
+    backend, outside torch.compile (which traces the Python Function) and torch function modes."""
+    return (type(input) is torch.Tensor and type(output) is torch.Tensor and input.device.type == "cpu"
+            and _backend.resolve(None, input.device) == "aten" and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 def attach(model: torch.nn.Module, layers) -> torch.nn.Module:
