@@ -604,3 +604,28 @@ def test_cuda_backend_model_matches_the_oracle(dtype):
         assert_close(grad_inputs[index], expected_grad_inputs[index], dtype, f"layer {index}'s grad_input")
     for name in grads:
         assert_close(grads[name], expected_grads[name], dtype, f"{name}.grad")
+
+
+def test_cpp_join_equals_the_python_function(monkeypatch):
+    """The CPU's C++ join (no Python in the backward) gives the Python Function's gradients exactly,
+    for a small cached B_l and one drawn by blocks (K x F above CACHE_ELEMENTS)."""
+    from fastfa import dfa
+
+    def gradients():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.ReLU(inplace=True), torch.nn.Linear(300, 300),
+                                    torch.nn.ReLU(), torch.nn.Linear(300, 300))
+        model = fastfa.convert(model, "dfa", seed=3)
+        assert 300 * 300 > dfa.CACHE_ELEMENTS
+        x = torch.randn(4, 8, requires_grad=True)
+        for _ in range(2):  # the checked first call, then the resolved one
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            model(x).pow(2).sum().backward()
+        return [p.grad for p in model.parameters()] + [x.grad]
+
+    native = gradients()
+    monkeypatch.setattr(dfa, "_joins_in_cpp", lambda input, output: False)
+    python = gradients()
+    for got, expected in zip(native, python):
+        assert torch.equal(got, expected)

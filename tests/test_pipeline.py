@@ -338,3 +338,30 @@ def test_default_layers_under_autocast_and_with_an_empty_batch(rule):
     empty = layer(torch.randn(0, 3, 5, 5))
     empty.sum().backward()
     assert empty.shape == (0, 4, 5, 5) and torch.isfinite(layer.feedback.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_default_layers_closed_form_matches_the_oracle_on_every_call(kind, rule):
+    """The default (normalize_input) is the aten op's closed form: on the checked first call and on the
+    resolved LayerCall of the next ones. An all-zero sample stays zero (never NaN), as in the
+    pipeline's own loss (the oracle divides by its zero norm)."""
+    from fastfa import alignment
+
+    layer = _default_layer(kind, rule)
+    x = torch.randn(SHAPES[kind], dtype=F64)
+    expected = _expected(rule, layer, x, **spec_options.LAYER_SWITCHES[rule])
+    for _ in range(3):
+        layer.zero_grad(set_to_none=True)
+        torch.testing.assert_close(_run(layer, x)[0], expected, atol=1e-10, rtol=1e-10)
+    assert "_resolved_call" in layer.__dict__
+    x[1] = 0.0
+    layer.zero_grad(set_to_none=True)
+    feedback = layer.feedback.detach().clone().requires_grad_(True)
+    flat = x if kind == "conv" else x.reshape(-1, x.shape[-1])
+    maps = alignment._Maps(flat.shape, _geometry(layer))
+    alignment.pipeline_loss(Rule[rule.upper()], layer.alignment_pipeline, flat, layer.weight, layer.bias, feedback,
+                            layer.alignment_options[:3], layer.activation, maps).backward()
+    grad_feedback = _run(layer, x)[0]
+    assert torch.isfinite(grad_feedback).all()
+    torch.testing.assert_close(grad_feedback, feedback.grad, atol=1e-10, rtol=1e-10)
