@@ -7,7 +7,8 @@
 //   rule          fastfa::Rule id (python/fastfa/rules.py)
 //   scale         s of usf, the draw's scale for brsf / drawn fa
 //   distribution  0 uniform, 1 normal (the unit draw of R)
-//   alignment     [alpha, beta, gamma, sigma] of the estimated rules (kp, wm, sa, aa, ia)
+//   alignment     [alpha, beta, gamma, sigma] of the estimated rules (kp, wm, sa, aa, ia); aten also takes
+//                 a fifth value, normalize_input (aa, ia: fastfa.nn's default, alignment.op_alignment)
 // Forward ops return (output, activation_saved, projection r = x W^T for aa / ia);
 // backward ops (grad_input, grad_weight, grad_bias, grad_feedback), masked ones empty.
 #include "fastfa/ops.h"

@@ -37,7 +37,10 @@ With a switch on, or with coefficients that follow a schedule (:mod:`fastfa.sche
 the layer's forward op runs on aten with B detached (grad_input, grad_W and grad_b as
 always), and B's gradient is the autograd gradient of the pipeline's loss, handed to B
 when the layer's output gets its gradient. kp and sa are refused: their terms (decay,
-self) never read the input, so no switch could change them.
+self) never read the input, so no switch could change them. One pipeline is the exception:
+aa's and ia's default, normalize_input alone with fixed coefficients, whose gradient is the
+table's with x normalised per sample: the aten op computes it in closed form
+(:func:`op_alignment`), with no loss graph per step.
 """
 
 from __future__ import annotations

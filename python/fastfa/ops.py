@@ -14,7 +14,8 @@ autograd formula can hand it to the backward op:
     torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution) -> B
 
 projection is r = x W^T (conv2d(x, W)) without bias, kept only for the rules whose B
-gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma].
+gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma], or on aten
+[alpha, beta, gamma, sigma, normalize_input] (aa / ia: B's gradient from x normalised per sample).
 
 Other backends register ops with the same schemas under their own names
 (fastfa::cuda_linear / cuda_linear_backward, fastfa::triton_linear / triton_linear_backward, ...).

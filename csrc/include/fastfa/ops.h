@@ -67,7 +67,8 @@ std::vector<int64_t> conv2d_output_shape(const at::Tensor& input, const at::Tens
 // The aten backend: fastfa's transform, then ATen's GEMM / convolution. The forward ops
 // return (output, activation_saved, projection): projection is r = x W^T without bias
 // for the rules whose B gradient needs it (aa, ia), else empty. The backward ops return
-// (grad_input, grad_weight, grad_bias, grad_feedback); alignment is [alpha, beta, gamma, sigma].
+// (grad_input, grad_weight, grad_bias, grad_feedback); alignment is [alpha, beta, gamma, sigma]
+// (aten: optionally a fifth value, normalize_input, for aa and ia).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng, int64_t rule, double scale,
