@@ -134,7 +134,9 @@ def for_loss_scaling(feedback, spec, alignment, coefficients=None, device_type=N
     alignment: the layer's [alpha, beta, gamma, sigma]; coefficients: the [alpha, beta, gamma]
     tensor a schedule writes, or None."""
     if not enabled:
-        if isinstance(feedback, torch.Tensor) and feedback.requires_grad:
+        # Not while compiling: dynamo would guard on the dict's contents and recompile every step
+        # that adds a B (the late-scaler warning is eager-mode help, not part of the graph).
+        if isinstance(feedback, torch.Tensor) and feedback.requires_grad and not torch.compiler.is_compiling():
             base = feedback if feedback._base is None else feedback._base
             key = id(base)
             if key not in _before_scaler:  # a layer's B: once; the entry goes when B does
