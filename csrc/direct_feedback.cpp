@@ -27,6 +27,24 @@ void check_direct_feedback_product_arguments(const at::Tensor& error, const at::
   TORCH_CHECK(std::isfinite(scale), "fastfa: scale must be finite, got ", scale);
 }
 
+// The draws' own checks (direct_feedback_cpu / _cuda check their rng's device first), one place for both.
+void check_direct_feedback_draw_arguments(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
+                                          int64_t column_count, double scale, int64_t distribution,
+                                          at::ScalarType dtype) {
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
+              "fastfa: rng must be an int64 tensor [seed, step], got ", rng.scalar_type(), " of shape ", rng.sizes());
+  TORCH_CHECK(rows >= 0 && columns >= 0, "fastfa: B_l's shape (rows, columns) must be non-negative, got (", rows,
+              ", ", columns, ")");
+  TORCH_CHECK(column_begin >= 0 && column_count >= 0 && column_begin + column_count <= columns,
+              "fastfa: the column block [", column_begin, ", ", column_begin + column_count,
+              ") must lie in B_l's ", columns, " columns");
+  TORCH_CHECK(distribution == static_cast<int64_t>(Distribution::kUniform) ||
+                  distribution == static_cast<int64_t>(Distribution::kNormal),
+              "fastfa: distribution must be 0 (uniform) or 1 (normal), got ", distribution);
+  TORCH_CHECK(std::isfinite(scale), "fastfa: scale must be finite, got ", scale);
+  TORCH_CHECK(at::isFloatingType(dtype), "fastfa: dtype must be floating-point, got ", dtype);
+}
+
 namespace {
 
 at::Tensor draw_block(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t begin, int64_t count,

@@ -51,18 +51,7 @@ __global__ void direct_feedback_kernel(scalar_t* __restrict__ out, int64_t rows,
 at::Tensor direct_feedback_cuda(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
                                 int64_t column_count, double scale, int64_t distribution, at::ScalarType dtype) {
   TORCH_CHECK(rng.is_cuda(), "fastfa: the CUDA direct feedback draw needs a CUDA rng, got ", rng.device());
-  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
-              "fastfa: rng must be an int64 tensor [seed, step], got ", rng.scalar_type(), " of shape ", rng.sizes());
-  TORCH_CHECK(rows >= 0 && columns >= 0, "fastfa: B_l's shape (rows, columns) must be non-negative, got (", rows,
-              ", ", columns, ")");
-  TORCH_CHECK(column_begin >= 0 && column_count >= 0 && column_begin + column_count <= columns,
-              "fastfa: the column block [", column_begin, ", ", column_begin + column_count,
-              ") must lie in B_l's ", columns, " columns");
-  TORCH_CHECK(distribution == static_cast<int64_t>(Distribution::kUniform) ||
-                  distribution == static_cast<int64_t>(Distribution::kNormal),
-              "fastfa: distribution must be 0 (uniform) or 1 (normal), got ", distribution);
-  TORCH_CHECK(std::isfinite(scale), "fastfa: scale must be finite, got ", scale);
-  TORCH_CHECK(at::isFloatingType(dtype), "fastfa: dtype must be floating-point, got ", dtype);
+  check_direct_feedback_draw_arguments(rng, rows, columns, column_begin, column_count, scale, distribution, dtype);
   const c10::cuda::CUDAGuard device_guard(rng.device());
   at::Tensor out = at::empty({rows, column_count}, rng.options().dtype(dtype));
   if (out.numel() == 0) {

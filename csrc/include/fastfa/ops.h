@@ -39,6 +39,9 @@ at::Tensor direct_feedback_product(const at::Tensor& error, const at::Tensor& rn
                                    int64_t distribution, int64_t block_elements);
 void check_direct_feedback_product_arguments(const at::Tensor& error, const at::Tensor& rng, int64_t columns,
                                              double scale, int64_t distribution);
+void check_direct_feedback_draw_arguments(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
+                                          int64_t column_count, double scale, int64_t distribution,
+                                          at::ScalarType dtype);
 #ifdef FASTFA_WITH_CUDA
 // direct_feedback_cpu's block of B_l, drawn on rng's CUDA device (csrc/cuda/direct_feedback_cuda.cu).
 at::Tensor direct_feedback_cuda(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
