@@ -55,16 +55,23 @@ def _train(model, batches, scaler=None, steps_per_update=1, momentum=0.9):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4)
     for index, (x, target) in enumerate(batches):
         loss = _loss(model, x, target) / steps_per_update
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        if (index + 1) % steps_per_update:
-            continue  # gradient accumulation: several backward passes into one step
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # gradient accumulation: several backward passes into one step
+        _step(loss, optimizer, scaler, take_step=(index + 1) % steps_per_update == 0)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _step(loss, optimizer, scaler=None, take_step=True):
+    """Backward, then (unless `take_step` is false) one optimiser step: plainly, or with torch's
+    recipe (scale(loss).backward(), step, update) when there is a scaler."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if not take_step:
+        return
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _batches(count=3):
@@ -171,15 +178,7 @@ def test_scheduled_coefficients(rule):
         schedule = fastfa.AlignmentSchedule(model, alpha=fastfa.CoefficientSchedule("linear", 0.05, 0.01, 3))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for x, target in batches:
-            loss = _loss(model, x, target)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            _step(_loss(model, x, target), optimizer, scaler)
             schedule.step()
         results.append({name: p.detach().clone() for name, p in model.named_parameters()})
     _assert_same(results[1], results[0], rule)
@@ -202,18 +201,10 @@ def test_attention_and_conv1d(rule):
     reference_model, model = Model(), Model()
     model.load_state_dict(reference_model.state_dict())
     scaler = fastfa.amp.GradScaler("cpu", init_scale=2.0**16)
-    for current, scale in ((reference_model, None), (model, scaler)):
+    for current, current_scaler in ((reference_model, None), (model, scaler)):
         optimizer = torch.optim.SGD(current.parameters(), lr=0.1)
         for x in inputs:
-            loss = current(x)
-            if scale is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scale.scale(loss).backward()
-                scale.step(optimizer)
-                scale.update()
-            optimizer.zero_grad(set_to_none=True)
+            _step(current(x), optimizer, current_scaler)
     _assert_same(dict(model.named_parameters()), dict(reference_model.named_parameters()), rule)
 
 
@@ -227,19 +218,14 @@ def test_inf_skips_the_step_and_backs_off(rule):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     x, target = _batches(1)[0]
     for poison in (float("inf"), float("nan")):
-        scaler.scale(_loss(model, x, target) * poison).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        _step(_loss(model, x, target) * poison, optimizer, scaler)
         for name, p in model.named_parameters():
             assert torch.equal(p, before[name]), (poison, name)
     assert scaler.get_scale() == 2.0**14
     reference_model = Net(rule)
     reference_model.load_state_dict(model.state_dict())
     reference = _train(reference_model, [(x, target)], momentum=0.0)
-    scaler.scale(_loss(model, x, target)).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    _step(_loss(model, x, target), optimizer, scaler)
     _assert_same({name: p.detach() for name, p in model.named_parameters()}, reference, rule)
 
 
@@ -253,10 +239,7 @@ def test_state_dict_round_trips():
     scaler = fastfa.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, target in batches[:2]:
-        scaler.scale(_loss(model, x, target)).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        _step(_loss(model, x, target), optimizer, scaler)
     state = scaler.state_dict()
     assert state["scale"] == 2.0**18 and state["_growth_tracker"] == 0
     through_torch = torch.amp.GradScaler("cpu")
@@ -270,10 +253,7 @@ def test_state_dict_round_trips():
     for current, current_scaler, current_optimizer in ((model, scaler, optimizer),
                                                        (resumed_model, restored, resumed_optimizer)):
         for x, target in batches[2:]:
-            current_scaler.scale(_loss(current, x, target)).backward()
-            current_scaler.step(current_optimizer)
-            current_scaler.update()
-            current_optimizer.zero_grad(set_to_none=True)
+            _step(_loss(current, x, target), current_optimizer, current_scaler)
     for (name, p), q in zip(model.named_parameters(), resumed_model.parameters()):
         assert torch.equal(p, q), name
     assert restored.state_dict() == scaler.state_dict()
@@ -379,14 +359,8 @@ def test_fp16_autocast(rule, device):
         x, target = batches[0]
         with torch.autocast(device.type, dtype=torch.float16):
             loss = _loss(model, x, target)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            assert scaler.get_scale() == 2.0**16  # no overflow: the step was taken
+        _step(loss, optimizer, scaler)
+        assert scaler is None or scaler.get_scale() == 2.0**16  # no overflow: the step was taken
         results[name] = {n: (p.detach() - q.detach()).float() for (n, p), q in
                          zip(model.named_parameters(), start.parameters())}
     for key, step in results["none"].items():
