@@ -596,13 +596,14 @@ FASTFA_HOST_DEVICE uint32_t min_halves(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t m;
   asm("min.u16x2 %0, %1, %2;\n\tmin.u16x2 %0, %0, %3;\n" : "=&r"(m) : "r"(a), "r"(b), "r"(c));
   return m;
+#elif defined(__CUDA_ARCH__)
+  return __vminu2(__vminu2(a, b), c);
 #else
-  auto half = [](uint32_t x, int h) { return (x >> (16 * h)) & 0xFFFFu; };
   uint32_t m = 0;
-  for (int h = 0; h < 2; ++h) {
-    uint32_t v = half(a, h) < half(b, h) ? half(a, h) : half(b, h);
-    v = v < half(c, h) ? v : half(c, h);
-    m |= v << (16 * h);
+  for (int shift = 0; shift < 32; shift += 16) {
+    const uint32_t x = (a >> shift) & 0xFFFFu, y = (b >> shift) & 0xFFFFu, z = (c >> shift) & 0xFFFFu;
+    const uint32_t xy = x < y ? x : y;
+    m |= (xy < z ? xy : z) << shift;
   }
   return m;
 #endif
