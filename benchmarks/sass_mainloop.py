@@ -49,7 +49,8 @@ _SHARED_STORES = {"STS", "ST", "STSM"}
 _SHARED_LOADS = {"LDS", "LDSM"}
 _TENSOR = {"HGMMA", "HMMA"}
 _INTEGER = {"IMAD", "IADD3", "IADD", "VIADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "LEA", "IMNMX", "VIMNMX",
-            "IABS", "POPC", "FLO", "BMSK", "SGXT", "PRMT", "BREV", "IMUL", "IDP", "SEL", "PLOP3", "ISCADD", "IMADSP"}
+            "IABS", "POPC", "FLO", "BMSK", "SGXT", "PRMT", "BREV", "IMUL", "IDP", "SEL", "PLOP3", "ISCADD", "IMADSP",
+            "VIMNMX3"}
 _FLOAT = {"FADD", "FMUL", "FFMA", "FSETP", "FMNMX", "FSEL", "F2F", "F2FP", "F2I", "I2F", "I2FP", "FRND", "HADD2",
           "HMUL2", "HFMA2", "HSETP2", "HMNMX2", "MUFU", "FCHK", "FSWZADD", "DADD", "DMUL", "DFMA"}
 _BRANCH = {"BRA", "BRX", "JMP", "JMX", "BSSY", "BSYNC", "EXIT", "RET", "CALL", "BREAK", "WARPSYNC", "BPT"}

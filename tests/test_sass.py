@@ -275,11 +275,15 @@ def test_mainloop_model_counts_the_interior_path_of_the_loop_with_the_mmas():
                                      "tensor core": 4, "float": 1, "other": 1}, loop.cheapest.classes
     assert loop.dearest.total == 16 - 2 + 8, loop.dearest  # the MN-major stores, still no gather
     assert model.short_name(name) == "bf16 linear grad_input usf"
+    # The sign rules' fast path folds its keys with the 16-bit-pair minimum (VIMNMX3): integer.
+    assert model.opcode_class("VIMNMX3.U16x2") == "integer"
 
 
-# Today's figures (benchmarks/results/2026-12-01-sass-mainloop-after.md) with a margin, as
-# multiples of the budget: a change that makes a grad_input mainloop issue more fails here.
-MAINLOOP_LIMITS = {"usf": 1.10, "frsf": 1.95, "brsf": 4.95, "fa drawn": 4.0}
+# Today's figures with a margin, as multiples of the budget: a change that makes a grad_input
+# mainloop issue more fails here. usf and frsf (173 and 211 of 256 on bf16's ordinary tiles,
+# benchmarks/results/2026-12-01-sass-mainloop-after4.md) are held within the budget, issue 18's
+# target; the drawn rules (2026-12-01-sass-mainloop-after.md) draw B once above 256 rows instead.
+MAINLOOP_LIMITS = {"usf": 0.80, "frsf": 0.95, "brsf": 4.95, "fa drawn": 4.0}
 
 
 def test_mainloop_model_of_the_compiled_bf16_grad_input_kernels(tmp_path):

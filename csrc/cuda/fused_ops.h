@@ -136,7 +136,7 @@ inline ForwardOutputs forward_outputs(const at::Tensor& output, const at::Tensor
 // by the transform kernel and read by the identity GEMM, as the Triton backend does
 // (triton_kernels/linear.py, DRAW_IN_GEMM_MAX_ROWS): every CTA along M redraws its B tiles, and
 // the static model puts the draw at about 1,000 instructions per thread per k-tile on top of
-// the identity kernel's 238 (benchmarks/results/2026-12-01-sass-mainloop-after3.md), which one
+// the identity kernel's 224 (bf16; benchmarks/results/2026-12-01-sass-mainloop-after4.md), which one
 // W-sized write and read outgrow from a few row tiles on. A first guess, to be tuned on a GPU.
 constexpr int64_t kDrawInGemmMaxRows = 256;
 

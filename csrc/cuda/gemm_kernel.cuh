@@ -219,6 +219,7 @@ struct IdentityTransform {
   static constexpr bool kDraws = false;
   static constexpr bool kMasksOutside = false;
   static constexpr bool kSignOfWeight = false;
+  static constexpr bool kMagnitudeTimesSign = false;
   FASTFA_HOST_DEVICE void prepare() {}
   FASTFA_HOST_DEVICE const void* stored() const { return nullptr; }
 };
@@ -236,6 +237,8 @@ struct RuleTransform {
   static constexpr bool kMasksOutside = kRule == Rule::kFeedbackAlignment;
   // B = scale * sign(W): the loaders apply it to packed 16-bit words as bit operations.
   static constexpr bool kSignOfWeight = kRule == Rule::kUniformSignSymmetry;
+  // B = |R| * sign(W): the loaders take R's magnitude and W's sign as bits where that is exact.
+  static constexpr bool kMagnitudeTimesSign = kRule == Rule::kFixedRandomSignFeedback;
   FeedbackArgs args;
   uint64_t seed = 0, step = 0;
 
@@ -587,6 +590,72 @@ struct PackedSignOfWeight {
   }
 };
 
+// Three-way minimum of each unsigned 16-bit half (min.u16x2, sm_90: one VIMNMX3 for both mins).
+FASTFA_HOST_DEVICE uint32_t min_halves(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t m;
+  asm("min.u16x2 %0, %1, %2;\n\tmin.u16x2 %0, %0, %3;\n" : "=&r"(m) : "r"(a), "r"(b), "r"(c));
+  return m;
+#elif defined(__CUDA_ARCH__)
+  return __vminu2(__vminu2(a, b), c);
+#else
+  uint32_t m = 0;
+  for (int shift = 0; shift < 32; shift += 16) {
+    const uint32_t x = (a >> shift) & 0xFFFFu, y = (b >> shift) & 0xFFFFu, z = (c >> shift) & 0xFFFFu;
+    const uint32_t xy = x < y ? x : y;
+    m |= (xy < z ? xy : z) << shift;
+  }
+  return m;
+#endif
+}
+
+// The sign rules' common case on packed 16-bit words, one bit operation per word. Where no
+// half of W is +-0 or NaN (and, for frsf, no half of R), sign(W) is +-1, and
+//   usf:  B = scale * sign(W) rounds to P = round(scale) or N = round(-scale) = P with its sign
+//         bit set (round to nearest is symmetric; not so only for a NaN scale, `symmetric`):
+//         B = P ^ (W's sign bits);
+//   frsf: B = |R| * sign(W) is exact: R's magnitude bits under W's sign bit.
+// Everything else (a zero or NaN anywhere in a thread's tile: the zero fill of an edge tile, a
+// pruned weight) takes the exact general path, so the bits are the float path's either way
+// (tests/cuda/implicit_gemm_check.cu compares the two over every 16-bit W and R).
+//
+// The test costs one LEA per word and one VIMNMX3 per two words: key(x) is, per half,
+// 2 (x + 2^m - 1) mod 2^16 (m mantissa bits). x + 2^m - 1 has a zero exponent field exactly
+// where x is +-0 (2^m - 1, 0x8000 + 2^m - 1) or a NaN (its magnitude above infinity's carries
+// into the sign bit, or a negative NaN wraps below 2^m); doubling drops the sign bit, so the
+// half is special exactly where its key is below 2^(m + 1). On a 32-bit word the low half
+// carries into the high one only where it is special itself. The keys' halves are folded
+// with a minimum: a tile is ordinary when both halves of the minimum are at least 2^(m + 1).
+template <class Element>
+struct PackedSignFastPath {
+  static_assert(sizeof(typename Traits<Element>::Bits) == 2, "16-bit operands");
+  static constexpr uint32_t kMantissaBits = std::is_same<Element, Bf16>::value ? 7 : 10;
+  static constexpr uint32_t kKeyOffset = ((1u << kMantissaBits) - 1u) * 2u * 0x00010001u;
+  static constexpr uint32_t kOrdinaryFrom = 1u << (kMantissaBits + 1);
+  static constexpr uint32_t kSignBits = 0x80008000u;
+
+  FASTFA_HOST_DEVICE static uint32_t key(uint32_t word) { return word * 2u + kKeyOffset; }
+  FASTFA_HOST_DEVICE static bool ordinary(uint32_t lowest_key) {
+    return (lowest_key & 0xFFFFu) >= kOrdinaryFrom && (lowest_key >> 16) >= kOrdinaryFrom;
+  }
+  // usf, for an ordinary W word and a symmetric scale (positive: both halves P).
+  FASTFA_HOST_DEVICE static uint32_t sign_of_weight(uint32_t w, uint32_t positive) { return positive ^ (w & kSignBits); }
+  FASTFA_HOST_DEVICE static bool symmetric(const PackedSignOfWeight<Element>& sign) {
+    return (sign.positive ^ kSignBits) == sign.negative;
+  }
+  // frsf, for ordinary W and R words.
+  FASTFA_HOST_DEVICE static uint32_t magnitude_times_sign(uint32_t w, uint32_t r) {
+#if defined(__CUDA_ARCH__)
+    // One LOP3 (r & ~c) | (w & c) with c = kSignBits; left to itself ptxas spends two.
+    uint32_t b;
+    asm("lop3.b32 %0, %1, %2, %3, 0xD8;" : "=r"(b) : "r"(r), "r"(w), "n"(kSignBits));
+    return b;
+#else
+    return (r & ~kSignBits) | (w & kSignBits);
+#endif
+  }
+};
+
 // ---- Loading a tile: global -> registers -> (transform) -> swizzled shared memory --------
 //
 // Thread `thread` of the CTA's 256 loads four 16-byte vectors of the 128 x 128-byte tile.
@@ -615,6 +684,8 @@ struct TileLoader {
   static constexpr bool kFixedTiles = HasFixedTiles<Index>::value;
   static constexpr bool kCopies = Transform::kIdentity && !kRowSums && sizeof(Bits) == 2;
   static constexpr bool kPackedSign = Transform::kSignOfWeight && sizeof(Bits) == 2;
+  // usf / frsf tiles with no zero or NaN operand take PackedSignFastPath (commit_ordinary).
+  static constexpr bool kSignFast = (Transform::kSignOfWeight || Transform::kMagnitudeTimesSign) && sizeof(Bits) == 2;
   // A thread's vectors lie 32 tile rows apart in either direction (a whole number of swizzle
   // periods of 8 rows), so their shared offsets differ by a constant.
   static constexpr uint32_t kVectorStride = 32 * kRowBytes;
@@ -817,6 +888,11 @@ struct TileLoader {
         return;
       }
     }
+    if constexpr (kSignFast) {
+      if (commit_ordinary(tile, transform)) {
+        return;
+      }
+    }
 #pragma unroll
     for (int v = 0; v < kVectorsPerThread; ++v) {
       int row, k;
@@ -899,15 +975,70 @@ struct TileLoader {
           }
         }
       }
-      if (k_contiguous || mn_shared()) {
-        store_shared(tile, shared_offset(v, 0), out.vector);
+      store_vector(tile, v, out);
+    }
+  }
+
+  // The transformed vector v into the tile: one 16-byte store, or element by element into the
+  // K-major tile where the vector runs along rows.
+  FASTFA_HOST_DEVICE void store_vector(unsigned char* tile, int v, const Pack& out) const {
+    if (k_contiguous || mn_shared()) {
+      store_shared(tile, shared_offset(v, 0), out.vector);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVector; ++i) {
+        store_shared(tile, shared_offset(v, i), out.element[i]);
+      }
+    }
+  }
+
+  // usf / frsf: where no half of this thread's fetched W (and R) words is +-0 or NaN, B's words
+  // by PackedSignFastPath and stored; else false, and commit() takes the exact general path.
+  FASTFA_HOST_DEVICE bool commit_ordinary(unsigned char* tile, const Transform& transform) {
+    using Fast = PackedSignFastPath<Element>;
+    uint32_t lowest = 0xFFFFFFFFu;
+#pragma unroll
+    for (int v = 0; v < kVectorsPerThread; ++v) {
+      const uint32_t w[4] = {raw[v].x, raw[v].y, raw[v].z, raw[v].w};
+      if constexpr (Transform::kMagnitudeTimesSign) {
+        const uint4& stored_vector = raw_stored[Transform::kReadsStored ? v : 0];
+        const uint32_t r[4] = {stored_vector.x, stored_vector.y, stored_vector.z, stored_vector.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          lowest = min_halves(lowest, Fast::key(w[i]), Fast::key(r[i]));
+        }
       } else {
 #pragma unroll
-        for (int i = 0; i < kVector; ++i) {
-          store_shared(tile, shared_offset(v, i), out.element[i]);
+        for (int i = 0; i < 4; i += 2) {
+          lowest = min_halves(lowest, Fast::key(w[i]), Fast::key(w[i + 1]));
         }
       }
     }
+    uint32_t positive = 0;
+    if constexpr (Transform::kSignOfWeight) {
+      const PackedSignOfWeight<Element> sign_of_weight(transform.args.scale);
+      if (!Fast::symmetric(sign_of_weight)) {
+        return false;
+      }
+      positive = sign_of_weight.positive;
+    }
+    if (!Fast::ordinary(lowest)) {
+      return false;
+    }
+#pragma unroll
+    for (int v = 0; v < kVectorsPerThread; ++v) {
+      Pack out;
+      if constexpr (Transform::kMagnitudeTimesSign) {
+        const uint4& r = raw_stored[Transform::kReadsStored ? v : 0];
+        out.vector = make_uint4(Fast::magnitude_times_sign(raw[v].x, r.x), Fast::magnitude_times_sign(raw[v].y, r.y),
+                                Fast::magnitude_times_sign(raw[v].z, r.z), Fast::magnitude_times_sign(raw[v].w, r.w));
+      } else {
+        out.vector = make_uint4(Fast::sign_of_weight(raw[v].x, positive), Fast::sign_of_weight(raw[v].y, positive),
+                                Fast::sign_of_weight(raw[v].z, positive), Fast::sign_of_weight(raw[v].w, positive));
+      }
+      store_vector(tile, v, out);
+    }
+    return true;
   }
 
   // Adds this thread's row sums into sums[tile row] (shared memory).

@@ -721,6 +721,89 @@ int check_packed_sign() {
   return failed != 0;
 }
 
+// The sign rules' fast path (PackedSignFastPath): wherever its key test calls a word ordinary,
+// its one bit operation gives the float path's bits, for every 16-bit W in either half of a
+// word (usf: at each scale; frsf: against R of every sign, zero, subnormal, infinity and NaN
+// and random R, and every 16-bit R against such W); and the test calls ordinary every word
+// with no +-0 or NaN half, so only those take the general path.
+template <class Element>
+int check_packed_fast_path() {
+  using Bits = typename Traits<Element>::Bits;
+  using Fast = PackedSignFastPath<Element>;
+  int64_t failed = 0, checked = 0;
+  auto special = [](uint32_t half) {
+    const float x = Traits<Element>::to_float(static_cast<Bits>(half));
+    return x == 0.0f || x != x;
+  };
+  auto expect_ordinary = [&](uint32_t word) { return !special(word & 0xFFFFu) && !special(word >> 16); };
+  auto ordinary = [](uint32_t a, uint32_t b) { return Fast::ordinary(min_halves(0xFFFFFFFFu, Fast::key(a), Fast::key(b))); };
+  auto report_wrong = [&](const char* what, uint32_t w, uint32_t r, uint32_t got, uint32_t want) {
+    if (failed++ < 3) {
+      std::printf("    %s W 0x%08x R 0x%08x: got 0x%08x, want 0x%08x\n", what, w, r, got, want);
+    }
+  };
+  std::uniform_int_distribution<uint32_t> any_bits(0, 0xFFFF);
+  for (float scale : {0.25f, 0.0123456789f, 1.0f / 3.0f, 3.0e-39f, 1.0e-41f, 7.0e4f, 3.4e38f}) {
+    const PackedSignOfWeight<Element> sign(scale);
+    if (!Fast::symmetric(sign)) {
+      report_wrong("usf scale not symmetric", 0, 0, sign.negative, sign.positive ^ Fast::kSignBits);
+    }
+    for (uint32_t w = 0; w <= 0xFFFF; ++w) {
+      const uint32_t other = any_bits(generator);
+      for (const uint32_t word : {w | (other << 16), other | (w << 16)}) {
+        ++checked;
+        const bool is_ordinary = ordinary(word, word);
+        if (is_ordinary != expect_ordinary(word)) {
+          report_wrong("usf key test", word, 0, is_ordinary, expect_ordinary(word));
+        }
+        if (is_ordinary && Fast::sign_of_weight(word, sign.positive) != sign(word)) {
+          report_wrong("usf", word, 0, Fast::sign_of_weight(word, sign.positive), sign(word));
+        }
+      }
+    }
+  }
+  // Bits of every kind of operand: +-0, subnormals, +-1, the largest finite, +-inf, NaNs.
+  const uint32_t inf = Traits<Element>::operand(INFINITY);
+  std::vector<uint32_t> kinds = {0x0000u, 0x8000u, 0x0001u, 0x8001u, inf - 1, inf, inf | 0x8000u, inf + 1,
+                                 0x7FFFu, 0xFFFFu, (inf + 1) | 0x8000u, Traits<Element>::operand(1.0f),
+                                 Traits<Element>::operand(-1.0f)};
+  for (int i = 0; i < 243; ++i) kinds.push_back(any_bits(generator));
+  auto frsf = [](uint32_t w, uint32_t r) {
+    uint32_t out = 0;
+    for (int half = 0; half < 2; ++half) {
+      const float b = feedback_transform<float>(Rule::kFixedRandomSignFeedback,
+                                                Traits<Element>::to_float(static_cast<Bits>(w >> (16 * half))),
+                                                Traits<Element>::to_float(static_cast<Bits>(r >> (16 * half))), 0.0f, 0.0f);
+      out |= uint32_t(Traits<Element>::operand(b)) << (16 * half);
+    }
+    return out;
+  };
+  for (uint32_t x = 0; x <= 0xFFFF; ++x) {
+    for (const uint32_t kind : kinds) {
+      const uint32_t other = any_bits(generator), other_kind = kinds[any_bits(generator) % kinds.size()];
+      // x as W against R of each kind, and x as R against W of each kind, in either half.
+      const uint32_t pairs[4][2] = {{x | (other << 16), kind | (other_kind << 16)},
+                                    {other | (x << 16), other_kind | (kind << 16)},
+                                    {kind | (other_kind << 16), x | (other << 16)},
+                                    {other_kind | (kind << 16), other | (x << 16)}};
+      for (const auto& pair : pairs) {
+        ++checked;
+        const bool is_ordinary = ordinary(pair[0], pair[1]);
+        if (is_ordinary != (expect_ordinary(pair[0]) && expect_ordinary(pair[1]))) {
+          report_wrong("frsf key test", pair[0], pair[1], is_ordinary, !is_ordinary);
+        }
+        if (is_ordinary && Fast::magnitude_times_sign(pair[0], pair[1]) != frsf(pair[0], pair[1])) {
+          report_wrong("frsf", pair[0], pair[1], Fast::magnitude_times_sign(pair[0], pair[1]), frsf(pair[0], pair[1]));
+        }
+      }
+    }
+  }
+  std::printf("%-58s %-14s %7lld words, %lld wrong%s\n",
+              std::is_same<Element, Bf16>::value ? "bf16 usf / frsf fast path" : "fp16 usf / frsf fast path", "bits",
+              static_cast<long long>(checked), static_cast<long long>(failed), failed ? "  FAILED" : "");
+  return failed != 0;
+}
+
 // The kernel's raster: every CTA of a grid at a tile of C inside it, each tile once.
 int check_raster() {
   int64_t failed = 0, grids = 0;
@@ -801,6 +884,7 @@ int main() {
     }
   }
   failures += check_packed_sign<Bf16>() + check_packed_sign<Fp16>();
+  failures += check_packed_fast_path<Bf16>() + check_packed_fast_path<Fp16>();
   failures += check_linear<Bf16>(37, 70, 130);
   // Interior tiles (the loaders' fixed-distance and cp.async paths) next to ragged edges.
   failures += check_linear<Bf16>(150, 260, 140);
