@@ -115,7 +115,8 @@ def main() -> int:
                                                                      for name, value in fields.items()))
     for label, model in (("estimates", AUTO_COSTS), ("fitted", costs)):
         right, total = agreement(results, model)
-        print(f"{label}: the model's grad_input path agrees with the measured faster step in {right} of {total} cases")
+        print(f"{label}: the model's grad_input path (and brsf's / fa's draw) agrees with the measured faster one in "
+              f"{right} of {total} decisions")
     return 0
 
 

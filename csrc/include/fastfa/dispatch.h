@@ -30,8 +30,8 @@ struct AutoCosts {
   // whose Philox draws every CTA along M redoes, 20-25% and a little above: the static model
   // counts drawn fa's mainloop at 0.80x brsf's instructions (993 against 1,244 per k-tile,
   // benchmarks/results/2026-12-01-sass-mainloop-after3.md). brsf 0.235 and fa 0.2812 are the
-  // values in that range that put the draw-once crossover of a 4096x4096 layer at 256 rows, the
-  // threshold the kernels had before it was modelled (README, "auto" on a GPU, says how).
+  // values in that range that put the draw-once crossover of a 4096x4096 bf16 / fp16 layer at
+  // 256 rows, the threshold the kernels had before it was modelled (README, "auto" on a GPU).
   double cuda_usf = 0.40, cuda_brsf = 0.235, cuda_frsf = 0.40, cuda_fa = 0.2812, cuda_bp = 0.40;
   // Issue 18: the Triton grad_input at 40-60% of cuBLAS (modelled; "auto" does not pick it).
   double triton_usf = 0.50, triton_brsf = 0.50, triton_frsf = 0.50, triton_fa = 0.50;
