@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import _C
+from .rules import canonical_rule, rule_spec
 
 __all__ = ["BACKENDS", "BackendStatus", "Fallback", "backends", "set_backend", "get_backend", "use_backend",
            "last_fallbacks", "clear_fallbacks", "record_fallback", "AUTO_COSTS", "AutoCosts", "PassPlan", "auto_plan",
@@ -349,8 +350,6 @@ def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: 
     kernel draws a drawn B as ``cuda_draw`` says. Triton's grad_input is modelled, but "auto" does
     not pick the triton backend, whose forward and grad_weight are its own fused kernels, until a
     GPU run shows them faster."""
-    from .rules import canonical_rule, rule_spec
-
     for name, value in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int; got {value!r}")
