@@ -68,8 +68,8 @@ GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& cos
   // Bytes of W read by the transform kernel per element of B it writes: R beside W for frsf,
   // nothing for fa (drawn from (seed, step, index)).
   const int reads = rule == Rule::kFixedRandomSignFeedback ? 2 : (rule == Rule::kFeedbackAlignment ? 0 : 1);
-  const double transform = costs.launch_us * 1e-6 + (reads + 1) * numel * static_cast<double>(c10::elementSize(problem.dtype)) /
-                                                        (costs.bandwidth_tbs * 1e12);
+  const double element = static_cast<double>(c10::elementSize(problem.dtype));
+  const double transform = costs.launch_us * 1e-6 + (reads + 1) * numel * element / (costs.bandwidth_tbs * 1e12);
   plan.vendor = vendor_gemm + transform;
   const double nchw = problem.nchw ? costs.nchw_factor : 1.0;
   double cuda_fraction = 0.0, triton_fraction = 0.0;

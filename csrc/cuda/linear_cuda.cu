@@ -19,10 +19,10 @@
 // shared by both backward GEMMs). The kernels draw brsf's / fa's R uniformly, as linear
 // layers do; a normal draw (only reachable through the op itself), and a draw the cost model
 // (fastfa/dispatch.h) makes once rather than in every CTA along M (a few row tiles and more),
-// makes B with the transform kernel first. What the fused kernels do not cover takes the aten path (cuBLAS): fp64,
-// fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80. On the fused passes
-// that is warned and recorded (fastfa.last_fallbacks()), as is every B gradient of wm, aa, ia;
-// by default it is simply the vendor path.
+// makes B with the transform kernel first. What the fused kernels do not cover takes the aten
+// path (cuBLAS): fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below
+// sm_80. On the fused passes that is warned and recorded (fastfa.last_fallbacks()), as is every
+// B gradient of wm, aa, ia; by default it is simply the vendor path.
 #include "fused_ops.h"
 
 #include "fastfa/ops.h"

@@ -305,7 +305,8 @@ def _to_fields(costs: AutoCosts) -> dict:
     unknown += [repr(key) for key in costs.fused_fraction if key not in _FRACTION_KEYS]
     if unknown:
         raise ValueError(f"costs has constants the model does not use: {', '.join(unknown)} (peak_tflops: "
-                         f"{', '.join(map(str, _PEAK_FIELDS))}; fused_fraction: {', '.join(map(repr, _FRACTION_KEYS))})")
+                         f"{', '.join(map(str, _PEAK_FIELDS))}; fused_fraction: "
+                         f"{', '.join(map(repr, _FRACTION_KEYS))})")
     fields = {name: float(costs.peak_tflops.get(dtype, 0.0)) for dtype, name in _PEAK_FIELDS.items()}
     fields.update({"_".join(key): float(costs.fused_fraction.get(key, 0.0)) for key in _FRACTION_KEYS})
     fields.update(bandwidth_tbs=float(costs.bandwidth_tbs), launch_us=float(costs.launch_us),
