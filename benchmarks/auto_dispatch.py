@@ -10,7 +10,10 @@ rows on both sides of the modelled crossover. Rows of the results file (design/g
                            kernels, fastfa.set_cuda_fused(True)); bp_ms: torch's nn.Linear step
   op "pass:vendor_gemm"    grad_input's cuBLAS GEMM alone (delta B)
   op "pass:transform"      fastfa's transform kernel alone (B = T(W))
-  op "pass:fused_grad_input"  the cuda backend's fused grad_input alone
+  op "pass:fused_grad_input"  the cuda backend's fused grad_input alone (brsf / drawn fa: B drawn in
+                           the GEMM, by every CTA along M)
+  op "pass:fused_grad_input_draw_once"  brsf / drawn fa: the transform kernel draws B once, then the
+                           fused identity kernel reads it (the model's other way for a drawn B)
 
 Usage: python benchmarks/auto_dispatch.py --out FILE.json [--budget 80] [--dtypes bf16]
 Without a usable cuda backend it says why and exits 0 (nothing to time).
@@ -19,6 +22,7 @@ Without a usable cuda backend it says why and exits 0 (nothing to time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -26,7 +30,7 @@ import time
 import torch
 
 import fastfa
-from fastfa._backend import auto_plan
+from fastfa._backend import auto_costs, auto_plan, set_auto_costs
 from fastfa.bench.machine import command_line, device_name, git_commit, versions
 from fastfa.rules import Distribution, Rule
 
@@ -48,6 +52,19 @@ def _median_ms(step, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+@contextlib.contextmanager
+def _cuda_draw(rule: str, way: str):
+    """The cuda fused kernel's drawn B one way ("in_gemm" or "once") whatever the rows: the model
+    decides the draw, so a zero fraction for the other way's kernel leaves this way the only one."""
+    previous = auto_costs()
+    other = ("cuda", "bp") if way == "in_gemm" else ("cuda", rule)
+    set_auto_costs(previous._replace(fused_fraction={**previous.fused_fraction, other: 0.0}))
+    try:
+        yield
+    finally:
+        set_auto_costs(previous)
 
 
 def _feedback_arguments(rule: str, weight: torch.Tensor):
@@ -96,7 +113,8 @@ def time_case(rule, rows, in_features, out_features, dtype, repeats) -> list:
             with fastfa.use_backend(backend):
                 fastfa.functional.linear(x, weight, bias, rule=rule, **options).backward(grad_output)
 
-        row("linear", label, _median_ms(step, repeats), modelled_grad_input=plan.grad_input)
+        row("linear", label, _median_ms(step, repeats), modelled_grad_input=plan.grad_input,
+            modelled_draw=plan.cuda_draw)
     fastfa.set_cuda_fused(False)
 
     feedback, rng, rule_id, scale, distribution = _feedback_arguments(rule, weight)
@@ -110,10 +128,17 @@ def time_case(rule, rows, in_features, out_features, dtype, repeats) -> list:
     fastfa.set_cuda_fused(True)
     alignment = [0.0, 0.0, 0.0, 1.0]
     empty = x.new_empty(0)
-    row("pass:fused_grad_input", "cuda",
-        _median_ms(lambda: torch.ops.fastfa.cuda_linear_backward(delta, x.detach(), w, feedback, rng, empty, empty,
-                                                                 rule_id, scale, distribution, alignment, "none",
-                                                                 [True, False, False, False]), repeats))
+
+    def fused_grad_input():
+        torch.ops.fastfa.cuda_linear_backward(delta, x.detach(), w, feedback, rng, empty, empty, rule_id, scale,
+                                              distribution, alignment, "none", [True, False, False, False])
+
+    if plan.cuda_draw is None:
+        row("pass:fused_grad_input", "cuda", _median_ms(fused_grad_input, repeats))
+    else:
+        for op, way in (("pass:fused_grad_input", "in_gemm"), ("pass:fused_grad_input_draw_once", "once")):
+            with _cuda_draw(rule, way):
+                row(op, "cuda", _median_ms(fused_grad_input, repeats))
     fastfa.set_cuda_fused(False)
     return rows_out
 
@@ -147,7 +172,8 @@ def main() -> int:
     for row in results["rows"]:
         if row["op"] == "linear":
             print(f"{row['rule']:5} {row['shape']:>18} {row['backend']:10} {row['ms']:8.3f} ms  "
-                  f"{row['ratio']:5.2f}x bp  (model: grad_input on {row['modelled_grad_input']})")
+                  f"{row['ratio']:5.2f}x bp  (model: grad_input on {row['modelled_grad_input']}"
+                  + (f", cuda draws B {row['modelled_draw']}" if row.get("modelled_draw") else "") + ")")
     print(f"auto_dispatch: {len(results['rows'])} rows in {time.monotonic() - start:.0f} s"
           + ("" if done else f" (budget {args.budget:.0f} s reached: the rest left out)") + f"; {args.out}")
     return 0

@@ -5,11 +5,15 @@ benchmarks/auto_dispatch.py, and say how often the fitted model picks the path t
   launch_us, bandwidth   least squares of the transform kernel's time on the bytes it moves
                          ((reads + 1) x W's bytes: W, and R for frsf, read; B written)
   fused_fraction         per rule, least squares through the origin of vendor GEMM time on the
-                         fused grad_input's time (fused = vendor / fraction)
+                         fused grad_input's time (fused = vendor / fraction; brsf / drawn fa: B
+                         drawn in the GEMM); (cuda, bp), the identity kernel, the same on the
+                         draw-once passes less the transform kernel's time (draw once = transform +
+                         vendor / fraction(bp)); with brsf's and fa's it sets where B is drawn once
   nchw_factor            not measured here (linear layers only): kept
 
-Usage: python benchmarks/fit_auto_costs.py RESULTS.json   (prints the AutoCosts to paste into
-python/fastfa/_backend.py, or to pass to fastfa._backend.set_auto_costs)
+Usage: python benchmarks/fit_auto_costs.py RESULTS.json   (prints the AutoCosts to pass to
+fastfa._backend.set_auto_costs, and the same as the defaults of csrc/include/fastfa/dispatch.h's
+AutoCosts, where the model's constants live)
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 import torch
 
-from fastfa._backend import AUTO_COSTS, auto_plan
+from fastfa._backend import AUTO_COSTS, _to_fields, auto_plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 READS = {"usf": 1, "brsf": 1, "frsf": 2, "fa": 0}  # as auto_plan models the transform pass
@@ -52,18 +56,28 @@ def fit(results: dict):
             bandwidth_tbs = 1.0 / slope / 1e12
             launch_us = max(0.0, (mean_t - slope * mean_b) * 1e6)
     fractions = dict(AUTO_COSTS.fused_fraction)
+
+    def through_origin(pairs):  # vendor = fraction x fused, least squares
+        return sum(v * f for v, f in pairs) / sum(f * f for _, f in pairs)
+
     for rule in READS:
         pairs = [(p["pass:vendor_gemm"], p["pass:fused_grad_input"]) for (_, _, r), p in passes.items()
                  if r == rule and "pass:vendor_gemm" in p and "pass:fused_grad_input" in p]
         if pairs:
-            fractions[("cuda", rule)] = sum(v * f for v, f in pairs) / sum(f * f for _, f in pairs)
+            fractions[("cuda", rule)] = through_origin(pairs)
+    identity = [(p["pass:vendor_gemm"], p["pass:fused_grad_input_draw_once"] - p["pass:transform"])
+                for p in passes.values()
+                if {"pass:vendor_gemm", "pass:transform", "pass:fused_grad_input_draw_once"} <= set(p)]
+    if identity:
+        fractions[("cuda", "bp")] = through_origin(identity)
     return AUTO_COSTS._replace(peak_tflops=peaks, launch_us=launch_us, bandwidth_tbs=bandwidth_tbs,
                                fused_fraction=fractions)
 
 
 def agreement(results: dict, costs) -> tuple:
-    """(cases where the model picks the grad_input path that measured faster: the fused kernel, or
-    the transform kernel + cuBLAS, cases)."""
+    """(decisions where the model picks what measured faster, decisions): per case, grad_input's
+    path (the fused kernel, or the transform kernel + cuBLAS) and, for brsf / drawn fa, the fused
+    kernel's draw (in the GEMM, or once by the transform kernel)."""
     passes = {}
     for row in results["rows"]:
         passes.setdefault((row["shape"], row["dtype"], row["rule"]), {})[row["op"]] = row["ms"]
@@ -73,8 +87,13 @@ def agreement(results: dict, costs) -> tuple:
             continue
         r, i, o = (int(part) for part in shape.split("x"))
         plan = auto_plan(rule, r, i, o, DTYPES[dtype], fused=("cuda",), costs=costs)
-        fused_faster = times["pass:fused_grad_input"] < times["pass:vendor_gemm"] + times["pass:transform"]
-        right += fused_faster == (plan.grad_input == "cuda")
+        fused = times["pass:fused_grad_input"]
+        if "pass:fused_grad_input_draw_once" in times:
+            once_faster = times["pass:fused_grad_input_draw_once"] < fused
+            right += once_faster == (plan.cuda_draw == "once")
+            total += 1
+            fused = min(fused, times["pass:fused_grad_input_draw_once"])
+        right += (fused < times["pass:vendor_gemm"] + times["pass:transform"]) == (plan.grad_input == "cuda")
         total += 1
     return right, total
 
@@ -89,11 +108,15 @@ def main() -> int:
     print("    peak_tflops={" + ", ".join(f"torch.{str(d).split('.')[1]}: {v:.1f}" for d, v in costs.peak_tflops.items())
           + "},")
     print(f"    bandwidth_tbs={costs.bandwidth_tbs:.2f},\n    launch_us={costs.launch_us:.1f},")
-    print("    fused_fraction={" + ", ".join(f"{k!r}: {v:.3f}" for k, v in costs.fused_fraction.items()) + "},")
+    print("    fused_fraction={" + ", ".join(f"{k!r}: {v:.4g}" for k, v in costs.fused_fraction.items()) + "},")
     print(f"    nchw_factor={costs.nchw_factor},\n)")
+    fields = _to_fields(costs)
+    print("// csrc/include/fastfa/dispatch.h, AutoCosts:\n" + "\n".join(f"//   {name} = {value:.4g}"
+                                                                     for name, value in fields.items()))
     for label, model in (("estimates", AUTO_COSTS), ("fitted", costs)):
         right, total = agreement(results, model)
-        print(f"{label}: the model's grad_input path agrees with the measured faster step in {right} of {total} cases")
+        print(f"{label}: the model's grad_input path (and brsf's / fa's draw) agrees with the measured faster one in "
+              f"{right} of {total} decisions")
     return 0
 
 

@@ -50,7 +50,8 @@ else
 fi
 
 # "auto" against each forced path, and the passes its cost model is made of (README, "auto" on a
-# GPU); the constants fitted from them go to auto.log, for python/fastfa/_backend.py's AUTO_COSTS.
+# GPU); the constants fitted from them go to auto.log, for the model's defaults (AutoCosts in
+# csrc/include/fastfa/dispatch.h; fastfa._backend.set_auto_costs at run time).
 if [ "$device" != cuda ] || [ "$cuda_status" != usable ]; then
   record auto skipped 0 "needs the cuda backend on a GPU"
 else

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <string_view>
 
 namespace fastfa {
@@ -22,6 +23,24 @@ std::atomic<bool>& fused_flag() {
   return flag;
 }
 
+constexpr double kNever = std::numeric_limits<double>::infinity();
+
+double peak_flops(const AutoCosts& costs, c10::ScalarType dtype) {
+  switch (dtype) {
+  case c10::ScalarType::BFloat16:
+    return costs.peak_tflops_bf16 * 1e12;
+  case c10::ScalarType::Half:
+    return costs.peak_tflops_fp16 * 1e12;
+  case c10::ScalarType::Float:
+    return costs.peak_tflops_fp32 * 1e12;
+  default:
+    return 0.0;  // fp64: no tensor-core GEMM modelled, and no fused kernel
+  }
+}
+
+// The fused grad_input's time from its fraction of the vendor GEMM's speed; never without one.
+double fused_time(double vendor_gemm, double fraction) { return fraction > 0.0 ? vendor_gemm / fraction : kNever; }
+
 } // namespace
 
 void set_auto_costs(const AutoCosts& costs) { costs_slot().store(new AutoCosts(costs)); }
@@ -32,54 +51,62 @@ bool cuda_fused_passes() { return fused_flag().load(std::memory_order_relaxed); 
 
 void set_cuda_fused_passes(bool fused) { fused_flag().store(fused); }
 
-bool fused_grad_input_pays(Rule transform, int64_t rows, int64_t weight_numel, c10::ScalarType dtype, bool nchw) {
-  const AutoCosts& costs = *costs_slot().load(std::memory_order_relaxed);
-  double fraction = 0.0;
-  int reads = 1;  // bytes of W read by the transform kernel, per element of B it writes
-  switch (transform) {
+GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& costs) {
+  GradInputPlan plan;
+  plan.cuda = plan.cuda_draw_in_gemm = plan.cuda_draw_once = plan.triton = kNever;
+  const double peak = peak_flops(costs, problem.dtype);
+  const double numel = static_cast<double>(problem.weight_numel);
+  const double vendor_gemm = peak > 0.0 ? 2.0 * static_cast<double>(problem.rows) * numel / peak : kNever;
+  plan.vendor = vendor_gemm;
+  const Rule rule = problem.rule;
+  const bool transformed = rule == Rule::kUniformSignSymmetry || rule == Rule::kBatchRandomSignFeedback ||
+                           rule == Rule::kFixedRandomSignFeedback ||
+                           (rule == Rule::kFeedbackAlignment && !problem.stored_feedback);
+  if (!transformed || !(peak > 0.0)) {
+    return plan;  // B as it is: the fused kernel would be a plain GEMM, slower than the vendor's
+  }
+  // Bytes of W read by the transform kernel per element of B it writes: R beside W for frsf,
+  // nothing for fa (drawn from (seed, step, index)).
+  const int reads = rule == Rule::kFixedRandomSignFeedback ? 2 : (rule == Rule::kFeedbackAlignment ? 0 : 1);
+  const double element = static_cast<double>(c10::elementSize(problem.dtype));
+  const double transform = costs.launch_us * 1e-6 + (reads + 1) * numel * element / (costs.bandwidth_tbs * 1e12);
+  plan.vendor = vendor_gemm + transform;
+  const double nchw = problem.nchw ? costs.nchw_factor : 1.0;
+  double cuda_fraction = 0.0, triton_fraction = 0.0;
+  switch (rule) {
   case Rule::kUniformSignSymmetry:
-    fraction = costs.fraction_usf;
+    cuda_fraction = costs.cuda_usf, triton_fraction = costs.triton_usf;
     break;
   case Rule::kBatchRandomSignFeedback:
-    fraction = costs.fraction_brsf;
+    cuda_fraction = costs.cuda_brsf, triton_fraction = costs.triton_brsf;
     break;
   case Rule::kFixedRandomSignFeedback:
-    fraction = costs.fraction_frsf;
-    reads = 2;  // W and R
-    break;
-  case Rule::kFeedbackAlignment:
-    fraction = costs.fraction_fa;
-    reads = 0;  // drawn from (seed, step, index): nothing read
+    cuda_fraction = costs.cuda_frsf, triton_fraction = costs.triton_frsf;
     break;
   default:
-    return false;  // B as it is: the fused kernel would be a plain GEMM, slower than the vendor's
-  }
-  double peak = 0.0;
-  switch (dtype) {
-  case c10::ScalarType::BFloat16:
-    peak = costs.peak_tflops_bf16;
+    cuda_fraction = costs.cuda_fa, triton_fraction = costs.triton_fa;
     break;
-  case c10::ScalarType::Half:
-    peak = costs.peak_tflops_fp16;
-    break;
-  case c10::ScalarType::Float:
-    peak = costs.peak_tflops_fp32;
-    break;
-  default:
-    return false;  // fp64: no fused kernel
   }
-  if (nchw) {
-    fraction *= costs.nchw_factor;
+  plan.triton = fused_time(vendor_gemm, triton_fraction);
+  plan.draws = rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment;
+  if (!plan.draws) {
+    plan.cuda = fused_time(vendor_gemm, cuda_fraction * nchw);
+    return plan;
   }
-  if (!(fraction > 0.0) || !(peak > 0.0)) {
-    return false;
-  }
-  const double vendor = 2.0 * static_cast<double>(rows) * static_cast<double>(weight_numel) / (peak * 1e12);
-  const double element = static_cast<double>(c10::elementSize(dtype));
-  const double transform_pass = costs.launch_us * 1e-6 + (reads + 1) * static_cast<double>(weight_numel) * element /
-                                                             (costs.bandwidth_tbs * 1e12);
-  // Ties go to the vendor GEMM, as in auto_plan.
-  return vendor / fraction < vendor + transform_pass;
+  plan.cuda_draw_in_gemm = problem.uniform ? fused_time(vendor_gemm, cuda_fraction * nchw) : kNever;
+  plan.cuda_draw_once = transform + fused_time(vendor_gemm, costs.cuda_bp * nchw);
+  plan.cuda_draws_once = !problem.uniform || plan.cuda_draw_once < plan.cuda_draw_in_gemm;
+  plan.cuda = plan.cuda_draws_once ? plan.cuda_draw_once : plan.cuda_draw_in_gemm;
+  return plan;
+}
+
+bool fused_grad_input_pays(const GradInputCase& problem) {
+  const GradInputPlan plan = plan_grad_input(problem, *costs_slot().load(std::memory_order_relaxed));
+  return plan.cuda < plan.vendor;  // ties go to the vendor GEMM, as in auto_plan
+}
+
+bool draws_feedback_once(const GradInputCase& problem) {
+  return plan_grad_input(problem, *costs_slot().load(std::memory_order_relaxed)).cuda_draws_once;
 }
 
 } // namespace fastfa

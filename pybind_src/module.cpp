@@ -7,6 +7,10 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include <iterator>
+#include <optional>
+#include <utility>
+
 #ifdef FASTFA_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -60,6 +64,72 @@ pybind11::list fallbacks() {
   return records;
 }
 
+// The cost model's constants by name, the one list fastfa._backend converts AutoCosts through.
+constexpr std::pair<const char*, double fastfa::AutoCosts::*> kCostFields[] = {
+    {"peak_tflops_bf16", &fastfa::AutoCosts::peak_tflops_bf16},
+    {"peak_tflops_fp16", &fastfa::AutoCosts::peak_tflops_fp16},
+    {"peak_tflops_fp32", &fastfa::AutoCosts::peak_tflops_fp32},
+    {"bandwidth_tbs", &fastfa::AutoCosts::bandwidth_tbs},
+    {"launch_us", &fastfa::AutoCosts::launch_us},
+    {"cuda_usf", &fastfa::AutoCosts::cuda_usf},
+    {"cuda_brsf", &fastfa::AutoCosts::cuda_brsf},
+    {"cuda_frsf", &fastfa::AutoCosts::cuda_frsf},
+    {"cuda_fa", &fastfa::AutoCosts::cuda_fa},
+    {"cuda_bp", &fastfa::AutoCosts::cuda_bp},
+    {"triton_usf", &fastfa::AutoCosts::triton_usf},
+    {"triton_brsf", &fastfa::AutoCosts::triton_brsf},
+    {"triton_frsf", &fastfa::AutoCosts::triton_frsf},
+    {"triton_fa", &fastfa::AutoCosts::triton_fa},
+    {"nchw_factor", &fastfa::AutoCosts::nchw_factor},
+};
+
+pybind11::dict auto_costs_fields(bool defaults) {
+  const fastfa::AutoCosts costs = defaults ? fastfa::AutoCosts{} : fastfa::auto_costs();
+  pybind11::dict fields;
+  for (const auto& [name, member] : kCostFields) {
+    fields[name] = costs.*member;
+  }
+  return fields;
+}
+
+fastfa::AutoCosts costs_from_fields(const pybind11::dict& fields) {
+  TORCH_CHECK_VALUE(pybind11::len(fields) == std::size(kCostFields), "fastfa: the cost model has ",
+                    std::size(kCostFields), " constants (the names of _auto_costs()); got ", pybind11::len(fields));
+  fastfa::AutoCosts costs;
+  for (const auto& [name, member] : kCostFields) {
+    TORCH_CHECK_VALUE(fields.contains(name), "fastfa: the cost model's constants lack ", name);
+    costs.*member = fields[name].cast<double>();
+  }
+  return costs;
+}
+
+void set_auto_costs_fields(const pybind11::dict& fields) { fastfa::set_auto_costs(costs_from_fields(fields)); }
+
+fastfa::GradInputCase grad_input_case(int64_t rule, int64_t rows, int64_t weight_numel, at::ScalarType dtype,
+                                      bool nchw, bool stored_feedback, bool uniform) {
+  TORCH_CHECK_VALUE(rule >= 0 && rule < fastfa::kNumRules, "fastfa: rule must be a rule id in [0, ",
+                    fastfa::kNumRules, "); got ", rule);
+  TORCH_CHECK_VALUE(rows >= 0 && weight_numel >= 0, "fastfa: rows and weight_numel must be non-negative; got ", rows,
+                    " and ", weight_numel);
+  return {static_cast<fastfa::Rule>(rule), rows, weight_numel, dtype, nchw, stored_feedback, uniform};
+}
+
+pybind11::dict auto_plan(int64_t rule, int64_t rows, int64_t weight_numel, at::ScalarType dtype, bool nchw,
+                         bool stored_feedback, bool uniform, const std::optional<pybind11::dict>& fields) {
+  const fastfa::GradInputPlan plan =
+      fastfa::plan_grad_input(grad_input_case(rule, rows, weight_numel, dtype, nchw, stored_feedback, uniform),
+                              fields ? costs_from_fields(*fields) : fastfa::auto_costs());
+  pybind11::dict result;
+  result["vendor"] = plan.vendor;
+  result["cuda"] = plan.cuda;
+  result["cuda_draw_in_gemm"] = plan.cuda_draw_in_gemm;
+  result["cuda_draw_once"] = plan.cuda_draw_once;
+  result["triton"] = plan.triton;
+  result["cuda_draws_once"] = plan.cuda_draws_once;
+  result["draws"] = plan.draws;
+  return result;
+}
+
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -73,21 +143,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The cuda backend's per-pass choice (csrc/dispatch.cpp), set and checked through fastfa._backend.
   m.def("_set_cuda_fused", &fastfa::set_cuda_fused_passes, pybind11::arg("fused"));
   m.def("_cuda_fused", &fastfa::cuda_fused_passes);
-  m.def(
-      "_set_auto_costs",
-      [](double bf16, double fp16, double fp32, double bandwidth_tbs, double launch_us, double usf, double brsf,
-         double frsf, double fa, double nchw_factor) {
-        fastfa::set_auto_costs({bf16, fp16, fp32, bandwidth_tbs, launch_us, usf, brsf, frsf, fa, nchw_factor});
-      },
-      "The cost model's constants: peak TFLOP/s (bf16, fp16, fp32), TB/s, launch µs, the cuda fused grad_input's "
-      "fractions (usf, brsf, frsf, drawn fa), the NCHW conv2d factor");
+  // The cost model (csrc/dispatch.cpp): its constants and its plan, for fastfa._backend.auto_plan.
+  m.def("_auto_costs", &auto_costs_fields, pybind11::arg("defaults") = false,
+        "The cost model's constants by name: those in use, or the built-in defaults");
+  m.def("_set_auto_costs", &set_auto_costs_fields, pybind11::arg("fields"),
+        "Replace the cost model's constants (every name of _auto_costs(), floats)");
+  m.def("_auto_plan", &auto_plan, pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"),
+        pybind11::arg("dtype"), pybind11::arg("nchw") = false, pybind11::arg("stored_feedback") = false,
+        pybind11::arg("uniform") = true, pybind11::arg("fields") = pybind11::none(),
+        "grad_input's modelled paths in seconds (inf: no such path) and the cuda kernel's draw, on the "
+        "constants in use or on `fields`");
   m.def(
       "_fused_grad_input_pays",
-      [](int64_t transform, int64_t rows, int64_t weight_numel, at::ScalarType dtype, bool nchw) {
-        return fastfa::fused_grad_input_pays(static_cast<fastfa::Rule>(transform), rows, weight_numel, dtype, nchw);
+      [](int64_t rule, int64_t rows, int64_t weight_numel, at::ScalarType dtype, bool nchw, bool stored_feedback,
+         bool uniform) {
+        return fastfa::fused_grad_input_pays(
+            grad_input_case(rule, rows, weight_numel, dtype, nchw, stored_feedback, uniform));
       },
-      pybind11::arg("transform"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
-      pybind11::arg("nchw") = false);
+      pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
+      pybind11::arg("nchw") = false, pybind11::arg("stored_feedback") = false, pybind11::arg("uniform") = true,
+      "What the cuda ops ask: whether grad_input takes the fused kernel");
+  m.def(
+      "_draws_feedback_once",
+      [](int64_t rule, int64_t rows, int64_t weight_numel, at::ScalarType dtype, bool nchw, bool uniform) {
+        return fastfa::draws_feedback_once(grad_input_case(rule, rows, weight_numel, dtype, nchw, false, uniform));
+      },
+      pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
+      pybind11::arg("nchw") = false, pybind11::arg("uniform") = true,
+      "What the cuda ops ask: whether the fused grad_input's drawn B is drawn once by the transform kernel");
   fastfa::bind_layer_call(m);
   fastfa::bind_direct_feedback(m);
 }

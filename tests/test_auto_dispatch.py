@@ -1,5 +1,6 @@
-"""The "auto" cost model (fastfa._backend.auto_plan): it picks per pass as documented, the cuda
-ops' copy of it in C++ (csrc/dispatch.cpp) decides as it does, "auto" on a GPU resolves to the
+"""The "auto" cost model (csrc/dispatch.cpp, asked by fastfa._backend.auto_plan and by the cuda
+ops): it picks per pass as documented, draws a drawn B (brsf, drawn fa) in the cuda GEMM or once
+as documented, the cuda ops' questions get the plan's answers, "auto" on a GPU resolves to the
 cuda backend whose passes follow it, and every path it can pick for grad_input computes what the
 oracle does (on the CPU: aten, and Triton under its interpreter; the cuda backend's data path is
 checked by tests/cuda/implicit_gemm_check.cu through tests/test_sass.py, and on a GPU below)."""
@@ -25,15 +26,28 @@ from fastfa.rules import Rule
 F64 = torch.float64
 
 
-def crossover_rows(rule, in_features, out_features, dtype, backend="cuda"):
-    """The documented row count below which a fused grad_input is modelled faster (README)."""
+def _transform_and_per_row_s(rule, in_features, out_features, dtype):
     element = torch.finfo(dtype).bits // 8
     reads = 0 if rule == "fa" else (2 if rule == "frsf" else 1)
     transform_s = AUTO_COSTS.launch_us * 1e-6 + (reads + 1) * in_features * out_features * element / (
         AUTO_COSTS.bandwidth_tbs * 1e12)
     per_row_s = 2.0 * in_features * out_features / (AUTO_COSTS.peak_tflops[dtype] * 1e12)
+    return transform_s, per_row_s
+
+
+def crossover_rows(rule, in_features, out_features, dtype, backend="cuda"):
+    """The documented row count below which a fused grad_input is modelled faster (README)."""
+    transform_s, per_row_s = _transform_and_per_row_s(rule, in_features, out_features, dtype)
     fraction = AUTO_COSTS.fused_fraction[(backend, rule)]
     return transform_s / per_row_s / (1 / fraction - 1)
+
+
+def draw_crossover_rows(rule, in_features, out_features, dtype):
+    """The documented row count above which the cuda fused kernel draws B once (README): one
+    transform pass against the draw every CTA along M redoes in the GEMM."""
+    transform_s, per_row_s = _transform_and_per_row_s(rule, in_features, out_features, dtype)
+    fraction = AUTO_COSTS.fused_fraction
+    return transform_s / per_row_s / (1 / fraction[("cuda", rule)] - 1 / fraction[("cuda", "bp")])
 
 
 @pytest.mark.parametrize("rule", TRANSFORMED_RULES)
@@ -78,7 +92,9 @@ def test_the_fastest_modelled_path_wins_and_ties_go_to_the_vendor_gemm():
 
 @pytest.mark.parametrize("argument, value, message", [
     ("rows", -1, "rows must be a non-negative int"), ("in_features", 2.0, "in_features must be"),
-    ("out_features", True, "out_features must be"), ("dtype", torch.float64, "dtype must be one of")])
+    ("out_features", True, "out_features must be"), ("dtype", torch.float64, "dtype must be one of"),
+    ("rule", "xyz", "rule must be one of"), ("fused", ("cuda", "cutlass"), "fused must be a tuple"),
+    ("fused", "cuda", "fused must be a tuple"), ("distribution", "gamma", "distribution must be")])
 def test_bad_arguments_are_refused_by_name(argument, value, message):
     arguments = dict(rule="usf", rows=4, in_features=8, out_features=8, dtype=torch.bfloat16)
     arguments[argument] = value
@@ -123,27 +139,94 @@ def test_every_path_the_model_picks_matches_the_oracle(rule, options):
         assert_close(got, expected.to(dtype), dtype, f"{rule} grad_input on {backend}")
 
 
-# ---- the cuda ops' copy of the model (C++), and the switch between fused and vendor passes ----
+# ---- a drawn B on the cuda fused kernel: in the GEMM or once, by the same model ----
 
-# The transform each rule's fused grad_input applies (csrc/cuda/fused_ops.h, in_kernel_transform).
-TRANSFORMS = {"usf": Rule.USF, "brsf": Rule.BRSF, "frsf": Rule.FRSF, "fa": Rule.FA}
+DRAWN = ("brsf", "fa")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", DRAWN)
+def test_the_default_constants_draw_once_above_256_rows_of_a_4096_layer(rule, dtype):
+    """The threshold the kernels had before the model decided it (kDrawInGemmMaxRows = 256) falls
+    out of the default constants for the 16-bit types (README); tf32 draws once a little earlier,
+    its slower GEMM per row making the transform's launch a smaller share."""
+    assert 256 < draw_crossover_rows(rule, 4096, 4096, dtype) < 257
+    assert 200 < draw_crossover_rows(rule, 4096, 4096, torch.float32) < 256
+    for rows, way in ((1, "in_gemm"), (255, "in_gemm"), (256, "in_gemm"), (257, "once"), (8192, "once")):
+        plan = auto_plan(rule, rows, 4096, 4096, dtype, fused=("cuda",))
+        assert plan.cuda_draw == way, (rows, plan)
+        assert _C._draws_feedback_once(int(Rule[rule.upper()]), rows, 4096 * 4096, dtype) == (way == "once")
+
+
+@pytest.mark.parametrize("nchw", [False, True], ids=["linear-or-nhwc", "nchw-conv2d"])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (3 * 3 * 256, 256), (64, 64)])
+@pytest.mark.parametrize("rule", DRAWN)
+def test_the_draw_moves_out_of_the_gemm_at_the_documented_row_count(rule, shape, nchw):
+    # NCHW scales both kernels' fractions: the in-GEMM draw's cost per row grows by 1 / nchw_factor.
+    limit = draw_crossover_rows(rule, *shape, torch.bfloat16) * (AUTO_COSTS.nchw_factor if nchw else 1.0)
+    below, above = int(limit * 0.99), int(limit * 1.01) + 1
+    way = {rows: auto_plan(rule, rows, *shape, torch.bfloat16, fused=("cuda",), nchw=nchw).cuda_draw
+           for rows in (0, below, above)}
+    assert way == {0: "in_gemm", below: "in_gemm", above: "once"}, (limit, way)
+    plan = auto_plan(rule, above, *shape, torch.bfloat16, fused=("cuda",), nchw=nchw)
+    assert plan.grad_input_ms["cuda"] == min(plan.cuda_draw_ms.values())
+    # A smaller W draws in the GEMM longer: the transform's launch is a larger share of its pass.
+    assert draw_crossover_rows(rule, 64, 64, torch.bfloat16) > 10 * draw_crossover_rows(rule, 4096, 4096,
+                                                                                          torch.bfloat16)
+
+
+def test_drawing_once_never_makes_the_fused_kernel_beat_the_vendor_gemm_by_default():
+    """Draw once = transform + the identity kernel, slower than transform + cuBLAS while the
+    identity kernel's fraction is below 1: "auto" leaves the fused kernel where the in-GEMM draw
+    stops paying, and the draw decision matters to forced fused passes (FASTFA_CUDA_FUSED)."""
+    for rule in DRAWN:
+        for rows in (1, 100, 256, 257, 1000, 100_000):
+            plan = auto_plan(rule, rows, 4096, 4096, torch.bfloat16, fused=("cuda",))
+            assert plan.grad_input_ms["aten"] < plan.cuda_draw_ms["once"]
+            assert (plan.grad_input == "cuda") == (plan.cuda_draw_ms["in_gemm"] < plan.grad_input_ms["aten"])
+
+
+def test_a_normal_draw_is_drawn_once_and_takes_the_vendor_gemm():
+    """The kernels draw only uniformly in the GEMM (README: a normal draw takes cuBLAS)."""
+    for rule in DRAWN:
+        plan = auto_plan(rule, 1, 4096, 4096, torch.bfloat16, fused=("cuda",), distribution="normal")
+        assert plan.cuda_draw == "once" and set(plan.cuda_draw_ms) == {"once"} and plan.grad_input == "aten", plan
+        rule_id = int(Rule[rule.upper()])
+        assert _C._draws_feedback_once(rule_id, 1, 4096 * 4096, torch.bfloat16, uniform=False)
+        assert not _C._fused_grad_input_pays(rule_id, 1, 4096 * 4096, torch.bfloat16, uniform=False)
+
+
+def test_b_that_is_not_drawn_has_no_draw():
+    for rule, drawn in (("usf", True), ("frsf", True), ("bp", True), ("fa", False), ("kp", True)):
+        plan = auto_plan(rule, 300, 4096, 4096, torch.bfloat16, drawn=drawn)
+        assert plan.cuda_draw is None and plan.cuda_draw_ms == {}, (rule, plan)
+
+
+# ---- the cuda ops ask the same model ----
 
 
 @pytest.mark.parametrize("nchw", [False, True], ids=["linear-or-nhwc", "nchw-conv2d"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rule", TRANSFORMED_RULES)
-def test_the_cuda_ops_model_decides_as_auto_plan(rule, dtype, nchw):
+def test_the_cuda_ops_questions_get_auto_plans_answers(rule, dtype, nchw):
+    """What fused_ops.h asks (dispatch.h's fused_grad_input_pays, draws_feedback_once) against
+    auto_plan's plan: one model, so any difference is in how each side poses the case."""
     shapes = [(4096, 4096), (1024, 4096), (64, 64), (3 * 3 * 256, 256), (13, 7)]
+    rule_id = int(Rule[rule.upper()])
     for in_features, out_features in shapes:
-        for rows in (1, 7, 64, 100, 300, 1000, 3000, 10_000, 100_000, 10_000_000):
+        for rows in (1, 7, 64, 100, 256, 257, 300, 1000, 3000, 10_000, 100_000, 10_000_000):
             plan = auto_plan(rule, rows, in_features, out_features, dtype, fused=("cuda",), nchw=nchw)
-            pays = _C._fused_grad_input_pays(int(TRANSFORMS[rule]), rows, in_features * out_features, dtype, nchw)
+            pays = _C._fused_grad_input_pays(rule_id, rows, in_features * out_features, dtype, nchw)
             assert pays == (plan.grad_input == "cuda"), (rule, rows, in_features, out_features, plan)
+            if rule in DRAWN:
+                once = _C._draws_feedback_once(rule_id, rows, in_features * out_features, dtype, nchw)
+                assert once == (plan.cuda_draw == "once"), (rule, rows, in_features, out_features, plan)
 
 
 def test_the_cuda_ops_model_never_fuses_b_as_it_is_nor_fp64():
     for transform in (Rule.BP, Rule.KP, Rule.WM, Rule.SA, Rule.AA, Rule.IA):
         assert not _C._fused_grad_input_pays(int(transform), 1, 4096 * 4096, torch.bfloat16, False)
+    assert not _C._fused_grad_input_pays(int(Rule.FA), 1, 4096 * 4096, torch.bfloat16, stored_feedback=True)
     assert not _C._fused_grad_input_pays(int(Rule.USF), 1, 4096 * 4096, torch.float64, False)
 
 
@@ -167,7 +250,7 @@ def _costs(costs):
         _backend.set_auto_costs(previous)
 
 
-def test_a_calibration_reaches_auto_plan_and_the_cuda_ops_alike():
+def test_the_constants_live_in_cpp_and_a_calibration_reaches_auto_plan_and_the_cuda_ops_alike():
     fast = AUTO_COSTS._replace(fused_fraction={key: 0.99 for key in AUTO_COSTS.fused_fraction})
     rows, size = 10_000, 4096 * 4096
     assert not _C._fused_grad_input_pays(int(Rule.USF), rows, size, torch.bfloat16, False)
@@ -178,6 +261,30 @@ def test_a_calibration_reaches_auto_plan_and_the_cuda_ops_alike():
     assert not _C._fused_grad_input_pays(int(Rule.USF), rows, size, torch.bfloat16, False)
     with pytest.raises(TypeError, match="costs must be"):
         _backend.set_auto_costs({"launch_us": 1.0})
+    with pytest.raises(ValueError, match="does not use"):
+        _backend.set_auto_costs(AUTO_COSTS._replace(fused_fraction={("cuda", "kp"): 0.5}))
+    # AUTO_COSTS is read from the C++ defaults (fastfa/dispatch.h), the constants in use back from C++.
+    assert _backend._to_fields(AUTO_COSTS) == _C._auto_costs(defaults=True) == _C._auto_costs()
+    with _costs(fast):
+        assert _C._auto_costs() == _backend._to_fields(fast)
+    # costs= asks the model on other constants without setting them.
+    assert auto_plan("usf", rows, 4096, 4096, torch.bfloat16, fused=("cuda",), costs=fast).grad_input == "cuda"
+    assert _C._auto_costs() == _backend._to_fields(AUTO_COSTS)
+
+
+def test_a_calibration_moves_the_draw():
+    """The draw decision is calibrated by the same constants (fit_auto_costs.py fits (cuda, bp))."""
+    size = 4096 * 4096
+    no_identity = AUTO_COSTS._replace(fused_fraction={**AUTO_COSTS.fused_fraction, ("cuda", "bp"): 0.0})
+    slow_draw = AUTO_COSTS._replace(fused_fraction={**AUTO_COSTS.fused_fraction, ("cuda", "brsf"): 0.01})
+    assert _C._draws_feedback_once(int(Rule.BRSF), 10_000, size, torch.bfloat16)
+    with _costs(no_identity):
+        assert auto_plan("brsf", 10_000, 4096, 4096, torch.bfloat16).cuda_draw == "in_gemm"
+        assert not _C._draws_feedback_once(int(Rule.BRSF), 10_000, size, torch.bfloat16)
+    with _costs(slow_draw):
+        assert auto_plan("brsf", 100, 4096, 4096, torch.bfloat16).cuda_draw == "once"
+        assert _C._draws_feedback_once(int(Rule.BRSF), 100, size, torch.bfloat16)
+    assert not _C._draws_feedback_once(int(Rule.BRSF), 100, size, torch.bfloat16)
 
 
 def test_the_fused_switch_round_trips_and_refuses_a_non_bool():
@@ -229,6 +336,7 @@ def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
     finally:
         sys.path.pop(0)
     truth = {"usf": 0.3, "frsf": 0.35, "brsf": 0.2, "fa": 0.25}
+    identity = 0.45  # the draw-once passes: transform + vendor / identity
     peak, launch_s, bandwidth = 700e12, 5e-6, 4e12
     rows = []
     for rule, fraction in truth.items():
@@ -237,8 +345,11 @@ def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
                 vendor = 2 * batch * in_features * out_features / peak * 1e3
                 transform = (launch_s + (fit_auto_costs.READS[rule] + 1) * in_features * out_features * 2 /
                              bandwidth) * 1e3
-                for op, ms in (("pass:vendor_gemm", vendor), ("pass:transform", transform),
-                               ("pass:fused_grad_input", vendor / fraction)):
+                passes = [("pass:vendor_gemm", vendor), ("pass:transform", transform),
+                          ("pass:fused_grad_input", vendor / fraction)]
+                if rule in ("brsf", "fa"):
+                    passes.append(("pass:fused_grad_input_draw_once", transform + vendor / identity))
+                for op, ms in passes:
                     rows.append(dict(op=op, shape=f"{batch}x{in_features}x{out_features}", dtype="bf16", rule=rule,
                                      backend="cuda", ms=ms, bp_ms=1.0, ratio=ms))
     costs = fit_auto_costs.fit({"rows": rows})
@@ -246,8 +357,9 @@ def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
     assert costs.launch_us == pytest.approx(5.0) and costs.bandwidth_tbs == pytest.approx(4.0)
     for rule, fraction in truth.items():
         assert costs.fused_fraction[("cuda", rule)] == pytest.approx(fraction)
+    assert costs.fused_fraction[("cuda", "bp")] == pytest.approx(identity)
     right, total = fit_auto_costs.agreement({"rows": rows}, costs)
-    assert right == total == 48
+    assert right == total == 48 + 24  # every case's grad_input path, and brsf's and fa's draw
 
 
 # ---- on a GPU: the cuda backend's default passes (vendor, grad_input by the model) ----
@@ -291,6 +403,34 @@ def test_cuda_backend_linear_either_side_of_the_crossover_matches_the_oracle(rul
             for name, got, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), results["auto"],
                                            results["aten"]):
                 assert_close(got, expected, dtype, f"{rule} {name}, {rows} rows")
+    finally:
+        fastfa.set_cuda_fused(before)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule, options", [p for p in PICKS if p[0] in DRAWN], ids=list(DRAWN))
+def test_cuda_fused_drawn_b_either_side_of_the_draw_crossover_matches_aten(rule, options):
+    """The fused kernel's two ways with a drawn B (in the GEMM, once by the transform kernel), each
+    where the model picks it, give what aten's draw gives (the same (seed, step) stream)."""
+    if not fastfa.backends()["cuda"].usable:
+        pytest.skip(fastfa.backends()["cuda"].reason)
+    dtype, out_features, in_features = torch.bfloat16, 512, 384
+    crossover = draw_crossover_rows(rule, in_features, out_features, dtype)
+    before = fastfa.cuda_fused()
+    fastfa.set_cuda_fused(True)
+    try:
+        for rows, way in ((int(crossover * 0.5), "in_gemm"), (int(crossover * 1.5) + 1, "once")):
+            assert auto_plan(rule, rows, in_features, out_features, dtype, fused=("cuda",)).cuda_draw == way
+            torch.manual_seed(rows)
+            weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype)
+            x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
+            grad_output = torch.randn(rows, out_features, device="cuda", dtype=dtype)
+            expected = _grad_input("aten", rule, options, x, weight, grad_output)
+            fastfa.clear_fallbacks()
+            got = _grad_input("cuda", rule, options, x, weight, grad_output)
+            assert not fastfa.last_fallbacks(), fastfa.last_fallbacks()
+            assert_close(got, expected, dtype, f"{rule} grad_input drawn {way}, {rows} rows")
     finally:
         fastfa.set_cuda_fused(before)
 

@@ -118,8 +118,9 @@ at::Tensor fused_grad_input(const at::Tensor& delta, const at::Tensor& input, co
                             const std::optional<at::Tensor>& feedback, const std::optional<at::Tensor>& rng,
                             Rule rule, double scale, int64_t distribution, const gemm::ConvShape& shape,
                             at::MemoryFormat format) {
-  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, format,
-                          input.size(0) * input.size(2) * input.size(3));  // grad_input's GEMM rows
+  // The cost model's rows for a conv2d (the output's pixels), as grad_input_on_fused_kernel asks it,
+  // so that where the fused kernel is chosen it draws B as the model assumed.
+  const FeedbackOperand b(rule, weight, feedback, rng, scale, distribution, format, delta.numel() / weight.size(0));
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(format));
   check_launch(with_element(input.scalar_type(),
                             [&](auto element) {

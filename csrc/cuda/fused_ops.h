@@ -132,26 +132,27 @@ inline ForwardOutputs forward_outputs(const at::Tensor& output, const at::Tensor
   return outputs;
 }
 
-// Above this many rows of grad_input (its GEMM's M) a drawn B (brsf, fa without R) is made once
-// by the transform kernel and read by the identity GEMM, as the Triton backend does
-// (triton_kernels/linear.py, DRAW_IN_GEMM_MAX_ROWS): every CTA along M redraws its B tiles, and
-// the static model puts the draw at about 1,000 instructions per thread per k-tile on top of
-// the identity kernel's 224 (bf16; benchmarks/results/2026-12-01-sass-mainloop-after4.md), which one
-// W-sized write and read outgrow from a few row tiles on. A first guess, to be tuned on a GPU.
-constexpr int64_t kDrawInGemmMaxRows = 256;
-
 inline bool has_tensor(const std::optional<at::Tensor>& tensor) { return tensor.has_value() && tensor->defined(); }
+
+// grad_input's GEMM as the cost model (fastfa/dispatch.h) sees it: a 4-d W is a conv2d's, in NCHW
+// unless channels_last.
+inline GradInputCase grad_input_case(Rule rule, bool has_feedback, int64_t distribution, int64_t rows,
+                                     const at::Tensor& weight, bool nchw) {
+  return {rule, rows, weight.numel(), weight.scalar_type(), nchw, has_feedback,
+          static_cast<Distribution>(distribution) == Distribution::kUniform};
+}
 
 // The transform a fused grad_input applies to W's tiles as they load: the rule itself, or
 // kBackprop where B is used as it is (the estimated rules' B, a stored fa R) or made first by
-// the transform kernel (a normal draw: the kernels draw uniformly; any draw for more than
-// kDrawInGemmMaxRows rows), so nothing is fused.
-inline Rule in_kernel_transform(Rule rule, bool has_feedback, int64_t distribution, int64_t rows) {
-  if (estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_feedback)) {
+// the transform kernel (a drawn B where the cost model draws it once: every CTA along M would
+// redraw its tiles, which one W-sized pass outgrows from a few row tiles on; any normal draw,
+// the kernels drawing uniformly), so nothing is fused.
+inline Rule in_kernel_transform(const GradInputCase& problem) {
+  const Rule rule = problem.rule;
+  if (estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && problem.stored_feedback)) {
     return Rule::kBackprop;
   }
-  if ((rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment) &&
-      (static_cast<Distribution>(distribution) == Distribution::kNormal || rows > kDrawInGemmMaxRows)) {
+  if ((rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment) && draws_feedback_once(problem)) {
     return Rule::kBackprop;
   }
   return rule;
@@ -169,7 +170,8 @@ struct FeedbackOperand {
   FeedbackOperand(Rule rule, const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                   const std::optional<at::Tensor>& rng, double scale, int64_t distribution,
                   at::MemoryFormat format, int64_t rows)
-      : transform(in_kernel_transform(rule, has_tensor(feedback), distribution, rows)),
+      : transform(in_kernel_transform(grad_input_case(rule, has_tensor(feedback), distribution, rows, weight,
+                                                      weight.dim() == 4 && format == at::MemoryFormat::Contiguous))),
         operand(weight.contiguous(format)) {
     if (transform == Rule::kBackprop && rule != Rule::kBackprop) {
       operand = estimates_feedback(rule) || (rule == Rule::kFeedbackAlignment && has_tensor(feedback))
@@ -199,8 +201,7 @@ struct FeedbackOperand {
 inline bool grad_input_on_fused_kernel(Rule rule, const std::optional<at::Tensor>& feedback, int64_t distribution,
                                        int64_t rows, const at::Tensor& weight, bool nchw) {
   return cuda_fused_passes() ||
-         fused_grad_input_pays(in_kernel_transform(rule, has_tensor(feedback), distribution, rows), rows, weight.numel(),
-                               weight.scalar_type(), nchw);
+         fused_grad_input_pays(grad_input_case(rule, has_tensor(feedback), distribution, rows, weight, nchw));
 }
 
 inline int64_t k_tiles(const at::Tensor& like, int64_t k) {

@@ -17,11 +17,12 @@
 // batch), kp's and sa's B gradient from tensors the op has, wm / aa / ia's on aten.
 // delta = dL/dz is materialised by ATen when there is an activation (one elementwise pass,
 // shared by both backward GEMMs). The kernels draw brsf's / fa's R uniformly, as linear
-// layers do; a normal draw (only reachable through the op itself), and any draw for more than
-// kDrawInGemmMaxRows rows (fused_ops.h), makes B with the transform kernel first. What the fused kernels do not cover takes the aten path (cuBLAS): fp64,
-// fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below sm_80. On the fused passes
-// that is warned and recorded (fastfa.last_fallbacks()), as is every B gradient of wm, aa, ia;
-// by default it is simply the vendor path.
+// layers do; a normal draw (only reachable through the op itself), and a draw the cost model
+// (fastfa/dispatch.h) makes once rather than in every CTA along M (a few row tiles and more),
+// makes B with the transform kernel first. What the fused kernels do not cover takes the aten
+// path (cuBLAS): fp64, fp32 while torch.backends.cuda.matmul.allow_tf32 is off, GPUs below
+// sm_80. On the fused passes that is warned and recorded (fastfa.last_fallbacks()), as is every
+// B gradient of wm, aa, ia; by default it is simply the vendor path.
 #include "fused_ops.h"
 
 #include "fastfa/ops.h"

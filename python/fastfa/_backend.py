@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import _C
+from .rules import canonical_rule, rule_spec
 
 __all__ = ["BACKENDS", "BackendStatus", "Fallback", "backends", "set_backend", "get_backend", "use_backend",
            "last_fallbacks", "clear_fallbacks", "record_fallback", "AUTO_COSTS", "AutoCosts", "PassPlan", "auto_plan",
@@ -246,45 +247,75 @@ def cuda_fused() -> bool:
 
 # ---- "auto" on a GPU: a cost model per pass ----------------------------------------------
 #
-# For each pass of a linear layer's step it compares the modelled times of the paths that
-# can run it: the vendor GEMM (cuBLAS through aten), after fastfa's transform kernel where
-# grad_input needs B = T(W) materialised, or a fused kernel (cuda, triton) that applies the
-# transform in its tile loads. The forward and grad_weight have no transform to fuse, so they
-# take the vendor GEMM unless a fused kernel is measured faster; grad_input with B used as it
-# is (bp, a stored fa R, the estimated rules' B) too. The constants are issue 18's estimates
-# and design/gpu.md's measured ceilings, not yet calibrated by a GPU run of the fused
-# kernels (README: "auto" dispatch).
+# For each pass of a layer's step the model compares the modelled times of the paths that can
+# run it: the vendor GEMM (cuBLAS through aten), after fastfa's transform kernel where grad_input
+# needs B = T(W) materialised, or a fused kernel (cuda, triton) that applies the transform in its
+# tile loads. The forward and grad_weight have no transform to fuse, so they take the vendor GEMM
+# unless a fused kernel is measured faster; grad_input with B used as it is (bp, a stored fa R,
+# the estimated rules' B) too. The model itself is C++ (csrc/dispatch.cpp, fastfa/dispatch.h:
+# its formulas, and its constants' defaults with their sources), the one the cuda ops run per
+# call; auto_plan asks it through _C._auto_plan, so there is one model. The constants are issue
+# 18's estimates and design/gpu.md's measured ceilings, not yet calibrated by a GPU run of the
+# fused kernels (README: "auto" on a GPU).
 #
 #   vendor GEMM      2 rows in out / (peak FLOP/s of the dtype)
-#   transform        launch + bytes of W read (+ R for frsf) and B written / bandwidth
+#   transform        launch + bytes of W read (+ R for frsf; none for drawn fa) and B written / bandwidth
 #   fused            vendor GEMM time / (its fraction of the vendor GEMM's speed: rule, backend)
 #                    (a cuda conv2d in NCHW: the fraction times nchw_factor, for its gathers)
 #
 # so a fused grad_input pays below a row count: rows < transform / (2 in out / peak) /
-# (1 / fraction - 1); above it the transform's one pass over W is the smaller cost.
+# (1 / fraction - 1); above it the transform's one pass over W is the smaller cost. A drawn B
+# (brsf, drawn fa) on the cuda kernel is drawn in the GEMM (fraction(rule): every CTA along M
+# draws its tiles again) or once by the transform kernel, then read by the identity kernel
+# (transform + vendor GEMM / fraction(bp)), whichever is modelled faster: once above
+# rows = transform / (2 in out / peak) / (1 / fraction(rule) - 1 / fraction(bp)).
 
 
 class AutoCosts(NamedTuple):
     peak_tflops: dict  # dense tensor-core TFLOP/s the vendor GEMM reaches, per dtype
     bandwidth_tbs: float  # device memory, bytes read + written per second / 1e12
     launch_us: float  # one more kernel (the transform) on the stream
-    fused_fraction: dict  # {(backend, rule): a fused grad_input's speed over the vendor GEMM's}
+    fused_fraction: dict  # {(backend, rule): a fused grad_input's speed over the vendor GEMM's}; (cuda, bp):
+    #                       the identity kernel, which reads a drawn B the transform kernel made once
     nchw_factor: float  # the cuda implicit GEMM's fraction in NCHW (element gathers) over channels_last's
 
 
-AUTO_COSTS = AutoCosts(
-    # H200 bf16 8192^3 matmul through PyTorch: 770-800 (design/gpu.md); tf32 about half.
-    peak_tflops={torch.bfloat16: 770.0, torch.float16: 770.0, torch.float32: 385.0},
-    bandwidth_tbs=4.3,  # device-to-device copies on the same H200
-    launch_us=4.0,
-    # Issue 18: cuda usf / frsf at 35-45% of cuBLAS, brsf and drawn fa (Philox per CTA along M)
-    # 20-25%; the Triton grad_input 40-60%.
-    fused_fraction={("cuda", "usf"): 0.40, ("cuda", "frsf"): 0.40, ("cuda", "brsf"): 0.22, ("cuda", "fa"): 0.22,
-                    ("triton", "usf"): 0.50, ("triton", "frsf"): 0.50, ("triton", "brsf"): 0.50,
-                    ("triton", "fa"): 0.50},
-    # Issue 18: NCHW convolutions under 20% of cuDNN, against 35-45% for the GEMMs.
-    nchw_factor=0.5,
-)
+#: The dtypes the model has a peak for, and the name of each peak among the C++ constants.
+_PEAK_FIELDS = {torch.bfloat16: "peak_tflops_bf16", torch.float16: "peak_tflops_fp16",
+                torch.float32: "peak_tflops_fp32"}
+#: The fused grad_input kernels the model knows: (backend, rule), each a C++ constant "<backend>_<rule>".
+_FRACTION_KEYS = (("cuda", "usf"), ("cuda", "brsf"), ("cuda", "frsf"), ("cuda", "fa"), ("cuda", "bp"),
+                  ("triton", "usf"), ("triton", "brsf"), ("triton", "frsf"), ("triton", "fa"))
+_FUSED_BACKENDS = ("cuda", "triton")
+
+
+def _from_fields(fields: dict) -> AutoCosts:
+    return AutoCosts(peak_tflops={dtype: fields[name] for dtype, name in _PEAK_FIELDS.items()},
+                     bandwidth_tbs=fields["bandwidth_tbs"], launch_us=fields["launch_us"],
+                     fused_fraction={key: fields["_".join(key)] for key in _FRACTION_KEYS},
+                     nchw_factor=fields["nchw_factor"])
+
+
+def _to_fields(costs: AutoCosts) -> dict:
+    """The C++ model's constants (fastfa/dispatch.h's AutoCosts, by name); what AutoCosts leaves
+    out is 0: no such peak or fused kernel. A key the model has no constant for is refused."""
+    if not isinstance(costs, AutoCosts):
+        raise TypeError(f"costs must be a fastfa._backend.AutoCosts; got {type(costs).__name__}")
+    unknown = [str(dtype) for dtype in costs.peak_tflops if dtype not in _PEAK_FIELDS]
+    unknown += [repr(key) for key in costs.fused_fraction if key not in _FRACTION_KEYS]
+    if unknown:
+        raise ValueError(f"costs has constants the model does not use: {', '.join(unknown)} (peak_tflops: "
+                         f"{', '.join(map(str, _PEAK_FIELDS))}; fused_fraction: "
+                         f"{', '.join(map(repr, _FRACTION_KEYS))})")
+    fields = {name: float(costs.peak_tflops.get(dtype, 0.0)) for dtype, name in _PEAK_FIELDS.items()}
+    fields.update({"_".join(key): float(costs.fused_fraction.get(key, 0.0)) for key in _FRACTION_KEYS})
+    fields.update(bandwidth_tbs=float(costs.bandwidth_tbs), launch_us=float(costs.launch_us),
+                  nchw_factor=float(costs.nchw_factor))
+    return fields
+
+
+#: The model's built-in constants (fastfa/dispatch.h): issue 18's estimates, uncalibrated.
+AUTO_COSTS = _from_fields(_C._auto_costs(defaults=True))
 
 #: Rules whose grad_input needs B = T(W) made from W (or drawn): the only pass with a transform.
 TRANSFORMED_RULES = ("usf", "brsf", "frsf", "fa")
@@ -295,46 +326,56 @@ class PassPlan(NamedTuple):
     grad_input: str
     grad_weight: str
     grad_input_ms: dict  # the modelled time of each candidate path for grad_input, in ms
+    # For a drawn B (brsf, drawn fa) on the cuda fused kernel: "in_gemm" (every CTA along M draws
+    # its tiles) or "once" (the transform kernel draws B, the identity kernel reads it), and the
+    # modelled time of each way, in ms; None and {} where B is not drawn.
+    cuda_draw: str | None = None
+    cuda_draw_ms: dict = {}
 
 
 def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: torch.dtype, *,
-              fused=("cuda", "triton"), drawn: bool = True, nchw: bool = False, costs: AutoCosts | None = None) -> PassPlan:
+              fused=("cuda", "triton"), drawn: bool = True, nchw: bool = False, distribution: str = "uniform",
+              costs: AutoCosts | None = None) -> PassPlan:
     """The path each pass of a layer's step takes on a GPU by the cost model: "aten" (the vendor
     GEMM, after the transform kernel where needed) or a fused backend among `fused` (those usable
-    here). A linear layer: rows of the batch, W in_features x out_features. A conv2d: rows = the
-    output's pixels (N H_out W_out), in_features = in_channels / groups x kh x kw, out_features =
-    out_channels (the same FLOPs and W's size), `nchw` for a contiguous (not channels_last) input.
-    `drawn`: for fa, whether R is drawn from (seed, step) rather than stored (a stored R is used
-    as it is). `costs`: the model's constants, auto_costs() by default.
+    here: "cuda", "triton"). A linear layer: rows of the batch, W in_features x out_features. A
+    conv2d: rows = the output's pixels (N H_out W_out), in_features = in_channels / groups x kh x kw,
+    out_features = out_channels (the same FLOPs and W's size), `nchw` for a contiguous (not
+    channels_last) input. `drawn`: for fa, whether R is drawn from (seed, step) rather than stored
+    (a stored R is used as it is); `distribution` ("uniform" or "normal") of a drawn B: the fused
+    kernels draw only uniformly in the GEMM. `costs`: the model's constants, auto_costs() by default.
 
-    "auto" realises it through the cuda backend (resolve): its forward and grad_weight always take
-    the vendor path, and its grad_input the fused kernel exactly where this plan says "cuda" (the
-    same model in C++; tests/test_auto_dispatch.py checks they agree). Triton's grad_input is
-    modelled, but "auto" does not pick the triton backend, whose forward and grad_weight are its
-    own fused kernels, until a GPU run shows them faster."""
-    costs = _auto_costs if costs is None else costs
+    The model is the cuda ops' own (csrc/dispatch.cpp, through _C._auto_plan): "auto" realises it
+    through the cuda backend (resolve), whose forward and grad_weight always take the vendor path,
+    whose grad_input takes the fused kernel exactly where this plan says "cuda", and whose fused
+    kernel draws a drawn B as ``cuda_draw`` says. Triton's grad_input is modelled, but "auto" does
+    not pick the triton backend, whose forward and grad_weight are its own fused kernels, until a
+    GPU run shows them faster."""
     for name, value in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int; got {value!r}")
-    if dtype not in costs.peak_tflops:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, costs.peak_tflops))}; got {dtype}")
-    flop = 2.0 * rows * in_features * out_features
-    vendor_ms = flop / (costs.peak_tflops[dtype] * 1e12) * 1e3
-    times = {"aten": vendor_ms}
-    if rule in TRANSFORMED_RULES and (rule != "fa" or drawn):
-        element = torch.finfo(dtype).bits // 8
-        reads = 0 if rule == "fa" else (2 if rule == "frsf" else 1)  # W, and R for frsf; drawn fa reads none
-        transform_ms = costs.launch_us * 1e-3 + (reads + 1) * in_features * out_features * element / (
-            costs.bandwidth_tbs * 1e12) * 1e3
-        times["aten"] = vendor_ms + transform_ms
-        for backend in fused:
-            fraction = costs.fused_fraction.get((backend, rule))
-            if fraction and nchw and backend == "cuda":
-                fraction *= costs.nchw_factor
-            if fraction:
-                times[backend] = vendor_ms / fraction
-    grad_input = min(times, key=lambda name: (times[name], name != "aten"))
-    return PassPlan("aten", grad_input, "aten", times)
+    if isinstance(fused, str) or not set(fused) <= set(_FUSED_BACKENDS):
+        raise ValueError(f"fused must be a tuple of fused backends among {', '.join(_FUSED_BACKENDS)}; got {fused!r}")
+    if distribution not in ("uniform", "normal"):
+        raise ValueError(f"distribution must be 'uniform' or 'normal'; got {distribution!r}")
+    costs = _auto_costs if costs is None else costs
+    if dtype not in _PEAK_FIELDS or not costs.peak_tflops.get(dtype):
+        raise ValueError(f"dtype must be one of {', '.join(str(d) for d in _PEAK_FIELDS if costs.peak_tflops.get(d))}; "
+                         f"got {dtype}")
+    name = canonical_rule(rule)
+    model = _C._auto_plan(int(rule_spec(name).id), rows, in_features * out_features, dtype, nchw=nchw,
+                          stored_feedback=name == "fa" and not drawn, uniform=distribution == "uniform",
+                          fields=None if costs is _auto_costs else _to_fields(costs))
+    times = {"aten": model["vendor"] * 1e3}
+    for backend in fused:
+        if model[backend] != float("inf"):
+            times[backend] = model[backend] * 1e3
+    grad_input = min(times, key=lambda path: (times[path], path != "aten"))
+    if not model["draws"]:
+        return PassPlan("aten", grad_input, "aten", times)
+    draw_ms = {way: model["cuda_draw_" + way] * 1e3 for way in ("in_gemm", "once")}
+    return PassPlan("aten", grad_input, "aten", times, "once" if model["cuda_draws_once"] else "in_gemm",
+                    {way: ms for way, ms in draw_ms.items() if ms != float("inf")})
 
 
 _auto_costs = AUTO_COSTS
@@ -342,20 +383,12 @@ _auto_costs = AUTO_COSTS
 
 def set_auto_costs(costs: AutoCosts) -> None:
     """Replace the cost model's constants (a calibration: benchmarks/fit_auto_costs.py prints
-    one), for auto_plan and the cuda ops' own copy of the model alike."""
+    one), for auto_plan and the cuda ops alike: both run the one model in C++."""
     global _auto_costs
-    if not isinstance(costs, AutoCosts):
-        raise TypeError(f"costs must be a fastfa._backend.AutoCosts; got {type(costs).__name__}")
-    peaks = [float(costs.peak_tflops.get(dtype, 0.0)) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
-    fractions = [float(costs.fused_fraction.get(("cuda", rule), 0.0)) for rule in ("usf", "brsf", "frsf", "fa")]
-    _C._set_auto_costs(*peaks, float(costs.bandwidth_tbs), float(costs.launch_us), *fractions,
-                       float(costs.nchw_factor))
+    _C._set_auto_costs(_to_fields(costs))
     _auto_costs = costs
 
 
 def auto_costs() -> AutoCosts:
     """The cost model's constants in use (AUTO_COSTS, issue 18's estimates, until set_auto_costs)."""
     return _auto_costs
-
-
-set_auto_costs(AUTO_COSTS)

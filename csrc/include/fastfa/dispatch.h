@@ -1,8 +1,11 @@
 // The cuda backend's choice of path per pass (issue 18): the vendor GEMM / convolution through
 // ATen (cuBLAS(Lt), cuDNN) wherever there is nothing to fuse, and for grad_input, where B = T(W)
-// must be made from W, the fused kernel or fastfa's transform kernel + the vendor GEMM, by the
-// cost model of fastfa._backend.auto_plan (README, "auto" on a GPU). Compiled into every build,
-// so that a CPU test can check that this copy of the model decides as the Python one does.
+// must be made from W, the fused kernel or fastfa's transform kernel + the vendor GEMM; and for a
+// drawn B (brsf, drawn fa) on the fused kernel, whether the GEMM draws it tile by tile or the
+// transform kernel draws it once first. One cost model decides all of it, here: the cuda ops
+// call it per call, and fastfa._backend.auto_plan (reports, tests, benchmarks/fit_auto_costs.py)
+// calls the same function through _C._auto_plan (README, "auto" on a GPU). Compiled into every
+// build, so that a CPU machine runs the model the GPU uses.
 #pragma once
 
 #include "fastfa/feedback.h"
@@ -13,14 +16,26 @@
 
 namespace fastfa {
 
-// The model's constants; fastfa._backend sets them from AUTO_COSTS at import (and a calibration
-// can set them again). Fractions are the cuda backend's fused grad_input speed over the vendor
-// GEMM's, per transform; a conv2d in NCHW (element-by-element gathers) scales them by nchw_factor.
+// The model's constants: issue 18's estimates and design/gpu.md's H200 ceilings until a GPU run
+// calibrates them (benchmarks/fit_auto_costs.py; fastfa._backend.set_auto_costs applies a fit at
+// run time, and fastfa._backend.AUTO_COSTS is read from these defaults). A fraction is a fused
+// grad_input's speed over the vendor GEMM's (0: no such kernel); a cuda conv2d in NCHW (element
+// by element gathers) scales the cuda fractions by nchw_factor.
 struct AutoCosts {
+  // H200 bf16 8192^3 matmul through PyTorch: 770-800 TFLOP/s (design/gpu.md); tf32 about half.
   double peak_tflops_bf16 = 770.0, peak_tflops_fp16 = 770.0, peak_tflops_fp32 = 385.0;
-  double bandwidth_tbs = 4.3;
-  double launch_us = 4.0;
-  double fraction_usf = 0.40, fraction_brsf = 0.22, fraction_frsf = 0.40, fraction_fa = 0.22;
+  double bandwidth_tbs = 4.3;  // device-to-device copies on the same H200
+  double launch_us = 4.0;      // one more kernel (the transform) on the stream
+  // Issue 18: cuda usf / frsf / bp (the identity kernel) at 35-45% of cuBLAS; brsf and drawn fa,
+  // whose Philox draws every CTA along M redoes, 20-25% and a little above: the static model
+  // counts drawn fa's mainloop at 0.80x brsf's instructions (993 against 1,244 per k-tile,
+  // benchmarks/results/2026-12-01-sass-mainloop-after3.md). brsf 0.235 and fa 0.2812 are the
+  // values in that range that put the draw-once crossover of a 4096x4096 bf16 / fp16 layer at
+  // 256 rows, the threshold the kernels had before it was modelled (README, "auto" on a GPU).
+  double cuda_usf = 0.40, cuda_brsf = 0.235, cuda_frsf = 0.40, cuda_fa = 0.2812, cuda_bp = 0.40;
+  // Issue 18: the Triton grad_input at 40-60% of cuBLAS (modelled; "auto" does not pick it).
+  double triton_usf = 0.50, triton_brsf = 0.50, triton_frsf = 0.50, triton_fa = 0.50;
+  // Issue 18: NCHW convolutions under 20% of cuDNN, against 35-45% for the GEMMs.
   double nchw_factor = 0.5;
 };
 
@@ -33,10 +48,41 @@ AutoCosts auto_costs();
 bool cuda_fused_passes();
 void set_cuda_fused_passes(bool fused);
 
-// Whether a fused grad_input that applies `transform` in its tile loads (Rule::kBackprop: B is
-// used as it is, nothing to fuse) is modelled faster than the transform kernel + the vendor GEMM,
-// for a GEMM of rows x weight_numel (a conv2d: rows = output pixels, the same FLOPs). A few
-// multiplications: cheaper than any cache of its answer.
-bool fused_grad_input_pays(Rule transform, int64_t rows, int64_t weight_numel, c10::ScalarType dtype, bool nchw);
+// One grad_input GEMM of rows x weight_numel (a conv2d: rows = output pixels, the same FLOPs).
+struct GradInputCase {
+  Rule rule = Rule::kBackprop;
+  int64_t rows = 0, weight_numel = 0;
+  c10::ScalarType dtype = c10::ScalarType::BFloat16;
+  bool nchw = false;             // a conv2d on a contiguous (not channels_last) input
+  bool stored_feedback = false;  // fa with a stored R: B used as it is
+  bool uniform = true;           // the draw's distribution; the kernels draw only uniformly in the GEMM
+};
+
+// The modelled times of grad_input's paths, in seconds (infinity where a path does not exist):
+//   vendor GEMM       2 rows numel / peak of the dtype
+//   transform         launch + bytes of W read (+ R for frsf; none for drawn fa) and B written / bandwidth
+//   vendor            the vendor GEMM, after the transform where B must be made
+//   fused             the vendor GEMM / the fused kernel's fraction (times nchw_factor for cuda in NCHW)
+// A drawn B on the cuda fused kernel goes one of two ways: drawn in the GEMM (every CTA along M
+// draws its tiles again: a cost per row, vendor GEMM x (1 / fraction(rule) - 1 / fraction(bp))
+// above the identity kernel), or drawn once by the transform kernel and read by the identity
+// kernel (one pass writing B: the transform's time, whatever the rows). It is drawn once where
+// that is the faster (ties: in the GEMM), or where the GEMM cannot draw it (a normal draw).
+struct GradInputPlan {
+  double vendor = 0.0;
+  double cuda = 0.0, cuda_draw_in_gemm = 0.0, cuda_draw_once = 0.0;  // cuda: the better draw
+  double triton = 0.0;
+  bool cuda_draws_once = false;  // a drawn B: made by the transform kernel, then the identity kernel
+  bool draws = false;            // B is drawn (brsf, drawn fa)
+};
+
+GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& costs);
+
+// The cuda ops' questions, on the constants in use (a few multiplications: cheaper than any cache):
+// whether the fused grad_input is modelled faster than the transform kernel + the vendor GEMM
+// (never for B used as it is, nor fp64: no fused kernel to win); and whether its drawn B is drawn
+// once by the transform kernel rather than in the GEMM.
+bool fused_grad_input_pays(const GradInputCase& problem);
+bool draws_feedback_once(const GradInputCase& problem);
 
 } // namespace fastfa
