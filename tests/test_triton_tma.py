@@ -178,3 +178,22 @@ def test_sm90_descriptor_path_loads_through_tma_into_tensor_cores_without_spills
         assert opcodes["LDL"] + opcodes["STL"] == 0, (what, found)
         transforms = any(f"rule {rule}" in what for rule in (2, 3, 4)) or what.endswith("rule 1")
         assert found["register_operand"] == transforms, (what, found)
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_the_choice_traces_with_fake_and_symbolic_shapes(tracing_mode, chosen, monkeypatch):
+    """torch.compile traces the op's Python body with fake tensors, which have no address: the
+    layout check reads their storage offset instead, and symbolic sizes guard on their alignment."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setenv("FASTFA_TRITON_TMA", DESCRIPTORS_ON)
+
+    def grad_input(delta, x, w):
+        return torch.ops.fastfa.triton_linear_backward(delta, x, w, None, None, torch.empty(0), torch.empty(0),
+                                                       int(Rule.USF), 0.5, 0, [0.0, 0.0, 0.0, 1.0], "none",
+                                                       [True, False, False, False])[0]
+
+    w = torch.randn(24, 40, dtype=torch.bfloat16)
+    make_fx(grad_input, tracing_mode=tracing_mode)(torch.randn(21, 24, dtype=w.dtype),
+                                                   torch.randn(21, 40, dtype=w.dtype), w)
+    assert chosen == [fb.INTERPRETED.value or TMA_GPU], chosen
