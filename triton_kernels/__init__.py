@@ -80,8 +80,9 @@ def set_scratch_allocator() -> None:
     A kernel that makes tensor descriptors (tl.make_tensor_descriptor) writes each program's TMA
     descriptor to scratch memory, which Triton's launcher asks that allocator for. It is a context
     variable: the autograd engine runs the backward in threads of its own, whose context starts
-    without one. A compiled graph sets its own (torch's inductor does before every launch).
-    triton.runtime._allocation is the same in triton 3.6 and 3.8; an allocator the user set is kept.
+    without one. A compiled graph sets its own: torch's inductor does before every launch
+    (pytorch/pytorch#155358, torch 2.8 and newer). triton.runtime._allocation is the same in
+    triton 3.6 and 3.8; an allocator the user set is kept.
     """
     from triton.runtime import _allocation
 
