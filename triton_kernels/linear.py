@@ -246,6 +246,7 @@ def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
     scale = fb.load_scale(scale, SCALE_FROM_WEIGHT)
     dtype = grad_input_ptr.dtype.element_ty
+    # Descriptors only for what the rule reads; the pointers stand in for the others, never loaded.
     weight_tiles = weight_ptr
     feedback_tiles = feedback_ptr
     if TENSOR_DESCRIPTORS:
