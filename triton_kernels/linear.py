@@ -239,7 +239,10 @@ def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_
     load raw through tensor descriptors, which Hopper's TMA serves into shared memory and the
     pipeliner runs num_stages tiles ahead; only the B tile then passes through registers, for its
     transform. Their last stride is 1 and the others are multiples of 16 bytes (the launcher's
-    check). Otherwise every operand loads through masked pointer loads."""
+    check). Otherwise every operand loads through masked pointer loads. The descriptors are made
+    here, from the configuration's block sizes (which is why the launcher provides scratch memory
+    for them): a host-side TensorDescriptor argument would need its block shape set per autotune
+    configuration by a Config pre_hook, which torch.compile refuses in user kernels."""
     tile_n, tile_m = grouped_tile(tl.program_id(0), tl.cdiv(in_features, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
