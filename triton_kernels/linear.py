@@ -223,7 +223,9 @@ def _feedback_tile_t(weight_ptr, feedback_ptr, weight_tiles, feedback_tiles, fir
     return b_t
 
 
-@triton.autotune(configs=gemm_configs(), key=_KEY)
+# Keyed by the load path too: the two differ in registers and shared memory per stage, so each
+# tunes its own configuration (an A/B of the two on one shape must not share one).
+@triton.autotune(configs=gemm_configs(), key=[*_KEY, "TENSOR_DESCRIPTORS"])
 @triton.jit
 def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows, out_features,
                        in_features, rows_bucket, stride_delta_row, stride_delta_col, stride_weight_out,
