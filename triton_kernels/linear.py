@@ -14,7 +14,9 @@ bool[] where it reads bool[4]; the same values pass (tests/test_triton_schema.py
     grad_input      delta B, with B = T(W) made tile by tile as W (or the stored R / B) loads
                     (triton_kernels/feedback.py), so B never exists in memory. It is computed
                     as grad_input^T = B^T delta^T: the transformed tile is the left operand,
-                    which Hopper's wgmma can read from registers (issue 3).
+                    which Hopper's wgmma can read from registers (issue 3). On sm_90 and newer
+                    its operands load raw through tensor descriptors (TMA), pipelined, where
+                    their layouts allow (_tensor_descriptors); pointer loads otherwise.
     grad_weight     delta^T x, with grad_bias (the column sums of delta) from the same tiles,
                     and kp's B gradient grad_W + 2 alpha B written from the same accumulator.
     B's gradient    for wm, aa, ia: the spec's primitives (learning-rules.md) from the same
@@ -28,7 +30,8 @@ cannot reach fall back to the aten ops, recorded (fastfa.last_fallbacks()).
 
 Block sizes are autotuned per GPU; every kernel is keyed by the layer's
 (rows rounded up to a power of two, out_features, in_features), so a layer's forward and
-backward tune once per shape, and a ragged last batch does not re-tune.
+backward tune once per shape, and a ragged last batch does not re-tune; grad_input also by
+how it loads its operands (tensor descriptors or pointers, FASTFA_TRITON_TMA).
 FASTFA_TRITON_AUTOTUNE=0, set before the first use of the triton backend, gives every GEMM
 kernel one configuration instead (benchmarks/gpu_check.sh's correctness stage).
 """
