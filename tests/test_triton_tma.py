@@ -117,7 +117,7 @@ def test_descriptors_only_where_the_layouts_allow(monkeypatch):
     assert choose(delta, torch.randn(40, 24, dtype=w.dtype).t(), w, kp, True) == choose(delta, w, w, bp, False)
     assert not choose(delta, w, torch.randn(40, 24, dtype=w.dtype).t(), kp, True)  # nor the stored B's
     assert not choose(torch.randn(7, 21, dtype=w.dtype), w[:21], w[:21], bp, False)  # rows of 42 bytes
-    assert not choose(torch.randn(7, 25, dtype=w.dtype)[:, 1:], w, w, bp, False)  # 2 bytes past an aligned address
+    assert not choose(torch.randn(7, 40, dtype=w.dtype)[:, 1:25], w, w, bp, False)  # 2 bytes past an aligned address
     assert choose(torch.randn(7, 32, dtype=w.dtype)[:, 8:], w, w, bp, False) == choose(delta, w, w, bp, False)
     monkeypatch.setenv("FASTFA_TRITON_TMA", "0")
     assert not choose(delta, w, w, bp, False)
