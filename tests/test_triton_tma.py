@@ -119,6 +119,7 @@ def test_descriptors_only_where_the_layouts_allow(monkeypatch):
     assert not choose(torch.randn(7, 21, dtype=w.dtype), w[:21], w[:21], bp, False)  # rows of 42 bytes
     assert not choose(torch.randn(7, 40, dtype=w.dtype)[:, 1:25], w, w, bp, False)  # 2 bytes past an aligned address
     assert choose(torch.randn(7, 32, dtype=w.dtype)[:, 8:], w, w, bp, False) == choose(delta, w, w, bp, False)
+    assert not choose(torch.randn(1, 24, dtype=w.dtype).expand(7, 24), w, w, bp, False)  # one row, repeated
     monkeypatch.setenv("FASTFA_TRITON_TMA", "0")
     assert not choose(delta, w, w, bp, False)
     monkeypatch.setenv("FASTFA_TRITON_TMA", "auto")

@@ -60,10 +60,13 @@ def unsupported_reason(tensor) -> str | None:
 
 def tma_ready(tensor) -> bool:
     """Whether a 2-D tensor can be read through a tensor descriptor (Hopper's TMA): its last stride 1,
-    the other stride and its address multiples of 16 bytes. A fake tensor (torch.compile's tracing)
-    has no address: its storage offset stands for it, as torch's allocators align every storage."""
+    the other stride and its address multiples of 16 bytes. Its rows must not repeat or overlap
+    either (an expanded gradient's stride 0), which TMA's descriptors are not documented to allow.
+    A fake tensor (torch.compile's tracing) has no address: its storage offset stands for it, as
+    torch's allocators align every storage."""
     size = tensor.element_size()
-    if tensor.dim() != 2 or tensor.stride(1) != 1 or tensor.stride(0) * size % 16:
+    if (tensor.dim() != 2 or tensor.stride(1) != 1 or tensor.stride(0) < tensor.shape[1]
+            or tensor.stride(0) * size % 16):
         return False
     if is_fake(tensor):
         return tensor.storage_offset() * size % 16 == 0
