@@ -13,7 +13,9 @@
 #           cuda paths, and the passes of the cost model; benchmarks/fit_auto_costs.py fits its
 #           constants from them (end of auto.log)
 #   triton  tests/test_triton_*.py: every Triton kernel against the oracle and aten at ragged and
-#           real sizes, every rule and dtype, one autotune configuration (FASTFA_TRITON_AUTOTUNE=0)
+#           real sizes, every rule and dtype, one autotune configuration (FASTFA_TRITON_AUTOTUNE=0);
+#           test_triton_tma.py first (Linear grad_input through tensor descriptors, TMA, which no
+#           CPU can run compiled, against its pointer path and the oracle)
 #   warm    the bench's Triton kernels compiled in parallel, a process per rule (GPU only)
 #   bench   the default `fastfa bench` on the device under --budget (without the torch.compile
 #           peer), results in design/gpu.md's shape
@@ -69,7 +71,7 @@ else
   note=$([ "$device" = cuda ] && echo "one autotune configuration (FASTFA_TRITON_AUTOTUNE=0)" ||
     echo "under Triton's interpreter")
   FASTFA_TRITON_AUTOTUNE=0 run triton "$(limit 180 1200)" INT "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" \
-    --junitxml="$out/triton.xml" tests/test_triton_*.py
+    --junitxml="$out/triton.xml" tests/test_triton_tma.py tests/test_triton_*.py
 fi
 
 bench_autotune="${GPU_CHECK_BENCH_AUTOTUNE:-0}"

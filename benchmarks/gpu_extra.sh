@@ -2,7 +2,7 @@
 # What the GPU check (gpu_check.sh) leaves out to stay under 8 minutes, as further stages of the
 # same kind (logs, JUnit XML, summary.tsv in OUTDIR as they run; benchmarks/README.md, "GPU check"):
 #
-#   bash benchmarks/gpu_extra.sh OUTDIR [sanitizer] [bench] [sweep]      (default: all three)
+#   bash benchmarks/gpu_extra.sh OUTDIR [sanitizer] [bench] [sweep] [tma]      (default: the first three)
 #
 #   sanitizer  compute-sanitizer memcheck and racecheck over one ragged case of every kernel
 #              family: each fused cuda kernel (linear and conv2d: forward, identity, the four
@@ -12,20 +12,22 @@
 #              max-autotune), Triton fully autotuned (its kernels compiled first, a process per rule)
 #   sweep      `fastfa bench --full`: longer than one 10-minute command on an H200; give it its own
 #              command and budget
+#   tma        benchmarks/triton_tma.py: the Triton Linear grad_input through tensor descriptors
+#              (TMA) against its pointer loads and backprop's matmul, bf16 4096x4096, autotuned
 # Each call builds first (setup and build as in gpu_check.sh; a second call on the same machine
 # rebuilds only what changed). Environment as gpu_check.sh; GPU_CHECK_BUDGET defaults to 540 s
 # with a GPU (one device command) and 3600 without.
 set -uo pipefail
 if [ $# -lt 1 ]; then
-  echo "usage: bash benchmarks/gpu_extra.sh OUTDIR [sanitizer] [bench] [sweep]" >&2
+  echo "usage: bash benchmarks/gpu_extra.sh OUTDIR [sanitizer] [bench] [sweep] [tma]" >&2
   exit 2
 fi
 out=$1
 shift
 if [ $# -gt 0 ]; then stages=("$@"); else stages=(sanitizer bench sweep); fi
 for stage in "${stages[@]}"; do
-  case $stage in sanitizer | bench | sweep) ;; *)
-    echo "gpu_extra.sh: unknown stage '$stage' (expected sanitizer, bench or sweep)" >&2
+  case $stage in sanitizer | bench | sweep | tma) ;; *)
+    echo "gpu_extra.sh: unknown stage '$stage' (expected sanitizer, bench, sweep or tma)" >&2
     exit 2 ;;
   esac
 done
@@ -68,6 +70,7 @@ for stage in "${stages[@]}"; do
       run bench "$(limit 100000)" TERM "$py" -m fastfa bench --device "$device" --out "$(results_file bench)" ;;
     sweep) run sweep "$(limit 100000)" TERM "$py" -m fastfa bench --device "$device" --full \
       --out "$(results_file full-bench)" ;;
+    tma) run tma "$(limit 100000)" TERM "$py" benchmarks/triton_tma.py --out "$(results_file triton-tma)" ;;
   esac
 done
 echo "total $((SECONDS - start)) s of a budget of $budget s; summary: $summary"

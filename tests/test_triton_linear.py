@@ -318,7 +318,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
     for rule, by_four in ((0, False), (3, True), (3, False), (4, False), (5, False)):
         kernel = compile_for_sm90(L._grad_input_kernel, "bf16",
                                   dict(RULE=rule, HAS_FEEDBACK=rule in (4, 5), DISTRIBUTION=0, SCALE_FROM_WEIGHT=False, DRAWS=rule == 3,
-                                       DRAWS_BY_FOUR=by_four, INPUT_PRECISION="ieee"),
+                                       DRAWS_BY_FOUR=by_four, TENSOR_DESCRIPTORS=False, INPUT_PRECISION="ieee"),
                                   floats=("scale",), config=TILE)
         mma = re.findall(r"wgmma\.mma_async[^;]*;", kernel.asm["ptx"])
         # The register form lists A's registers after the accumulator's: "{d...}, {a...}, descB".

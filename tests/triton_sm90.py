@@ -82,9 +82,10 @@ def autotuned_config(kernel, block_m: int, block_n: int):
                 if (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == (block_m, block_n))
 
 
-def compile_for_sm90(kernel, dtype: str, constexprs: dict, floats=(), config=None):
+def compile_for_sm90(kernel, dtype: str, constexprs: dict, floats=(), config=None, types=None):
     """`kernel` (a triton.jit function or an autotuner over one) compiled for sm_90: pointers to
-    `dtype` (index pointers as INDEX_POINTERS), `floats` fp32 scalars, other scalars i32; with a
+    `dtype` (index pointers as INDEX_POINTERS), `floats` fp32 scalars, other scalars i32, and
+    `types` {argument: Triton type} where it says otherwise (a scale passed as "*fp32"); with a
     triton.Config's block sizes, warps and stages (else 4 warps, 3 stages)."""
     if config is not None:
         constexprs = {**constexprs, **config.kwargs}
@@ -93,6 +94,8 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, floats=(), config=Non
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif types and name in types:
+            signature[name] = types[name]
         elif name.endswith("_ptr"):
             signature[name] = INDEX_POINTERS.get(name, f"*{dtype}")
         else:

@@ -11,18 +11,21 @@ never at ``import fastfa``: Triton reads TRITON_INTERPRET when a kernel is defin
 
 What every op module's launchers share is here: ``launch`` (a kernel call through
 torch.library.wrap_triton), ``input_precision`` (TF32 only where torch allows it) and
-``unsupported_reason`` (why a call must fall back to aten, or None).
+``unsupported_reason`` (why a call must fall back to aten, or None); for kernels that load through
+tensor descriptors (TMA), ``tma_ready`` (whether a tensor meets TMA's layout rules) and
+``set_scratch_allocator`` (the memory their descriptors are written to).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from .feedback import INTERPRETED
 
-__all__ = ["launch", "input_precision", "unsupported_reason"]
+__all__ = ["launch", "input_precision", "unsupported_reason", "tma_ready", "set_scratch_allocator"]
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -53,3 +56,38 @@ def unsupported_reason(tensor) -> str | None:
     if tensor.device.type not in ("cpu", "cuda"):
         return f"tensors on {tensor.device}"
     return None
+
+
+def tma_ready(tensor) -> bool:
+    """Whether a 2-D tensor can be read through a tensor descriptor (Hopper's TMA): its last stride 1,
+    the other stride and its address multiples of 16 bytes. Its rows must not repeat or overlap
+    either (an expanded gradient's stride 0), which TMA's descriptors are not documented to allow.
+    A fake tensor (torch.compile's tracing) has no address: its storage offset stands for it, as
+    torch's allocators align every storage."""
+    size = tensor.element_size()
+    if (tensor.dim() != 2 or tensor.stride(1) != 1 or tensor.stride(0) < tensor.shape[1]
+            or tensor.stride(0) * size % 16):
+        return False
+    if is_fake(tensor):
+        return tensor.storage_offset() * size % 16 == 0
+    return tensor.data_ptr() % 16 == 0
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def set_scratch_allocator() -> None:
+    """Sets Triton's allocator (torch's caching allocator) where none is set in this context.
+
+    A kernel that makes tensor descriptors (tl.make_tensor_descriptor) writes each program's TMA
+    descriptor to scratch memory, which Triton's launcher asks that allocator for. It is a context
+    variable: the autograd engine runs the backward in threads of its own, whose context starts
+    without one. A compiled graph sets its own: torch's inductor does before every launch
+    (pytorch/pytorch#155358, torch 2.8 and newer). triton.runtime._allocation is the same in
+    triton 3.6 and 3.8; an allocator the user set is kept.
+    """
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

@@ -52,6 +52,10 @@ Public @triton.jit functions (every argument after the tensors is a scalar or co
         (in_features), with in_features % 4 == 0 and the tile starting at a multiple of 4.
     transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE, HAS_FEEDBACK) -> fp32 tile of B
         load_feedback_tile with the draw xi already made (0.0 where the rule draws nothing).
+    transform_loaded(w, stored, xi, scale, RULE, HAS_FEEDBACK) -> fp32 tile of B
+        The transform of tiles a kernel loaded itself (through tensor descriptors, say): w and
+        stored fp32 tiles of W and the stored tensor (0.0 where the rule does not read them);
+        makes fa's drawn R = scale * xi. No mask: out-of-bounds elements are the caller's.
 
 Constexpr arguments: RULE is fastfa.rules.Rule's id (0..9), DISTRIBUTION 0 uniform /
 1 normal, HAS_FEEDBACK whether a stored tensor was passed (fa: stored R versus drawn R).
@@ -212,6 +216,13 @@ def load_draw_state(rng_ptr, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr):
 
 
 @triton.jit
+def transform_loaded(w, stored, xi, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr):
+    if RULE == FA and not HAS_FEEDBACK:  # fa regenerating R = scale * xi
+        stored = scale * xi
+    return feedback_transform(w, stored, xi, scale, RULE)
+
+
+@triton.jit
 def transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr):
     if RULE == BP or RULE == USF or RULE == BRSF or RULE == FRSF:
         w = tl.load(weight_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -219,12 +230,10 @@ def transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE: tl.constex
         w = 0.0
     if RULE == FRSF or RULE >= KP or (RULE == FA and HAS_FEEDBACK):
         stored = tl.load(feedback_ptrs, mask=mask, other=0.0).to(tl.float32)
-    elif RULE == FA:  # fa regenerating R = scale * xi
-        stored = scale * xi
     else:
         stored = 0.0
     # Out-of-bounds elements must be 0 in the GEMM's padding, and a drawn R is not.
-    return tl.where(mask, feedback_transform(w, stored, xi, scale, RULE), 0.0)
+    return tl.where(mask, transform_loaded(w, stored, xi, scale, RULE, HAS_FEEDBACK), 0.0)
 
 
 @triton.jit

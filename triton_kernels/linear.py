@@ -14,7 +14,9 @@ bool[] where it reads bool[4]; the same values pass (tests/test_triton_schema.py
     grad_input      delta B, with B = T(W) made tile by tile as W (or the stored R / B) loads
                     (triton_kernels/feedback.py), so B never exists in memory. It is computed
                     as grad_input^T = B^T delta^T: the transformed tile is the left operand,
-                    which Hopper's wgmma can read from registers (issue 3).
+                    which Hopper's wgmma can read from registers (issue 3). On sm_90 and newer
+                    its operands load raw through tensor descriptors (TMA), pipelined, where
+                    their layouts allow (_tensor_descriptors); pointer loads otherwise.
     grad_weight     delta^T x, with grad_bias (the column sums of delta) from the same tiles,
                     and kp's B gradient grad_W + 2 alpha B written from the same accumulator.
     B's gradient    for wm, aa, ia: the spec's primitives (learning-rules.md) from the same
@@ -28,7 +30,8 @@ cannot reach fall back to the aten ops, recorded (fastfa.last_fallbacks()).
 
 Block sizes are autotuned per GPU; every kernel is keyed by the layer's
 (rows rounded up to a power of two, out_features, in_features), so a layer's forward and
-backward tune once per shape, and a ragged last batch does not re-tune.
+backward tune once per shape, and a ragged last batch does not re-tune; grad_input also by
+how it loads its operands (tensor descriptors or pointers, FASTFA_TRITON_TMA).
 FASTFA_TRITON_AUTOTUNE=0, set before the first use of the triton backend, gives every GEMM
 kernel one configuration instead (benchmarks/gpu_check.sh's correctness stage).
 """
@@ -43,12 +46,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
 from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
-from . import input_precision, launch, unsupported_reason
+from . import input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
@@ -183,11 +187,14 @@ def _forward_kernel(input_ptr, weight_ptr, bias_ptr, output_ptr, saved_ptr, proj
 
 
 @triton.jit
-def _feedback_tile_t(weight_ptr, feedback_ptr, first_col, col, out, in_features, out_features, stride_weight_out,
-                     stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE: tl.constexpr,
-                     HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr,
-                     DRAWS_BY_FOUR: tl.constexpr):
-    """B^T[col, out] as fp32 (B = T(W)): col = first_col + arange, a tile of in_features; out one of out_features."""
+def _feedback_tile_t(weight_ptr, feedback_ptr, weight_tiles, feedback_tiles, first_col, col, start, out, in_features,
+                     out_features, stride_weight_out, stride_weight_in, stride_feedback_out, stride_feedback_in, seed,
+                     step, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr,
+                     DRAWS: tl.constexpr, DRAWS_BY_FOUR: tl.constexpr, TENSOR_DESCRIPTORS: tl.constexpr):
+    """B^T[col, out] as fp32 (B = T(W)): col = first_col + arange, a tile of in_features; out = start + arange,
+    one of out_features. W and the stored tensor load through weight_ptr / feedback_ptr, or with
+    TENSOR_DESCRIPTORS raw through weight_tiles / feedback_tiles ([BLOCK_K, BLOCK_N] tiles of [out, in]),
+    transformed once loaded."""
     if DRAWS_BY_FOUR:
         # col starts at a multiple of 4 and in_features % 4 == 0: cols 4j..4j+3 of one row of W
         # are the four elements of one Philox block.
@@ -197,37 +204,80 @@ def _feedback_tile_t(weight_ptr, feedback_ptr, first_col, col, out, in_features,
         xi = fb.unit_draw(seed, step, out[None, :] * in_features + col[:, None], DISTRIBUTION)
     else:
         xi = 0.0
-    return fb.transform_tile(weight_ptr + col[:, None] * stride_weight_in + out[None, :] * stride_weight_out,
-                             feedback_ptr + col[:, None] * stride_feedback_in + out[None, :] * stride_feedback_out,
-                             (col[:, None] < in_features) & (out[None, :] < out_features), xi, scale, RULE,
-                             HAS_FEEDBACK)
+    if TENSOR_DESCRIPTORS:
+        if RULE == fb.BP or RULE == fb.USF or RULE == fb.BRSF or RULE == fb.FRSF:
+            w = tl.trans(weight_tiles.load([start, first_col])).to(tl.float32)
+        else:
+            w = 0.0
+        if RULE == fb.FRSF or RULE >= fb.KP or (RULE == fb.FA and HAS_FEEDBACK):
+            stored = tl.trans(feedback_tiles.load([start, first_col])).to(tl.float32)
+        else:
+            stored = 0.0
+        b_t = fb.transform_loaded(w, stored, xi, scale, RULE, HAS_FEEDBACK)
+        if RULE == fb.FA and not HAS_FEEDBACK:
+            # The descriptors fill out-of-bounds elements with 0, which every other rule maps to 0;
+            # a drawn R has no W in it and must be cut to W's shape here.
+            b_t = tl.where((col[:, None] < in_features) & (out[None, :] < out_features), b_t, 0.0)
+    else:
+        b_t = fb.transform_tile(weight_ptr + col[:, None] * stride_weight_in + out[None, :] * stride_weight_out,
+                                feedback_ptr + col[:, None] * stride_feedback_in + out[None, :] * stride_feedback_out,
+                                (col[:, None] < in_features) & (out[None, :] < out_features), xi, scale, RULE,
+                                HAS_FEEDBACK)
+    return b_t
 
 
-@triton.autotune(configs=gemm_configs(), key=_KEY)
+# Keyed by the load path too: the two differ in registers and shared memory per stage, so each
+# tunes its own configuration (an A/B of the two on one shape must not share one).
+@triton.autotune(configs=gemm_configs(), key=[*_KEY, "TENSOR_DESCRIPTORS"])
 @triton.jit
 def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_ptr, rows, out_features,
                        in_features, rows_bucket, stride_delta_row, stride_delta_col, stride_weight_out,
                        stride_weight_in, stride_feedback_out, stride_feedback_in, scale, RULE: tl.constexpr,
                        HAS_FEEDBACK: tl.constexpr, DISTRIBUTION: tl.constexpr, DRAWS: tl.constexpr,
                        DRAWS_BY_FOUR: tl.constexpr, SCALE_FROM_WEIGHT: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       TENSOR_DESCRIPTORS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """grad_input[rows, in] = delta[rows, out] B[out, in], computed transposed: B^T delta^T, so the
-    transformed B tile is the left operand. BLOCK_M tiles rows, BLOCK_N in_features, BLOCK_K out_features."""
+    transformed B tile is the left operand. BLOCK_M tiles rows, BLOCK_N in_features, BLOCK_K out_features.
+
+    TENSOR_DESCRIPTORS (the launcher's choice, _tensor_descriptors): delta, W and the stored tensor
+    load raw through tensor descriptors, which Hopper's TMA serves into shared memory and the
+    pipeliner runs num_stages tiles ahead; only the B tile then passes through registers, for its
+    transform. Their last stride is 1 and the others are multiples of 16 bytes (the launcher's
+    check). Otherwise every operand loads through masked pointer loads. The descriptors are made
+    here, from the configuration's block sizes (which is why the launcher provides scratch memory
+    for them): a host-side TensorDescriptor argument would need its block shape set per autotune
+    configuration by a Config pre_hook, which torch.compile refuses in user kernels."""
     tile_n, tile_m = grouped_tile(tl.program_id(0), tl.cdiv(in_features, BLOCK_N), tl.cdiv(rows, BLOCK_M), GROUP_M)
     row = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
     scale = fb.load_scale(scale, SCALE_FROM_WEIGHT)
     dtype = grad_input_ptr.dtype.element_ty
+    # Descriptors only for what the rule reads; the pointers stand in for the others, never loaded.
+    weight_tiles = weight_ptr
+    feedback_tiles = feedback_ptr
+    if TENSOR_DESCRIPTORS:
+        delta_tiles = tl.make_tensor_descriptor(delta_ptr, [rows, out_features], [stride_delta_row, 1],
+                                                [BLOCK_M, BLOCK_K])
+        if RULE == fb.BP or RULE == fb.USF or RULE == fb.BRSF or RULE == fb.FRSF:
+            weight_tiles = tl.make_tensor_descriptor(weight_ptr, [out_features, in_features], [stride_weight_out, 1],
+                                                     [BLOCK_K, BLOCK_N])
+        if RULE == fb.FRSF or RULE >= fb.KP or (RULE == fb.FA and HAS_FEEDBACK):
+            feedback_tiles = tl.make_tensor_descriptor(feedback_ptr, [out_features, in_features],
+                                                       [stride_feedback_out, 1], [BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for start in range(0, out_features, BLOCK_K):
         out = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
-        b_t = _feedback_tile_t(weight_ptr, feedback_ptr, tile_n * BLOCK_N, col, out, in_features, out_features, stride_weight_out,
-                               stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE,
-                               HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR)
-        delta_t = tl.load(delta_ptr + out[:, None] * stride_delta_col + row[None, :] * stride_delta_row,
-                          mask=(out[:, None] < out_features) & (row[None, :] < rows), other=0.0)
+        b_t = _feedback_tile_t(weight_ptr, feedback_ptr, weight_tiles, feedback_tiles, tile_n * BLOCK_N, col, start,
+                               out, in_features, out_features, stride_weight_out, stride_weight_in,
+                               stride_feedback_out, stride_feedback_in, seed, step, scale, RULE, HAS_FEEDBACK,
+                               DISTRIBUTION, DRAWS, DRAWS_BY_FOUR, TENSOR_DESCRIPTORS)
+        if TENSOR_DESCRIPTORS:
+            delta_t = tl.trans(delta_tiles.load([tile_m * BLOCK_M, start]))
+        else:
+            delta_t = tl.load(delta_ptr + out[:, None] * stride_delta_col + row[None, :] * stride_delta_row,
+                              mask=(out[:, None] < out_features) & (row[None, :] < rows), other=0.0)
         acc = fb.dot(fb.round_to(b_t, dtype), delta_t, acc, INPUT_PRECISION)
     tl.store(grad_input_ptr + row[None, :] * in_features + col[:, None], fb.round_to(acc, dtype),
              mask=(col[:, None] < in_features) & (row[None, :] < rows))
@@ -272,9 +322,10 @@ def _materialise_kernel(weight_ptr, feedback_ptr, rng_ptr, out_ptr, out_features
     col = (tl.program_id(0) * BLOCK_IN + tl.arange(0, BLOCK_IN)).to(tl.int64)
     out = (tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)).to(tl.int64)
     seed, step = fb.load_draw_state(rng_ptr, RULE, HAS_FEEDBACK)
-    b_t = _feedback_tile_t(weight_ptr, feedback_ptr, tl.program_id(0) * BLOCK_IN, col, out, in_features, out_features, stride_weight_out,
+    b_t = _feedback_tile_t(weight_ptr, feedback_ptr, weight_ptr, feedback_ptr, tl.program_id(0) * BLOCK_IN, col,
+                           tl.program_id(1) * BLOCK_OUT, out, in_features, out_features, stride_weight_out,
                            stride_weight_in, stride_feedback_out, stride_feedback_in, seed, step, scale, RULE,
-                           HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR)
+                           HAS_FEEDBACK, DISTRIBUTION, DRAWS, DRAWS_BY_FOUR, False)
     tl.store(out_ptr + out[None, :] * in_features + col[:, None], fb.round_to(b_t, out_ptr.dtype.element_ty),
              mask=(col[:, None] < in_features) & (out[None, :] < out_features))
 
@@ -383,6 +434,31 @@ def materialise_feedback(weight, feedback, rng, rule, scale, distribution):
     return b
 
 
+def _tensor_descriptors(delta, weight, stored, rule, has_feedback) -> bool:
+    """Whether _grad_input_kernel loads its operands through tensor descriptors (TMA), per
+    FASTFA_TRITON_TMA, read at every call: "auto" (the default) on GPUs with TMA (sm_90 and newer),
+    never under the interpreter; "1" under the interpreter too (its tests); "0" never. Either way
+    only where delta and the operands the rule reads meet TMA's layout rules (tma_ready): the
+    pointer loads take every other layout."""
+    mode = os.environ.get("FASTFA_TRITON_TMA", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"FASTFA_TRITON_TMA must be auto (tensor descriptors on GPUs with TMA, the default), "
+                         f"1 (also under Triton's interpreter) or 0 (never), got {mode!r}")
+    if mode == "0":
+        return False
+    if fb.INTERPRETED.value:
+        if mode != "1":
+            return False
+    elif delta.device.type != "cuda" or torch.cuda.get_device_capability(delta.device)[0] < 9:
+        return False
+    operands = [delta]
+    if rule in (0, 2, 3, 4):  # bp, usf, brsf, frsf read W
+        operands.append(weight)
+    if fb.reads_feedback(rule, has_feedback):
+        operands.append(stored)
+    return all(tma_ready(operand) for operand in operands)
+
+
 def _back(delta, weight, feedback, rng, rule, scale, distribution):
     """delta B, B = T(W) made tile by tile: delta [rows, out] -> [rows, in]."""
     rows, out_features, in_features = delta.shape[0], weight.shape[0], weight.shape[1]
@@ -393,12 +469,16 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution):
         feedback, rule, rng = materialise_feedback(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
+    descriptors = _tensor_descriptors(delta, weight, stored, rule, feedback is not None)
+    if descriptors and delta.device.type == "cuda" and not is_fake(delta):
+        set_scratch_allocator()
     launch(_grad_input_kernel,
             lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
             delta, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
             *delta.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=scale_from_weight,
-            INPUT_PRECISION=input_precision(delta.dtype), **_draw_arguments(rule, feedback, in_features))
+            TENSOR_DESCRIPTORS=descriptors, INPUT_PRECISION=input_precision(delta.dtype),
+            **_draw_arguments(rule, feedback, in_features))
     return grad_input
 
 
