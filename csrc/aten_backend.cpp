@@ -301,9 +301,11 @@ at::Tensor in_layout_of(const at::Tensor& gradient, const at::Tensor& like) {
   return gradient.contiguous(like.suggest_memory_format());
 }
 
-bool saves_projection(int64_t rule) {
+// aa and ia keep r = x W^T for B's gradient; with normalize_input the backward recomputes it from
+// the normalised x instead, so the forward keeps nothing (and adds its bias in the product).
+bool saves_projection(int64_t rule, at::ArrayRef<double> alignment) {
   const auto kind = static_cast<Rule>(rule);
-  return kind == Rule::kActivationAlignment || kind == Rule::kInformationAlignment;
+  return (kind == Rule::kActivationAlignment || kind == Rule::kInformationAlignment) && !normalizes_input(alignment);
 }
 
 // z = r + b from r = x W^T (or conv2d(x, W)) without bias, so that r can be kept for the
@@ -332,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_alignment(alignment);
   const Activation kind = parse_activation(activation);
-  if (saves_projection(rule)) {
+  if (saves_projection(rule, alignment)) {
     at::Tensor projection = at::linear(input, weight);
     return with_projection(activation_forward(add_bias(projection, bias, projection.dim() - 1), kind), projection);
   }
@@ -426,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
   check_alignment(alignment);
   const Activation kind = parse_activation(activation);
   const Widening fp32{widens_to_fp32(input), input.scalar_type()};
-  if (saves_projection(rule)) {
+  if (saves_projection(rule, alignment)) {
     at::Tensor projection = fp32.out(at::convolution(fp32.in(input), fp32.in(weight), std::nullopt, stride, padding,
                                                      dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
                                                      groups));
