@@ -14,7 +14,8 @@ autograd formula can hand it to the backward op:
     torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution) -> B
 
 projection is r = x W^T (conv2d(x, W)) without bias, kept only for the rules whose B
-gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma], or on aten
+gradient needs it (aa, ia; empty with normalize_input, where the backward recomputes it from the
+normalised x); alignment is [alpha, beta, gamma, sigma], or on aten
 [alpha, beta, gamma, sigma, normalize_input] (aa / ia: B's gradient from x normalised per sample).
 
 Other backends register ops with the same schemas under their own names
