@@ -189,44 +189,6 @@ void check_alignment(at::ArrayRef<double> alignment) {
 
 bool normalizes_input(at::ArrayRef<double> alignment) { return alignment.size() == 5 && alignment[4] != 0.0; }
 
-// x centred and scaled to unit L2 norm per sample (x flattened to (N, -1)), as the alignment
-// pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample stays zero.
-// The mean as a sum subtracted with sub's alpha, and the zero norm raised to the dtype's smallest
-// positive value (where the sample is all zeros, and so is its quotient; any other norm is at
-// least that value, so unchanged, even a subnormal fp16 one): half the ops of mean and a masked fill.
-at::Tensor normalized_per_sample(const at::Tensor& x) {
-  const at::Tensor flat = x.flatten(1);
-  const double width = static_cast<double>(std::max<int64_t>(flat.size(1), 1));
-  const at::Tensor centered = at::sub(flat, flat.sum(1, /*keepdim=*/true), 1.0 / width);
-  at::Tensor norm = at::linalg_vector_norm(centered, 2, at::IntArrayRef{1}, /*keepdim=*/true);
-  double smallest = std::numeric_limits<double>::denorm_min();
-  switch (x.scalar_type()) {
-  case at::kHalf: smallest = static_cast<double>(std::numeric_limits<c10::Half>::denorm_min()); break;
-  case at::kBFloat16: smallest = static_cast<double>(std::numeric_limits<c10::BFloat16>::denorm_min()); break;
-  case at::kFloat: smallest = static_cast<double>(std::numeric_limits<float>::denorm_min()); break;
-  default: break;
-  }
-  norm.clamp_min_(smallest);
-  return centered.div_(norm).view(x.sizes());
-}
-
-// xi ~ N(0, sigma^2) shaped like x, from the same counter-based generator as brsf's draws
-// (the fa-regeneration path of the transform, with x standing in for a weight of x's shape).
-at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tensor>& rng, double sigma) {
-  const at::Tensor like = x.contiguous();
-  if (like.is_cpu()) {
-    return feedback_transform_cpu(like, std::nullopt, rng, static_cast<int64_t>(Rule::kFeedbackAlignment), sigma,
-                                  static_cast<int64_t>(Distribution::kNormal));
-  }
-  static const auto transform = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("fastfa::feedback_transform", "")
-                                    .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
-                                                      const std::optional<at::Tensor>&, int64_t, double,
-                                                      int64_t)>();
-  return transform.call(like, std::nullopt, rng, static_cast<int64_t>(Rule::kFeedbackAlignment), sigma,
-                        static_cast<int64_t>(Distribution::kNormal));
-}
-
 // c as a wrapped number for t's kernels. `t * double` in C++ goes through mul.Scalar, which copies
 // c into a tensor with four more op dispatches (to, _to_copy, empty_strided, copy_); a wrapped
 // number, as Python's `t * c` passes, is read as a scalar on any device. In t's dtype for fp32 /
@@ -246,6 +208,41 @@ at::Tensor scaled(const at::Tensor& t, double c) { return at::mul(t, wrapped_sca
 // t *= c, in place (t is a new tensor of ours).
 at::Tensor scale_(at::Tensor t, double c) { return t.mul_(wrapped_scalar(t, c)); }
 
+// x centred and scaled to unit L2 norm per sample (x flattened to (N, -1)), as the alignment
+// pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample stays zero.
+// One layer_norm without affine, (x - mean) / sqrt(var + eps) with var = ||x - mean||^2 / F, is
+// sqrt(F) x_hat; eps, the smallest positive value of its accumulation dtype, makes an all-zero
+// sample's quotient 0 / sqrt(eps) = 0 and moves any normal variance by one ulp at most. Two ops (and
+// the scale by 1 / sqrt(F)) where the mean, norm, clamp and division spelled out take five.
+at::Tensor normalized_per_sample(const at::Tensor& x) {
+  const at::Tensor flat = x.flatten(1);
+  const int64_t width = flat.size(1);
+  if (flat.numel() == 0) {
+    return x;
+  }
+  const double eps = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::denorm_min()
+                                                    : static_cast<double>(std::numeric_limits<float>::denorm_min());
+  at::Tensor normalized = std::get<0>(at::native_layer_norm(flat, {width}, std::nullopt, std::nullopt, eps));
+  return normalized.mul_(wrapped_scalar(normalized, 1.0 / std::sqrt(static_cast<double>(width)))).view(x.sizes());
+}
+
+// xi ~ N(0, sigma^2) shaped like x, from the same counter-based generator as brsf's draws
+// (the fa-regeneration path of the transform, with x standing in for a weight of x's shape).
+at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tensor>& rng, double sigma) {
+  const at::Tensor like = x.contiguous();
+  if (like.is_cpu()) {
+    return feedback_transform_cpu(like, std::nullopt, rng, static_cast<int64_t>(Rule::kFeedbackAlignment), sigma,
+                                  static_cast<int64_t>(Distribution::kNormal));
+  }
+  static const auto transform = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("fastfa::feedback_transform", "")
+                                    .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                      const std::optional<at::Tensor>&, int64_t, double,
+                                                      int64_t)>();
+  return transform.call(like, std::nullopt, rng, static_cast<int64_t>(Rule::kFeedbackAlignment), sigma,
+                        static_cast<int64_t>(Distribution::kNormal));
+}
+
 // B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
 // B gets no task gradient, only the alignment terms (kp: W's task gradient). With normalize_input
 // (aa, ia), x is normalised per sample and r is recomputed from it: the pipeline's loss with that
@@ -259,7 +256,9 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
   const bool normalize = normalizes_input(alignment) &&
                          (rule == Rule::kActivationAlignment || rule == Rule::kInformationAlignment);
   const at::Tensor input = normalize ? normalized_per_sample(layer_input) : layer_input;
-  const at::Tensor projection = normalize ? maps.project(input, weight) : layer_projection;
+  // r_hat where aa's convolutions do not fold it away.
+  const bool projects = normalize && (maps.matrices || rule == Rule::kInformationAlignment);
+  const at::Tensor projection = projects ? maps.project(input, weight) : layer_projection;
   switch (rule) {
   case Rule::kKolenPollack: // grad_W + alpha * decay
     return at::add(grad_weight, feedback, 2.0 * alpha);
@@ -276,6 +275,10 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
   case Rule::kActivationAlignment: { // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
     if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm
       return maps.outer(at::addmm(projection, input, feedback.t(), -beta / batch, 2.0 * alpha / batch), input);
+    }
+    if (normalize) { // p and r_hat are linear in the filter: one convolution with (2 alpha / N) B - (beta / N) W
+      const at::Tensor filter = at::sub(scaled(feedback, 2.0 * alpha / batch), weight, beta / batch);
+      return maps.outer(maps.project(input, filter), input);
     }
     return maps.outer(scale_(maps.project(input, feedback), 2.0 * alpha / batch).sub_(projection, beta / batch),
                       input);
@@ -298,9 +301,11 @@ at::Tensor in_layout_of(const at::Tensor& gradient, const at::Tensor& like) {
   return gradient.contiguous(like.suggest_memory_format());
 }
 
-bool saves_projection(int64_t rule) {
+// aa and ia keep r = x W^T for B's gradient; with normalize_input the backward recomputes it from
+// the normalised x instead, so the forward keeps nothing (and adds its bias in the product).
+bool saves_projection(int64_t rule, at::ArrayRef<double> alignment) {
   const auto kind = static_cast<Rule>(rule);
-  return kind == Rule::kActivationAlignment || kind == Rule::kInformationAlignment;
+  return (kind == Rule::kActivationAlignment || kind == Rule::kInformationAlignment) && !normalizes_input(alignment);
 }
 
 // z = r + b from r = x W^T (or conv2d(x, W)) without bias, so that r can be kept for the
@@ -329,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_alignment(alignment);
   const Activation kind = parse_activation(activation);
-  if (saves_projection(rule)) {
+  if (saves_projection(rule, alignment)) {
     at::Tensor projection = at::linear(input, weight);
     return with_projection(activation_forward(add_bias(projection, bias, projection.dim() - 1), kind), projection);
   }
@@ -423,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
   check_alignment(alignment);
   const Activation kind = parse_activation(activation);
   const Widening fp32{widens_to_fp32(input), input.scalar_type()};
-  if (saves_projection(rule)) {
+  if (saves_projection(rule, alignment)) {
     at::Tensor projection = fp32.out(at::convolution(fp32.in(input), fp32.in(weight), std::nullopt, stride, padding,
                                                      dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
                                                      groups));

@@ -81,6 +81,11 @@ STORED = (Rule.FA, Rule.FRSF, Rule.KP, Rule.WM, Rule.SA, Rule.AA, Rule.IA)
 DRAWS = (Rule.BRSF, Rule.WM)
 
 
+def _alignments(rule):
+    """aa and ia also with the aten op's fifth value, normalize_input, whose forward keeps no projection."""
+    return (ALIGNMENT, ALIGNMENT + [1.0]) if rule in (Rule.AA, Rule.IA) else (ALIGNMENT,)
+
+
 def _linear_samples():
     for rule in Rule:
         for activation in ("none", "relu", "gelu"):
@@ -89,7 +94,8 @@ def _linear_samples():
             b = torch.randn(4, requires_grad=True)
             feedback = torch.randn(4, 7, requires_grad=rule >= Rule.KP) if rule in STORED else None
             rng = torch.tensor([3, 9]) if rule in DRAWS else None
-            yield (x, w, b, feedback, rng, int(rule), 0.25, int(Distribution.UNIFORM), ALIGNMENT, activation)
+            for alignment in _alignments(rule):
+                yield (x, w, b, feedback, rng, int(rule), 0.25, int(Distribution.UNIFORM), alignment, activation)
 
 
 def _conv_samples():
@@ -100,8 +106,9 @@ def _conv_samples():
             b = torch.randn(6, requires_grad=True)
             feedback = torch.randn(6, 2, 3, 3, requires_grad=rule >= Rule.KP) if rule in STORED else None
             rng = torch.tensor([3, 9]) if rule in DRAWS else None
-            yield (x, w, b, feedback, rng, [2, 1], [1, 1], [1, 2], 2, int(rule), 0.25,
-                   int(Distribution.NORMAL), ALIGNMENT, "silu")
+            for alignment in _alignments(rule):
+                yield (x, w, b, feedback, rng, [2, 1], [1, 1], [1, 2], 2, int(rule), 0.25,
+                       int(Distribution.NORMAL), alignment, "silu")
 
 
 def _detached(t):

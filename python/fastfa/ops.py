@@ -14,7 +14,8 @@ autograd formula can hand it to the backward op:
     torch.ops.fastfa.feedback_transform(weight, feedback, rng, rule, scale, distribution) -> B
 
 projection is r = x W^T (conv2d(x, W)) without bias, kept only for the rules whose B
-gradient needs it (aa, ia); alignment is [alpha, beta, gamma, sigma], or on aten
+gradient needs it (aa, ia; empty with normalize_input, where the backward recomputes it from the
+normalised x); alignment is [alpha, beta, gamma, sigma], or on aten
 [alpha, beta, gamma, sigma, normalize_input] (aa / ia: B's gradient from x normalised per sample).
 
 Other backends register ops with the same schemas under their own names
@@ -65,9 +66,15 @@ def _feedback_transform_fake(weight, feedback, rng, rule, scale, distribution):
 _SAVES_PROJECTION = frozenset({int(Rule.AA), int(Rule.IA)})
 
 
-def _forward_outputs(output, activation, rule):
+def _saves_projection(rule, alignment) -> bool:
+    """aa / ia keep r = x W^T for B's gradient, unless the aten op's normalize_input (a fifth alignment
+    value) recomputes it from the normalised x (saves_projection in csrc/aten_backend.cpp)."""
+    return rule in _SAVES_PROJECTION and not (len(alignment) == 5 and alignment[4] != 0)
+
+
+def _forward_outputs(output, activation, rule, alignment):
     saved = torch.empty_like(output) if activation in _DERIVATIVE_FROM_INPUT else output.new_empty(0)
-    projection = torch.empty_like(output) if rule in _SAVES_PROJECTION else output.new_empty(0)
+    projection = torch.empty_like(output) if _saves_projection(rule, alignment) else output.new_empty(0)
     return torch.empty_like(output), saved, projection
 
 
@@ -75,7 +82,7 @@ def _forward_outputs(output, activation, rule):
 def _linear_fake(input, weight, bias, feedback, rng, rule, scale, distribution, alignment, activation):
     _check_one_device(weight, input=input, bias=bias, feedback=feedback, rng=rng)
     torch._check(input.shape[-1] == weight.shape[1], lambda: "fastfa: input's last dimension must be in_features")
-    return _forward_outputs(torch.nn.functional.linear(input, weight, bias), activation, rule)
+    return _forward_outputs(torch.nn.functional.linear(input, weight, bias), activation, rule, alignment)
 
 
 @torch.library.register_fake("fastfa::conv2d")
@@ -83,7 +90,7 @@ def _conv2d_fake(input, weight, bias, feedback, rng, stride, padding, dilation, 
                  distribution, alignment, activation):
     _check_one_device(weight, input=input, bias=bias, feedback=feedback, rng=rng)
     output = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-    return _forward_outputs(output, activation, rule)
+    return _forward_outputs(output, activation, rule, alignment)
 
 
 def _estimates(rule) -> bool:
