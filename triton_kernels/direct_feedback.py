@@ -6,14 +6,20 @@ rule fa and no stored R, computes e B_l with e as its delta (K its contraction),
 B_l tile from (seed, index) as it goes and never writing B_l to memory. It reads nothing of
 its weight operand for fa (only the draw), so a zero-stride placeholder of shape (K, F)
 stands in for it.
+
+It is an op, fastfa::triton_direct_feedback_product, with fastfa::direct_feedback_product's
+schema: dfa's C++ join (pybind_src/direct_feedback_join.cpp) calls it through the dispatcher,
+as it calls the aten and cuda backends' products.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
+from torch import Tensor
+from torch.library import triton_op
 
-from .. import _backend
+from .. import _backend, _C
 from . import input_precision, launch, unsupported_reason
 from .linear import _draw_arguments, _grad_input_kernel, rows_bucket_of
 
@@ -22,17 +28,19 @@ _FA = 1
 __all__ = ["direct_feedback_product"]
 
 
-def direct_feedback_product(error: torch.Tensor, rng: torch.Tensor, input_numel: int, scale: float,
-                            distribution: int) -> torch.Tensor:
+@triton_op("fastfa::triton_direct_feedback_product", mutates_args=())
+def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale: float, distribution: int,
+                            block_elements: int) -> Tensor:
     """e [rows, K] @ B_l [K, F] -> [rows, F] in e's dtype; rng the layer's int64 [seed, step].
 
-    None where the Triton kernels cannot run on e (fp64; CPU tensors without the interpreter),
-    recorded as a fallback: the caller then runs the aten path.
+    Where the Triton kernels cannot run on e (fp64; CPU tensors without the interpreter), the aten
+    product (B_l drawn block_elements at a time), recorded as a fallback.
     """
+    _C.check_direct_feedback_product_arguments(error, rng, input_numel, scale, distribution, block_elements)
     reason = unsupported_reason(error)
     if reason is not None:
         _backend.record_fallback("triton_dfa_grad_input", reason, "aten")
-        return None
+        return torch.ops.fastfa.direct_feedback_product(error, rng, input_numel, scale, distribution, block_elements)
     rows, output_width = error.shape
     error = error.contiguous()
     grad_input = error.new_empty(rows, input_numel)
