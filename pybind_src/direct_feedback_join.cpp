@@ -11,8 +11,6 @@
 // (fastfa::triton_direct_feedback_product, registered from Python by torch.library.triton_op):
 // the fused ones draw B_l's tiles inside the product. dfa.py chooses the backend in the layer's
 // forward, as the layer's own op is chosen there.
-#include "fastfa/ops.h"
-
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
@@ -165,15 +163,6 @@ void bind_direct_feedback(pybind11::module_& m) {
   m.def("direct_feedback_join", &join, py::arg("output"), py::arg("input"), py::arg("pass"), py::arg("projection"),
         py::arg("missing_error"),
         "output with a new history: grad_output to output, reshape(e B_l, input's shape) to input");
-  m.def("check_direct_feedback_product_arguments",
-        [](const Tensor& error, const Tensor& rng, int64_t columns, double scale, int64_t distribution,
-           int64_t block_elements) {
-          check_direct_feedback_product_arguments(error, rng, columns, scale, distribution);
-          TORCH_CHECK(block_elements > 0, "fastfa: block_elements must be positive, got ", block_elements);
-        },
-        py::arg("error"), py::arg("rng"), py::arg("columns"), py::arg("scale"), py::arg("distribution"),
-        py::arg("block_elements"),
-        "fastfa::direct_feedback_product's argument checks, for the Triton backend's product");
   m.def("direct_feedback_capture", &capture_error, py::arg("output"), py::arg("pass"),
         "Stores output's gradient in pass.error when the backward reaches output");
 }

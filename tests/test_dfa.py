@@ -687,7 +687,9 @@ def test_triton_product_op():
     from fastfa.triton_kernels import direct_feedback  # noqa: F401  (registers the op)
     op = torch.ops.fastfa.triton_direct_feedback_product.default
     rng = torch.tensor([SEED, 0], dtype=torch.int64)
-    torch.library.opcheck(op, (torch.randn(5, 6), rng, 37, 0.3, 0, fastfa.dfa.BLOCK_ELEMENTS))
+    # As test_triton_linear's opcheck: an interpreted kernel cannot be traced (no aot_dispatch tests).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, (torch.randn(5, 6), rng, 37, 0.3, 0, fastfa.dfa.BLOCK_ELEMENTS), test_utils=utils)
     with pytest.raises(RuntimeError, match="error must be e as a"):
         op(torch.randn(5, 6, 1), rng, 37, 0.3, 0, fastfa.dfa.BLOCK_ELEMENTS)
     with pytest.raises(RuntimeError, match="block_elements must be positive"):
