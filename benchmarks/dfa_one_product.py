@@ -122,8 +122,17 @@ def products(inputs: list[int], width: int, rows: int, repeats: int, rounds: int
     for _ in range(2):  # interleaved, so a load change hits both
         per_layer_us.append(_time(per_layer, repeats, rounds))
         one_us.append(_time(one, repeats, rounds))
-    return {"cached": cached, "equal_bitwise": equal, "per_layer_us": min(per_layer_us), "one_us": min(one_us),
-            "extra_bytes": 4 * rows * (total - max(inputs))}
+    row = {"cached": cached, "equal_bitwise": equal, "per_layer_us": min(per_layer_us), "one_us": min(one_us),
+           "extra_bytes": 4 * rows * (total - max(inputs))}
+    if not cached:
+        # The parts: the draws (the same elements either way), and the GEMMs alone on drawn B_l's:
+        # a one-product that drew straight into the concatenation would save at most the difference.
+        feedback = [draw(index, numel) for index, numel in enumerate(inputs)]
+        concatenated = torch.cat(feedback, 1)
+        row["draws_us"] = _time(lambda: [draw(index, numel) for index, numel in enumerate(inputs)], repeats, rounds)
+        row["per_layer_gemms_us"] = _time(lambda: [torch.mm(error, b) for b in feedback], repeats, rounds)
+        row["one_gemm_us"] = _time(lambda: torch.mm(error, concatenated), repeats, rounds)
+    return row
 
 
 def step(name: str, width: int, rows: int, repeats: int, rounds: int) -> float:
@@ -168,8 +177,9 @@ def main() -> None:
                 print(f"{name:15s} K={width:5d} N={batch:4d} {'cached' if row['cached'] else 'drawn '} "
                       f"per-layer {row['per_layer_us']:9.1f} µs  one {row['one_us']:9.1f} µs  "
                       f"ratio {row['one_over_per_layer']:.2f}  step {row['step_us']:10.1f} µs  "
-                      f"saving {100 * row['saving_of_step']:+.1f}% of the step  bitwise {row['equal_bitwise']}",
-                      flush=True)
+                      f"saving {100 * row['saving_of_step']:+.1f}% of the step  bitwise {row['equal_bitwise']}"
+                      + ("" if row["cached"] else f"  draws {row['draws_us']:.1f} µs, GEMMs per layer "
+                         f"{row['per_layer_gemms_us']:.1f} µs, one {row['one_gemm_us']:.1f} µs"), flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open("/proc/loadavg") as load:
         loadavg = load.read().split()[:3]
