@@ -5,9 +5,12 @@
 // backward, with e B_l's product chosen in Python): about as much host time as torch's whole
 // small layer. Here the node keeps what the product needs; Python fills it once per model call,
 // when the model's output is known (B_l's shape depends on it), and the output's hook stores e in
-// the pass that every node of that call shares. The node serves the aten backend (the small
-// B_l kept on the layer, or drawn block by block by fastfa::direct_feedback_product); the fused
-// GPU backends keep the Python Function, which chooses among them.
+// the pass that every node of that call shares. The node serves every backend, through the
+// dispatcher: aten (the small B_l kept on the layer, or drawn block by block by
+// fastfa::direct_feedback_product), cuda (fastfa::cuda_direct_feedback_product) and triton
+// (fastfa::triton_direct_feedback_product, registered from Python by torch.library.triton_op):
+// the fused ones draw B_l's tiles inside the product. dfa.py chooses the backend in the layer's
+// forward, as the layer's own op is chosen there.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
@@ -32,10 +35,14 @@ struct DirectFeedbackPass {
   Tensor error;
 };
 
+// The backend whose product computes e B_l (dfa.py's _PRODUCT_BACKENDS numbers them).
+enum class ProductBackend : int64_t { kAten = 0, kCuda = 1, kTriton = 2 };
+
 // One dfa layer's call in a pass: B_l's shape (set when the model's forward returns) and source.
 struct DirectFeedbackProjection {
-  Tensor feedback;  // B_l (K x F), kept on the layer where small; undefined: drawn by blocks from rng
+  Tensor feedback;  // B_l (K x F), kept on the layer where small (aten); undefined: the backend's product
   Tensor rng;       // the layer's [seed, 0]
+  ProductBackend backend = ProductBackend::kAten;
   int64_t output_width = 0, input_numel = 0, distribution = 0, block_elements = 0;
   double scale = 1.0;
   std::vector<int64_t> input_shape;
@@ -43,6 +50,29 @@ struct DirectFeedbackProjection {
 };
 
 using ProductSignature = Tensor(const Tensor&, const Tensor&, int64_t, double, int64_t, int64_t);
+
+c10::TypedOperatorHandle<ProductSignature> product_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<ProductSignature>();
+}
+
+// e B_l by the backend's op, looked up on its first use (one static per op: the cuda op exists in
+// CUDA builds only, the triton op once fastfa.triton_kernels.direct_feedback is imported).
+Tensor backend_product(const DirectFeedbackProjection& p, const Tensor& rows) {
+  switch (p.backend) {
+    case ProductBackend::kCuda: {
+      static const auto op = product_op("fastfa::cuda_direct_feedback_product");
+      return op.call(rows, p.rng, p.input_numel, p.scale, p.distribution, p.block_elements);
+    }
+    case ProductBackend::kTriton: {
+      static const auto op = product_op("fastfa::triton_direct_feedback_product");
+      return op.call(rows, p.rng, p.input_numel, p.scale, p.distribution, p.block_elements);
+    }
+    case ProductBackend::kAten:
+      break;
+  }
+  static const auto op = product_op("fastfa::direct_feedback_product");
+  return op.call(rows, p.rng, p.input_numel, p.scale, p.distribution, p.block_elements);
+}
 
 struct DirectFeedbackBackward : public Node {
   std::shared_ptr<DirectFeedbackPass> pass_;
@@ -60,15 +90,7 @@ struct DirectFeedbackBackward : public Node {
       TORCH_CHECK(pass_->error.defined() && projection_->ready, missing_error_);
       const DirectFeedbackProjection& p = *projection_;
       const Tensor rows = pass_->error.reshape({-1, p.output_width}).to(input_dtype_);
-      Tensor product;
-      if (p.feedback.defined()) {
-        product = at::mm(rows, p.feedback);
-      } else {
-        static const auto op = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("fastfa::direct_feedback_product", "")
-                                   .typed<ProductSignature>();
-        product = op.call(rows, p.rng, p.input_numel, p.scale, p.distribution, p.block_elements);
-      }
+      const Tensor product = p.feedback.defined() ? at::mm(rows, p.feedback) : backend_product(p, rows);
       result[1] = product.reshape(p.input_shape);
     }
     return result;
@@ -122,9 +144,12 @@ void bind_direct_feedback(pybind11::module_& m) {
       .def("set",
            [](DirectFeedbackProjection& p, std::optional<Tensor> feedback, Tensor rng, int64_t output_width,
               int64_t input_numel, double scale, int64_t distribution, int64_t block_elements,
-              std::vector<int64_t> input_shape) {
+              std::vector<int64_t> input_shape, int64_t backend) {
+             TORCH_CHECK(backend >= 0 && backend <= static_cast<int64_t>(ProductBackend::kTriton),
+                         "fastfa: backend must be 0 (aten), 1 (cuda) or 2 (triton), got ", backend);
              p.feedback = feedback.has_value() ? *feedback : Tensor();
              p.rng = std::move(rng);
+             p.backend = static_cast<ProductBackend>(backend);
              p.output_width = output_width;
              p.input_numel = input_numel;
              p.scale = scale;
@@ -134,7 +159,7 @@ void bind_direct_feedback(pybind11::module_& m) {
              p.ready = true;
            },
            py::arg("feedback"), py::arg("rng"), py::arg("output_width"), py::arg("input_numel"), py::arg("scale"),
-           py::arg("distribution"), py::arg("block_elements"), py::arg("input_shape"));
+           py::arg("distribution"), py::arg("block_elements"), py::arg("input_shape"), py::arg("backend"));
   m.def("direct_feedback_join", &join, py::arg("output"), py::arg("input"), py::arg("pass"), py::arg("projection"),
         py::arg("missing_error"),
         "output with a new history: grad_output to output, reshape(e B_l, input's shape) to input");

@@ -8,6 +8,7 @@ the delta that reaches the layer. Nothing of fastfa's is used to build the expec
 dfa's default init is xavier (as BioTorch's dfa); kaiming and xiao are checked too.
 """
 
+import contextlib
 import copy
 import math
 
@@ -479,7 +480,7 @@ def test_triton_draws_equal_atens_element_for_element(input_numel, distribution)
     output_width, scale = 6, 0.37
     rng = torch.tensor([SEED, 0], dtype=torch.int64)
     kind = 0 if distribution == "uniform" else 1
-    drawn = direct_feedback_product(torch.eye(output_width), rng, input_numel, scale, kind)
+    drawn = direct_feedback_product(torch.eye(output_width), rng, input_numel, scale, kind, fastfa.dfa.BLOCK_ELEMENTS)
     expected = torch.ops.fastfa.direct_feedback(rng, output_width, input_numel, 0, input_numel, scale, kind,
                                                 torch.float32)
     if distribution == "uniform":
@@ -500,8 +501,10 @@ def test_triton_backend_matches_the_oracle(dtype):
     x, target = torch.randn(6, 12).to(dtype), torch.randint(0, 5, (6,))
     fastfa.clear_fallbacks()
     with fastfa.use_backend("triton"):
-        _, grad_x, grad_inputs, grads = _run(converted, _fastfa_layers(converted), x, target)
+        output, grad_x, grad_inputs, grads = _run(converted, _fastfa_layers(converted), x, target)
     assert not [f for f in fastfa.last_fallbacks() if "dfa" in f.op]
+    # The C++ join, calling fastfa::triton_direct_feedback_product through the dispatcher.
+    assert output.grad_fn.name() == "fastfa::DirectFeedbackBackward"
     _, expected_grad_x, expected_grad_inputs, expected_grads = _run(expected_model, expected_layers, x, target)
     assert_close(grad_x, expected_grad_x, dtype, "grad_input")
     for index in expected_grad_inputs:
@@ -606,26 +609,88 @@ def test_cuda_backend_model_matches_the_oracle(dtype):
         assert_close(grads[name], expected_grads[name], dtype, f"{name}.grad")
 
 
-def test_cpp_join_equals_the_python_function(monkeypatch):
-    """The CPU's C++ join (no Python in the backward) gives the Python Function's gradients exactly,
-    for a small cached B_l and one drawn by blocks (K x F above CACHE_ELEMENTS)."""
+@pytest.mark.parametrize("backend,dtype", [("aten", torch.float32), ("triton", torch.float32),
+                                           ("triton", torch.float64)])
+def test_cpp_join_equals_the_python_function(monkeypatch, backend, dtype):
+    """The C++ join (no Python Function in the backward) gives the Python Function's gradients
+    exactly, for a small cached B_l and one drawn by blocks (K x F above CACHE_ELEMENTS), on aten;
+    on triton (its product called through the dispatcher; fp64 falls back to aten's, recorded)."""
     from fastfa import dfa
+    if backend == "triton":
+        pytest.importorskip("triton")
+    width = 300 if backend == "aten" else 24  # the interpreter's kernels: small
 
     def gradients():
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.ReLU(inplace=True), torch.nn.Linear(300, 300),
-                                    torch.nn.ReLU(), torch.nn.Linear(300, 300))
-        model = fastfa.convert(model, "dfa", seed=3)
-        assert 300 * 300 > dfa.CACHE_ELEMENTS
-        x = torch.randn(4, 8, requires_grad=True)
-        for _ in range(2):  # the checked first call, then the resolved one
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-            model(x).pow(2).sum().backward()
-        return [p.grad for p in model.parameters()] + [x.grad]
+        model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(inplace=True),
+                                    torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+        model = fastfa.convert(model.to(dtype), "dfa", seed=3)
+        x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+        fastfa.clear_fallbacks()
+        with fastfa.use_backend(backend):
+            for _ in range(2):  # the checked first call, then the resolved one
+                model.zero_grad(set_to_none=True)
+                x.grad = None
+                output = model(x)
+                output.pow(2).sum().backward()
+        fallbacks = [f.op for f in fastfa.last_fallbacks() if "dfa" in f.op]
+        return output.grad_fn.name(), fallbacks, [p.grad for p in model.parameters()] + [x.grad]
 
-    native = gradients()
+    if backend == "aten":
+        assert width * width > dfa.CACHE_ELEMENTS
+    node, fallbacks, native = gradients()
+    assert node == "fastfa::DirectFeedbackBackward"
+    assert fallbacks == (["triton_dfa_grad_input"] if backend == "triton" and dtype == torch.float64 else [])
     monkeypatch.setattr(dfa, "_joins_in_cpp", lambda input, output: False)
-    python = gradients()
+    node, _, python = gradients()
+    assert node == "_DirectFeedbackBackward"
     for got, expected in zip(native, python):
         assert torch.equal(got, expected)
+
+
+def test_cpp_join_under_a_torch_function_mode():
+    """Under a torch function mode (torch.device(...) is one) the join is the C++ node too, seen by
+    the mode as one call, and the gradients are those without the mode."""
+    from fastfa import dfa
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.functions = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.functions.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def gradients(mode):
+        torch.manual_seed(0)
+        model = fastfa.convert(ConvNet(torch.float32), "dfa", seed=SEED)
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        with mode:
+            output = model(x)
+            output.sum().backward()
+        return output.grad_fn.name(), [p.grad for p in model.parameters()] + [x.grad]
+
+    expected_node, expected = gradients(contextlib.nullcontext())
+    recorder = Recorder()
+    node, got = gradients(recorder)
+    assert node == expected_node == "fastfa::DirectFeedbackBackward"
+    assert recorder.functions.count(dfa._native_join) == 4  # one per converted layer
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_triton_product_op():
+    """fastfa::triton_direct_feedback_product (what the C++ join calls on triton): opcheck, and
+    the product's argument errors before any kernel runs."""
+    pytest.importorskip("triton")
+    from fastfa.triton_kernels import direct_feedback  # noqa: F401  (registers the op)
+    op = torch.ops.fastfa.triton_direct_feedback_product.default
+    rng = torch.tensor([SEED, 0], dtype=torch.int64)
+    # As test_triton_linear's opcheck: an interpreted kernel cannot be traced (no aot_dispatch tests).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, (torch.randn(5, 6), rng, 37, 0.3, 0, fastfa.dfa.BLOCK_ELEMENTS), test_utils=utils)
+    with pytest.raises(RuntimeError, match="error must be e as a"):
+        op(torch.randn(5, 6, 1), rng, 37, 0.3, 0, fastfa.dfa.BLOCK_ELEMENTS)
+    with pytest.raises(RuntimeError, match="block_elements must be positive"):
+        op(torch.randn(5, 6), rng, 37, 0.3, 0, 0)

@@ -20,9 +20,10 @@ How e reaches the layers. ``fastfa.convert(model, "dfa")`` puts a forward pre-ho
 forward hook on the model. Each call of the model opens a *pass*; every dfa layer that runs
 in it computes its output with the bp ops on a detached input (so its backward computes
 grad_W and grad_b only, never delta W or delta B) and joins the input back through
-:class:`_DirectFeedback`, whose backward is grad_x = e B_l (on the CPU's aten backend, the C++
-node of pybind_src/direct_feedback_join.cpp instead: no Python in the backward). The forward hook registers a hook
-on the model's output tensor that stores e in the pass. Autograd runs a tensor's hooks before
+:class:`_DirectFeedback`, whose backward is grad_x = e B_l; on plain CPU and CUDA tensors outside
+torch.compile, the C++ node of pybind_src/direct_feedback_join.cpp instead, which calls the
+chosen backend's product through the dispatcher (no Python in the backward on aten and cuda).
+The forward hook registers a hook on the model's output tensor that stores e in the pass. Autograd runs a tensor's hooks before
 anything that produced it, so e is stored before any layer's backward reads it.
 """
 
@@ -86,13 +87,14 @@ class _Pass:
 class _Call:
     """One dfa layer's call inside a pass: what its backward needs to project e."""
 
-    __slots__ = ("layer", "record", "layout", "joined", "projection", "dtype")
+    __slots__ = ("layer", "record", "layout", "joined", "projection", "dtype", "backend")
 
     def __init__(self, layer, record: _Pass):
         self.layer, self.record, self.layout = layer, record, None
         self.joined = False  # linked into the autograd graph: its backward will need e
         self.projection = None  # a C++ join's _C.DirectFeedbackProjection, filled when the model's forward returns
         self.dtype = None  # the layer input's dtype: e B_l's
+        self.backend = None  # a C++ join's product backend (product_backend), chosen in its forward
 
 
 def _layout(layer, input_shape, output: torch.Tensor) -> _Layout:
@@ -161,25 +163,40 @@ CACHE_ELEMENTS = 1 << 16
 def project(layer, error: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> torch.Tensor:
     """grad_x = reshape(e B_l, x's shape), with B_l drawn, never stored whole when large."""
     rows = error.reshape(-1, layout.output_width).to(dtype)
-    rng, width, numel = layer.feedback_rng, layout.output_width, layout.input_numel
-    backend = _backend.resolve(None, rows.device)
-    if rows.device.type == "cuda" and _backend.get_backend() == "auto":
-        backend = _auto_gpu_backend()
-    if backend == "cuda":
-        # Drawn fa's fused GEMM; fp64, fp32 without tf32 and a normal init take aten's blocks (recorded).
-        product = torch.ops.fastfa.cuda_direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution,
-                                                                BLOCK_ELEMENTS)
-        return product.reshape(layout.input_shape)
-    if backend == "triton":
-        from .triton_kernels.direct_feedback import direct_feedback_product
-        product = direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution)
-        if product is not None:
-            return product.reshape(layout.input_shape)
-    if width * numel <= min(CACHE_ELEMENTS, BLOCK_ELEMENTS):
+    backend = product_backend(rows.device)
+    if backend == "aten" and _small(layout):
         return torch.mm(rows, _cached_feedback(layer, layout, rows.dtype)).reshape(layout.input_shape)
-    product = torch.ops.fastfa.direct_feedback_product(rows, rng, numel, layout.scale, layout.distribution,
-                                                       BLOCK_ELEMENTS)
+    product = _PRODUCTS[backend]()(rows, layer.feedback_rng, layout.input_numel, layout.scale, layout.distribution,
+                                   BLOCK_ELEMENTS)
     return product.reshape(layout.input_shape)
+
+
+def _small(layout: _Layout) -> bool:
+    """Whether B_l is small enough to keep on its layer (aten's product)."""
+    return layout.output_width * layout.input_numel <= min(CACHE_ELEMENTS, BLOCK_ELEMENTS)
+
+
+def _triton_product():
+    from .triton_kernels import direct_feedback  # registers fastfa::triton_direct_feedback_product
+    return direct_feedback.direct_feedback_product
+
+
+#: e B_l's op per backend, one schema (error, rng, columns, scale, distribution, block_elements):
+#: aten draws B_l by blocks, then ATen's GEMM; cuda is drawn fa's fused GEMM and triton linear's
+#: grad_input kernel, both drawing B_l's tiles inside the product (what they do not cover, e.g.
+#: fp64, takes aten's, recorded). The C++ join numbers them as _PRODUCT_BACKENDS does.
+_PRODUCTS = {"aten": lambda: torch.ops.fastfa.direct_feedback_product,
+             "cuda": lambda: torch.ops.fastfa.cuda_direct_feedback_product,
+             "triton": _triton_product}
+_PRODUCT_BACKENDS = {"aten": 0, "cuda": 1, "triton": 2}
+
+
+def product_backend(device: torch.device) -> str:
+    """The backend of e B_l on device: the thread's backend; under "auto" on a GPU, a fused kernel."""
+    backend = _backend.resolve(None, device)
+    if device.type == "cuda" and _backend.get_backend() == "auto":
+        backend = _auto_gpu_backend()
+    return backend
 
 
 @functools.cache
@@ -252,12 +269,13 @@ class DirectFeedbackContext:
 
 
 def _set_projection(call: _Call) -> None:
-    """What a C++ join's backward reads: B_l's shape, and the small B_l itself (as project's aten path)."""
+    """What a C++ join's backward reads: B_l's shape, its backend, and on aten the small B_l itself
+    (as project's aten path)."""
     layer, layout = call.layer, call.layout
-    small = layout.output_width * layout.input_numel <= min(CACHE_ELEMENTS, BLOCK_ELEMENTS)
-    call.projection.set(_cached_feedback(layer, layout, call.dtype) if small else None, layer.feedback_rng,
-                        layout.output_width, layout.input_numel, layout.scale, layout.distribution, BLOCK_ELEMENTS,
-                        list(layout.input_shape))
+    cached = _cached_feedback(layer, layout, call.dtype) if call.backend == "aten" and _small(layout) else None
+    call.projection.set(cached, layer.feedback_rng, layout.output_width, layout.input_numel, layout.scale,
+                        layout.distribution, BLOCK_ELEMENTS, list(layout.input_shape),
+                        _PRODUCT_BACKENDS[call.backend])
 
 
 _BACKPROP = rule_spec("bp")
@@ -344,17 +362,29 @@ def _join(layer, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     call.joined = True
     if _joins_in_cpp(input, output):
         call.projection, call.dtype = _C.DirectFeedbackProjection(), input.dtype
-        return _C.direct_feedback_join(output, input, record.native, call.projection,
-                                       _missing_error(type(layer).__name__))
+        call.backend = product_backend(input.device)
+        if call.backend == "triton":
+            _triton_product()  # its op, which the node looks up in the dispatcher, registered
+        arguments = (output, input, record.native, call.projection, _missing_error(type(layer).__name__))
+        if torch._C._is_torch_function_mode_enabled():
+            # The mode sees the join as one call (as it saw the Python Function's detach).
+            return torch.overrides.handle_torch_function(_native_join, (output, input), *arguments)
+        return _C.direct_feedback_join(*arguments)
     return _DirectFeedback.apply(output, input, call)
 
 
+def _native_join(output, input, native_pass, projection, missing_error):
+    """The C++ join (pybind_src/direct_feedback_join.cpp): output with a new history whose node sends
+    grad_output on to output and reshape(e B_l, input's shape) to input."""
+    return _C.direct_feedback_join(output, input, native_pass, projection, missing_error)
+
+
 def _joins_in_cpp(input: torch.Tensor, output: torch.Tensor) -> bool:
-    """Whether the join can be the C++ node (no Python in the backward): plain CPU tensors on the aten
-    backend, outside torch.compile (which traces the Python Function) and torch function modes."""
-    return (type(input) is torch.Tensor and type(output) is torch.Tensor and input.device.type == "cpu"
-            and _backend.resolve(None, input.device) == "aten" and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled())
+    """Whether the join can be the C++ node (no Python Function in the backward): plain CPU and CUDA
+    tensors, on every backend, outside torch.compile (which traces the Python Function). A tensor
+    subclass keeps the Python Function (its __torch_function__ sees the join's detach)."""
+    return (type(input) is torch.Tensor and type(output) is torch.Tensor and input.device.type in ("cpu", "cuda")
+            and not torch.compiler.is_compiling())
 
 
 def attach(model: torch.nn.Module, layers) -> torch.nn.Module:
