@@ -68,7 +68,8 @@ def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale:
     grad_input = error.new_empty(rows, input_numel)
     if not grad_input.numel():
         return grad_input
-    # The kernel reads no weight for fa without stored R: only shape and strides matter.
+    # The kernel reads no weight for fa without stored R: only shape and strides matter (and the
+    # expanded placeholder is no tensor descriptor's layout: pointer loads).
     placeholder = error.new_empty(1).expand(output_width, input_numel)
     rng = rng.to(error.device)
     launch(_grad_input_kernel,
@@ -76,6 +77,6 @@ def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale:
            error, placeholder, placeholder, rng, grad_input, rows, output_width, input_numel,
            rows_bucket_of(rows), *error.stride(), *placeholder.stride(), *placeholder.stride(),
            scale, RULE=_FA, HAS_FEEDBACK=False, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=False,
-           INPUT_PRECISION=input_precision(error.dtype), **_draw_arguments(_FA, None, input_numel))
+           TENSOR_DESCRIPTORS=False, INPUT_PRECISION=input_precision(error.dtype), **_draw_arguments(_FA, None, input_numel))
     return grad_input
 
