@@ -23,9 +23,13 @@ at::Tensor rms_scale(const at::Tensor& weight) {
 
 namespace {
 
+// B for grad_input. deferred_scale: the factor left to apply to grad_input (usf's rms scale on the
+// CPU in fp32 / fp64, where B is then sign(W): scaling grad_input costs a pass over it, usually far
+// smaller than W, instead of a second one over B), else 1.
 at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                  const std::optional<at::Tensor>& rng, int64_t rule, double scale,
-                                 int64_t distribution) {
+                                 int64_t distribution, double& deferred_scale) {
+  deferred_scale = 1.0;
   const auto kind = static_cast<Rule>(rule);
   if (kind == Rule::kBackprop) {
     return weight; // no pass over W: backprop is exactly torch's own backward
@@ -34,11 +38,12 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
     return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
   }
   if (weight.is_cpu()) {
-    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution); // reads usf's rms scale too
+    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution, &deferred_scale);
   }
   if (scale_from_weight(kind, scale)) {
     // sign(W) is exact in every dtype, so B = s * sign(W) still rounds once, at s.
-    return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution).mul_(rms_scale(weight));
+    return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution, deferred_scale)
+        .mul_(rms_scale(weight));
   }
   static const auto transform = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("fastfa::feedback_transform", "")
@@ -364,8 +369,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
     // grad_x = delta B: the only place the rule enters the task gradients.
-    grad_input = at::mm(delta, feedback_for_backward(weight, feedback, rng, rule, scale, distribution))
-                     .view(input.sizes());
+    double deferred_scale = 1.0;
+    grad_input = at::mm(delta, feedback_for_backward(weight, feedback, rng, rule, scale, distribution, deferred_scale));
+    if (deferred_scale != 1.0) scale_(grad_input, deferred_scale);
+    grad_input = grad_input.view(input.sizes());
   }
   if (output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack)) {
     grad_weight = at::mm(delta.t(), x); // delta^T x, every rule
@@ -460,8 +467,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   // grad_x is the transposed convolution of delta with B, and grad_W does not read the
   // filter's values, only its shape: one convolution_backward call with B in W's place
   // gives both, on the same oneDNN / cuDNN kernels backprop uses.
+  double deferred_scale = 1.0;
   const at::Tensor filter = output_mask[0]
-                                ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution)
+                                ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution,
+                                                        deferred_scale)
                                 : weight;
   const std::vector<int64_t> bias_sizes{weight.size(0)};
   const std::array<bool, 3> mask{output_mask[0], output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack),
@@ -470,6 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
       fp32.in(delta), fp32.in(input), fp32.in(filter), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
       stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
+  if (deferred_scale != 1.0) scale_(grad_input, deferred_scale);
   grad_input = fp32.out(grad_input);
   grad_weight = fp32.out(grad_weight);
   grad_bias = fp32.out(grad_bias);

@@ -138,39 +138,83 @@ void transform_kernel(const scalar_t* weight, const scalar_t* stored, scalar_t* 
   });
 }
 
-// sum(w^2) in double: the rms scale's ||W||^2, one pass over W. The partial sums go to eight
-// lanes so that the loop vectorises without reassociating a single accumulator.
+// usf with its rms scale, B = s * sign(W) with s = sqrt(sum(w^2) / n): one pass over W both
+// writes sign(W) into B (exact in every dtype) and sums w^2; then B *= s runs over B alone (a
+// layer's B just written, from cache), or the caller scales B's product (deferred_scale). Two
+// passes over W (the sum, then the transform) read resnet18's 45 MB of weights twice per step.
+// The sum is in double, in chunks of kSumGrain with eight lanes per chunk (so the loop vectorises
+// without reassociating one accumulator). B's values are those of scale * sign_of(w) in
+// feedback_transform, rounded once at s.
+// With GCC on x86-64 an AVX2 clone is picked at load time where the CPU has it. B never aliases W
+// (__restrict__): otherwise each store to B could change W, and the loop stays scalar.
 template <typename scalar_t>
-double sum_of_squares(const scalar_t* weight, int64_t numel) {
-  constexpr int64_t kGrain = 32768;
-  return at::parallel_reduce(
-      0, numel, kGrain, 0.0,
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+double signs_and_sum_of_squares(const scalar_t* __restrict__ weight, scalar_t* __restrict__ out, int64_t begin,
+                                int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  double lanes[8] = {};
+  double partial = 0.0;
+  int64_t i = begin;
+  // A counted loop: the extension builds with -fwrapv (Python's flags), under which `i + 8 <= end`
+  // may wrap, so GCC cannot count its trips and leaves it scalar.
+  const int64_t blocks = (end - begin) / 8;
+  for (int64_t block = 0; block < blocks; ++block, i += 8) {
+    for (int lane = 0; lane < 8; ++lane) {
+      const auto w = static_cast<opmath_t>(weight[i + lane]);
+      lanes[lane] += static_cast<double>(w) * static_cast<double>(w);
+      out[i + lane] = static_cast<scalar_t>(sign_of(w));
+    }
+  }
+  for (; i < end; ++i) {
+    const auto w = static_cast<opmath_t>(weight[i]);
+    partial += static_cast<double>(w) * static_cast<double>(w);
+    out[i] = static_cast<scalar_t>(sign_of(w));
+  }
+  for (const double lane : lanes) partial += lane;
+  return partial;
+}
+
+template <typename scalar_t>
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void scale_range(scalar_t* out, int64_t begin, int64_t end, at::opmath_type<scalar_t> scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i) {
+    out[i] = static_cast<scalar_t>(scale * static_cast<opmath_t>(out[i]));
+  }
+}
+
+// Returns s; B *= s only where `apply` (else the caller applies s, deferred_scale).
+template <typename scalar_t>
+double rms_sign_kernel(const scalar_t* weight, scalar_t* out, int64_t numel, bool apply) {
+  constexpr int64_t kSumGrain = 32768;
+  const double sum = at::parallel_reduce(
+      0, numel, kSumGrain, 0.0,
       [&](int64_t begin, int64_t end, double partial) {
-        double lanes[8] = {};
-        int64_t i = begin;
-        for (; i + 8 <= end; i += 8) {
-          for (int lane = 0; lane < 8; ++lane) {
-            const double w = static_cast<double>(weight[i + lane]);
-            lanes[lane] += w * w;
-          }
-        }
-        for (; i < end; ++i) {
-          const double w = static_cast<double>(weight[i]);
-          partial += w * w;
-        }
-        for (const double lane : lanes) partial += lane;
-        return partial;
+        return partial + signs_and_sum_of_squares(weight, out, begin, end);
       },
       std::plus<double>());
+  const double rms = std::sqrt(sum / static_cast<double>(numel));
+  if (apply) {
+    const auto scale = static_cast<at::opmath_type<scalar_t>>(rms);
+    constexpr int64_t kGrain = 8192;
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { scale_range(out, begin, end, scale); });
+  }
+  return rms;
 }
 
 // Writes B = T(W) into `out`, which has W's shape and the dense layout of memory_format.
-// usf's rms scale (kRmsScale) is read from W here, on the host, in one pass: as a tensor
-// (norm, divide, then B *= s) it cost three more op dispatches per step, more than the
-// transform itself on a small W.
-void transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
-                    const std::optional<at::Tensor>& rng, int64_t rule, double scale, int64_t distribution,
-                    at::MemoryFormat memory_format, at::Tensor& out) {
+// Returns the factor left to apply to B's products: 1, or with `defer_scale` usf's rms scale s,
+// where `out` is then sign(W) (feedback_for_backward_cpu's deferred_scale).
+// usf's rms scale (kRmsScale) is read from W here, on the host, in the transform's pass
+// (rms_sign_kernel): as a tensor (norm, divide, then B *= s) it cost three more op dispatches
+// per step, more than the transform itself on a small W.
+double transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
+                      const std::optional<at::Tensor>& rng, int64_t rule, double scale, int64_t distribution,
+                      at::MemoryFormat memory_format, bool defer_scale, at::Tensor& out) {
   const auto kind = static_cast<Rule>(rule);
   const bool has_feedback = feedback.has_value() && feedback->defined();
   const bool uses_stored = has_feedback && (kind == Rule::kFeedbackAlignment ||
@@ -191,16 +235,22 @@ void transform_into(const at::Tensor& weight, const std::optional<at::Tensor>& f
     step = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
   }
   if (w.numel() == 0) {
-    return;
+    return 1.0;
   }
+  double deferred = 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "feedback_transform_cpu", [&] {
     if (scale_from_weight(kind, scale)) {
-      scale = std::sqrt(sum_of_squares(w.const_data_ptr<scalar_t>(), w.numel()) / static_cast<double>(w.numel()));
+      const double rms =
+          rms_sign_kernel<scalar_t>(w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), w.numel(),
+                                    /*apply=*/!defer_scale);
+      deferred = defer_scale ? rms : 1.0;
+      return;
     }
     transform_kernel<scalar_t>(w.const_data_ptr<scalar_t>(), uses_stored ? r.const_data_ptr<scalar_t>() : nullptr,
                                out.mutable_data_ptr<scalar_t>(), w.numel(), kind, scale,
                                static_cast<Distribution>(distribution), seed, step, draw_index);
   });
+  return deferred;
 }
 
 void check_cpu(const at::Tensor& weight) {
@@ -217,13 +267,13 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
   check_cpu(weight);
   const auto memory_format = weight.suggest_memory_format();
   at::Tensor out = at::empty_like(weight, weight.options(), memory_format);
-  transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, out);
+  transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, /*defer_scale=*/false, out);
   return out;
 }
 
 at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                      const std::optional<at::Tensor>& rng, int64_t rule, double scale,
-                                     int64_t distribution) {
+                                     int64_t distribution, double* deferred_scale) {
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_cpu(weight);
   // A fresh W-sized tensor each step costs a page fault per 4 KiB on first touch (the CPU
@@ -239,7 +289,11 @@ at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::option
   at::Tensor out = memory_format == at::MemoryFormat::ChannelsLast
                        ? workspace.as_strided(weight.sizes(), c10::get_channels_last_strides_2d(weight.sizes()))
                        : workspace.as_strided(weight.sizes(), c10::contiguous_strides(weight.sizes()));
-  transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, out);
+  // fp16 and bf16 keep s in B: a product with sign(W) may overflow fp16, and both would round twice.
+  const bool defer = deferred_scale != nullptr &&
+                     (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble);
+  const double left = transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, defer, out);
+  if (deferred_scale != nullptr) *deferred_scale = left;
   return out;
 }
 

@@ -66,13 +66,12 @@ def _member(module: torch.nn.Module, name: str):
 
 
 class _ResolvedCall(NamedTuple):
-    """A layer's forward op and its arguments after the tensors, for one backend and device."""
+    """A layer's forward op call for one backend and device: the C++ LayerCall, which keeps the op and
+    its static arguments, and what decides whether it still applies and which tensors it takes."""
 
     backend: str  # the thread's choice it was resolved under (_backend.get_backend())
     device: torch.device  # weight's device
-    op: object  # the op overload, e.g. torch.ops.fastfa.linear.default
-    arguments: tuple  # the static arguments after (input, weight, bias, feedback, rng)
-    layer_call: object  # fastfa._C.LayerCall: op and arguments kept in C++, called with the tensors
+    layer_call: object  # fastfa._C.LayerCall: the op and its static arguments, called with the tensors
     takes_feedback: bool  # whether the rule reads a stored feedback tensor
     draws: bool  # whether the rule reads [seed, step] (brsf, wm)
     key: tuple  # what else the arguments were resolved from (conv2d's geometry)
@@ -143,7 +142,7 @@ class FeedbackLayer:
         spec, op = spec or self._spec, op_for(name)
         make = _C.LayerCall.linear if op_for is _ops.linear_op else _C.LayerCall.conv2d
         self.__dict__[slot] = _ResolvedCall(
-            backend, weight.device, op, arguments, make(op._name, *arguments, draws=spec.draws_every_step),
+            backend, weight.device, make(op._name, *arguments, draws=spec.draws_every_step),
             takes_feedback=spec.id in F._TAKES_FEEDBACK, draws=spec.draws_every_step, key=key)
 
     def _fast_forward(self, call, input, weight, bias):

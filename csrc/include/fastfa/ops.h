@@ -26,9 +26,12 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
                                   int64_t distribution);
 // The same B for the aten backend's own backward on the CPU, written into a per-thread
 // buffer kept between steps: valid until the next call on this thread.
+// With deferred_scale, usf's rms-scaled B in fp32 or fp64 comes back as sign(W) and
+// *deferred_scale = s, for the caller to scale B's product instead (grad_input, rounded once
+// more: within the tolerances); otherwise *deferred_scale = 1.
 at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                      const std::optional<at::Tensor>& rng, int64_t rule, double scale,
-                                     int64_t distribution);
+                                     int64_t distribution, double* deferred_scale = nullptr);
 // dfa's B_l (K x F), columns [column_begin, column_begin + column_count) of it: element (k, f)
 // is scale * xi from fa's generator at (seed, step, k * F + f). rng is the layer's [seed, step].
 at::Tensor direct_feedback_cpu(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
