@@ -168,6 +168,13 @@ def test_bench_skips_a_failing_peer_without_failing_the_run(tmp_path, capsys):
         ("brsf", "aten"), ("usf", "aten"), ("usf", "peer:biotorch")}
 
 
+def test_bench_plot_of_a_models_only_run(tmp_path):
+    """A run that timed only models has no layer to plot: no file, and no error (it used to fail the run)."""
+    results = {"rows": [{"op": "model:resnet18", "rule": "usf", "dtype": "fp32", "shape": "4x3x64x64"}]}
+    assert bench.write_plot(results, tmp_path / "p.png") is None
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_bench_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     """--plot without matplotlib is refused before anything runs; without --plot the run goes on."""
     monkeypatch.setattr(bench.plots, "plot_available", lambda: (False, "matplotlib is not installed (test)"))

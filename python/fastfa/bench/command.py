@@ -246,7 +246,8 @@ def main(args) -> int:
     print(f"results: {chosen.out_path}, {chosen.csv_path}", end="")
     if chosen.want_plot:
         try:
-            print(f", {plots.write_plot(results, chosen.plot_path)}")
+            plotted = plots.write_plot(results, chosen.plot_path)
+            print(f", {plotted}" if plotted else " (no plot: no layer was timed)")
         except Exception as error:  # a plot that fails does not lose the results
             print()
             errors.append(f"plot: {type(error).__name__}: {error}")

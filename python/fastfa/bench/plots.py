@@ -14,16 +14,19 @@ def plot_available() -> tuple:
     return True, ""
 
 
-def write_plot(results: dict, path: Path) -> Path:
+def write_plot(results: dict, path: Path) -> Path | None:
     """A PNG: per (group, dtype, layout), each rule's time ratio to backprop against the batch size (or
     the layer, for a fixed-batch sweep), fastfa solid and the autograd peer dashed; peak memory over
-    backprop's beside it."""
+    backprop's beside it. None, and no file, where the run timed no layer (models only: their one
+    step per rule is the table's)."""
+    rows = [row for row in results["rows"] if not row["op"].startswith("model:")]
+    if not rows:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in results["rows"] if not row["op"].startswith("model:")]
     panels = []
     for row in rows:
         key = (row.get("group") or row["op"], row["dtype"], row.get("layout"))
