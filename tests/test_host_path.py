@@ -254,9 +254,11 @@ def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, c
     from fastfa import cli
 
     out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     code = cli.main(["bench", "--quick", "--device", "cpu", "--shapes", "host", "--models", "none", "--rules",
                      "bp,brsf", "--peers", "none", "--out", str(out), "--no-plot"])
     assert code == 0
+    assert torch.get_num_threads() == threads  # the table's one thread is set for it alone
     printed = capsys.readouterr().out
     assert "host overhead per forward + backward step" in printed
     rows = json.loads(out.read_text())["host_overhead"]

@@ -3,14 +3,18 @@
 On tiny shapes the kernels take a few microseconds, so the time of a forward + backward
 step is mostly the host's per-call work (argument handling, autograd, dispatch). Each case
 times ``layer(x).sum().backward()`` for torch's own module and for fastfa's with the same
-weights, interleaved in rounds so that drift in clock speed or load hits both alike; the
-overhead is the median over rounds of (fastfa's mean step - torch's mean step), in µs.
+weights, interleaved in rounds so that drift in clock speed or load hits both alike, with one
+torch thread. On the CPU each round is the timing thread's own CPU time (time.thread_time): a
+shared machine's other processes take the core away without adding to it, where wall-clock means
+swung 2x between runs at a few µs of difference. A step's time is its minimum over rounds (the
+cost without interference; noise only ever adds), and the overhead is fastfa's minus torch's,
+in µs. On a GPU the clock is the wall clock after a synchronisation: the host's time includes
+waiting for the device where the device is the slower.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -88,25 +92,36 @@ def _step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def _mean_us(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
+    cuda = device.type == "cuda"
+    clock = time.perf_counter if cuda else time.thread_time
+    if cuda:
+        torch.cuda.synchronize()
+    start = clock()
     for _ in range(steps):
         step()
-    synchronize()
-    return (time.perf_counter() - start) / steps * 1e6
+    if cuda:
+        torch.cuda.synchronize()
+    return (clock() - start) / steps * 1e6
 
 
-def host_overhead_rows(steps: int = 2000, rounds: int = 5, warmup: int = 200, rules=None,
+def host_overhead_rows(steps: int = 2000, rounds: int = 15, warmup: int = 200, rules=None,
                        device=torch.device("cpu"), progress=None) -> list:
     """One row per (case, rule): {case, kind, rule, torch_us, fastfa_us, overhead_us, ratio}.
 
     ``rules``: the rules to time (default every rule on the single layers); the MLP case is
     timed with usf only, where usf is among them. Each round times ``steps // rounds`` steps of
-    torch's module and of fastfa's; the reported times are medians over rounds.
+    torch's module and of fastfa's; the reported times are minima over rounds (module docstring).
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _host_overhead_rows(max(1, steps // rounds), rounds, warmup, rules, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _host_overhead_rows(per_round: int, rounds: int, warmup: int, rules, device, progress) -> list:
     rows = []
-    per_round = max(1, steps // rounds)
     for case in host_cases():
         torch.manual_seed(0)
         reference = case.make_torch().to(device)
@@ -125,8 +140,8 @@ def host_overhead_rows(steps: int = 2000, rounds: int = 5, warmup: int = 200, ru
             for _ in range(rounds):
                 torch_times.append(_mean_us(baseline, per_round, device))
                 fastfa_times.append(_mean_us(variant, per_round, device))
-            torch_us, fastfa_us = statistics.median(torch_times), statistics.median(fastfa_times)
-            overhead = statistics.median(f - t for f, t in zip(fastfa_times, torch_times))
+            torch_us, fastfa_us = min(torch_times), min(fastfa_times)
+            overhead = fastfa_us - torch_us
             rows.append({"case": case.name, "kind": case.kind, "rule": rule, "torch_us": round(torch_us, 1),
                          "fastfa_us": round(fastfa_us, 1), "overhead_us": round(overhead, 1),
                          "ratio": round(fastfa_us / torch_us, 3)})
