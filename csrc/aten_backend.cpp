@@ -185,7 +185,7 @@ struct AlignmentMaps {
 
 // [alpha, beta, gamma, sigma], and on aten an optional fifth value: normalize_input (1 or 0), the
 // fastfa.nn layers' default for aa and ia (fastfa.alignment.LAYER_DEFAULTS), whose B gradient is
-// then the closed form with x normalised per sample (normalized_per_sample).
+// then the closed form with x normalised per sample (standardized_per_sample).
 void check_alignment(at::ArrayRef<double> alignment) {
   TORCH_CHECK(alignment.size() == 4 || alignment.size() == 5,
               "fastfa: alignment must be [alpha, beta, gamma, sigma] (or, on aten, [alpha, beta, gamma, sigma, "
@@ -213,22 +213,20 @@ at::Tensor scaled(const at::Tensor& t, double c) { return at::mul(t, wrapped_sca
 // t *= c, in place (t is a new tensor of ours).
 at::Tensor scale_(at::Tensor t, double c) { return t.mul_(wrapped_scalar(t, c)); }
 
-// x centred and scaled to unit L2 norm per sample (x flattened to (N, -1)), as the alignment
-// pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample stays zero.
-// One layer_norm without affine, (x - mean) / sqrt(var + eps) with var = ||x - mean||^2 / F, is
-// sqrt(F) x_hat; eps, the smallest positive value of its accumulation dtype, makes an all-zero
-// sample's quotient 0 / sqrt(eps) = 0 and moves any normal variance by one ulp at most. Two ops (and
-// the scale by 1 / sqrt(F)) where the mean, norm, clamp and division spelled out take five.
-at::Tensor normalized_per_sample(const at::Tensor& x) {
-  const at::Tensor flat = x.flatten(1);
-  const int64_t width = flat.size(1);
-  if (flat.numel() == 0) {
+// sqrt(F) x_hat, x_hat being x centred and scaled to unit L2 norm per sample (x flattened to (N, F)),
+// as the alignment pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample
+// stays zero. One layer_norm without affine over every dimension but the first: (x - mean) /
+// sqrt(var + eps) with var = ||x - mean||^2 / F is sqrt(F) x_hat; eps, the smallest positive value of
+// its accumulation dtype, makes an all-zero sample's quotient 0 / sqrt(eps) = 0 and moves any normal
+// variance by one ulp at most. The 1 / sqrt(F) is left to the callers (feedback_gradient): every term
+// that reads x_hat is bilinear in it, so 1 / F folds into its coefficient, one op fewer than a scale.
+at::Tensor standardized_per_sample(const at::Tensor& x) {
+  if (x.numel() == 0) {
     return x;
   }
   const double eps = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::denorm_min()
                                                     : static_cast<double>(std::numeric_limits<float>::denorm_min());
-  at::Tensor normalized = std::get<0>(at::native_layer_norm(flat, {width}, std::nullopt, std::nullopt, eps));
-  return normalized.mul_(wrapped_scalar(normalized, 1.0 / std::sqrt(static_cast<double>(width)))).view(x.sizes());
+  return std::get<0>(at::native_layer_norm(x, x.sizes().slice(1), std::nullopt, std::nullopt, eps));
 }
 
 // xi ~ N(0, sigma^2) shaped like x, from the same counter-based generator as brsf's draws
@@ -251,17 +249,22 @@ at::Tensor weight_mirror_noise(const at::Tensor& x, const std::optional<at::Tens
 // B's gradient for the estimated rules (learning-rules.md, "Estimated feedback").
 // B gets no task gradient, only the alignment terms (kp: W's task gradient). With normalize_input
 // (aa, ia), x is normalised per sample and r is recomputed from it: the pipeline's loss with that
-// one switch has the table's gradient in x_hat and r_hat = project(x_hat, W).
+// one switch has the table's gradient in x_hat and r_hat = project(x_hat, W). Both rules' input
+// terms are bilinear in x_hat (r_hat and p_hat are linear in it), so they are computed from
+// z = sqrt(F) x_hat (standardized_per_sample) with 1 / F more in their coefficients, which already
+// hold the batch mean's 1 / N: `batch` below is N F.
 at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Tensor& weight,
                              const at::Tensor& grad_weight, const at::Tensor& layer_input,
                              const at::Tensor& layer_projection, const std::optional<at::Tensor>& rng,
                              at::ArrayRef<double> alignment, const AlignmentMaps& maps) {
   const double alpha = alignment[0], beta = alignment[1], gamma = alignment[2], sigma = alignment[3];
-  const double batch = static_cast<double>(std::max<int64_t>(maps.batch, 1));
   const bool normalize = normalizes_input(alignment) &&
                          (rule == Rule::kActivationAlignment || rule == Rule::kInformationAlignment);
-  const at::Tensor input = normalize ? normalized_per_sample(layer_input) : layer_input;
-  // r_hat where aa's convolutions do not fold it away.
+  const int64_t width = normalize ? c10::multiply_integers(layer_input.sizes().slice(1)) : 1;
+  const double batch = static_cast<double>(std::max<int64_t>(maps.batch, 1)) *
+                       static_cast<double>(std::max<int64_t>(width, 1));
+  const at::Tensor input = normalize ? standardized_per_sample(layer_input) : layer_input;
+  // r_hat (as sqrt(F) r_hat) where aa's convolutions do not fold it away.
   const bool projects = normalize && (maps.matrices || rule == Rule::kInformationAlignment);
   const at::Tensor projection = projects ? maps.project(input, weight) : layer_projection;
   switch (rule) {

@@ -1,11 +1,13 @@
 """The alignment pipeline's switches (learning-rules.md, "The alignment pipeline's options"):
-B's gradient against the oracle's autograd of the losses as the spec writes them, fp64."""
+B's gradient against the oracle's autograd of the losses as the spec writes them, fp64 (the aa / ia
+layers' default also in fp32 and bf16)."""
 
 import copy
 import re
 
 import pytest
 import torch
+from conftest import assert_close
 
 import fastfa
 import oracle
@@ -338,6 +340,21 @@ def test_default_layers_under_autocast_and_with_an_empty_batch(rule):
     empty = layer(torch.randn(0, 3, 5, 5))
     empty.sum().backward()
     assert empty.shape == (0, 4, 5, 5) and torch.isfinite(layer.feedback.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("rule", ["aa", "ia"])
+def test_default_layers_closed_form_in_low_precision(kind, rule, dtype):
+    """The default's closed form computes from sqrt(F) x_hat with 1 / F in the coefficients (one scale
+    fewer); in fp32 and bf16 it stays within the dtype's tolerance of the fp64 oracle."""
+    low = _default_layer(kind, rule).to(dtype)
+    x = torch.randn(SHAPES[kind], dtype=dtype)
+    # The oracle in fp64 on the values the low-precision layer holds.
+    expected = _expected(rule, copy.deepcopy(low).double(), x.double(), **spec_options.LAYER_SWITCHES[rule])
+    grad_feedback = _run(low, x)[0]
+    assert grad_feedback.dtype == dtype
+    assert_close(grad_feedback.double(), expected, dtype, "grad_feedback")
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
