@@ -222,7 +222,7 @@ at::Tensor scale_(at::Tensor t, double c) { return t.mul_(wrapped_scalar(t, c));
 // that reads x_hat is bilinear in it, so 1 / F folds into its coefficient, one op fewer than a scale.
 at::Tensor standardized_per_sample(const at::Tensor& x) {
   if (x.numel() == 0) {
-    return x;
+    return x.clone(); // a new tensor either way: feedback_gradient may write into it
   }
   const double eps = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::denorm_min()
                                                     : static_cast<double>(std::numeric_limits<float>::denorm_min());
@@ -281,20 +281,26 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
     return scale_(maps.outer(noise_projection, noise), -beta / batch).add_(feedback, 2.0 * alpha);
   }
   case Rule::kActivationAlignment: { // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
-    if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm
-      return maps.outer(at::addmm(projection, input, feedback.t(), -beta / batch, 2.0 * alpha / batch), input);
+    if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm, into r_hat where it is ours
+      const double a = 2.0 * alpha / batch, b = -beta / batch;
+      return maps.outer(projects ? projection.addmm_(input, feedback.t(), b, a)
+                                 : at::addmm(projection, input, feedback.t(), b, a),
+                        input);
     }
     if (normalize) { // p and r_hat are linear in the filter: one convolution with (2 alpha / N) B - (beta / N) W
-      const at::Tensor filter = at::sub(scaled(feedback, 2.0 * alpha / batch), weight, beta / batch);
+      const at::Tensor filter = scaled(feedback, 2.0 * alpha / batch).sub_(weight, beta / batch);
       return maps.outer(maps.project(input, filter), input);
     }
     return maps.outer(scale_(maps.project(input, feedback), 2.0 * alpha / batch).sub_(projection, beta / batch),
                       input);
   }
   case Rule::kInformationAlignment: { // alpha * amp + beta * null + gamma * decay, linear in outer's x
-    if (maps.matrices) { // r^T ((2 beta / N) r B - (alpha / N) x) + 2 gamma B, in two addmm
-      return at::addmm(feedback, projection.t(), at::addmm(input, projection, feedback, -alpha / batch, 2.0 * beta / batch),
-                       2.0 * gamma, 1.0);
+    if (maps.matrices) { // r^T ((2 beta / N) r B - (alpha / N) x) + 2 gamma B in two addmm, the first
+                         // into the normalised x where it is ours
+      const double a = 2.0 * beta / batch, b = -alpha / batch;
+      const at::Tensor inner = normalize ? input.addmm_(projection, feedback, b, a)
+                                         : at::addmm(input, projection, feedback, b, a);
+      return at::addmm(feedback, projection.t(), inner, 2.0 * gamma, 1.0);
     }
     return maps.outer(projection, scale_(maps.back(projection, feedback), 2.0 * beta / batch).sub_(input, alpha / batch))
         .add_(feedback, 2.0 * gamma);
