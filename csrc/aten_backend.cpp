@@ -5,6 +5,7 @@
 #include "fastfa/ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -368,14 +369,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
     // grad_x = delta B: the only place the rule enters the task gradients. usf's deferred s is the
-    // GEMM's alpha (addmm with beta 0 never reads self, as at::mm itself calls it): no pass over B
-    // and no extra op, which on a tiny layer would cost more than the GEMM.
+    // GEMM's alpha: no pass over B and no extra op, which on a tiny layer costs more than the GEMM.
+    // addmm_out into an uninitialised result with beta 0 never reads it (at::mm itself is that call
+    // on the CPU); a result of the final shape, allocated without a dispatch, needs no expand.
     double deferred_scale = 1.0;
     const at::Tensor b = feedback_for_backward(weight, feedback, rng, rule, scale, distribution, &deferred_scale);
-    grad_input = deferred_scale == 1.0
-                     ? at::mm(delta, b)
-                     : at::addmm(at::detail::scalar_tensor_static(0.0, delta.scalar_type(), at::kCPU), delta, b,
-                                 /*beta=*/0.0, /*alpha=*/deferred_scale);
+    if (deferred_scale == 1.0) {
+      grad_input = at::mm(delta, b);
+    } else {
+      grad_input = at::detail::empty_cpu({rows, in_features}, delta.scalar_type());
+      at::addmm_out(grad_input, grad_input, delta, b, /*beta=*/0.0, /*alpha=*/deferred_scale);
+    }
     grad_input = grad_input.view(input.sizes());
   }
   if (output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack)) {
