@@ -5,6 +5,7 @@
 #include "fastfa/ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -23,13 +24,13 @@ at::Tensor rms_scale(const at::Tensor& weight) {
 
 namespace {
 
-// B for grad_input. deferred_scale: the factor left to apply to grad_input (usf's rms scale on the
-// CPU in fp32 / fp64, where B is then sign(W): scaling grad_input costs a pass over it, usually far
-// smaller than W, instead of a second one over B), else 1.
+// B for grad_input. With deferred_scale (the caller's choice: where applying s to grad_input costs
+// less than a second pass over B), *deferred_scale is the factor left to apply to grad_input: usf's
+// rms scale on the CPU in fp32 / fp64, where B is then sign(W); else 1. Without it, B carries s.
 at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                  const std::optional<at::Tensor>& rng, int64_t rule, double scale,
-                                 int64_t distribution, double& deferred_scale) {
-  deferred_scale = 1.0;
+                                 int64_t distribution, double* deferred_scale = nullptr) {
+  if (deferred_scale != nullptr) *deferred_scale = 1.0;
   const auto kind = static_cast<Rule>(rule);
   if (kind == Rule::kBackprop) {
     return weight; // no pass over W: backprop is exactly torch's own backward
@@ -38,12 +39,11 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
     return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
   }
   if (weight.is_cpu()) {
-    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution, &deferred_scale);
+    return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution, deferred_scale);
   }
   if (scale_from_weight(kind, scale)) {
     // sign(W) is exact in every dtype, so B = s * sign(W) still rounds once, at s.
-    return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution, deferred_scale)
-        .mul_(rms_scale(weight));
+    return feedback_for_backward(weight, feedback, rng, rule, 1.0, distribution).mul_(rms_scale(weight));
   }
   static const auto transform = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("fastfa::feedback_transform", "")
@@ -377,10 +377,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const at::Tensor x = input.reshape({rows, in_features});
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
-    // grad_x = delta B: the only place the rule enters the task gradients.
+    // grad_x = delta B: the only place the rule enters the task gradients. usf's deferred s is the
+    // GEMM's alpha: no pass over B and no extra op, which on a tiny layer costs more than the GEMM.
+    // addmm_out into an uninitialised result with beta 0 never reads it (at::mm itself is that call
+    // on the CPU); a result of the final shape, allocated without a dispatch, needs no expand.
     double deferred_scale = 1.0;
-    grad_input = at::mm(delta, feedback_for_backward(weight, feedback, rng, rule, scale, distribution, deferred_scale));
-    if (deferred_scale != 1.0) scale_(grad_input, deferred_scale);
+    const at::Tensor b = feedback_for_backward(weight, feedback, rng, rule, scale, distribution, &deferred_scale);
+    if (deferred_scale == 1.0) {
+      grad_input = at::mm(delta, b);
+    } else {
+      grad_input = at::detail::empty_cpu({rows, in_features}, delta.scalar_type());
+      at::addmm_out(grad_input, grad_input, delta, b, /*beta=*/0.0, /*alpha=*/deferred_scale);
+    }
     grad_input = grad_input.view(input.sizes());
   }
   if (output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack)) {
@@ -476,10 +484,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   // grad_x is the transposed convolution of delta with B, and grad_W does not read the
   // filter's values, only its shape: one convolution_backward call with B in W's place
   // gives both, on the same oneDNN / cuDNN kernels backprop uses.
+  // A convolution has no alpha: usf's s goes on grad_input (one more op) only where grad_input is
+  // smaller than W by more than what that op's dispatch costs (kDeferMin elements of a pass in
+  // cache, about 2 us); else B *= s in the transform's pass, B still in cache.
+  constexpr int64_t kDeferMin = 16384;
   double deferred_scale = 1.0;
+  const bool defer = input.numel() + kDeferMin < weight.numel();
   const at::Tensor filter = output_mask[0]
                                 ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution,
-                                                        deferred_scale)
+                                                        defer ? &deferred_scale : nullptr)
                                 : weight;
   const std::vector<int64_t> bias_sizes{weight.size(0)};
   const std::array<bool, 3> mask{output_mask[0], output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack),

@@ -71,6 +71,38 @@ def test_conv2d_matches_oracle(rule, dtype, case):
     check_against_oracle(rule, layer, x, grad_output, oracle_fn, dtype)
 
 
+# usf's rms scale s on the CPU goes into B, into Linear's GEMM as alpha, or onto a convolution's
+# grad_input (where grad_input is the smaller by 16384 elements); the transform's pass runs on the
+# calling thread below 131072 elements of W and in parallel above. Each way against the oracle.
+USF_SCALE_CASES = {
+    "conv-s-on-grad-input": (dict(in_channels=64, out_channels=128, kernel_size=3, padding=1), (1, 64, 3, 3)),
+    "conv-s-on-grad-input-parallel": (dict(in_channels=128, out_channels=256, kernel_size=3), (1, 128, 4, 4)),
+    "conv-s-in-b-parallel": (dict(in_channels=64, out_channels=256, kernel_size=3, padding=1), (1, 64, 48, 48)),
+    "linear-alpha-parallel": (dict(in_features=512, out_features=300), (5, 512)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(USF_SCALE_CASES))
+def test_usf_scale_placement_matches_oracle(case, dtype):
+    options, input_shape = USF_SCALE_CASES[case]
+    torch.manual_seed(0)
+    x = torch.randn(*input_shape, dtype=dtype)
+    if "in_features" in options:
+        layer = fastfa.nn.Linear(**options, rule="usf", dtype=dtype)
+        grad_output = torch.randn(input_shape[0], options["out_features"], dtype=dtype)
+        check_against_oracle("usf", layer, x, grad_output, oracle.linear, dtype)
+        return
+    layer = fastfa.nn.Conv2d(**options, rule="usf", dtype=dtype)
+    with torch.no_grad():
+        out_shape = torch.nn.functional.conv2d(x, layer.weight, None, layer.stride, layer.padding).shape
+
+    def oracle_fn(x, w, b, B, g):
+        return oracle.conv2d(x, w, b, B, g, layer.stride, layer.padding)
+
+    check_against_oracle("usf", layer, x, torch.randn(out_shape, dtype=dtype), oracle_fn, dtype)
+
+
 @pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))
 @pytest.mark.parametrize("rule", ["bp", "usf", "brsf"])
 def test_activation_derivative_is_fused(rule, activation):

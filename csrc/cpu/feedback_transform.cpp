@@ -188,20 +188,30 @@ void scale_range(scalar_t* out, int64_t begin, int64_t end, at::opmath_type<scal
 }
 
 // Returns s; B *= s only where `apply` (else the caller applies s, deferred_scale).
+// A W below kParallelMin runs on the calling thread: at::parallel_reduce splits a W of two or
+// three chunks into uneven tasks (36864 = 32768 + 4096 for resnet18's layer1), and opening an
+// OpenMP region for them costs more than the second thread saves (resnet18's usf step at the
+// bench's two threads). Above it, chunks of kSumGrain per task.
 template <typename scalar_t>
 double rms_sign_kernel(const scalar_t* weight, scalar_t* out, int64_t numel, bool apply) {
   constexpr int64_t kSumGrain = 32768;
-  const double sum = at::parallel_reduce(
-      0, numel, kSumGrain, 0.0,
-      [&](int64_t begin, int64_t end, double partial) {
-        return partial + signs_and_sum_of_squares(weight, out, begin, end);
-      },
-      std::plus<double>());
+  constexpr int64_t kParallelMin = 4 * kSumGrain;
+  const bool inline_pass = numel < kParallelMin;
+  const double sum = inline_pass ? signs_and_sum_of_squares(weight, out, 0, numel)
+                                 : at::parallel_reduce(
+                                       0, numel, kSumGrain, 0.0,
+                                       [&](int64_t begin, int64_t end, double partial) {
+                                         return partial + signs_and_sum_of_squares(weight, out, begin, end);
+                                       },
+                                       std::plus<double>());
   const double rms = std::sqrt(sum / static_cast<double>(numel));
   if (apply) {
     const auto scale = static_cast<at::opmath_type<scalar_t>>(rms);
-    constexpr int64_t kGrain = 8192;
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { scale_range(out, begin, end, scale); });
+    if (inline_pass) {
+      scale_range(out, 0, numel, scale); // B just written, from cache
+    } else {
+      at::parallel_for(0, numel, kSumGrain, [&](int64_t begin, int64_t end) { scale_range(out, begin, end, scale); });
+    }
   }
   return rms;
 }

@@ -26,9 +26,10 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
                                   int64_t distribution);
 // The same B for the aten backend's own backward on the CPU, written into a per-thread
 // buffer kept between steps: valid until the next call on this thread.
-// With deferred_scale, usf's rms-scaled B in fp32 or fp64 comes back as sign(W) and
-// *deferred_scale = s, for the caller to scale B's product instead (grad_input, rounded once
-// more: within the tolerances); otherwise *deferred_scale = 1.
+// With deferred_scale (the caller's choice, where scaling B's product costs less than a pass
+// over B), usf's rms-scaled B in fp32 or fp64 comes back as sign(W) and *deferred_scale = s, for
+// the caller to scale B's product instead (grad_input, rounded once more: within the
+// tolerances); otherwise *deferred_scale = 1.
 at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                      const std::optional<at::Tensor>& rng, int64_t rule, double scale,
                                      int64_t distribution, double* deferred_scale = nullptr);
