@@ -105,6 +105,11 @@ def draws(rule: int, has_feedback: bool) -> bool:
     return rule == 3 or (rule == 1 and not has_feedback)
 
 
+def reads_weight(rule: int) -> bool:
+    """B is made from W's values: bp, usf, brsf, frsf (fa's R and the estimated rules' B are not)."""
+    return rule in (0, 2, 3, 4)
+
+
 def reads_feedback(rule: int, has_feedback: bool) -> bool:
     return rule == 4 or rule >= 5 or (rule == 1 and has_feedback)
 

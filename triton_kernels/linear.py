@@ -452,7 +452,7 @@ def _tensor_descriptors(delta, weight, stored, rule, has_feedback) -> bool:
     elif delta.device.type != "cuda" or torch.cuda.get_device_capability(delta.device)[0] < 9:
         return False
     operands = [delta]
-    if rule in (0, 2, 3, 4):  # bp, usf, brsf, frsf read W
+    if fb.reads_weight(rule):
         operands.append(weight)
     if fb.reads_feedback(rule, has_feedback):
         operands.append(stored)
