@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
@@ -75,14 +76,10 @@ class LayerCall {
     } else if (advance) {
       step_rng = rng->clone();
     }
-    Tensor output;
-    if (linear_) {
-      output = std::get<0>(linear_->call(input, weight, bias, feedback, step_rng, rule_, scale_, distribution_,
-                                         alignment_, activation_));
-    } else {
-      output = std::get<0>(conv2d_->call(input, weight, bias, feedback, step_rng, stride_, padding_, dilation_,
-                                         groups_, rule_, scale_, distribution_, alignment_, activation_));
-    }
+    const c10::DeviceType device = input.device().type();
+    const Tensor output = autocasting(device) ? call_op(autocast(input, device), autocast(weight, device),
+                                                        autocast(bias, device), autocast(feedback, device), step_rng)
+                                              : call_op(input, weight, bias, feedback, step_rng);
     if (on_host) {
       rng->mutable_data_ptr<int64_t>()[rng->stride(0)] += 1;
       rng->unsafeGetTensorImpl()->bump_version(); // as add_ would: autograd sees the write
@@ -98,6 +95,33 @@ class LayerCall {
             bool draws)
       : rule_(rule), scale_(scale), distribution_(distribution), alignment_(std::move(alignment)),
         activation_(std::move(activation)), draws_(draws) {}
+
+  Tensor call_op(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                 const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng) const {
+    if (linear_) {
+      return std::get<0>(
+          linear_->call(input, weight, bias, feedback, rng, rule_, scale_, distribution_, alignment_, activation_));
+    }
+    return std::get<0>(conv2d_->call(input, weight, bias, feedback, rng, stride_, padding_, dilation_, groups_, rule_,
+                                     scale_, distribution_, alignment_, activation_));
+  }
+
+  // Under autocast on the input's device (CPU or CUDA) the layer runs in the autocast dtype, as
+  // torch's own linear / conv2d do: every floating tensor argument is cast, as fastfa.functional's
+  // checked path casts them (so autocast, the usual GPU training mode, keeps the one-call path).
+  // The op has no autocast kernel of its own: it computes in the dtype it is given.
+  static bool autocasting(c10::DeviceType device) {
+    return (device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA) &&
+           at::autocast::is_autocast_enabled(device);
+  }
+
+  static Tensor autocast(const Tensor& t, c10::DeviceType device) {
+    return t.is_floating_point() ? t.to(at::autocast::get_autocast_dtype(device)) : t;
+  }
+
+  static std::optional<Tensor> autocast(const std::optional<Tensor>& t, c10::DeviceType device) {
+    return t.has_value() && t->defined() ? std::optional<Tensor>(autocast(*t, device)) : t;
+  }
 
   // A counter that is only memory: an int64 [seed, step] on the CPU, not an inference tensor (whose
   // in-place update outside inference mode the op would refuse), under no Python dispatch mode or

@@ -268,11 +268,14 @@ def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, c
         assert row["torch_us"] > 0 and row["fastfa_us"] > 0 and isinstance(row["overhead_us"], float)
 
 
+@pytest.mark.filterwarnings("ignore:fastfa. a layer of the estimated rule")  # kp under fp16 without fastfa's scaler
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["fp32", "autocast-bf16", "autocast-fp16"])
 @pytest.mark.parametrize("rule", ["usf", "brsf", "kp"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_the_resolved_layer_call_steps_as_the_checked_path(kind, rule):
+def test_the_resolved_layer_call_steps_as_the_checked_path(kind, rule, autocast):
     # After the first call the module makes one call into its C++ LayerCall; it must give what
-    # the checked path gives, and move brsf's counter on as that path does.
+    # the checked path gives, and move brsf's counter on as that path does. Under autocast too
+    # (the usual GPU training mode): the LayerCall casts the arguments as the checked path does.
     torch.manual_seed(0)
     if kind == "linear":
         layer, x = fastfa.nn.Linear(5, 4, rule=rule, seed=3, activation="gelu"), torch.randn(3, 5)
@@ -281,9 +284,14 @@ def test_the_resolved_layer_call_steps_as_the_checked_path(kind, rule):
     checked = copy.deepcopy(layer)
     for step in range(3):
         ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        layer(ours).sum().backward()
-        checked._forget_resolved()  # the checked path every step
-        checked(theirs).sum().backward()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            output = layer(ours)
+            checked._forget_resolved()  # the checked path every step
+            expected = checked(theirs)
+        assert output.dtype == expected.dtype == (autocast or torch.float32)
+        assert torch.equal(output, expected), step
+        output.float().sum().backward()
+        expected.float().sum().backward()
         assert isinstance(vars(layer)["_resolved_call"].layer_call, fastfa._C.LayerCall)
         assert torch.equal(ours.grad, theirs.grad), step
         for a, b in zip(layer.parameters(), checked.parameters()):

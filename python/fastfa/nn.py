@@ -112,12 +112,11 @@ class FeedbackLayer:
 
     def _call(self, weight, key=(), slot="_resolved_call"):
         """The resolved call for this forward, or None where it must take functional's checked path:
-        the first call, a changed backend, device or option, autocast (which casts the arguments),
-        torch.compile (which traces the checked path), a torch function mode (the LayerCall enters
+        the first call, a changed backend, device or option, torch.compile (which traces the checked path), a torch function mode (the LayerCall enters
         the dispatcher below it), a backend that does not check in C++."""
         call = self.__dict__.get(slot)
         if (call is None or call.backend != _backend.get_backend() or call.device != weight.device
-                or call.key != key or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+                or call.key != key or torch.compiler.is_compiling()
                 or torch._C._is_torch_function_mode_enabled()):
             return None
         return call
@@ -125,7 +124,7 @@ class FeedbackLayer:
     def _resolve_call(self, weight, op_for, arguments: tuple, key=(), slot="_resolved_call", spec=None) -> None:
         """After a call that took the checked path: remember its op and arguments for the next ones.
         slot, spec: where to keep it and the rule it runs (dfa's layers keep their bp call apart)."""
-        if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return
         backend = _backend.get_backend()
         name = _backend.resolve(None, weight.device)
@@ -152,8 +151,13 @@ class FeedbackLayer:
         feedback = _member(self, "feedback")
         if (feedback is not None and not call.takes_feedback) or type(input) is not torch.Tensor:
             return None  # a Tensor subclass's __torch_function__ runs on the checked path
-        if _amp.enabled and self._spec.estimates_feedback:
-            feedback = _amp.for_loss_scaling(feedback, self._spec, self.alignment_options)
+        # Autocast itself is the LayerCall's (it casts as functional does); here only fastfa.amp's
+        # loss-scaling node on B, or its warning under fp16 autocast without a fastfa scaler.
+        if self._spec.estimates_feedback:
+            if _amp.enabled:
+                feedback = _amp.for_loss_scaling(feedback, self._spec, self.alignment_options)
+            elif torch._C._is_any_autocast_enabled():
+                _amp._warn_without_scaler(self._spec, weight.device.type)
         try:
             return call.layer_call(input, weight, bias, feedback, _member(self, "feedback_rng") if call.draws else None)
         except (RuntimeError, TypeError, ValueError):

@@ -36,6 +36,7 @@ class HostCase:
     kind: str  # "linear", "conv2d" or "mlp"
     make_torch: Callable[[], torch.nn.Module]
     input_shape: tuple
+    autocast: torch.dtype | None = None  # the step's forward under autocast to this dtype (a GPU's usual training)
 
 
 def _mlp(layers: int = 8, width: int = 64) -> torch.nn.Module:
@@ -43,9 +44,13 @@ def _mlp(layers: int = 8, width: int = 64) -> torch.nn.Module:
 
 
 def host_cases() -> list:
-    """The issue's tiny shapes: one Linear, one Conv2d, and an 8-layer MLP of Linear(64, 64)."""
+    """The issue's tiny shapes: one Linear (in fp32 and under bf16 autocast), one Conv2d, and an 8-layer
+    MLP of Linear(64, 64). (A Conv2d under autocast on the CPU would time torch's bf16 CPU convolution,
+    not the host.)"""
     return [
         HostCase("Linear(16,16) batch 1", "linear", lambda: torch.nn.Linear(16, 16), (1, 16)),
+        HostCase("Linear(16,16) batch 1, bf16 autocast", "linear", lambda: torch.nn.Linear(16, 16), (1, 16),
+                 torch.bfloat16),
         HostCase("Conv2d(4,4,3,padding=1) on 1x4x4x4", "conv2d", lambda: torch.nn.Conv2d(4, 4, 3, padding=1),
                  (1, 4, 4, 4)),
         HostCase("8 Linear(64,64) batch 4", "mlp", _mlp, (4, 64)),
@@ -80,13 +85,15 @@ def _meets(row) -> str:
     return f"{'yes' if got <= value else 'no'} (<={value:g}{'x' if unit == 'x' else ''})"
 
 
-def _step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _step(module: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
     parameters = [p for p in module.parameters()]
 
     def step():
         for p in parameters:
             p.grad = None
-        module(x).sum().backward()
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            output = module(x)
+        output.sum().backward()
 
     return step
 
@@ -126,13 +133,13 @@ def _host_overhead_rows(per_round: int, rounds: int, warmup: int, rules, device,
         torch.manual_seed(0)
         reference = case.make_torch().to(device)
         x = torch.randn(case.input_shape, device=device, requires_grad=True)
-        baseline = _step(reference, x)
+        baseline = _step(reference, x, case.autocast)
         chosen = HOST_RULES[case.kind] if rules is None else [r for r in rules if r in HOST_RULES[case.kind]]
         for rule in chosen:
             if progress is not None:
                 print(f"host overhead: {case.name} {rule}", file=progress, flush=True)
             converted = fastfa.convert(copy.deepcopy(reference), rule=rule, seed=0)
-            variant = _step(converted, x)
+            variant = _step(converted, x, case.autocast)
             for step in (baseline, variant):
                 for _ in range(warmup):
                     step()
