@@ -113,26 +113,31 @@ def synchronize(device: torch.device) -> None:
 
 def prepare(variant: Variant, step, device, warmup: int) -> None:
     """Warm up, then make `variant.run`: the step itself (eager) or the replay of its capture (graph)."""
-    if variant.mode == "eager":
-        for _ in range(warmup):
-            step()
-        synchronize(device)
-        variant.optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        begin = time.perf_counter()
-        last = step()
-        synchronize(device)
-        variant.step_ms = (time.perf_counter() - begin) * 1e3
-        if device.type == "cuda":
-            variant.peak_bytes = torch.cuda.max_memory_allocated(device) - before + state_bytes(variant)
-        holder = [last]
+    if variant.mode == "graph":
+        return capture(variant, step, device, warmup)
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    variant.optimizer.zero_grad(set_to_none=True)  # so that the step's peak counts its gradients
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    begin = time.perf_counter()
+    last = [step()]
+    synchronize(device)
+    variant.step_ms = (time.perf_counter() - begin) * 1e3
+    if device.type == "cuda":
+        variant.peak_bytes = torch.cuda.max_memory_allocated(device) - before + state_bytes(variant)
 
-        def run():
-            holder[0] = step()
-        variant.run, variant.loss = run, lambda: holder[0]
-        return
+    def run():
+        last[0] = step()
+    variant.run, variant.loss = run, lambda: last[0]
+
+
+def capture(variant: Variant, step, device, warmup: int) -> None:
+    """The whole step in a CUDA graph: warm-up on a side stream (torch.cuda.graphs: lazy
+    initialisations, and fastfa resolving each layer's call, happen outside the capture), then one
+    capture with the gradients set to None, so that the backward allocates them from the graph's pool."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -145,7 +150,7 @@ def prepare(variant: Variant, step, device, warmup: int) -> None:
     torch.cuda.reset_peak_memory_stats(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = step()
+        static_loss = step()  # recorded, not run
     synchronize(device)
     variant.peak_bytes = torch.cuda.max_memory_allocated(device) - before + state_bytes(variant)
     begin = time.perf_counter()
