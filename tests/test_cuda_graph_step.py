@@ -35,8 +35,10 @@ def test_the_step_is_timed_per_rule_and_mode_against_torch(device, tmp_path, cap
         # times on a shared machine: only their presence is checked
         assert row["ms"] > 0 and row["bp_ms"] > 0 and row["ratio"] > 0
         assert math.isfinite(row["loss"])
-        # every copy starts from torch's weights: the same forward (brsf's forward is W x)
-        assert row["max_rel_err"] < 1e-4, (rule, mode)
+        # Every copy starts from torch's weights: the same forward (brsf's is W x). On a GPU fp32
+        # convolutions may run in TF32 (cudnn's default, the cuda backend's fp32 kernels), through
+        # 20 layers; different weights would be off by about 1.
+        assert row["max_rel_err"] < (1e-4 if device == "cpu" else 5e-2), (rule, mode)
         assert (row["peak_bytes"] is not None) == (device == "cuda")
         assert (row["graph_speedup"] is not None) == (mode == "graph")
     assert rows["torch", "eager"]["ratio"] == 1.0
