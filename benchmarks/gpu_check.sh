@@ -9,8 +9,8 @@
 #   build   pip install -e . for the visible GPU only, every core; if the fused kernels fail to
 #           build, again without CUTLASS, and the summary says so
 #   cuda    tests/test_cuda.py and tests/test_sass.py: every fused cuda kernel against the oracle; and
-#           test_host_path.py's capture test: a training step of every rule captured whole in a CUDA
-#           graph replays as eager steps (seconds)
+#           test_host_path.py's capture test: a training step of every rule (fp32 and bf16 autocast)
+#           captured whole in a CUDA graph replays as eager steps (seconds)
 #   auto    benchmarks/auto_dispatch.py (under 90 s): "auto" against the aten and the all-fused
 #           cuda paths, and the passes of the cost model; benchmarks/fit_auto_costs.py fits its
 #           constants from them (end of auto.log)

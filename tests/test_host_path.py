@@ -1,5 +1,6 @@
 """The host path: autograd in C++, the module's resolved options, a step a CUDA graph can replay."""
 
+import contextlib
 import copy
 
 import pytest
@@ -207,16 +208,20 @@ def test_the_backward_node_frees_its_tensors_and_refuses_a_second_backward(rule)
         output.sum().backward()
 
 
-def _training_step(model, x, target):
+def _training_step(model, x, target, autocast=None):
     """One SGD step (momentum: optimizer state a replay must update too). The gradients are set to
     None before each backward: under a capture the backward then allocates them from the graph's pool
     and writes them on every replay (torch.cuda.graphs' whole-network example); under cudagraph trees
-    each step's are outputs of the backward's replay, overwritten by the next, never accumulated into."""
+    each step's are outputs of the backward's replay, overwritten by the next, never accumulated into.
+    autocast: a dtype to run the forward and loss under torch.autocast in (without its weight cache,
+    whose casts a capture would freeze: torch.cuda.graphs' note on autocast)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), target)
+        with (contextlib.nullcontext() if autocast is None
+              else torch.autocast(x.device.type, dtype=autocast, cache_enabled=False)):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
         return loss
@@ -231,14 +236,18 @@ def _assert_same_state(model, reference, **tolerance):
 
 
 # Every rule: brsf and wm advance a step counter, dfa hands the model's output error to its
-# layers through hooks, fa and frsf read a stored R, the estimated rules learn B.
+# layers through hooks, fa and frsf read a stored R, the estimated rules learn B. Under bf16
+# autocast every layer takes its checked path (no resolved call), as benchmarks/cuda_graph_step.py's
+# default step does.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("rule", fastfa.RULES)
-def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule):
+def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule, autocast):
     device = torch.device("cuda")
     eager, graphed = _small_model(rule).to(device), _small_model(rule).to(device)  # the same weights and seeds
     x, target = torch.randn(4, 2, 4, 4, device=device), torch.randint(0, 5, (4,), device=device)
-    eager_step, graphed_step = _training_step(eager, x, target), _training_step(graphed, x, target)
+    eager_step = _training_step(eager, x, target, autocast)
+    graphed_step = _training_step(graphed, x, target, autocast)
     # Warm-up on a side stream (as torch.cuda.graphs asks), the same steps on both copies.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
