@@ -287,12 +287,15 @@ def test_a_training_step_compiled_with_reduce_overhead_replays_as_eager_steps(ru
     # and reductions around fastfa's ops (fp32 rounding), and the steps carry that on (lr 0.1,
     # momentum): test_compile.py's tolerance.
     tolerance = dict(atol=1e-5, rtol=1e-5)
-    for step in range(5):
-        torch.compiler.cudagraph_mark_step_begin()
-        loss = compiled_step()
-        torch.testing.assert_close(loss, eager_step(), msg=lambda m: f"step {step}: {m}", **tolerance)
-    assert counters["inductor"]["cudagraph_skips"] == 0, "torch.compile ran the step without CUDA graphs"
-    _assert_same_state(compiled_model, eager, **tolerance)
+    try:
+        for step in range(5):
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = compiled_step()
+            torch.testing.assert_close(loss, eager_step(), msg=lambda m: f"step {step}: {m}", **tolerance)
+        assert counters["inductor"]["cudagraph_skips"] == 0, "torch.compile ran the step without CUDA graphs"
+        _assert_same_state(compiled_model, eager, **tolerance)
+    finally:
+        torch._dynamo.reset()  # the compiled graphs and their CUDA-graph pools go with the test
 
 
 def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, capsys):
