@@ -43,6 +43,7 @@ import copy
 import datetime
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -300,7 +301,7 @@ def measure(rules=DEFAULT_RULES, batches=None, resolution=None, dtype="bf16", de
             left = budget_s - (time.perf_counter() - begin)
             rows += measure_batch(reference, list(rules), batch, resolution, DTYPES[dtype], device, modes, warmup,
                                   rounds, calls, left / (len(batches) - index), log)
-    return {"commit": git_commit(), "command": " ".join(["python", *sys.argv]), "device": device_name(device),
+    return {"commit": git_commit(), "command": None, "device": device_name(device),  # main names the command
             "versions": versions(), "rows": rows, "seconds": round(time.perf_counter() - begin, 1),
             "settings": {"warmup": warmup, "rounds": rounds, "calls": calls, "budget_s": budget_s,
                          "backend": backend, "resolution": resolution},
@@ -310,6 +311,14 @@ def measure(rules=DEFAULT_RULES, batches=None, resolution=None, dtype="bf16", de
 
 def _fmt(value, digits=3, suffix=""):
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _cell(text: Optional[str], limit: int = 300) -> str:
+    """An error message as one table cell (the JSON keeps it whole)."""
+    if not text:
+        return ""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def markdown(results: dict) -> str:
@@ -326,7 +335,7 @@ def markdown(results: dict) -> str:
         peak = None if row["peak_bytes"] is None else row["peak_bytes"] / 2 ** 20
         lines.append(f"| {row['batch']} | {row['dtype']} | {row['rule']} | {row['mode']} | {_fmt(row['ms'])} | "
                      f"{_fmt(row['ratio'])} | {_fmt(row['graph_speedup'], 2, 'x')} | {_fmt(peak, 0)} | "
-                     f"{row['rounds']} | {row['error'] or ''} |")
+                     f"{row['rounds']} | {_cell(row['error'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -354,6 +363,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     results = measure(args.rules.split(","), batches, args.resolution, args.dtype, args.device, args.warmup,
                       args.rounds, args.calls, args.budget, args.backend)
+    results["command"] = shlex.join(["python", "benchmarks/cuda_graph_step.py",
+                                     *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
                                            f"{datetime.date.today().isoformat()}-{slug(results['device'])}"
                                            "-cuda-graph-step.json")

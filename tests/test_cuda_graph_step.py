@@ -43,6 +43,7 @@ def test_the_step_is_timed_per_rule_and_mode_against_torch(device, tmp_path, cap
         assert (row["graph_speedup"] is not None) == (mode == "graph")
     assert rows["torch", "eager"]["ratio"] == 1.0
     assert results["device"] and results["versions"]["torch"] == torch.__version__
+    assert results["command"].startswith("python benchmarks/cuda_graph_step.py --device")
     assert (results["note"] is None) == (device == "cuda")
     table = out.with_suffix(".md").read_text()
     assert "| 2 | fp32 | brsf | eager |" in table
