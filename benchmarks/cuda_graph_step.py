@@ -29,9 +29,10 @@ graph's capture; each weight is cast once per step either way); fp32 runs withou
     python benchmarks/cuda_graph_step.py --rules torch,bp,usf --batches 256 --dtype fp32 --budget 30
 
 Writes benchmarks/results/<date>-<device>-cuda-graph-step.json (design/gpu.md's shape, rows with
-"mode") and a .md table beside it. `--budget` (seconds) bounds the timed rounds: the rounds of
-each batch are cut to its share of what is left (never under 3); setting up (building, warming
-up, capturing) comes on top. Without a GPU it is a rehearsal: batch 2 at 32 px, eager only
+"mode") and a .md table beside it. `--budget` (seconds) bounds the run: before each batch's rounds
+they are cut to that batch's share of what is left of it (never under 3). Setting up (building,
+warming up, capturing) counts against it but is not cut, so a run may overshoot by about the last
+batch's set-up and 3 rounds. Without a GPU it is a rehearsal: batch 2 at 32 px, eager only
 (graphs need a GPU), perf_counter instead of events, no peak memory: its numbers mean nothing.
 """
 
@@ -269,7 +270,7 @@ def measure_batch(reference: torch.nn.Module, rules: list, batch: int, resolutio
         if variant.mode == "graph" and variant.samples and variant.rule in eager:
             row["graph_speedup"] = paired(eager[variant.rule].samples, variant.samples)[0]
         if variant.error is None:
-            row["loss"] = float(variant.loss().detach().float())  # finite after every step, or a rule diverged
+            row["loss"] = float(variant.loss().detach().float())  # the last step's: not finite, the rule diverged
         rows.append(row)
     return rows
 
@@ -356,7 +357,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps before a variant is timed or captured")
     parser.add_argument("--rounds", type=int, default=10, help="at most; --budget may cut them")
     parser.add_argument("--calls", type=int, default=1, help="timed steps per variant per round")
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds for the timed rounds, all batches")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds for the whole run; cuts rounds")
     parser.add_argument("--out", help="results JSON (and .md beside it); default benchmarks/results/"
                                       "<date>-<device>-cuda-graph-step.json")
     args = parser.parse_args(argv)
