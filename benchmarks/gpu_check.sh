@@ -8,7 +8,9 @@
 #   setup   versions and device; the wheels of .whl/ (nvidia-cutlass) installed offline
 #   build   pip install -e . for the visible GPU only, every core; if the fused kernels fail to
 #           build, again without CUTLASS, and the summary says so
-#   cuda    tests/test_cuda.py and tests/test_sass.py: every fused cuda kernel against the oracle
+#   cuda    tests/test_cuda.py and tests/test_sass.py: every fused cuda kernel against the oracle; and
+#           test_host_path.py's capture test: a training step of every rule (fp32 and bf16 autocast)
+#           captured whole in a CUDA graph replays as eager steps (seconds)
 #   auto    benchmarks/auto_dispatch.py (under 90 s): "auto" against the aten and the all-fused
 #           cuda paths, and the passes of the cost model; benchmarks/fit_auto_costs.py fits its
 #           constants from them (end of auto.log)
@@ -48,7 +50,8 @@ elif [ "$cuda_status" != usable ]; then
   record cuda skipped 0 "the cuda backend is not usable: $cuda_status"
 else
   run cuda "$(limit 120)" INT "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" --junitxml="$out/cuda.xml" \
-    tests/test_cuda.py tests/test_sass.py tests/test_auto_dispatch.py
+    tests/test_cuda.py tests/test_sass.py tests/test_auto_dispatch.py \
+    tests/test_host_path.py::test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps
 fi
 
 # "auto" against each forced path, and the passes its cost model is made of (README, "auto" on a

@@ -2,8 +2,12 @@
 # What the GPU check (gpu_check.sh) leaves out to stay under 8 minutes, as further stages of the
 # same kind (logs, JUnit XML, summary.tsv in OUTDIR as they run; benchmarks/README.md, "GPU check"):
 #
-#   bash benchmarks/gpu_extra.sh OUTDIR [sanitizer] [bench] [sweep] [tma]      (default: the first three)
+#   bash benchmarks/gpu_extra.sh OUTDIR [graphstep] [sanitizer] [bench] [sweep] [tma]   (default: the first four)
 #
+#   graphstep  issue 14's proof of CUDA graphs: the capture tests (a training step of every rule in
+#              torch.cuda.graph, and under torch.compile(mode="reduce-overhead")), then
+#              benchmarks/cuda_graph_step.py: the ResNet-18 step at batch 32 and 256, bf16, each rule
+#              and torch's backprop eager and in a CUDA graph (about 1-2 minutes on an H200)
 #   sanitizer  compute-sanitizer memcheck and racecheck over one ragged case of every kernel
 #              family: each fused cuda kernel (linear and conv2d: forward, identity, the four
 #              transforms, conv grad_weight; bf16, fp16, tf32) and each Triton kernel
@@ -19,15 +23,15 @@
 # with a GPU (one device command) and 3600 without.
 set -uo pipefail
 if [ $# -lt 1 ]; then
-  echo "usage: bash benchmarks/gpu_extra.sh OUTDIR [sanitizer] [bench] [sweep] [tma]" >&2
+  echo "usage: bash benchmarks/gpu_extra.sh OUTDIR [graphstep] [sanitizer] [bench] [sweep] [tma]" >&2
   exit 2
 fi
 out=$1
 shift
-if [ $# -gt 0 ]; then stages=("$@"); else stages=(sanitizer bench sweep); fi
+if [ $# -gt 0 ]; then stages=("$@"); else stages=(graphstep sanitizer bench sweep); fi
 for stage in "${stages[@]}"; do
-  case $stage in sanitizer | bench | sweep | tma) ;; *)
-    echo "gpu_extra.sh: unknown stage '$stage' (expected sanitizer, bench, sweep or tma)" >&2
+  case $stage in graphstep | sanitizer | bench | sweep | tma) ;; *)
+    echo "gpu_extra.sh: unknown stage '$stage' (expected graphstep, sanitizer, bench, sweep or tma)" >&2
     exit 2 ;;
   esac
 done
@@ -62,8 +66,23 @@ sanitizer_stage() {
   done
 }
 
+# graphstep: the capture tests first (their failure says why a rule's row below has an error), then
+# the step timed. The tests skip without a GPU; the benchmark is then a CPU rehearsal, eager only.
+graphstep_stage() {
+  local results
+  results=$(results_file cuda-graph-step)
+  run graphstep-tests "$(limit 150 300)" INT "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" \
+    --junitxml="$out/graphstep-tests.xml" \
+    tests/test_host_path.py::test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps \
+    tests/test_host_path.py::test_a_training_step_compiled_with_reduce_overhead_replays_as_eager_steps \
+    "tests/test_cuda_graph_step.py::test_the_step_is_timed_per_rule_and_mode_against_torch[cuda]"
+  note="$(basename "$results") and its .md"
+  run graphstep "$(limit 180 900)" TERM "$py" benchmarks/cuda_graph_step.py --budget 60 --out "$results"
+}
+
 for stage in "${stages[@]}"; do
   case $stage in
+    graphstep) graphstep_stage ;;
     sanitizer) sanitizer_stage ;;
     bench)
       warm_stage 1 400

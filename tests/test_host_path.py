@@ -1,5 +1,6 @@
 """The host path: autograd in C++, the module's resolved options, a step a CUDA graph can replay."""
 
+import contextlib
 import copy
 
 import pytest
@@ -207,27 +208,46 @@ def test_the_backward_node_frees_its_tensors_and_refuses_a_second_backward(rule)
         output.sum().backward()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("rule", ["usf", "brsf", "wm", "kp"])
-def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule):
-    device = torch.device("cuda")
-    eager = _small_model(rule).to(device)
-    graphed = copy.deepcopy(eager)
-    x, target = torch.randn(4, 2, 4, 4, device=device), torch.randint(0, 5, (4,), device=device)
+def _training_step(model, x, target, autocast=None):
+    """One SGD step (momentum: optimizer state a replay must update too). The gradients are set to
+    None before each backward: under a capture the backward then allocates them from the graph's pool
+    and writes them on every replay (torch.cuda.graphs' whole-network example); under cudagraph trees
+    each step's are outputs of the backward's replay, overwritten by the next, never accumulated into.
+    autocast: a dtype to run the forward and loss under torch.autocast in (without its weight cache,
+    whose casts a capture would freeze: torch.cuda.graphs' note on autocast)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-    def make_step(model):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-        def step():
-            optimizer.zero_grad(set_to_none=False)
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with (contextlib.nullcontext() if autocast is None
+              else torch.autocast(x.device.type, dtype=autocast, cache_enabled=False)):
             loss = torch.nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
-            return loss
+        loss.backward()
+        optimizer.step()
+        return loss
 
-        return step
+    return step
 
-    eager_step, graphed_step = make_step(eager), make_step(graphed)
+
+def _assert_same_state(model, reference, **tolerance):
+    # brsf's and wm's feedback_rng included: the counter a replay must advance on the device.
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}", **tolerance)
+
+
+# Every rule: brsf and wm advance a step counter, dfa hands the model's output error to its
+# layers through hooks, fa and frsf read a stored R, the estimated rules learn B. Under bf16
+# autocast every layer takes its checked path (no resolved call), as benchmarks/cuda_graph_step.py's
+# default step does.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("rule", fastfa.RULES)
+def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule, autocast):
+    device = torch.device("cuda")
+    eager, graphed = _small_model(rule).to(device), _small_model(rule).to(device)  # the same weights and seeds
+    x, target = torch.randn(4, 2, 4, 4, device=device), torch.randint(0, 5, (4,), device=device)
+    eager_step = _training_step(eager, x, target, autocast)
+    graphed_step = _training_step(graphed, x, target, autocast)
     # Warm-up on a side stream (as torch.cuda.graphs asks), the same steps on both copies.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -244,8 +264,38 @@ def test_a_training_step_captured_in_a_cuda_graph_replays_as_eager_steps(rule):
         loss = eager_step()
         torch.cuda.synchronize()
         torch.testing.assert_close(static_loss, loss)
-    for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    _assert_same_state(graphed, eager)
+
+
+# torch.compile's CUDA graphs (cudagraph trees) over the converted model, the optimizer's step
+# eager: a rule that draws (brsf, wm: the counter is a new buffer each step under compile), one
+# that transforms W (usf), one that learns B (kp).
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("rule", ["usf", "brsf", "wm", "kp"])
+def test_a_training_step_compiled_with_reduce_overhead_replays_as_eager_steps(rule):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    device = torch.device("cuda")
+    eager, compiled_model = _small_model(rule).to(device), _small_model(rule).to(device)
+    x, target = torch.randn(4, 2, 4, 4, device=device), torch.randint(0, 5, (4,), device=device)
+    compiled = torch.compile(compiled_model, mode="reduce-overhead", fullgraph=True)
+    eager_step, compiled_step = _training_step(eager, x, target), _training_step(compiled, x, target)
+    # cudagraph trees run a function once to warm up, record it on the second call and replay it
+    # from the third: five steps replay three times. Inductor fuses and reorders the elementwise work
+    # and reductions around fastfa's ops (fp32 rounding), and the steps carry that on (lr 0.1,
+    # momentum): test_compile.py's tolerance.
+    tolerance = dict(atol=1e-5, rtol=1e-5)
+    try:
+        for step in range(5):
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = compiled_step()
+            torch.testing.assert_close(loss, eager_step(), msg=lambda m: f"step {step}: {m}", **tolerance)
+        assert counters["inductor"]["cudagraph_skips"] == 0, "torch.compile ran the step without CUDA graphs"
+        _assert_same_state(compiled_model, eager, **tolerance)
+    finally:
+        torch._dynamo.reset()  # the compiled graphs and their CUDA-graph pools go with the test
 
 
 def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, capsys):
