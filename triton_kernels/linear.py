@@ -49,7 +49,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from .. import _backend
+from .. import _C, _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
@@ -409,11 +409,17 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     return output, saved, projection
 
 
-#: Above this many rows a drawn B (brsf, fa without R) is made once and then read by the GEMM:
-#: regenerating it in every row tile costs a Philox call per four elements per tile, which
-#: outgrows one extra W-sized write and read as the batch grows. A first guess, to be tuned
-#: on a GPU (benchmarks/); below it, B never exists in memory.
-DRAW_IN_GEMM_MAX_ROWS = 256
+def draws_once(rule: int, has_feedback: bool, rows: int, weight: Tensor) -> bool:
+    """Whether grad_input makes a drawn B (brsf, fa without R) once (materialise_feedback) and reads
+    it back, rather than drawing it in the GEMM: every row tile draws it again there, a Philox call
+    per four elements per tile, which outgrows one W-sized write and read as the rows grow; below
+    that B never exists in memory. The cuda ops' cost model decides, on Triton's constants
+    (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate): one
+    C++ call per call, 0.21 µs on the CPU machine, where a dictionary lookup caching it takes 0.17 µs:
+    no cache. Sizes traced symbolically are specialised by int()."""
+    if not fb.draws(rule, has_feedback):
+        return False
+    return _C._triton_draws_once(rule, int(rows), int(weight.numel()), weight.dtype)
 
 
 def _draw_arguments(rule, feedback, in_features):
@@ -465,7 +471,7 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution):
     grad_input = delta.new_empty(rows, in_features)
     if not grad_input.numel():
         return grad_input
-    if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
+    if draws_once(rule, feedback is not None, rows, weight):
         feedback, rule, rng = materialise_feedback(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
