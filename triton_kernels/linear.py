@@ -205,11 +205,11 @@ def _feedback_tile_t(weight_ptr, feedback_ptr, weight_tiles, feedback_tiles, fir
     else:
         xi = 0.0
     if TENSOR_DESCRIPTORS:
-        if RULE == fb.BP or RULE == fb.USF or RULE == fb.BRSF or RULE == fb.FRSF:
+        if fb.reads_weight(RULE):
             w = tl.trans(weight_tiles.load([start, first_col])).to(tl.float32)
         else:
             w = 0.0
-        if RULE == fb.FRSF or RULE >= fb.KP or (RULE == fb.FA and HAS_FEEDBACK):
+        if fb.reads_feedback(RULE, HAS_FEEDBACK):
             stored = tl.trans(feedback_tiles.load([start, first_col])).to(tl.float32)
         else:
             stored = 0.0
@@ -260,10 +260,10 @@ def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_
     if TENSOR_DESCRIPTORS:
         delta_tiles = tl.make_tensor_descriptor(delta_ptr, [rows, out_features], [stride_delta_row, 1],
                                                 [BLOCK_M, BLOCK_K])
-        if RULE == fb.BP or RULE == fb.USF or RULE == fb.BRSF or RULE == fb.FRSF:
+        if fb.reads_weight(RULE):
             weight_tiles = tl.make_tensor_descriptor(weight_ptr, [out_features, in_features], [stride_weight_out, 1],
                                                      [BLOCK_K, BLOCK_N])
-        if RULE == fb.FRSF or RULE >= fb.KP or (RULE == fb.FA and HAS_FEEDBACK):
+        if fb.reads_feedback(RULE, HAS_FEEDBACK):
             feedback_tiles = tl.make_tensor_descriptor(feedback_ptr, [out_features, in_features],
                                                        [stride_feedback_out, 1], [BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
