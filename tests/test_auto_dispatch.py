@@ -313,6 +313,7 @@ def test_a_calibration_moves_the_draw():
 def test_a_calibration_moves_the_triton_draw_and_the_triton_ops_follow():
     """Triton's draw is calibrated by its own constants ((triton, bp), (triton, brsf), ...), not
     cuda's; linear.draws_once, what the Triton Linear and Conv2d ask per call, follows."""
+    pytest.importorskip("triton")
     from fastfa.triton_kernels import linear
     size = 4096 * 4096
     weight = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
