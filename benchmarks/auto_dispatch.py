@@ -14,9 +14,15 @@ rows on both sides of the modelled crossover. Rows of the results file (design/g
                            the GEMM, by every CTA along M)
   op "pass:fused_grad_input_draw_once"  brsf / drawn fa: the transform kernel draws B once, then the
                            fused identity kernel reads it (the model's other way for a drawn B)
+  op "pass:triton_grad_input", "pass:triton_grad_input_draw_once"  with --triton, where the triton
+                           backend is usable: the same two for the Triton backend's grad_input (its
+                           own transform kernel draws B once); fit_auto_costs.py fits Triton's
+                           constants on them. Opt-in: each new row count autotunes (and compiles)
+                           the Triton kernel, which would spend the GPU check's budget
 
-Usage: python benchmarks/auto_dispatch.py --out FILE.json [--budget 80] [--dtypes bf16]
-Without a usable cuda backend it says why and exits 0 (nothing to time).
+Usage: python benchmarks/auto_dispatch.py --out FILE.json [--budget 80] [--dtypes bf16] [--triton]
+Without a GPU and a usable cuda (or, with --triton, triton) backend it says why and exits 0
+(nothing to time); the passes of a backend that is not usable are left out.
 """
 
 from __future__ import annotations
@@ -55,11 +61,12 @@ def _median_ms(step, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def _cuda_draw(rule: str, way: str):
-    """The cuda fused kernel's drawn B one way ("in_gemm" or "once") whatever the rows: the model
-    decides the draw, so a zero fraction for the other way's kernel leaves this way the only one."""
+def _draw(backend: str, rule: str, way: str):
+    """A fused kernel's drawn B one way ("in_gemm" or "once") whatever the rows: the model decides
+    the draw (for cuda and triton alike), so a zero fraction for the other way's kernel leaves this
+    way the only one."""
     previous = auto_costs()
-    other = ("cuda", "bp") if way == "in_gemm" else ("cuda", rule)
+    other = (backend, "bp") if way == "in_gemm" else (backend, rule)
     set_auto_costs(previous._replace(fused_fraction={**previous.fused_fraction, other: 0.0}))
     try:
         yield
@@ -84,7 +91,7 @@ def _layer_options(rule: str, weight: torch.Tensor) -> dict:
     return {"seed": 7} if rule in ("brsf", "fa") else {}
 
 
-def time_case(rule, rows, in_features, out_features, dtype, repeats) -> list:
+def time_case(rule, rows, in_features, out_features, dtype, repeats, usable) -> list:
     device = torch.device("cuda")
     x = torch.randn(rows, in_features, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype, requires_grad=True)
@@ -106,7 +113,9 @@ def time_case(rule, rows, in_features, out_features, dtype, repeats) -> list:
                              ratio=ms / bp_ms, **extra))
 
     options = _layer_options(rule, weight)
-    for label, backend, fused in (("auto", "auto", False), ("aten", "aten", False), ("cuda-fused", "cuda", True)):
+    steps = (("auto", "auto", False), ("aten", "aten", False)) + ((("cuda-fused", "cuda", True),) if "cuda" in usable
+                                                                 else ())
+    for label, backend, fused in steps:
         fastfa.set_cuda_fused(fused)
 
         def step():
@@ -128,17 +137,21 @@ def time_case(rule, rows, in_features, out_features, dtype, repeats) -> list:
     fastfa.set_cuda_fused(True)
     alignment = [0.0, 0.0, 0.0, 1.0]
     empty = x.new_empty(0)
+    for backend, prefix in (("cuda", "pass:fused_grad_input"), ("triton", "pass:triton_grad_input")):
+        if backend not in usable:
+            continue
+        backward = getattr(torch.ops.fastfa, f"{backend}_linear_backward")
 
-    def fused_grad_input():
-        torch.ops.fastfa.cuda_linear_backward(delta, x.detach(), w, feedback, rng, empty, empty, rule_id, scale,
-                                              distribution, alignment, "none", [True, False, False, False])
+        def fused_grad_input():
+            backward(delta, x.detach(), w, feedback, rng, empty, empty, rule_id, scale, distribution, alignment,
+                     "none", [True, False, False, False])
 
-    if plan.cuda_draw is None:
-        row("pass:fused_grad_input", "cuda", _median_ms(fused_grad_input, repeats))
-    else:
-        for op, way in (("pass:fused_grad_input", "in_gemm"), ("pass:fused_grad_input_draw_once", "once")):
-            with _cuda_draw(rule, way):
-                row(op, "cuda", _median_ms(fused_grad_input, repeats))
+        if plan.cuda_draw is None:  # B is not drawn (the same for either backend)
+            row(prefix, backend, _median_ms(fused_grad_input, repeats))
+        else:
+            for op, way in ((prefix, "in_gemm"), (prefix + "_draw_once", "once")):
+                with _draw(backend, rule, way):
+                    row(op, backend, _median_ms(fused_grad_input, repeats))
     fastfa.set_cuda_fused(False)
     return rows_out
 
@@ -149,10 +162,13 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=80.0, help="seconds; cases past it are left out")
     parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--triton", action="store_true", help="also time the Triton grad_input's passes")
     args = parser.parse_args()
-    status = fastfa.backends()["cuda"]
-    if not torch.cuda.is_available() or not status.usable:
-        print(f"auto_dispatch: nothing to time: {status.reason}")
+    statuses = fastfa.backends()
+    usable = tuple(name for name in ("cuda", "triton")[:2 if args.triton else 1] if statuses[name].usable)
+    if not torch.cuda.is_available() or not usable:
+        print(f"auto_dispatch: nothing to time: {statuses['cuda'].reason}"
+              + (f"; {statuses['triton'].reason}" if args.triton else ""))
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs through tf32 on every path compared
     start = time.monotonic()
@@ -166,7 +182,8 @@ def main() -> int:
                     if time.monotonic() - start > args.budget:
                         done = False
                         break
-                    results["rows"] += time_case(rule, rows, in_features, out_features, dtype, args.repeats)
+                    results["rows"] += time_case(rule, rows, in_features, out_features, dtype, args.repeats,
+                                                 usable)
                     with open(args.out, "w") as f:  # as it goes: a run cut short keeps what it timed
                         json.dump(results, f, indent=1)
     for row in results["rows"]:

@@ -9,6 +9,11 @@ benchmarks/auto_dispatch.py, and say how often the fitted model picks the path t
                          drawn in the GEMM); (cuda, bp), the identity kernel, the same on the
                          draw-once passes less the transform kernel's time (draw once = transform +
                          vendor / fraction(bp)); with brsf's and fa's it sets where B is drawn once
+                         (triton, rule), (triton, bp): the same on the Triton grad_input's passes
+                         (pass:triton_grad_input[_draw_once]) where the run has them (the draw-once
+                         pass less the transform kernel's time: Triton's own transform kernel is
+                         taken to cost what fastfa's does); where it has none, the estimate is kept
+                         and the fit says so
   nchw_factor            not measured here (linear layers only): kept
 
 Usage: python benchmarks/fit_auto_costs.py RESULTS.json   (prints the AutoCosts to pass to
@@ -28,6 +33,9 @@ from fastfa._backend import AUTO_COSTS, _to_fields, auto_plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 READS = {"usf": 1, "brsf": 1, "frsf": 2, "fa": 0}  # as auto_plan models the transform pass
+#: Each fused backend's grad_input pass in benchmarks/auto_dispatch.py (brsf / drawn fa: drawn in the
+#: GEMM; the same name + "_draw_once": drawn once, then the identity kernel).
+PASSES = {"cuda": "pass:fused_grad_input", "triton": "pass:triton_grad_input"}
 
 
 def _dims(row):
@@ -60,41 +68,48 @@ def fit(results: dict):
     def through_origin(pairs):  # vendor = fraction x fused, least squares
         return sum(v * f for v, f in pairs) / sum(f * f for _, f in pairs)
 
-    for rule in READS:
-        pairs = [(p["pass:vendor_gemm"], p["pass:fused_grad_input"]) for (_, _, r), p in passes.items()
-                 if r == rule and "pass:vendor_gemm" in p and "pass:fused_grad_input" in p]
-        if pairs:
-            fractions[("cuda", rule)] = through_origin(pairs)
-    identity = [(p["pass:vendor_gemm"], p["pass:fused_grad_input_draw_once"] - p["pass:transform"])
-                for p in passes.values()
-                if {"pass:vendor_gemm", "pass:transform", "pass:fused_grad_input_draw_once"} <= set(p)]
-    if identity:
-        fractions[("cuda", "bp")] = through_origin(identity)
-    return AUTO_COSTS._replace(peak_tflops=peaks, launch_us=launch_us, bandwidth_tbs=bandwidth_tbs,
-                               fused_fraction=fractions)
+    kept = []
+    for backend, op in PASSES.items():
+        for rule in READS:
+            pairs = [(p["pass:vendor_gemm"], p[op]) for (_, _, r), p in passes.items()
+                     if r == rule and "pass:vendor_gemm" in p and op in p]
+            if pairs:
+                fractions[(backend, rule)] = through_origin(pairs)
+            else:
+                kept.append((backend, rule))
+        identity = [(p["pass:vendor_gemm"], p[op + "_draw_once"] - p["pass:transform"]) for p in passes.values()
+                    if {"pass:vendor_gemm", "pass:transform", op + "_draw_once"} <= set(p)]
+        if identity:
+            fractions[(backend, "bp")] = through_origin(identity)
+        else:
+            kept.append((backend, "bp"))
+    costs = AUTO_COSTS._replace(peak_tflops=peaks, launch_us=launch_us, bandwidth_tbs=bandwidth_tbs,
+                                fused_fraction=fractions)
+    return costs, kept
 
 
 def agreement(results: dict, costs) -> tuple:
-    """(decisions where the model picks what measured faster, decisions): per case, grad_input's
-    path (the fused kernel, or the transform kernel + cuBLAS) and, for brsf / drawn fa, the fused
-    kernel's draw (in the GEMM, or once by the transform kernel)."""
+    """(decisions where the model picks what measured faster, decisions): per case and fused backend
+    timed, grad_input's path (the fused kernel, or the transform kernel + cuBLAS) and, for brsf /
+    drawn fa, the fused kernel's draw (in the GEMM, or once by the transform kernel)."""
     passes = {}
     for row in results["rows"]:
         passes.setdefault((row["shape"], row["dtype"], row["rule"]), {})[row["op"]] = row["ms"]
     right = total = 0
     for (shape, dtype, rule), times in passes.items():
-        if not {"pass:vendor_gemm", "pass:transform", "pass:fused_grad_input"} <= set(times):
-            continue
         r, i, o = (int(part) for part in shape.split("x"))
-        plan = auto_plan(rule, r, i, o, DTYPES[dtype], fused=("cuda",), costs=costs)
-        fused = times["pass:fused_grad_input"]
-        if "pass:fused_grad_input_draw_once" in times:
-            once_faster = times["pass:fused_grad_input_draw_once"] < fused
-            right += once_faster == (plan.cuda_draw == "once")
+        for backend, op in PASSES.items():
+            if not {"pass:vendor_gemm", "pass:transform", op} <= set(times):
+                continue
+            plan = auto_plan(rule, r, i, o, DTYPES[dtype], fused=(backend,), costs=costs)
+            fused = times[op]
+            if op + "_draw_once" in times:
+                once_faster = times[op + "_draw_once"] < fused
+                right += once_faster == (getattr(plan, backend + "_draw") == "once")
+                total += 1
+                fused = min(fused, times[op + "_draw_once"])
+            right += (fused < times["pass:vendor_gemm"] + times["pass:transform"]) == (plan.grad_input == backend)
             total += 1
-            fused = min(fused, times["pass:fused_grad_input_draw_once"])
-        right += (fused < times["pass:vendor_gemm"] + times["pass:transform"]) == (plan.grad_input == "cuda")
-        total += 1
     return right, total
 
 
@@ -103,7 +118,7 @@ def main() -> int:
         print(__doc__)
         return 2
     results = json.load(open(sys.argv[1]))
-    costs = fit(results)
+    costs, kept = fit(results)
     print("AUTO_COSTS = AutoCosts(")
     print("    peak_tflops={" + ", ".join(f"torch.{str(d).split('.')[1]}: {v:.1f}" for d, v in costs.peak_tflops.items())
           + "},")
@@ -113,6 +128,8 @@ def main() -> int:
     fields = _to_fields(costs)
     print("// csrc/include/fastfa/dispatch.h, AutoCosts:\n" + "\n".join(f"//   {name} = {value:.4g}"
                                                                      for name, value in fields.items()))
+    if kept:
+        print("kept the estimate (no timing of it in this run): " + ", ".join("_".join(key) for key in kept))
     for label, model in (("estimates", AUTO_COSTS), ("fitted", costs)):
         right, total = agreement(results, model)
         print(f"{label}: the model's grad_input path (and brsf's / fa's draw) agrees with the measured faster one in "

@@ -53,7 +53,8 @@ void set_cuda_fused_passes(bool fused) { fused_flag().store(fused); }
 
 GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& costs) {
   GradInputPlan plan;
-  plan.cuda = plan.cuda_draw_in_gemm = plan.cuda_draw_once = plan.triton = kNever;
+  plan.cuda = plan.cuda_draw_in_gemm = plan.cuda_draw_once = kNever;
+  plan.triton = plan.triton_draw_in_gemm = plan.triton_draw_once = kNever;
   const double peak = peak_flops(costs, problem.dtype);
   const double numel = static_cast<double>(problem.weight_numel);
   const double vendor_gemm = peak > 0.0 ? 2.0 * static_cast<double>(problem.rows) * numel / peak : kNever;
@@ -87,12 +88,17 @@ GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& cos
     cuda_fraction = costs.cuda_fa, triton_fraction = costs.triton_fa;
     break;
   }
-  plan.triton = fused_time(vendor_gemm, triton_fraction);
   plan.draws = rule == Rule::kBatchRandomSignFeedback || rule == Rule::kFeedbackAlignment;
   if (!plan.draws) {
     plan.cuda = fused_time(vendor_gemm, cuda_fraction * nchw);
+    plan.triton = fused_time(vendor_gemm, triton_fraction);
     return plan;
   }
+  // Triton's kernels draw either distribution in the GEMM, and its conv2d has no NCHW gathers.
+  plan.triton_draw_in_gemm = fused_time(vendor_gemm, triton_fraction);
+  plan.triton_draw_once = transform + fused_time(vendor_gemm, costs.triton_bp);
+  plan.triton_draws_once = plan.triton_draw_once < plan.triton_draw_in_gemm;
+  plan.triton = plan.triton_draws_once ? plan.triton_draw_once : plan.triton_draw_in_gemm;
   plan.cuda_draw_in_gemm = problem.uniform ? fused_time(vendor_gemm, cuda_fraction * nchw) : kNever;
   plan.cuda_draw_once = transform + fused_time(vendor_gemm, costs.cuda_bp * nchw);
   plan.cuda_draws_once = !problem.uniform || plan.cuda_draw_once < plan.cuda_draw_in_gemm;
@@ -107,6 +113,10 @@ bool fused_grad_input_pays(const GradInputCase& problem) {
 
 bool draws_feedback_once(const GradInputCase& problem) {
   return plan_grad_input(problem, *costs_slot().load(std::memory_order_relaxed)).cuda_draws_once;
+}
+
+bool triton_draws_feedback_once(const GradInputCase& problem) {
+  return plan_grad_input(problem, *costs_slot().load(std::memory_order_relaxed)).triton_draws_once;
 }
 
 } // namespace fastfa

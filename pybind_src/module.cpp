@@ -80,6 +80,7 @@ constexpr std::pair<const char*, double fastfa::AutoCosts::*> kCostFields[] = {
     {"triton_brsf", &fastfa::AutoCosts::triton_brsf},
     {"triton_frsf", &fastfa::AutoCosts::triton_frsf},
     {"triton_fa", &fastfa::AutoCosts::triton_fa},
+    {"triton_bp", &fastfa::AutoCosts::triton_bp},
     {"nchw_factor", &fastfa::AutoCosts::nchw_factor},
 };
 
@@ -125,7 +126,10 @@ pybind11::dict auto_plan(int64_t rule, int64_t rows, int64_t weight_numel, at::S
   result["cuda_draw_in_gemm"] = plan.cuda_draw_in_gemm;
   result["cuda_draw_once"] = plan.cuda_draw_once;
   result["triton"] = plan.triton;
+  result["triton_draw_in_gemm"] = plan.triton_draw_in_gemm;
+  result["triton_draw_once"] = plan.triton_draw_once;
   result["cuda_draws_once"] = plan.cuda_draws_once;
+  result["triton_draws_once"] = plan.triton_draws_once;
   result["draws"] = plan.draws;
   return result;
 }
@@ -151,7 +155,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_auto_plan", &auto_plan, pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"),
         pybind11::arg("dtype"), pybind11::arg("nchw") = false, pybind11::arg("stored_feedback") = false,
         pybind11::arg("uniform") = true, pybind11::arg("fields") = pybind11::none(),
-        "grad_input's modelled paths in seconds (inf: no such path) and the cuda kernel's draw, on the "
+        "grad_input's modelled paths in seconds (inf: no such path) and the cuda and Triton kernels' draws, on the "
         "constants in use or on `fields`");
   m.def(
       "_fused_grad_input_pays",
@@ -171,6 +175,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
       pybind11::arg("nchw") = false, pybind11::arg("uniform") = true,
       "What the cuda ops ask: whether the fused grad_input's drawn B is drawn once by the transform kernel");
+  m.def(
+      "_triton_draws_once",
+      [](int64_t rule, int64_t rows, int64_t weight_numel, at::ScalarType dtype) {
+        return fastfa::triton_draws_feedback_once(grad_input_case(rule, rows, weight_numel, dtype, false, false, true));
+      },
+      pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
+      "What the Triton grad_input asks: whether its drawn B is drawn once by its transform kernel");
   fastfa::bind_layer_call(m);
   fastfa::bind_direct_feedback(m);
 }

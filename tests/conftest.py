@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 import sys
@@ -43,6 +44,35 @@ def assert_close(actual, expected, dtype, what=""):
     # Scale atol by the tensor's magnitude: a sum over a fan-in rounds relative to its terms.
     scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@contextlib.contextmanager
+def forced_triton_draw(path: str, module, monkeypatch):
+    """Make the Triton grad_input draw a drawn B one way whatever the rows, through the cost model
+    it asks (triton_kernels/linear.py, draws_once): "materialised" (drawn once, then read: an
+    in-GEMM draw modelled ruinously slow) or "fused" (drawn in the GEMM: no identity kernel to read
+    a B made once). Yields the list of B shapes `module` (linear or conv2d) materialised, so a test
+    checks the path it forced is the one that ran."""
+    from fastfa import _backend
+    fractions = dict(_backend.AUTO_COSTS.fused_fraction)
+    if path == "materialised":
+        fractions.update({("triton", "brsf"): 1e-9, ("triton", "fa"): 1e-9})
+    else:
+        fractions[("triton", "bp")] = 0.0
+    made = []
+    materialise = module.materialise_feedback
+
+    def spy(weight, *args):
+        made.append(tuple(weight.shape))
+        return materialise(weight, *args)
+
+    monkeypatch.setattr(module, "materialise_feedback", spy)
+    previous = _backend.auto_costs()
+    _backend.set_auto_costs(_backend.AUTO_COSTS._replace(fused_fraction=fractions))
+    try:
+        yield made
+    finally:
+        _backend.set_auto_costs(previous)
 
 
 def away_from_relu_kink(grad_output, preactivation, activation):

@@ -42,12 +42,19 @@ def crossover_rows(rule, in_features, out_features, dtype, backend="cuda"):
     return transform_s / per_row_s / (1 / fraction - 1)
 
 
-def draw_crossover_rows(rule, in_features, out_features, dtype):
-    """The documented row count above which the cuda fused kernel draws B once (README): one
-    transform pass against the draw every CTA along M redoes in the GEMM."""
+def draw_crossover_rows(rule, in_features, out_features, dtype, backend="cuda"):
+    """The documented row count above which a fused kernel (cuda or triton) draws B once (README):
+    one transform pass against the draw every CTA along M redoes in the GEMM."""
     transform_s, per_row_s = _transform_and_per_row_s(rule, in_features, out_features, dtype)
     fraction = AUTO_COSTS.fused_fraction
-    return transform_s / per_row_s / (1 / fraction[("cuda", rule)] - 1 / fraction[("cuda", "bp")])
+    return transform_s / per_row_s / (1 / fraction[(backend, rule)] - 1 / fraction[(backend, "bp")])
+
+
+def _draws_once(backend, rule, rows, numel, dtype, **options):
+    """The question each backend's ops ask the model (fused_ops.h; triton_kernels/linear.py)."""
+    if backend == "cuda":
+        return _C._draws_feedback_once(int(Rule[rule.upper()]), rows, numel, dtype, **options)
+    return _C._triton_draws_once(int(Rule[rule.upper()]), rows, numel, dtype)
 
 
 @pytest.mark.parametrize("rule", TRANSFORMED_RULES)
@@ -139,40 +146,48 @@ def test_every_path_the_model_picks_matches_the_oracle(rule, options):
         assert_close(got, expected.to(dtype), dtype, f"{rule} grad_input on {backend}")
 
 
-# ---- a drawn B on the cuda fused kernel: in the GEMM or once, by the same model ----
+# ---- a drawn B on a fused kernel (cuda, triton): in the GEMM or once, by the same model ----
 
 DRAWN = ("brsf", "fa")
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rule", DRAWN)
-def test_the_default_constants_draw_once_above_256_rows_of_a_4096_layer(rule, dtype):
-    """The threshold the kernels had before the model decided it (kDrawInGemmMaxRows = 256) falls
-    out of the default constants for the 16-bit types (README); tf32 draws once a little earlier,
-    its slower GEMM per row making the transform's launch a smaller share."""
-    assert 256 < draw_crossover_rows(rule, 4096, 4096, dtype) < 257
-    assert 200 < draw_crossover_rows(rule, 4096, 4096, torch.float32) < 256
+def test_the_default_constants_draw_once_above_256_rows_of_a_4096_layer(rule, dtype, backend):
+    """The threshold the kernels had before the model decided it (cuda's kDrawInGemmMaxRows, the
+    Triton Linear's and Conv2d's DRAW_IN_GEMM_MAX_ROWS, both 256) falls out of the default
+    constants for the 16-bit types (README); tf32 draws once a little earlier, its slower GEMM per
+    row making the transform's launch a smaller share."""
+    assert 256 < draw_crossover_rows(rule, 4096, 4096, dtype, backend) < 257
+    assert 200 < draw_crossover_rows(rule, 4096, 4096, torch.float32, backend) < 256
     for rows, way in ((1, "in_gemm"), (255, "in_gemm"), (256, "in_gemm"), (257, "once"), (8192, "once")):
-        plan = auto_plan(rule, rows, 4096, 4096, dtype, fused=("cuda",))
-        assert plan.cuda_draw == way, (rows, plan)
-        assert _C._draws_feedback_once(int(Rule[rule.upper()]), rows, 4096 * 4096, dtype) == (way == "once")
+        plan = auto_plan(rule, rows, 4096, 4096, dtype, fused=(backend,))
+        assert getattr(plan, backend + "_draw") == way, (rows, plan)
+        assert _draws_once(backend, rule, rows, 4096 * 4096, dtype) == (way == "once")
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("nchw", [False, True], ids=["linear-or-nhwc", "nchw-conv2d"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (3 * 3 * 256, 256), (64, 64)])
 @pytest.mark.parametrize("rule", DRAWN)
-def test_the_draw_moves_out_of_the_gemm_at_the_documented_row_count(rule, shape, nchw):
-    # NCHW scales both kernels' fractions: the in-GEMM draw's cost per row grows by 1 / nchw_factor.
-    limit = draw_crossover_rows(rule, *shape, torch.bfloat16) * (AUTO_COSTS.nchw_factor if nchw else 1.0)
+def test_the_draw_moves_out_of_the_gemm_at_the_documented_row_count(rule, shape, nchw, backend):
+    # NCHW scales both cuda kernels' fractions: the in-GEMM draw's cost per row grows by
+    # 1 / nchw_factor. The Triton conv2d has no NCHW gathers: its draw does not move.
+    scaled = nchw and backend == "cuda"
+    limit = draw_crossover_rows(rule, *shape, torch.bfloat16, backend) * (AUTO_COSTS.nchw_factor if scaled else 1.0)
     below, above = int(limit * 0.99), int(limit * 1.01) + 1
-    way = {rows: auto_plan(rule, rows, *shape, torch.bfloat16, fused=("cuda",), nchw=nchw).cuda_draw
-           for rows in (0, below, above)}
+    way = {rows: getattr(auto_plan(rule, rows, *shape, torch.bfloat16, fused=(backend,), nchw=nchw),
+                         backend + "_draw") for rows in (0, below, above)}
     assert way == {0: "in_gemm", below: "in_gemm", above: "once"}, (limit, way)
-    plan = auto_plan(rule, above, *shape, torch.bfloat16, fused=("cuda",), nchw=nchw)
-    assert plan.grad_input_ms["cuda"] == min(plan.cuda_draw_ms.values())
+    plan = auto_plan(rule, above, *shape, torch.bfloat16, fused=(backend,), nchw=nchw)
+    assert plan.grad_input_ms[backend] == min(getattr(plan, backend + "_draw_ms").values())
+    if backend == "triton":
+        for rows in (below, above):
+            assert _draws_once("triton", rule, rows, shape[0] * shape[1], torch.bfloat16) == (rows == above)
     # A smaller W draws in the GEMM longer: the transform's launch is a larger share of its pass.
-    assert draw_crossover_rows(rule, 64, 64, torch.bfloat16) > 10 * draw_crossover_rows(rule, 4096, 4096,
-                                                                                          torch.bfloat16)
+    assert draw_crossover_rows(rule, 64, 64, torch.bfloat16, backend) > 10 * draw_crossover_rows(
+        rule, 4096, 4096, torch.bfloat16, backend)
 
 
 def test_drawing_once_never_makes_the_fused_kernel_beat_the_vendor_gemm_by_default():
@@ -187,10 +202,15 @@ def test_drawing_once_never_makes_the_fused_kernel_beat_the_vendor_gemm_by_defau
 
 
 def test_a_normal_draw_is_drawn_once_and_takes_the_vendor_gemm():
-    """The kernels draw only uniformly in the GEMM (README: a normal draw takes cuBLAS)."""
+    """The cuda kernels draw only uniformly in the GEMM (README: a normal draw takes cuBLAS); the
+    Triton kernels draw either distribution, so their draw is the uniform one's."""
     for rule in DRAWN:
         plan = auto_plan(rule, 1, 4096, 4096, torch.bfloat16, fused=("cuda",), distribution="normal")
         assert plan.cuda_draw == "once" and set(plan.cuda_draw_ms) == {"once"} and plan.grad_input == "aten", plan
+        for rows in (1, 256, 257):
+            normal = auto_plan(rule, rows, 4096, 4096, torch.bfloat16, fused=("triton",), distribution="normal")
+            uniform = auto_plan(rule, rows, 4096, 4096, torch.bfloat16, fused=("triton",))
+            assert (normal.triton_draw, normal.triton_draw_ms) == (uniform.triton_draw, uniform.triton_draw_ms)
         rule_id = int(Rule[rule.upper()])
         assert _C._draws_feedback_once(rule_id, 1, 4096 * 4096, torch.bfloat16, uniform=False)
         assert not _C._fused_grad_input_pays(rule_id, 1, 4096 * 4096, torch.bfloat16, uniform=False)
@@ -200,6 +220,9 @@ def test_b_that_is_not_drawn_has_no_draw():
     for rule, drawn in (("usf", True), ("frsf", True), ("bp", True), ("fa", False), ("kp", True)):
         plan = auto_plan(rule, 300, 4096, 4096, torch.bfloat16, drawn=drawn)
         assert plan.cuda_draw is None and plan.cuda_draw_ms == {}, (rule, plan)
+        assert plan.triton_draw is None and plan.triton_draw_ms == {}, (rule, plan)
+    for rule in ("usf", "frsf", "bp", "kp"):
+        assert not _C._triton_draws_once(int(Rule[rule.upper()]), 10**6, 4096 * 4096, torch.bfloat16)
 
 
 # ---- the cuda ops ask the same model ----
@@ -287,6 +310,32 @@ def test_a_calibration_moves_the_draw():
     assert not _C._draws_feedback_once(int(Rule.BRSF), 100, size, torch.bfloat16)
 
 
+def test_a_calibration_moves_the_triton_draw_and_the_triton_ops_follow():
+    """Triton's draw is calibrated by its own constants ((triton, bp), (triton, brsf), ...), not
+    cuda's; linear.draws_once, what the Triton Linear and Conv2d ask per call, follows."""
+    pytest.importorskip("triton")
+    from fastfa.triton_kernels import linear
+    size = 4096 * 4096
+    weight = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    no_identity = AUTO_COSTS._replace(fused_fraction={**AUTO_COSTS.fused_fraction, ("triton", "bp"): 0.0})
+    slow_draw = AUTO_COSTS._replace(fused_fraction={**AUTO_COSTS.fused_fraction, ("triton", "brsf"): 0.01})
+    cuda_only = AUTO_COSTS._replace(fused_fraction={**AUTO_COSTS.fused_fraction, ("cuda", "bp"): 0.0})
+    assert linear.draws_once(int(Rule.BRSF), False, 10_000, weight)
+    assert not linear.draws_once(int(Rule.BRSF), False, 100, weight)
+    assert not linear.draws_once(int(Rule.USF), False, 10_000, weight)  # nothing drawn
+    assert not linear.draws_once(int(Rule.FA), True, 10_000, weight)  # a stored R
+    with _costs(no_identity):
+        assert auto_plan("brsf", 10_000, 4096, 4096, torch.bfloat16).triton_draw == "in_gemm"
+        assert not _C._triton_draws_once(int(Rule.BRSF), 10_000, size, torch.bfloat16)
+        assert not linear.draws_once(int(Rule.BRSF), False, 10_000, weight)
+    with _costs(slow_draw):
+        assert auto_plan("brsf", 100, 4096, 4096, torch.bfloat16).triton_draw == "once"
+        assert linear.draws_once(int(Rule.BRSF), False, 100, weight)
+    with _costs(cuda_only):  # cuda's identity kernel is not Triton's
+        assert linear.draws_once(int(Rule.BRSF), False, 10_000, weight)
+    assert linear.draws_once(int(Rule.BRSF), False, 10_000, weight)
+
+
 def test_the_fused_switch_round_trips_and_refuses_a_non_bool():
     before = fastfa.cuda_fused()
     try:
@@ -337,6 +386,7 @@ def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
         sys.path.pop(0)
     truth = {"usf": 0.3, "frsf": 0.35, "brsf": 0.2, "fa": 0.25}
     identity = 0.45  # the draw-once passes: transform + vendor / identity
+    triton_truth, triton_identity = {"usf": 0.55, "frsf": 0.5, "brsf": 0.3, "fa": 0.35}, 0.6
     peak, launch_s, bandwidth = 700e12, 5e-6, 4e12
     rows = []
     for rule, fraction in truth.items():
@@ -349,17 +399,30 @@ def test_the_fit_recovers_the_constants_of_a_run_made_from_the_model():
                           ("pass:fused_grad_input", vendor / fraction)]
                 if rule in ("brsf", "fa"):
                     passes.append(("pass:fused_grad_input_draw_once", transform + vendor / identity))
+                passes.append(("pass:triton_grad_input", vendor / triton_truth[rule]))
+                if rule in ("brsf", "fa"):
+                    passes.append(("pass:triton_grad_input_draw_once", transform + vendor / triton_identity))
                 for op, ms in passes:
                     rows.append(dict(op=op, shape=f"{batch}x{in_features}x{out_features}", dtype="bf16", rule=rule,
                                      backend="cuda", ms=ms, bp_ms=1.0, ratio=ms))
-    costs = fit_auto_costs.fit({"rows": rows})
+    costs, kept = fit_auto_costs.fit({"rows": rows})
+    assert kept == []
     assert costs.peak_tflops[torch.bfloat16] == pytest.approx(700.0)
     assert costs.launch_us == pytest.approx(5.0) and costs.bandwidth_tbs == pytest.approx(4.0)
     for rule, fraction in truth.items():
         assert costs.fused_fraction[("cuda", rule)] == pytest.approx(fraction)
+        assert costs.fused_fraction[("triton", rule)] == pytest.approx(triton_truth[rule])
     assert costs.fused_fraction[("cuda", "bp")] == pytest.approx(identity)
+    assert costs.fused_fraction[("triton", "bp")] == pytest.approx(triton_identity)
     right, total = fit_auto_costs.agreement({"rows": rows}, costs)
-    assert right == total == 48 + 24  # every case's grad_input path, and brsf's and fa's draw
+    assert right == total == 2 * (48 + 24)  # per backend: every case's grad_input path, and brsf's and fa's draw
+    # A run without the Triton passes (no usable triton backend) keeps Triton's estimates and says so.
+    cuda_rows = [row for row in rows if not row["op"].startswith("pass:triton")]
+    costs, kept = fit_auto_costs.fit({"rows": cuda_rows})
+    assert kept == [("triton", rule) for rule in fit_auto_costs.READS] + [("triton", "bp")]
+    for key in kept:
+        assert costs.fused_fraction[key] == AUTO_COSTS.fused_fraction[key]
+    assert fit_auto_costs.agreement({"rows": cuda_rows}, costs) == (48 + 24, 48 + 24)
 
 
 # ---- on a GPU: the cuda backend's default passes (vendor, grad_input by the model) ----

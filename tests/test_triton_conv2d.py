@@ -13,7 +13,7 @@ import torch
 import fastfa
 import oracle
 import spec_options
-from conftest import assert_close, away_from_relu_kink
+from conftest import assert_close, away_from_relu_kink, forced_triton_draw
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
@@ -187,8 +187,7 @@ def test_drawn_feedback_is_the_aten_draw_element_for_element(rule, distribution,
     """With H x W = the kernel and no padding the output is 1 x 1, and delta = I (batch = out
     channels) makes grad_input[n] = B[n] for the group of out channel n: the B the kernel drew
     tile by tile equals the aten backend's (uniform bitwise, normal to a few ulps); so does the B
-    made once at large batch (the "materialised" path, forced here by a zero threshold)."""
-    monkeypatch.setattr(conv2d, "DRAW_IN_GEMM_MAX_ROWS", 0 if path == "materialised" else 10**9)
+    made once at large batch (the "materialised" path, forced here through the cost model)."""
     out_channels, in_per_group, groups, kernel = 6, 3, 2, (3, 2)
     w = torch.randn(out_channels, in_per_group, *kernel, dtype=dtype)
     w[1, 0, 0] = 0
@@ -197,7 +196,9 @@ def test_drawn_feedback_is_the_aten_draw_element_for_element(rule, distribution,
     rng = torch.tensor([2**41 + 7, 2**32 + 9])
     args = (delta, x, w, None, rng, torch.empty(0), torch.empty(0), [1, 1], [0, 0], [1, 1], groups,
             int(Rule[rule.upper()]), 0.21, distribution, [0.0, 0.0, 0.0, 1.0], "none", [True, False, False, False])
-    grad_input = torch.ops.fastfa.triton_conv2d_backward(*args)[0]
+    with forced_triton_draw(path, conv2d, monkeypatch) as made:
+        grad_input = torch.ops.fastfa.triton_conv2d_backward(*args)[0]
+    assert made == ([(out_channels, in_per_group * kernel[0] * kernel[1])] if path == "materialised" else []), path
     b = torch.ops.fastfa.feedback_transform(w, None, rng, int(Rule[rule.upper()]), 0.21, distribution)
     expected = torch.zeros_like(grad_input)
     for group in range(groups):  # out channel n (a group's row of delta) reads its group's in channels

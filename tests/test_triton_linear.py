@@ -12,7 +12,7 @@ import torch
 import fastfa
 import oracle
 import spec_options
-from conftest import assert_close, away_from_relu_kink
+from conftest import assert_close, away_from_relu_kink, forced_triton_draw
 from fastfa.rules import Distribution, Rule
 
 pytest.importorskip("triton")
@@ -169,8 +169,7 @@ def test_grad_input_uses_the_aten_feedback_element_for_element(rule, distributio
     """With delta = I (out x out), grad_input = I B = B exactly: the B the fused kernel made
     tile by tile is the aten transform's B (uniform draws bitwise, normal to a few ulps); with
     in_features % 4 == 0 one Philox call serves four elements; at large batch a drawn B is
-    made once and read back (the "materialised" path, forced here by a zero threshold)."""
-    monkeypatch.setattr(linear, "DRAW_IN_GEMM_MAX_ROWS", 0 if path == "materialised" else 10**9)
+    made once and read back (the "materialised" path, forced here through the cost model)."""
     out_features = 23
     w = torch.randn(out_features, in_features, dtype=dtype)
     w[1, :4] = 0
@@ -180,7 +179,9 @@ def test_grad_input_uses_the_aten_feedback_element_for_element(rule, distributio
     identity = torch.eye(out_features, dtype=dtype)
     args = (identity, torch.randn(out_features, in_features, dtype=dtype), w, feedback, rng, torch.empty(0),
             torch.empty(0), rule_id, scale, distribution, [0.0, 0.0, 0.0, 1.0], "none", [True, False, False, False])
-    grad_input = torch.ops.fastfa.triton_linear_backward(*args)[0]
+    with forced_triton_draw(path, linear, monkeypatch) as made:
+        grad_input = torch.ops.fastfa.triton_linear_backward(*args)[0]
+    assert made == ([(out_features, in_features)] if path == "materialised" else []), path
     expected = torch.ops.fastfa.feedback_transform(w, feedback, rng, rule_id, scale, distribution)
     if distribution == Distribution.NORMAL:
         torch.testing.assert_close(grad_input, expected, atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)

@@ -49,7 +49,7 @@ from .. import ops as _ops
 from . import feedback as fb
 from . import input_precision, launch, unsupported_reason
 from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, activation_delta, apply_activation, draw_noise,
-                     gemm_configs, grouped_tile, materialise_feedback, rows_bucket_of)
+                     draws_once, gemm_configs, grouped_tile, materialise_feedback, rows_bucket_of)
 
 _FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
 _KEY = ["rows_bucket", "columns", "reduction"]
@@ -317,19 +317,15 @@ def _taps(stride, padding, dilation, kernel, like):
     return table
 
 
-#: Above this many grad_input rows (N H W) a drawn B (brsf, fa without R) is made once and then read
-#: by the GEMM, as linear.DRAW_IN_GEMM_MAX_ROWS does for Linear: every row tile would otherwise draw
-#: the whole filter again. A first guess, to be tuned on a GPU; below it, B never exists in memory.
-DRAW_IN_GEMM_MAX_ROWS = 256
-
-
 def _back(delta, weight, feedback, rng, rule, scale, distribution, input, geometry, memory_format):
     """delta B as a transposed convolution, B = T(W) made tile by tile; grad_input shaped like input."""
     grad_input = _empty(input.shape, delta, memory_format)
     if not grad_input.numel():
         return grad_input
     rows = geometry.batch * geometry.in_h * geometry.in_w
-    if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
+    # The cost model per call, as for Linear (linear.draws_once), on grad_input's rows (N H W): every
+    # row tile would otherwise draw the whole filter again.
+    if draws_once(rule, feedback is not None, rows, weight):
         # W's row-major element indices are those of its [out, in/groups * kh * kw] view: the same draws.
         b = materialise_feedback(weight.reshape(weight.shape[0], -1), None, rng, rule, scale, distribution)
         feedback, rule, rng = b.view(weight.shape), _FA, None

@@ -59,7 +59,8 @@ Public @triton.jit functions (every argument after the tensors is a scalar or co
 
 Constexpr arguments: RULE is fastfa.rules.Rule's id (0..9), DISTRIBUTION 0 uniform /
 1 normal, HAS_FEEDBACK whether a stored tensor was passed (fa: stored R versus drawn R).
-Python helpers for launchers: ``reads_feedback``, ``draws``,
+Python helpers for launchers: ``reads_weight``, ``reads_feedback`` (which operands a rule
+reads; constexpr functions, which the kernels call on their constexprs too), ``draws``,
 ``check_feedback_arguments`` (the C++ op's argument checks, raised before any launch).
 """
 
@@ -105,12 +106,18 @@ def draws(rule: int, has_feedback: bool) -> bool:
     return rule == 3 or (rule == 1 and not has_feedback)
 
 
+# constexpr functions: the launchers call them on ints, the kernels on their RULE / HAS_FEEDBACK
+# constexprs at compile time (triton.constexpr_function, Triton 3.6 and later), so which operands a
+# rule reads is written once.
+@triton.constexpr_function
 def reads_weight(rule: int) -> bool:
     """B is made from W's values: bp, usf, brsf, frsf (fa's R and the estimated rules' B are not)."""
     return rule in (0, 2, 3, 4)
 
 
+@triton.constexpr_function
 def reads_feedback(rule: int, has_feedback: bool) -> bool:
+    """B is made from the stored tensor: frsf's R, a stored fa R, the estimated rules' B."""
     return rule == 4 or rule >= 5 or (rule == 1 and has_feedback)
 
 
@@ -229,11 +236,11 @@ def transform_loaded(w, stored, xi, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.
 
 @triton.jit
 def transform_tile(weight_ptrs, feedback_ptrs, mask, xi, scale, RULE: tl.constexpr, HAS_FEEDBACK: tl.constexpr):
-    if RULE == BP or RULE == USF or RULE == BRSF or RULE == FRSF:
+    if reads_weight(RULE):
         w = tl.load(weight_ptrs, mask=mask, other=0.0).to(tl.float32)
     else:
         w = 0.0
-    if RULE == FRSF or RULE >= KP or (RULE == FA and HAS_FEEDBACK):
+    if reads_feedback(RULE, HAS_FEEDBACK):
         stored = tl.load(feedback_ptrs, mask=mask, other=0.0).to(tl.float32)
     else:
         stored = 0.0

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from .. import _backend
+from .. import _C, _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
@@ -205,11 +205,11 @@ def _feedback_tile_t(weight_ptr, feedback_ptr, weight_tiles, feedback_tiles, fir
     else:
         xi = 0.0
     if TENSOR_DESCRIPTORS:
-        if RULE == fb.BP or RULE == fb.USF or RULE == fb.BRSF or RULE == fb.FRSF:
+        if fb.reads_weight(RULE):
             w = tl.trans(weight_tiles.load([start, first_col])).to(tl.float32)
         else:
             w = 0.0
-        if RULE == fb.FRSF or RULE >= fb.KP or (RULE == fb.FA and HAS_FEEDBACK):
+        if fb.reads_feedback(RULE, HAS_FEEDBACK):
             stored = tl.trans(feedback_tiles.load([start, first_col])).to(tl.float32)
         else:
             stored = 0.0
@@ -260,10 +260,10 @@ def _grad_input_kernel(delta_ptr, weight_ptr, feedback_ptr, rng_ptr, grad_input_
     if TENSOR_DESCRIPTORS:
         delta_tiles = tl.make_tensor_descriptor(delta_ptr, [rows, out_features], [stride_delta_row, 1],
                                                 [BLOCK_M, BLOCK_K])
-        if RULE == fb.BP or RULE == fb.USF or RULE == fb.BRSF or RULE == fb.FRSF:
+        if fb.reads_weight(RULE):
             weight_tiles = tl.make_tensor_descriptor(weight_ptr, [out_features, in_features], [stride_weight_out, 1],
                                                      [BLOCK_K, BLOCK_N])
-        if RULE == fb.FRSF or RULE >= fb.KP or (RULE == fb.FA and HAS_FEEDBACK):
+        if fb.reads_feedback(RULE, HAS_FEEDBACK):
             feedback_tiles = tl.make_tensor_descriptor(feedback_ptr, [out_features, in_features],
                                                        [stride_feedback_out, 1], [BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -409,11 +409,17 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     return output, saved, projection
 
 
-#: Above this many rows a drawn B (brsf, fa without R) is made once and then read by the GEMM:
-#: regenerating it in every row tile costs a Philox call per four elements per tile, which
-#: outgrows one extra W-sized write and read as the batch grows. A first guess, to be tuned
-#: on a GPU (benchmarks/); below it, B never exists in memory.
-DRAW_IN_GEMM_MAX_ROWS = 256
+def draws_once(rule: int, has_feedback: bool, rows: int, weight: Tensor) -> bool:
+    """Whether grad_input makes a drawn B (brsf, fa without R) once (materialise_feedback) and reads
+    it back, rather than drawing it in the GEMM: every row tile draws it again there, a Philox call
+    per four elements per tile, which outgrows one W-sized write and read as the rows grow; below
+    that B never exists in memory. The cuda ops' cost model decides, on Triton's constants
+    (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate): one
+    C++ call per call, 0.21 µs on the CPU machine, where a dictionary lookup caching it takes 0.17 µs:
+    no cache. Sizes traced symbolically are specialised by int()."""
+    if not fb.draws(rule, has_feedback):
+        return False
+    return _C._triton_draws_once(rule, int(rows), int(weight.numel()), weight.dtype)
 
 
 def _draw_arguments(rule, feedback, in_features):
@@ -465,7 +471,7 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution):
     grad_input = delta.new_empty(rows, in_features)
     if not grad_input.numel():
         return grad_input
-    if fb.draws(rule, feedback is not None) and rows > DRAW_IN_GEMM_MAX_ROWS:
+    if draws_once(rule, feedback is not None, rows, weight):
         feedback, rule, rng = materialise_feedback(weight, feedback, rng, rule, scale, distribution), _FA, None
     stored = feedback if feedback is not None else weight
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)

@@ -265,18 +265,23 @@ def cuda_fused() -> bool:
 #
 # so a fused grad_input pays below a row count: rows < transform / (2 in out / peak) /
 # (1 / fraction - 1); above it the transform's one pass over W is the smaller cost. A drawn B
-# (brsf, drawn fa) on the cuda kernel is drawn in the GEMM (fraction(rule): every CTA along M
+# (brsf, drawn fa) on a fused kernel is drawn in the GEMM (fraction(rule): every CTA along M
 # draws its tiles again) or once by the transform kernel, then read by the identity kernel
 # (transform + vendor GEMM / fraction(bp)), whichever is modelled faster: once above
-# rows = transform / (2 in out / peak) / (1 / fraction(rule) - 1 / fraction(bp)).
+# rows = transform / (2 in out / peak) / (1 / fraction(rule) - 1 / fraction(bp)), each backend
+# on its own fractions ((cuda, bp) and (triton, bp): the identity kernels). The cuda ops ask it
+# per call in C++; the Triton backend's Linear and Conv2d per call through _C._triton_draws_once
+# (one C++ call, well under a microsecond of arithmetic, on the constants in use). The default
+# fractions of the drawn rules put both crossovers of a 4096x4096 bf16 / fp16 layer at 256 rows,
+# the fixed threshold both backends had before the model decided it.
 
 
 class AutoCosts(NamedTuple):
     peak_tflops: dict  # dense tensor-core TFLOP/s the vendor GEMM reaches, per dtype
     bandwidth_tbs: float  # device memory, bytes read + written per second / 1e12
     launch_us: float  # one more kernel (the transform) on the stream
-    fused_fraction: dict  # {(backend, rule): a fused grad_input's speed over the vendor GEMM's}; (cuda, bp):
-    #                       the identity kernel, which reads a drawn B the transform kernel made once
+    fused_fraction: dict  # {(backend, rule): a fused grad_input's speed over the vendor GEMM's}; (cuda, bp),
+    #                       (triton, bp): the identity kernels, which read a drawn B the transform kernel made once
     nchw_factor: float  # the cuda implicit GEMM's fraction in NCHW (element gathers) over channels_last's
 
 
@@ -285,7 +290,7 @@ _PEAK_FIELDS = {torch.bfloat16: "peak_tflops_bf16", torch.float16: "peak_tflops_
                 torch.float32: "peak_tflops_fp32"}
 #: The fused grad_input kernels the model knows: (backend, rule), each a C++ constant "<backend>_<rule>".
 _FRACTION_KEYS = (("cuda", "usf"), ("cuda", "brsf"), ("cuda", "frsf"), ("cuda", "fa"), ("cuda", "bp"),
-                  ("triton", "usf"), ("triton", "brsf"), ("triton", "frsf"), ("triton", "fa"))
+                  ("triton", "usf"), ("triton", "brsf"), ("triton", "frsf"), ("triton", "fa"), ("triton", "bp"))
 _FUSED_BACKENDS = ("cuda", "triton")
 
 
@@ -328,9 +333,12 @@ class PassPlan(NamedTuple):
     grad_input_ms: dict  # the modelled time of each candidate path for grad_input, in ms
     # For a drawn B (brsf, drawn fa) on the cuda fused kernel: "in_gemm" (every CTA along M draws
     # its tiles) or "once" (the transform kernel draws B, the identity kernel reads it), and the
-    # modelled time of each way, in ms; None and {} where B is not drawn.
+    # modelled time of each way, in ms; None and {} where B is not drawn. triton_*: the same for
+    # the Triton backend's grad_input, which draws as triton_draw says.
     cuda_draw: str | None = None
     cuda_draw_ms: dict = {}
+    triton_draw: str | None = None
+    triton_draw_ms: dict = {}
 
 
 def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: torch.dtype, *,
@@ -348,9 +356,10 @@ def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: 
     The model is the cuda ops' own (csrc/dispatch.cpp, through _C._auto_plan): "auto" realises it
     through the cuda backend (resolve), whose forward and grad_weight always take the vendor path,
     whose grad_input takes the fused kernel exactly where this plan says "cuda", and whose fused
-    kernel draws a drawn B as ``cuda_draw`` says. Triton's grad_input is modelled, but "auto" does
-    not pick the triton backend, whose forward and grad_weight are its own fused kernels, until a
-    GPU run shows them faster."""
+    kernel draws a drawn B as ``cuda_draw`` says; the triton backend's grad_input draws it as
+    ``triton_draw`` says (rows: a conv2d's input pixels there, the rows of its grad_input GEMM).
+    Triton's grad_input is modelled, but "auto" does not pick the triton backend, whose forward and
+    grad_weight are its own fused kernels, until a GPU run shows them faster."""
     for name, value in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int; got {value!r}")
@@ -373,9 +382,12 @@ def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: 
     grad_input = min(times, key=lambda path: (times[path], path != "aten"))
     if not model["draws"]:
         return PassPlan("aten", grad_input, "aten", times)
-    draw_ms = {way: model["cuda_draw_" + way] * 1e3 for way in ("in_gemm", "once")}
-    return PassPlan("aten", grad_input, "aten", times, "once" if model["cuda_draws_once"] else "in_gemm",
-                    {way: ms for way, ms in draw_ms.items() if ms != float("inf")})
+    draws = {}
+    for backend in _FUSED_BACKENDS:
+        draw_ms = {way: model[f"{backend}_draw_{way}"] * 1e3 for way in ("in_gemm", "once")}
+        draws[backend + "_draw"] = "once" if model[backend + "_draws_once"] else "in_gemm"
+        draws[backend + "_draw_ms"] = {way: ms for way, ms in draw_ms.items() if ms != float("inf")}
+    return PassPlan("aten", grad_input, "aten", times, **draws)
 
 
 _auto_costs = AUTO_COSTS

@@ -33,8 +33,12 @@ struct AutoCosts {
   // values in that range that put the draw-once crossover of a 4096x4096 bf16 / fp16 layer at
   // 256 rows, the threshold the kernels had before it was modelled (README, "auto" on a GPU).
   double cuda_usf = 0.40, cuda_brsf = 0.235, cuda_frsf = 0.40, cuda_fa = 0.2812, cuda_bp = 0.40;
-  // Issue 18: the Triton grad_input at 40-60% of cuBLAS (modelled; "auto" does not pick it).
-  double triton_usf = 0.50, triton_brsf = 0.50, triton_frsf = 0.50, triton_fa = 0.50;
+  // Issue 18: the Triton grad_input at 40-60% of cuBLAS (modelled; "auto" does not pick it), its
+  // identity kernel (bp: a stored B read as it is) at 0.50. brsf 0.2664 and fa 0.3272 are its
+  // in-GEMM draws: the values that put its draw-once crossover of a 4096x4096 bf16 / fp16 layer at
+  // 256 rows, the fixed DRAW_IN_GEMM_MAX_ROWS the Triton Linear and Conv2d had before the model
+  // decided it (no timing says otherwise yet; README, "auto" on a GPU).
+  double triton_usf = 0.50, triton_brsf = 0.2664, triton_frsf = 0.50, triton_fa = 0.3272, triton_bp = 0.50;
   // Issue 18: NCHW convolutions under 20% of cuDNN, against 35-45% for the GEMMs.
   double nchw_factor = 0.5;
 };
@@ -63,17 +67,19 @@ struct GradInputCase {
 //   transform         launch + bytes of W read (+ R for frsf; none for drawn fa) and B written / bandwidth
 //   vendor            the vendor GEMM, after the transform where B must be made
 //   fused             the vendor GEMM / the fused kernel's fraction (times nchw_factor for cuda in NCHW)
-// A drawn B on the cuda fused kernel goes one of two ways: drawn in the GEMM (every CTA along M
-// draws its tiles again: a cost per row, vendor GEMM x (1 / fraction(rule) - 1 / fraction(bp))
-// above the identity kernel), or drawn once by the transform kernel and read by the identity
-// kernel (one pass writing B: the transform's time, whatever the rows). It is drawn once where
-// that is the faster (ties: in the GEMM), or where the GEMM cannot draw it (a normal draw).
+// A drawn B on a fused kernel (cuda or Triton, each with its own fractions) goes one of two ways:
+// drawn in the GEMM (every CTA along M draws its tiles again: a cost per row, vendor GEMM x
+// (1 / fraction(rule) - 1 / fraction(bp)) above the identity kernel), or drawn once by the
+// transform kernel and read by the identity kernel (one pass writing B: the transform's time,
+// whatever the rows). It is drawn once where that is the faster (ties: in the GEMM), or, on cuda,
+// where the GEMM cannot draw it (a normal draw: the Triton kernels draw either distribution).
 struct GradInputPlan {
   double vendor = 0.0;
-  double cuda = 0.0, cuda_draw_in_gemm = 0.0, cuda_draw_once = 0.0;  // cuda: the better draw
-  double triton = 0.0;
-  bool cuda_draws_once = false;  // a drawn B: made by the transform kernel, then the identity kernel
-  bool draws = false;            // B is drawn (brsf, drawn fa)
+  double cuda = 0.0, cuda_draw_in_gemm = 0.0, cuda_draw_once = 0.0;        // cuda: the better draw
+  double triton = 0.0, triton_draw_in_gemm = 0.0, triton_draw_once = 0.0;  // triton: likewise
+  bool cuda_draws_once = false;    // a drawn B: made by the transform kernel, then the identity kernel
+  bool triton_draws_once = false;  // the same for the Triton backend's grad_input (Linear, Conv2d)
+  bool draws = false;              // B is drawn (brsf, drawn fa)
 };
 
 GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& costs);
@@ -84,5 +90,8 @@ GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& cos
 // once by the transform kernel rather than in the GEMM.
 bool fused_grad_input_pays(const GradInputCase& problem);
 bool draws_feedback_once(const GradInputCase& problem);
+// The Triton backend's question (triton_kernels/linear.py, conv2d.py, through _C._triton_draws_once):
+// whether its grad_input's drawn B is drawn once by its transform kernel rather than in the GEMM.
+bool triton_draws_feedback_once(const GradInputCase& problem);
 
 } // namespace fastfa
