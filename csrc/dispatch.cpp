@@ -115,8 +115,33 @@ bool draws_feedback_once(const GradInputCase& problem) {
   return plan_grad_input(problem, *costs_slot().load(std::memory_order_relaxed)).cuda_draws_once;
 }
 
-bool triton_draws_feedback_once(const GradInputCase& problem) {
-  return plan_grad_input(problem, *costs_slot().load(std::memory_order_relaxed)).triton_draws_once;
+int64_t triton_draw_once_rows(const GradInputCase& problem) {
+  // Drawing in the GEMM costs a fixed multiple of the GEMM, drawing once a fixed transform more: the
+  // model's choice flips once as rows grow, so the first row count that draws once is found by
+  // bisection on the model itself (about 60 plans, under a µs) rather than by its formula rewritten.
+  const AutoCosts costs = *costs_slot().load(std::memory_order_relaxed);
+  GradInputCase at = problem;
+  const auto draws_once = [&](int64_t rows) {
+    at.rows = rows;
+    return plan_grad_input(at, costs).triton_draws_once;
+  };
+  constexpr int64_t kNeverRows = std::numeric_limits<int64_t>::max();
+  int64_t high = 1;
+  while (!draws_once(high)) {
+    if (high > kNeverRows / 4) {
+      return kNeverRows;
+    }
+    high *= 2;
+  }
+  int64_t low = high / 2; // draws in the GEMM at low (or low is 0 and high is 1)
+  if (low == 0) {
+    return draws_once(0) ? 0 : 1;
+  }
+  while (high - low > 1) {
+    const int64_t middle = low + (high - low) / 2;
+    (draws_once(middle) ? high : low) = middle;
+  }
+  return high;
 }
 
 } // namespace fastfa

@@ -176,12 +176,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("nchw") = false, pybind11::arg("uniform") = true,
       "What the cuda ops ask: whether the fused grad_input's drawn B is drawn once by the transform kernel");
   m.def(
-      "_triton_draws_once",
-      [](int64_t rule, int64_t rows, int64_t weight_numel, at::ScalarType dtype) {
-        return fastfa::triton_draws_feedback_once(grad_input_case(rule, rows, weight_numel, dtype, false, false, true));
+      "_triton_draw_once_rows",
+      [](int64_t rule, int64_t weight_numel, at::ScalarType dtype) {
+        return fastfa::triton_draw_once_rows(grad_input_case(rule, 0, weight_numel, dtype, false, false, true));
       },
-      pybind11::arg("rule"), pybind11::arg("rows"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
-      "What the Triton grad_input asks: whether its drawn B is drawn once by its transform kernel");
+      pybind11::arg("rule"), pybind11::arg("weight_numel"), pybind11::arg("dtype"),
+      "What the Triton grad_input asks: from how many rows on its drawn B is drawn once by its transform kernel");
   fastfa::bind_layer_call(m);
   fastfa::bind_direct_feedback(m);
 }

@@ -54,7 +54,7 @@ def _draws_once(backend, rule, rows, numel, dtype, **options):
     """The question each backend's ops ask the model (fused_ops.h; triton_kernels/linear.py)."""
     if backend == "cuda":
         return _C._draws_feedback_once(int(Rule[rule.upper()]), rows, numel, dtype, **options)
-    return _C._triton_draws_once(int(Rule[rule.upper()]), rows, numel, dtype)
+    return rows >= _C._triton_draw_once_rows(int(Rule[rule.upper()]), numel, dtype)
 
 
 @pytest.mark.parametrize("rule", TRANSFORMED_RULES)
@@ -222,7 +222,7 @@ def test_b_that_is_not_drawn_has_no_draw():
         assert plan.cuda_draw is None and plan.cuda_draw_ms == {}, (rule, plan)
         assert plan.triton_draw is None and plan.triton_draw_ms == {}, (rule, plan)
     for rule in ("usf", "frsf", "bp", "kp"):
-        assert not _C._triton_draws_once(int(Rule[rule.upper()]), 10**6, 4096 * 4096, torch.bfloat16)
+        assert not _draws_once("triton", rule, 10**6, 4096 * 4096, torch.bfloat16)
 
 
 # ---- the cuda ops ask the same model ----
@@ -326,7 +326,7 @@ def test_a_calibration_moves_the_triton_draw_and_the_triton_ops_follow():
     assert not linear.draws_once(int(Rule.FA), True, 10_000, weight)  # a stored R
     with _costs(no_identity):
         assert auto_plan("brsf", 10_000, 4096, 4096, torch.bfloat16).triton_draw == "in_gemm"
-        assert not _C._triton_draws_once(int(Rule.BRSF), 10_000, size, torch.bfloat16)
+        assert not _draws_once("triton", "brsf", 10_000, size, torch.bfloat16)
         assert not linear.draws_once(int(Rule.BRSF), False, 10_000, weight)
     with _costs(slow_draw):
         assert auto_plan("brsf", 100, 4096, 4096, torch.bfloat16).triton_draw == "once"

@@ -415,11 +415,12 @@ def draws_once(rule: int, has_feedback: bool, rows: int, weight: Tensor) -> bool
     per four elements per tile, which outgrows one W-sized write and read as the rows grow; below
     that B never exists in memory. The cuda ops' cost model decides, on Triton's constants
     (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate): one
-    C++ call per call, 0.21 µs on the CPU machine, where a dictionary lookup caching it takes 0.17 µs:
-    no cache. Sizes traced symbolically are specialised by int()."""
+    C++ call per call, which answers with the row count from which it draws once: compared here with
+    rows, a size torch.compile traces symbolically records a guard on the comparison, not on the
+    size (a yes / no from C++ would need int(rows) and fix the batch)."""
     if not fb.draws(rule, has_feedback):
         return False
-    return _C._triton_draws_once(rule, int(rows), int(weight.numel()), weight.dtype)
+    return rows >= _C._triton_draw_once_rows(rule, int(weight.numel()), weight.dtype)
 
 
 def _draw_arguments(rule, feedback, in_features):

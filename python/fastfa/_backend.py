@@ -270,8 +270,9 @@ def cuda_fused() -> bool:
 # (transform + vendor GEMM / fraction(bp)), whichever is modelled faster: once above
 # rows = transform / (2 in out / peak) / (1 / fraction(rule) - 1 / fraction(bp)), each backend
 # on its own fractions ((cuda, bp) and (triton, bp): the identity kernels). The cuda ops ask it
-# per call in C++; the Triton backend's Linear and Conv2d per call through _C._triton_draws_once
-# (one C++ call, well under a microsecond of arithmetic, on the constants in use). The default
+# per call in C++; the Triton backend's Linear and Conv2d per call through _C._triton_draw_once_rows
+# (the row count from which the model draws once, by bisection on the model; about a microsecond,
+# on the constants in use), which they compare with the call's rows. The default
 # fractions of the drawn rules put both crossovers of a 4096x4096 bf16 / fp16 layer at 256 rows,
 # the fixed threshold both backends had before the model decided it.
 

@@ -90,8 +90,10 @@ GradInputPlan plan_grad_input(const GradInputCase& problem, const AutoCosts& cos
 // once by the transform kernel rather than in the GEMM.
 bool fused_grad_input_pays(const GradInputCase& problem);
 bool draws_feedback_once(const GradInputCase& problem);
-// The Triton backend's question (triton_kernels/linear.py, conv2d.py, through _C._triton_draws_once):
-// whether its grad_input's drawn B is drawn once by its transform kernel rather than in the GEMM.
-bool triton_draws_feedback_once(const GradInputCase& problem);
+// The Triton backend's question (triton_kernels/linear.py, conv2d.py, through _C._triton_draw_once_rows):
+// from how many rows on its grad_input's drawn B is drawn once by its transform kernel rather than
+// in the GEMM (problem.rows is ignored; INT64_MAX: never). A row count, not a yes / no per call, so
+// that the caller compares it with rows that torch.compile traces symbolically without fixing them.
+int64_t triton_draw_once_rows(const GradInputCase& problem);
 
 } // namespace fastfa
