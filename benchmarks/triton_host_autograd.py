@@ -3,7 +3,7 @@ same two op calls made directly (forward under no_grad, then the backward op), o
 
 The difference is what autograd adds per step around the Triton kernels (issue 14): the node, the
 saved tensors, the engine, and (before csrc/autograd.cpp served the Triton ops) torch.library's
-Python wrapper. Run under TRITON_INTERPRET=1 on a CPU, the kernels themselves run in numpy (tens
+Python wrapper. The aten ops' rows (--backends) are the reference: the same C++ node. Run under TRITON_INTERPRET=1 on a CPU, the kernels themselves run in numpy (tens
 of ms a step, which hides the host's µs), so --dtype float64 is the measure there: the Triton ops
 take fp64 through their whole Python path and autograd, and hand the arithmetic to the aten ops
 (their recorded fallback), which take µs. Each variant's time is its minimum over rounds of the
@@ -20,10 +20,11 @@ import fastfa  # noqa: F401  (registers torch.ops.fastfa)
 from fastfa import ops
 
 
-def _cases(dtype):
-    linear, conv2d = ops.linear_op("triton"), ops.conv2d_op("triton")
-    linear_bw = torch.ops.fastfa.triton_linear_backward.default
-    conv2d_bw = torch.ops.fastfa.triton_conv2d_backward.default
+def _cases(dtype, backend):
+    linear, conv2d = ops.linear_op(backend), ops.conv2d_op(backend)
+    prefix = "triton_" if backend == "triton" else ""
+    linear_bw = getattr(torch.ops.fastfa, f"{prefix}linear_backward").default
+    conv2d_bw = getattr(torch.ops.fastfa, f"{prefix}conv2d_backward").default
     tail = (1.0, 0, [0.0, 0.0, 0.0, 0.0], "none")
     x, w, b = (torch.randn(shape, dtype=dtype) for shape in ((1, 16), (16, 16), (16,)))
     geometry = ([1, 1], [1, 1], [1, 1], 1)
@@ -31,10 +32,10 @@ def _cases(dtype):
     rng = torch.tensor([1234, 0], dtype=torch.int64)
     for rule, name in ((0, "bp"), (2, "usf")):
         r = rng if rule == 2 else None
-        yield (f"Linear(16,16) batch 1, {name}", lambda a: linear(a[0], a[1], a[2], None, r, rule, *tail),
+        yield (f"{backend}: Linear(16,16) batch 1, {name}", lambda a: linear(a[0], a[1], a[2], None, r, rule, *tail),
                lambda a, out, g: linear_bw(g, a[0], a[1], None, r, out[1], out[2], rule, *tail, [True] * 3 + [False]),
                (x, w, b))
-        yield (f"Conv2d(4,4,3,padding=1) on 1x4x4x4, {name}",
+        yield (f"{backend}: Conv2d(4,4,3,padding=1) on 1x4x4x4, {name}",
                lambda a: conv2d(a[0], a[1], a[2], None, r, *geometry, rule, *tail),
                lambda a, out, g: conv2d_bw(g, a[0], a[1], None, r, out[1], out[2], *geometry, rule, *tail,
                                            [True] * 3 + [False]),
@@ -53,12 +54,14 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--backends", nargs="+", choices=("triton", "aten"), default=["triton", "aten"],
+                        help="aten: the aten ops through their C++ node, for reference")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {args.dtype}; µs per step, minimum over {args.rounds} rounds of {args.steps} steps")
     print("| case | autograd step | direct op calls | autograd's share |")
     print("|---|---|---|---|")
-    for name, forward, backward, tensors in _cases(getattr(torch, args.dtype)):
+    for name, forward, backward, tensors in (case for backend in args.backends for case in _cases(getattr(torch, args.dtype), backend)):
         leaves = [t.clone().requires_grad_() for t in tensors]
         grad = torch.ones_like(forward(tensors)[0])
 
