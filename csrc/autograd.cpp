@@ -8,8 +8,18 @@
 // (torch::autograd::Function would keep the scalars in a map of named values, built on every
 // step), and its backward calls that backend's backward op (fastfa::linear_backward, ...)
 // through the dispatcher, so the fake kernels, torch.compile and opcheck see the same op calls
-// as before. The Triton ops are defined in Python (torch.library.triton_op) and keep their
-// autograd there (ops.py).
+// as before.
+//
+// The Triton ops (fastfa::triton_linear, fastfa::triton_conv2d) are defined in Python, on first use
+// (torch.library.triton_op in triton_kernels/), which registers torch.library's Python autograd
+// wrapper for the Autograd alias key. Their kernels here are registered for AutogradCPU and
+// AutogradCUDA, the devices the Triton kernels run on: the dispatcher takes a kernel registered for
+// a device's own Autograd key before the alias's, so it replaces the Python one on those devices
+// whichever registers first (these at load, before the op is defined), without an override. The
+// Python formula (ops.py) is left for the other devices, where the Triton ops hand the call to the
+// aten ops. Their schemas read SymInt for int and bool[] for bool[4]: the dispatcher compares a
+// kernel's inferred schema with the op's by the types C++ sees (int, a list of bool), so the aten
+// ops' signatures serve them; rule, distribution and the geometry are never symbolic.
 #include "fastfa/ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -280,6 +290,15 @@ struct CudaOps {
   static constexpr const char* conv2d_node = "fastfa::CudaConv2dBackward";
 };
 
+struct TritonOps {
+  static constexpr const char* linear = "fastfa::triton_linear";
+  static constexpr const char* linear_backward = "fastfa::triton_linear_backward";
+  static constexpr const char* conv2d = "fastfa::triton_conv2d";
+  static constexpr const char* conv2d_backward = "fastfa::triton_conv2d_backward";
+  static constexpr const char* linear_node = "fastfa::TritonLinearBackward";
+  static constexpr const char* conv2d_node = "fastfa::TritonConv2dBackward";
+};
+
 } // namespace
 } // namespace fastfa
 
@@ -288,4 +307,15 @@ TORCH_LIBRARY_IMPL(fastfa, Autograd, m) {
   m.impl("conv2d", &fastfa::conv2d_autograd<fastfa::AtenOps>);
   m.impl("cuda_linear", &fastfa::linear_autograd<fastfa::CudaOps>);
   m.impl("cuda_conv2d", &fastfa::conv2d_autograd<fastfa::CudaOps>);
+}
+
+// The Triton ops are defined later, in Python (see the header comment): these wait for the definition.
+TORCH_LIBRARY_IMPL(fastfa, AutogradCPU, m) {
+  m.impl("triton_linear", &fastfa::linear_autograd<fastfa::TritonOps>);
+  m.impl("triton_conv2d", &fastfa::conv2d_autograd<fastfa::TritonOps>);
+}
+
+TORCH_LIBRARY_IMPL(fastfa, AutogradCUDA, m) {
+  m.impl("triton_linear", &fastfa::linear_autograd<fastfa::TritonOps>);
+  m.impl("triton_conv2d", &fastfa::conv2d_autograd<fastfa::TritonOps>);
 }

@@ -20,9 +20,12 @@ normalised x); alignment is [alpha, beta, gamma, sigma], or on aten
 
 Other backends register ops with the same schemas under their own names
 (fastfa::cuda_linear / cuda_linear_backward, fastfa::triton_linear / triton_linear_backward, ...).
-Each forward op's autograd calls its own backward op: in C++ for the ops defined there
-(csrc/autograd.cpp: no Python on a training step's path), and through register_linear_autograd /
-register_conv2d_autograd here for the Triton ops, which are defined in Python.
+Each forward op's autograd calls its own backward op, in C++ (csrc/autograd.cpp: no Python on a
+training step's path), the Triton ops' too on CPU and CUDA tensors, the devices their kernels run
+on. The Triton ops are defined in Python (torch.library.triton_op, which registers torch.library's
+autograd wrapper for every device); register_linear_autograd / register_conv2d_autograd give that
+wrapper its formula, which serves the devices the C++ kernels are not registered for (there the
+Triton ops hand the call to the aten ops).
 """
 
 from __future__ import annotations
@@ -197,13 +200,15 @@ def conv2d_backward_formula(backward_op):
 
 
 def register_linear_autograd(forward_name: str, backward_op) -> None:
-    """Autograd for a linear forward op with fastfa::linear's schema, e.g. "fastfa::triton_linear"."""
+    """torch.library's Python autograd for a linear forward op with fastfa::linear's schema, e.g.
+    "fastfa::triton_linear" (on CPU and CUDA tensors, csrc/autograd.cpp's C++ kernel runs instead)."""
     torch.library.register_autograd(forward_name, linear_backward_formula(backward_op),
                                     setup_context=_linear_setup_context)
 
 
 def register_conv2d_autograd(forward_name: str, backward_op) -> None:
-    """Autograd for a conv2d forward op with fastfa::conv2d's schema, e.g. "fastfa::triton_conv2d"."""
+    """torch.library's Python autograd for a conv2d forward op with fastfa::conv2d's schema, e.g.
+    "fastfa::triton_conv2d" (on CPU and CUDA tensors, csrc/autograd.cpp's C++ kernel runs instead)."""
     torch.library.register_autograd(forward_name, conv2d_backward_formula(backward_op),
                                     setup_context=_conv2d_setup_context)
 
