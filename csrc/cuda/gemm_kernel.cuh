@@ -323,6 +323,19 @@ struct HasFixedTiles<MatrixIndex> : std::true_type {};
 template <class Index>
 struct HasTapWalk : std::false_type {};
 
+// The position of x's one set bit.
+FASTFA_HOST_DEVICE int bit_index(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffs(x) - 1;
+#else
+  int i = 0;
+  while ((x >> i) != 1u) {
+    ++i;
+  }
+  return i;
+#endif
+}
+
 // One thread's walk along K over a convolution operand's taps (the way CUTLASS's "optimized"
 // conv iterators walk theirs): where the index's walks() holds, K is taps x channels with
 // channels a whole number of k-tiles, at most 32 taps, so every k-tile lies in one tap and
@@ -339,8 +352,8 @@ struct TapWalk {
   uint32_t base[kVectors];
   uint32_t mask[kVectors];
   uint32_t running = 0;  // the current tile's tap offset plus its channel block
-  uint32_t tap_bit = 0;
-  int tile_in_tap = 0, kh = 0, kw = 0;
+  uint32_t tap_bit = 0;  // the tap's bit: 1 << (kh KW + kw)
+  int tile_in_tap = 0;
 
   // At the k-tile whose first element is k0 (a multiple of tile_k); row(v) and k(v) are vector
   // v's absolute row and its k within the tile.
@@ -352,11 +365,14 @@ struct TapWalk {
     }
     const int channels = index.walk_channels(), taps = int(k0 / channels);
     const int channel = int(k0 - int64_t(taps) * channels);
-    kh = taps / index.g.kernel_w;
-    kw = taps - kh * index.g.kernel_w;
     tile_in_tap = channel / index.walk_tile_k();
     tap_bit = taps < 32 ? 1u << taps : 0u;  // past the last tap (an empty K slice): nothing inside
-    running = index.tap_offset(kh, kw) + uint32_t(channel) * index.walk_channel_stride();
+    running = tap_offset(index, taps) + uint32_t(channel) * index.walk_channel_stride();
+  }
+  template <class Index>
+  FASTFA_HOST_DEVICE static uint32_t tap_offset(const Index& index, int tap) {
+    const int kh = tap / index.g.kernel_w;
+    return index.tap_offset(kh, tap - kh * index.g.kernel_w);
   }
   FASTFA_HOST_DEVICE bool inside(int v) const { return (mask[v] & tap_bit) != 0; }
   FASTFA_HOST_DEVICE int32_t offset(int v) const { return static_cast<int32_t>(base[v] + running); }
@@ -364,13 +380,10 @@ struct TapWalk {
   FASTFA_HOST_DEVICE void advance(const Index& index) {
     running += index.walk_step();
     if (++tile_in_tap == index.walk_tiles_per_tap()) {
+      // The next tap, from its bit (kh and kw would hold two more registers through the loop).
       tile_in_tap = 0;
       tap_bit <<= 1;
-      if (++kw == index.g.kernel_w) {
-        kw = 0;
-        ++kh;
-      }
-      running = index.tap_offset(kh, kw);
+      running = tap_bit != 0 ? tap_offset(index, bit_index(tap_bit)) : 0u;
     }
   }
 };
@@ -755,7 +768,11 @@ struct TileLoader {
   };
 
   static constexpr bool kFixedTiles = HasFixedTiles<Index>::value;
-  static constexpr bool kWalks = HasTapWalk<Index>::value;
+  // brsf's B (a draw per element and W) is the one whose working set has no room for the
+  // walk's registers (252 with it, over its ceiling of 248 in tests/test_sass.py): it indexes
+  // every vector as before. Where the cost model draws B once (fastfa/dispatch.h), the identity
+  // kernel that multiplies it walks.
+  static constexpr bool kWalks = HasTapWalk<Index>::value && !(Transform::kDraws && Transform::kReadsWeight);
   static constexpr bool kCopies = Transform::kIdentity && !kRowSums && sizeof(Bits) == 2;
   static constexpr bool kPackedSign = Transform::kSignOfWeight && sizeof(Bits) == 2;
   // usf / frsf tiles with no zero or NaN operand take PackedSignFastPath (commit_ordinary).

@@ -349,10 +349,12 @@ struct FilterRowsIndex {
   TapSteps walk;
 
   FASTFA_TAP_WALK_STEPS
-  // The vector at in channel `row` (whole vectors of in channels: inside or not as a whole),
-  // out channel k of every tap.
+  // The vector at in channel `row`, out channel k of every tap: every tap inside. A row past
+  // the last in channel reads in channel 0's elements instead: B's row is C's column, and the
+  // epilogue stores no column past n, so they reach no output (and the mask, a constant, takes
+  // no registers).
   FASTFA_HOST_DEVICE uint32_t walk_base(int64_t row, int k, uint32_t& mask) const {
-    mask = row < g.in_channels ? 0xFFFFFFFFu : 0u;
+    mask = 0xFFFFFFFFu;
     return uint32_t(int64_t(row < g.in_channels ? row : 0) * w.c + int64_t(k) * w.n);
   }
   FASTFA_HOST_DEVICE uint32_t tap_offset(int kh, int kw) const {
