@@ -773,6 +773,7 @@ struct TileLoader {
   // every vector as before. Where the cost model draws B once (fastfa/dispatch.h), the identity
   // kernel that multiplies it walks.
   static constexpr bool kWalks = HasTapWalk<Index>::value && !(Transform::kDraws && Transform::kReadsWeight);
+  static constexpr bool kInterior = kFixedTiles || kWalks;  // an interior path exists
   static constexpr bool kCopies = Transform::kIdentity && !kRowSums && sizeof(Bits) == 2;
   static constexpr bool kPackedSign = Transform::kSignOfWeight && sizeof(Bits) == 2;
   // usf / frsf tiles with no zero or NaN operand take PackedSignFastPath (commit_ordinary).
@@ -1435,9 +1436,13 @@ template <class ALoader, class BLoader>
 FASTFA_HOST_DEVICE int64_t start_interior(ALoader& a, BLoader& b, int64_t k, int64_t m0, int64_t n0, int64_t first,
                                           int64_t end) {
   constexpr int kTileK = ALoader::kTileK;
-  const bool rows_inside = a.start_interior(m0, first * kTileK) && b.start_interior(n0, first * kTileK);
-  const int64_t full_tiles = k / kTileK;
-  return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
+  if constexpr (!ALoader::kInterior || !BLoader::kInterior) {
+    return first;  // the interior path takes both operands: none at all, and no code for it
+  } else {
+    const bool rows_inside = a.start_interior(m0, first * kTileK) && b.start_interior(n0, first * kTileK);
+    const int64_t full_tiles = k / kTileK;
+    return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
+  }
 }
 
 // The global loads of k-tile `tile` into registers (tiles in order along K; `interior` from

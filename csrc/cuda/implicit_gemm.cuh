@@ -504,14 +504,22 @@ ConvGradWeightProblem conv_grad_weight_problem(const ConvShape& shape, const voi
   return problem;
 }
 
+// grad_input's store into the image. It takes no row sums (grad_bias is grad_weight's), so that
+// the identity kernel (bp) copies delta's tiles by cp.async instead of summing them in registers.
 template <class Element>
-using ConvGradInputEpilogue = StoreEpilogue<Element, ImageOutput>;
+struct ConvGradInputEpilogue : StoreEpilogue<Element, ImageOutput> {
+  static constexpr bool kRowSums = false;
+};
 
 template <class Element>
 ConvGradInputEpilogue<Element> conv_grad_input_epilogue(const ConvShape& shape, void* grad_x,
                                                         const ImageStrides& strides) {
-  return {grad_x, ImageOutput{Order3(shape.in_h, shape.in_w), strides}, shape.batch * shape.in_h * shape.in_w,
-          shape.in_channels, nullptr};
+  ConvGradInputEpilogue<Element> store;
+  store.c = grad_x;
+  store.output = ImageOutput{Order3(shape.in_h, shape.in_w), strides};
+  store.m = shape.batch * shape.in_h * shape.in_w;
+  store.n = shape.in_channels;
+  return store;
 }
 
 // grad_input with B used as it is (bp, a stored R or B): instantiated with the identity kernels.
