@@ -751,8 +751,11 @@ struct PackedSignFastPath {
 // vector and one pointer increment; a tile copied as it is (bf16 / fp16 without row sums,
 // K-major: only then is it interior) goes to shared memory by cp.async, never through
 // registers, issued by commit() (fetch() and fetch_interior() touch registers only, so the
-// loop may issue them before its stage is free). Everything else
-// (edge tiles, the convolutions' views, misaligned data) goes through fetch() and the index.
+// loop may issue them before its stage is free). A convolution's view whose K walks its taps
+// (HasTapWalk, TapWalk) takes the same path on every tile of every CTA, edges included: a
+// vector costs its mask test and a 32-bit add, and one outside (padding, a row past the edge)
+// is zero-filled by cp.async or not loaded. Everything else (edge tiles of a matrix, the
+// other conv views, misaligned data) goes through fetch() and the index.
 
 // kMnShared: an operand whose vectors run along rows (MN-major) stays MN-major in shared
 // memory (swizzled_mn, for wgmma's transpose bit), one 16-byte store per vector; without it

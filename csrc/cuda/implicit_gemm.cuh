@@ -13,9 +13,12 @@
 //
 // Taps are ordered (c, kh, kw), or (kh, kw, c) for channels_last: then channels are the
 // contiguous direction of every operand and, where the channel count is a whole number of
-// 16-byte vectors, each thread's vector is one 16-byte load. Otherwise elements are gathered
-// one by one with coordinates stepped incrementally (no division per element; the first
-// element's divisions are multiplies, see Divisor).
+// 16-byte vectors, each thread's vector is one 16-byte load. Where, besides, K's channels are
+// a whole number of k-tiles (the forward's and grad_input's operands), the loaders walk the
+// taps (TapSteps here, TapWalk in gemm_kernel.cuh): the indexing is done once per thread in
+// the prologue, and a k-tile only steps an offset. Otherwise each vector goes through the
+// index, and elements are gathered one by one with coordinates stepped incrementally (no
+// division per element; the first element's divisions are multiplies, see Divisor).
 // Coordinates are 32-bit: the op sends larger problems to the aten path.
 #pragma once
 
