@@ -398,7 +398,8 @@ int check_conv(const Geometry& geometry, const std::string& layout) {
               for (int64_t oc = 0; oc < s.out_channels; ++oc) {
                 const double d = delta.value(n, oc, oh, ow);
                 for (int64_t c = 0; c < s.in_channels; ++c) {
-                  const double term = d * feedback_weight[((oc * s.in_channels + c) * s.kernel_h + kh) * s.kernel_w + kw];
+                  const double b = feedback_weight[((oc * s.in_channels + c) * s.kernel_h + kh) * s.kernel_w + kw];
+                  const double term = d * b;
                   sums[at + c] += term;
                   abs_sums[at + c] += std::fabs(term);
                 }
