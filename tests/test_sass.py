@@ -284,12 +284,14 @@ def test_mainloop_model_counts_the_interior_path_of_the_loop_with_the_mmas():
 # benchmarks/results/2026-12-01-sass-mainloop-after4.md) are held within the budget, issue 18's
 # target; the drawn rules (2026-12-01-sass-mainloop-after.md) draw B once above 256 rows instead.
 MAINLOOP_LIMITS = {"usf": 0.80, "frsf": 0.95, "brsf": 4.95, "fa drawn": 4.0}
+# The conv grad_input kernels (implicit GEMM, channels_last walking its taps): usf 195, frsf 242
+# of 256 (2026-12-01-sass-mainloop-after5.md), held within the budget; the drawn rules as they are.
+CONV_MAINLOOP_LIMITS = {"usf": 0.85, "frsf": 1.0, "brsf": 6.5, "fa drawn": 4.7}
 
 
-def test_mainloop_model_of_the_compiled_bf16_grad_input_kernels(tmp_path):
-    """csrc/cuda/gemm_bf16_feedback.cu compiled by nvcc for sm_90a (setup.py's flags), read by
-    benchmarks/sass_mainloop.py: each of its eight wgmma bodies has a mainloop, and issues per
-    k-tile no more than MAINLOOP_LIMITS times the tensor cores' budget."""
+def _compiled_mainloops(tmp_path, source: str) -> list:
+    """csrc/cuda/<source> compiled by nvcc for sm_90a (setup.py's flags), its mainloops read by
+    benchmarks/sass_mainloop.py; skips without the toolkit (fails under FASTFA_EXPECT_CUDA_TOOLKIT=1)."""
     nvcc = _nvcc()
     tools = find_tool("cuobjdump"), find_tool("nvdisasm")
     if nvcc is None or None in tools:
@@ -301,21 +303,42 @@ def test_mainloop_model_of_the_compiled_bf16_grad_input_kernels(tmp_path):
                                                    "nvidia-cutlass==4.2.0.0 (in the test extra)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cutlass = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-    cubin = str(tmp_path / "gemm_bf16_feedback.cubin")
+    cubin = str(tmp_path / (os.path.splitext(source)[0] + ".cubin"))
     build = subprocess.run([nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFASTFA_WITH_CUDA",
                             "-DFASTFA_WITH_FUSED_CUDA", "-DFASTFA_HAS_SM90A", "-gencode=arch=compute_90a,code=sm_90a",
                             "-cubin", "-I", os.path.join(root, "csrc", "include"), "-I", cutlass, "-o", cubin,
-                            os.path.join(root, "csrc", "cuda", "gemm_bf16_feedback.cu")], capture_output=True, text=True)
+                            os.path.join(root, "csrc", "cuda", source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     model = _mainloop_model()
     loops = model.models(cuobjdump(*tools, "-sass", cubin), root)
     print(model.table(loops))
+    return loops
+
+
+def test_mainloop_model_of_the_compiled_bf16_grad_input_kernels(tmp_path):
+    """csrc/cuda/gemm_bf16_feedback.cu compiled by nvcc for sm_90a (setup.py's flags), read by
+    benchmarks/sass_mainloop.py: each of its eight wgmma bodies has a mainloop, and issues per
+    k-tile no more than MAINLOOP_LIMITS times the tensor cores' budget."""
+    loops = _compiled_mainloops(tmp_path, "gemm_bf16_feedback.cu")
+    model = _mainloop_model()
     # Each rule twice: C stored, and C's K slices (split_feedback_gemm), the same mainloop.
     found = {model.short_name(loop.kernel).split("grad_input ")[-1]: loop for loop in loops}
     assert set(found) == set(MAINLOOP_LIMITS) | {f"{rule} (split-K)" for rule in MAINLOOP_LIMITS}, sorted(found)
     for name, loop in found.items():
         rule = name.removesuffix(" (split-K)")
         assert loop.per_tile(loop.cheapest) <= MAINLOOP_LIMITS[rule] * loop.budget, (name, loop.per_tile(loop.cheapest))
+
+
+def test_mainloop_model_of_the_compiled_bf16_conv_grad_input_kernels(tmp_path):
+    """csrc/cuda/gemm_bf16_conv_feedback.cu, likewise: each of its four conv grad_input mainloops
+    issues per k-tile no more than CONV_MAINLOOP_LIMITS times the tensor cores' budget."""
+    loops = _compiled_mainloops(tmp_path, "gemm_bf16_conv_feedback.cu")
+    model = _mainloop_model()
+    found = {model.short_name(loop.kernel).split("conv grad_input ")[-1]: loop for loop in loops}
+    assert set(found) == set(CONV_MAINLOOP_LIMITS), sorted(found)
+    for rule, loop in found.items():
+        per_tile = loop.per_tile(loop.cheapest)
+        assert per_tile <= CONV_MAINLOOP_LIMITS[rule] * loop.budget, (rule, per_tile)
 
 
 # The positive control of the Triton kernels' spill check (tests/triton_sm90.py): one warp

@@ -318,6 +318,76 @@ struct HasFixedTiles : std::false_type {};
 template <>
 struct HasFixedTiles<MatrixIndex> : std::true_type {};
 
+// Indices whose K runs over a filter's taps (kh, kw) in blocks of whole tiles of channels:
+// the convolutions' views of implicit_gemm.cuh, walked tile by tile by a TapWalk.
+template <class Index>
+struct HasTapWalk : std::false_type {};
+
+// The position of x's one set bit.
+FASTFA_HOST_DEVICE int bit_index(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffs(x) - 1;
+#else
+  int i = 0;
+  while ((x >> i) != 1u) {
+    ++i;
+  }
+  return i;
+#endif
+}
+
+// One thread's walk along K over a convolution operand's taps (the way CUTLASS's "optimized"
+// conv iterators walk theirs): where the index's walks() holds, K is taps x channels with
+// channels a whole number of k-tiles, at most 32 taps, so every k-tile lies in one tap and
+// every element a thread loads is at
+//   base[v] + tap_offset(kh, kw) + the tile's channel block,   inside where bit kh KW + kw of mask[v] is set.
+// base and mask, per vector, are the index's walk_base(), computed once in the prologue: the
+// vector's row (pixel or channel) with the padding, stride and edge tests over every tap
+// folded into the mask (a row past the edge: an empty mask). A k-tile then only adds the
+// channel step to `running`, and every channels / k-tile tiles the tap moves on (a branch
+// that every thread takes together). Offsets are 32-bit (the op keeps every element within
+// 2^31 of the base); they wrap where a tap is outside, and such a vector is never read.
+template <int kVectors>
+struct TapWalk {
+  uint32_t base[kVectors];
+  uint32_t mask[kVectors];
+  uint32_t running = 0;  // the current tile's tap offset plus its channel block
+  uint32_t tap_bit = 0;  // the tap's bit: 1 << (kh KW + kw)
+  int tile_in_tap = 0;
+
+  // At the k-tile whose first element is k0 (a multiple of tile_k); row(v) and k(v) are vector
+  // v's absolute row and its k within the tile.
+  template <class Index, class Row, class K>
+  FASTFA_HOST_DEVICE void start(const Index& index, int64_t k0, Row&& row, K&& k) {
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) {
+      base[v] = index.walk_base(row(v), k(v), mask[v]);
+    }
+    const int channels = index.walk_channels(), taps = int(k0 / channels);
+    const int channel = int(k0 - int64_t(taps) * channels);
+    tile_in_tap = channel / index.walk_tile_k();
+    tap_bit = taps < 32 ? 1u << taps : 0u;  // past the last tap (an empty K slice): nothing inside
+    running = tap_offset(index, taps) + uint32_t(channel) * index.walk_channel_stride();
+  }
+  template <class Index>
+  FASTFA_HOST_DEVICE static uint32_t tap_offset(const Index& index, int tap) {
+    const int kh = tap / index.g.kernel_w;
+    return index.tap_offset(kh, tap - kh * index.g.kernel_w);
+  }
+  FASTFA_HOST_DEVICE bool inside(int v) const { return (mask[v] & tap_bit) != 0; }
+  FASTFA_HOST_DEVICE int32_t offset(int v) const { return static_cast<int32_t>(base[v] + running); }
+  template <class Index>
+  FASTFA_HOST_DEVICE void advance(const Index& index) {
+    running += index.walk_step();
+    if (++tile_in_tap == index.walk_tiles_per_tap()) {
+      // The next tap, from its bit (kh and kw would hold two more registers through the loop).
+      tile_in_tap = 0;
+      tap_bit <<= 1;
+      running = tap_bit != 0 ? tap_offset(index, bit_index(tap_bit)) : 0u;
+    }
+  }
+};
+
 // A GEMM C = A B^T over the operands' indices; grid.z splits K into slices of
 // k_tiles_per_split tiles (0: one slice), each written by the epilogue as its own partial.
 template <class AIndex, class BIndex>
@@ -538,6 +608,22 @@ FASTFA_HOST_DEVICE void copy_to_shared_async(unsigned char* tile, uint32_t offse
 #endif
 }
 
+// The same, or 16 zero bytes where `inside` is false (cp.async's source size 0: nothing is read).
+FASTFA_HOST_DEVICE void copy_to_shared_async_or_zero(unsigned char* tile, uint32_t offset, const void* global,
+                                                     bool inside) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(tile) + offset), "l"(global),
+               "r"(inside ? 16 : 0)
+               : "memory");
+#else
+  if (inside) {
+    std::memcpy(tile + offset, global, 16);
+  } else {
+    std::memset(tile + offset, 0, 16);
+  }
+#endif
+}
+
 // One cp.async group per k-tile (empty where the tile has no copies, so that the count stays
 // one per tile); wait_async_copies<N> waits until at most N of this thread's groups are pending.
 __device__ __forceinline__ void commit_async_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -665,8 +751,11 @@ struct PackedSignFastPath {
 // vector and one pointer increment; a tile copied as it is (bf16 / fp16 without row sums,
 // K-major: only then is it interior) goes to shared memory by cp.async, never through
 // registers, issued by commit() (fetch() and fetch_interior() touch registers only, so the
-// loop may issue them before its stage is free). Everything else
-// (edge tiles, the convolutions' views, misaligned data) goes through fetch() and the index.
+// loop may issue them before its stage is free). A convolution's view whose K walks its taps
+// (HasTapWalk, TapWalk) takes the same path on every tile of every CTA, edges included: a
+// vector costs its mask test and a 32-bit add, and one outside (padding, a row past the edge)
+// is zero-filled by cp.async or not loaded. Everything else (edge tiles of a matrix, the
+// other conv views, misaligned data) goes through fetch() and the index.
 
 // kMnShared: an operand whose vectors run along rows (MN-major) stays MN-major in shared
 // memory (swizzled_mn, for wgmma's transpose bit), one 16-byte store per vector; without it
@@ -682,6 +771,12 @@ struct TileLoader {
   };
 
   static constexpr bool kFixedTiles = HasFixedTiles<Index>::value;
+  // brsf's B (a draw per element and W) is the one whose working set has no room for the
+  // walk's registers (252 with it, over its ceiling of 248 in tests/test_sass.py): it indexes
+  // every vector as before. Where the cost model draws B once (fastfa/dispatch.h), the identity
+  // kernel that multiplies it walks.
+  static constexpr bool kWalks = HasTapWalk<Index>::value && !(Transform::kDraws && Transform::kReadsWeight);
+  static constexpr bool kInterior = kFixedTiles || kWalks;  // an interior path exists
   static constexpr bool kCopies = Transform::kIdentity && !kRowSums && sizeof(Bits) == 2;
   static constexpr bool kPackedSign = Transform::kSignOfWeight && sizeof(Bits) == 2;
   // usf / frsf tiles with no zero or NaN operand take PackedSignFastPath (commit_ordinary).
@@ -706,6 +801,7 @@ struct TileLoader {
   const Bits* tile_data = nullptr;  // the next interior tile's first element, and of stored
   const Bits* tile_stored = nullptr;
   int64_t k_step = 0;  // elements from one tile to the next along K
+  TapWalk<kWalks ? kVectorsPerThread : 1> walk;  // the interior path of a convolution's view (kWalks)
   uint4 raw[kVectorsPerThread];
   uint4 raw_stored[Transform::kReadsStored ? kVectorsPerThread : 1];
   // Bit i of present[v]: element i of vector v is inside the operand (for transforms that
@@ -789,7 +885,26 @@ struct TileLoader {
   // Points the interior path at the tile (row0, k0); whether the tiles from there along K are
   // interior wherever K is (every row inside, the fixed distances valid).
   FASTFA_HOST_DEVICE bool start_interior(int64_t row0, int64_t k0) {
-    if constexpr (kFixedTiles) {
+    if constexpr (kWalks) {
+      // Every tile of the walk is on the path, edge rows included (their masks are empty). A
+      // copied operand needs its vectors whole in shared memory: K-major, or MN-major for wgmma.
+      if (!aligned || !index.walks() || (kCopies && !k_contiguous && !mn_shared())) {
+        return false;
+      }
+      walk.start(
+          index, k0,
+          [&](int v) {
+            int row, k;
+            coordinates(v, row, k);
+            return row0 + row;
+          },
+          [&](int v) {
+            int row, k;
+            coordinates(v, row, k);
+            return k;
+          });
+      return true;
+    } else if constexpr (kFixedTiles) {
       tile_data = data + index.key(row0, k0);
       tile_stored = Transform::kReadsStored ? stored + index.key(row0, k0) : nullptr;
       k_step = index.key(0, kTileK);
@@ -804,7 +919,26 @@ struct TileLoader {
   // Issues the loads of the next interior tile (after start_interior, tiles in order along K);
   // a copied tile's cp.async waits for commit().
   FASTFA_HOST_DEVICE void fetch_interior() {
-    if constexpr (kFixedTiles) {
+    if constexpr (kWalks) {
+      if constexpr (kCopies) {
+        copied = true;
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          const bool inside = walk.inside(v);
+          const int32_t at = walk.offset(v);
+          const uint4 zero = make_uint4(0, 0, 0, 0);
+          raw[v] = Transform::kReadsWeight && inside ? load_vector(data + at) : zero;
+          if constexpr (Transform::kReadsStored) {
+            raw_stored[v] = inside ? load_vector(stored + at) : zero;
+          }
+          if constexpr (Transform::kMasksOutside) {
+            present[v] = inside ? (1u << kVector) - 1u : 0u;
+          }
+        }
+        walk.advance(index);
+      }
+    } else if constexpr (kFixedTiles) {
       if constexpr (kCopies) {
         copied = true;
       } else {
@@ -878,6 +1012,16 @@ struct TileLoader {
 
   // Transforms the fetched tile and stores it, K-major and swizzled, at `tile`.
   FASTFA_HOST_DEVICE void commit(unsigned char* tile, const Transform& transform, int64_t row0, int64_t k0) {
+    if constexpr (kCopies && kWalks) {
+      if (copied) {
+#pragma unroll
+        for (int v = 0; v < kVectorsPerThread; ++v) {
+          copy_to_shared_async_or_zero(tile, shared_offset(v, 0), data + walk.offset(v), walk.inside(v));
+        }
+        walk.advance(index);
+        return;
+      }
+    }
     if constexpr (kCopies && kFixedTiles) {
       if (copied) {
 #pragma unroll
@@ -1295,9 +1439,13 @@ template <class ALoader, class BLoader>
 FASTFA_HOST_DEVICE int64_t start_interior(ALoader& a, BLoader& b, int64_t k, int64_t m0, int64_t n0, int64_t first,
                                           int64_t end) {
   constexpr int kTileK = ALoader::kTileK;
-  const bool rows_inside = a.start_interior(m0, first * kTileK) && b.start_interior(n0, first * kTileK);
-  const int64_t full_tiles = k / kTileK;
-  return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
+  if constexpr (!ALoader::kInterior || !BLoader::kInterior) {
+    return first;  // the interior path takes both operands: none at all, and no code for it
+  } else {
+    const bool rows_inside = a.start_interior(m0, first * kTileK) && b.start_interior(n0, first * kTileK);
+    const int64_t full_tiles = k / kTileK;
+    return rows_inside ? (end < full_tiles ? end : full_tiles) : first;
+  }
 }
 
 // The global loads of k-tile `tile` into registers (tiles in order along K; `interior` from

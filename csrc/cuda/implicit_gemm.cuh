@@ -13,9 +13,12 @@
 //
 // Taps are ordered (c, kh, kw), or (kh, kw, c) for channels_last: then channels are the
 // contiguous direction of every operand and, where the channel count is a whole number of
-// 16-byte vectors, each thread's vector is one 16-byte load. Otherwise elements are gathered
-// one by one with coordinates stepped incrementally (no division per element; the first
-// element's divisions are multiplies, see Divisor).
+// 16-byte vectors, each thread's vector is one 16-byte load. Where, besides, K's channels are
+// a whole number of k-tiles (the forward's and grad_input's operands), the loaders walk the
+// taps (TapSteps here, TapWalk in gemm_kernel.cuh): the indexing is done once per thread in
+// the prologue, and a k-tile only steps an offset. Otherwise each vector goes through the
+// index, and elements are gathered one by one with coordinates stepped incrementally (no
+// division per element; the first element's divisions are multiplies, see Divisor).
 // Coordinates are 32-bit: the op sends larger problems to the aten path.
 #pragma once
 
@@ -125,6 +128,38 @@ FASTFA_HOST_DEVICE int64_t image_offset(const Strides32& s, int n, int c, int h,
   return n * s.n + c * s.c + h * s.h + w * s.w;
 }
 
+// A view's walk along K (TapWalk, gemm_kernel.cuh): where K is taps (kh, kw) x `channels` in
+// the channels_last order, the channels in whole 16-byte vectors and whole k-tiles, and there
+// are at most 32 taps (one bit each in a row's mask), a k-tile lies in one tap and steps by
+// `step` elements; every tiles_per_tap tiles the tap moves on. tiles_per_tap = 0: no walk
+// (NCHW, ragged or misaligned channels, larger filters), the loaders index every vector.
+struct TapSteps {
+  int channels = 1, tile_k = 1, tiles_per_tap = 0;
+  int32_t channel_stride = 0, step = 0;
+
+  static TapSteps of(const ConvGeometry& g, bool vectors, int64_t channels, int64_t channel_stride, int tile_k) {
+    TapSteps s;
+    if (vectors && g.channels_last && channels % tile_k == 0 && int64_t(g.kernel_h) * g.kernel_w <= 32) {
+      s.channels = int(channels);
+      s.tile_k = tile_k;
+      s.tiles_per_tap = int(channels / tile_k);
+      s.channel_stride = int32_t(channel_stride);
+      s.step = int32_t(tile_k * channel_stride);
+    }
+    return s;
+  }
+};
+
+// The walk's side of a view with a TapSteps member `walk` (the rest, walk_base and tap_offset,
+// is the view's own).
+#define FASTFA_TAP_WALK_STEPS                                                                            \
+  FASTFA_HOST_DEVICE bool walks() const { return walk.tiles_per_tap > 0; }                              \
+  FASTFA_HOST_DEVICE int walk_channels() const { return walk.channels; }                                \
+  FASTFA_HOST_DEVICE int walk_tile_k() const { return walk.tile_k; }                                    \
+  FASTFA_HOST_DEVICE int walk_tiles_per_tap() const { return walk.tiles_per_tap; }                      \
+  FASTFA_HOST_DEVICE uint32_t walk_channel_stride() const { return uint32_t(walk.channel_stride); }     \
+  FASTFA_HOST_DEVICE uint32_t walk_step() const { return uint32_t(walk.step); }
+
 // x as the im2col matrix: element (output pixel p, tap t) is x where tap t of p's window
 // lands, zero in the padding. kTransposed: rows are taps and K pixels (grad_weight's B).
 // Vectors run along taps (channels) for channels_last, else along pixels.
@@ -133,6 +168,32 @@ struct Im2colIndex {
   ConvGeometry g;
   Strides32 x;
   bool vectors;  // channels_last with whole vectors of channels: run() is one load
+  TapSteps walk;  // the forward's A only (K is taps); grad_weight's B runs K over pixels
+
+  FASTFA_TAP_WALK_STEPS
+  // The forward's A: the vector at output pixel `row`, channel k of every tap: x at
+  // (oh s - pad + kh dilation, ...), inside the image where its bit is set.
+  FASTFA_HOST_DEVICE uint32_t walk_base(int64_t row, int k, uint32_t& mask) const {
+    mask = 0;
+    if (row >= g.out_pixels()) {
+      return 0;
+    }
+    const Coordinates3 pixel(int(row), g.out_pixel_order);
+    const int h0 = pixel.middle * g.stride_h - g.pad_h, w0 = pixel.inner * g.stride_w - g.pad_w;
+    uint32_t columns = 0;
+    for (int kw = 0; kw < g.kernel_w; ++kw) {
+      const int w = w0 + kw * g.dilation_w;
+      columns |= (0 <= w && w < g.in_w ? 1u : 0u) << kw;
+    }
+    for (int kh = 0; kh < g.kernel_h; ++kh) {
+      const int h = h0 + kh * g.dilation_h;
+      mask |= 0 <= h && h < g.in_h ? columns << (kh * g.kernel_w) : 0u;
+    }
+    return uint32_t(int64_t(pixel.outer) * x.n + int64_t(h0) * x.h + int64_t(w0) * x.w + int64_t(k) * x.c);
+  }
+  FASTFA_HOST_DEVICE uint32_t tap_offset(int kh, int kw) const {
+    return uint32_t(kh * g.dilation_h) * uint32_t(x.h) + uint32_t(kw * g.dilation_w) * uint32_t(x.w);
+  }
 
   FASTFA_HOST_DEVICE bool k_contiguous() const { return kTransposed != g.channels_last; }
   FASTFA_HOST_DEVICE int64_t at(const Coordinates3& pixel, const Tap& tap) const {
@@ -211,6 +272,37 @@ struct TransposedConvIndex {
   ConvGeometry g;
   Strides32 d;
   bool vectors;
+  TapSteps walk;
+
+  FASTFA_TAP_WALK_STEPS
+  // The vector at input pixel `row`, out channel k of every tap. With h + pad = q stride + r,
+  // tap kh reaches h from output row (h + pad - kh dilation) / stride where that divides,
+  // that is where kh dilation = j stride + r, and then the output row is q - j with
+  // j = floor(kh dilation / stride): q (the row's) and j (the tap's) apart, so the base holds
+  // q and tap_offset j, and the mask the divisibility and bounds.
+  FASTFA_HOST_DEVICE uint32_t walk_base(int64_t row, int k, uint32_t& mask) const {
+    mask = 0;
+    if (row >= g.in_pixels()) {
+      return 0;
+    }
+    const Coordinates3 pixel(int(row), g.in_pixel_order);
+    const int hp = pixel.middle + g.pad_h, wp = pixel.inner + g.pad_w;
+    uint32_t columns = 0;
+    for (int kw = 0; kw < g.kernel_w; ++kw) {
+      const int ws = wp - kw * g.dilation_w;
+      columns |= (ws >= 0 && ws % g.stride_w == 0 && ws / g.stride_w < g.out_w ? 1u : 0u) << kw;
+    }
+    for (int kh = 0; kh < g.kernel_h; ++kh) {
+      const int hs = hp - kh * g.dilation_h;
+      mask |= hs >= 0 && hs % g.stride_h == 0 && hs / g.stride_h < g.out_h ? columns << (kh * g.kernel_w) : 0u;
+    }
+    return uint32_t(int64_t(pixel.outer) * d.n + int64_t(hp / g.stride_h) * d.h + int64_t(wp / g.stride_w) * d.w +
+                    int64_t(k) * d.c);
+  }
+  FASTFA_HOST_DEVICE uint32_t tap_offset(int kh, int kw) const {
+    return 0u - uint32_t((kh * g.dilation_h) / g.stride_h) * uint32_t(d.h) -
+           uint32_t((kw * g.dilation_w) / g.stride_w) * uint32_t(d.w);
+  }
 
   FASTFA_HOST_DEVICE bool k_contiguous() const { return g.channels_last; }
   FASTFA_HOST_DEVICE int64_t at(const Coordinates3& pixel, const Tap& tap) const {
@@ -257,6 +349,20 @@ struct FilterRowsIndex {
   ConvGeometry g;
   Strides32 w;
   bool vectors;
+  TapSteps walk;
+
+  FASTFA_TAP_WALK_STEPS
+  // The vector at in channel `row`, out channel k of every tap: every tap inside. A row past
+  // the last in channel reads in channel 0's elements instead: B's row is C's column, and the
+  // epilogue stores no column past n, so they reach no output (and the mask, a constant, takes
+  // no registers).
+  FASTFA_HOST_DEVICE uint32_t walk_base(int64_t row, int k, uint32_t& mask) const {
+    mask = 0xFFFFFFFFu;
+    return uint32_t(int64_t(row < g.in_channels ? row : 0) * w.c + int64_t(k) * w.n);
+  }
+  FASTFA_HOST_DEVICE uint32_t tap_offset(int kh, int kw) const {
+    return uint32_t(kh) * uint32_t(w.h) + uint32_t(kw) * uint32_t(w.w);
+  }
 
   FASTFA_HOST_DEVICE bool k_contiguous() const { return !g.channels_last; }
   FASTFA_HOST_DEVICE int64_t filter_offset(int c, const Tap& tap) const {
@@ -291,6 +397,19 @@ struct FilterRowsIndex {
   }
 };
 
+#undef FASTFA_TAP_WALK_STEPS
+
+} // namespace detail
+
+template <>
+struct HasTapWalk<detail::Im2colIndex<false>> : std::true_type {};
+template <>
+struct HasTapWalk<detail::TransposedConvIndex> : std::true_type {};
+template <>
+struct HasTapWalk<detail::FilterRowsIndex> : std::true_type {};
+
+namespace detail {
+
 // C's rows as pixels (n, h, w) of an image of height x width, columns as its channels.
 struct ImageOutput {
   Order3 pixels;
@@ -317,6 +436,10 @@ template <class Element>
 constexpr int vector_elements() {
   return 16 / int(sizeof(typename Traits<Element>::Bits));
 }
+template <class Element>
+constexpr int tile_k() {
+  return kRowBytes / int(sizeof(typename Traits<Element>::Bits));
+}
 
 // The problems of the three passes (the ops and tests/cuda/implicit_gemm_check.cu build them
 // with these).
@@ -333,8 +456,9 @@ ConvForwardProblem conv_forward_problem(const ConvShape& shape, const void* x, c
   problem.n = g.out_channels;
   problem.k = g.taps(g.in_channels);
   problem.a = x;
-  problem.a_index = {g, x_strides,
-                     channel_vectors(g.channels_last, x_strides, g.in_channels, vector_elements<Element>())};
+  const bool vectors = channel_vectors(g.channels_last, x_strides, g.in_channels, vector_elements<Element>());
+  problem.a_index = {g, x_strides, vectors,
+                     TapSteps::of(g, vectors, g.in_channels, x_strides.c, tile_k<Element>())};
   problem.b = weight;
   problem.b_index = {problem.n, problem.k, problem.k, 1};
   return problem;
@@ -351,10 +475,15 @@ ConvGradInputProblem conv_grad_input_problem(const ConvShape& shape, const void*
   problem.n = g.in_channels;
   problem.k = g.taps(g.out_channels);
   problem.a = delta;
-  problem.a_index = {g, delta_strides, channel_vectors(g.channels_last, delta_strides, g.out_channels, kVector)};
+  const bool delta_vectors = channel_vectors(g.channels_last, delta_strides, g.out_channels, kVector);
+  problem.a_index = {g, delta_strides, delta_vectors,
+                     TapSteps::of(g, delta_vectors, g.out_channels, delta_strides.c, tile_k<Element>())};
   problem.b = weight;
   // W's in channels are its "c" stride; as an image of (oc, c, kh, kw) its n stride is oc's.
-  problem.b_index = {g, weight_strides, channel_vectors(g.channels_last, weight_strides, g.in_channels, kVector)};
+  // Both operands walk their taps, or neither (the loaders' interior path takes both).
+  const bool weight_vectors = channel_vectors(g.channels_last, weight_strides, g.in_channels, kVector);
+  problem.b_index = {g, weight_strides, weight_vectors,
+                     TapSteps::of(g, weight_vectors, g.out_channels, weight_strides.n, tile_k<Element>())};
   return problem;
 }
 
@@ -378,14 +507,22 @@ ConvGradWeightProblem conv_grad_weight_problem(const ConvShape& shape, const voi
   return problem;
 }
 
+// grad_input's store into the image. It takes no row sums (grad_bias is grad_weight's), so that
+// the identity kernel (bp) copies delta's tiles by cp.async instead of summing them in registers.
 template <class Element>
-using ConvGradInputEpilogue = StoreEpilogue<Element, ImageOutput>;
+struct ConvGradInputEpilogue : StoreEpilogue<Element, ImageOutput> {
+  static constexpr bool kRowSums = false;
+};
 
 template <class Element>
 ConvGradInputEpilogue<Element> conv_grad_input_epilogue(const ConvShape& shape, void* grad_x,
                                                         const ImageStrides& strides) {
-  return {grad_x, ImageOutput{Order3(shape.in_h, shape.in_w), strides}, shape.batch * shape.in_h * shape.in_w,
-          shape.in_channels, nullptr};
+  ConvGradInputEpilogue<Element> store;
+  store.c = grad_x;
+  store.output = ImageOutput{Order3(shape.in_h, shape.in_w), strides};
+  store.m = shape.batch * shape.in_h * shape.in_w;
+  store.n = shape.in_channels;
+  return store;
 }
 
 // grad_input with B used as it is (bp, a stored R or B): instantiated with the identity kernels.

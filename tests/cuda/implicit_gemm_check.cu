@@ -31,6 +31,8 @@ using namespace fastfa::gemm::detail;
 
 // Stages that changed while an MMA reading them was in flight, over every emulated GEMM.
 int64_t overwritten = 0;
+// CTAs whose operands walked their taps (TapWalk), over every emulated GEMM.
+int64_t walked_ctas = 0;
 
 // Arch picks B's shared layout as the kernel does (BLoaderFor): MN-major B stays MN-major for
 // wgmma (16-bit), is stored element by element into the K-major tile for mma.sync.
@@ -73,6 +75,7 @@ void emulate(const Gemm& problem, Transform transform, const Epilogue& epilogue)
         for (int thread = 0; thread < kThreads; ++thread) {
           interior[thread] = start_interior(a[thread], b[thread], problem.k, m0, n0, first, end);
         }
+        walked_ctas += ALoader::kWalks && interior[0] > first;
         // The kernel's schedule (run_mainloop) over Arch::kStages stages, each step by every
         // thread in turn. An MMA reads its stage when issued (multiply) and may still read it
         // until retired: the model takes a copy at issue, multiplies when it retires, and fails
@@ -378,28 +381,38 @@ int check_conv(const Geometry& geometry, const std::string& layout) {
                                                                    : feedback.scale * xi;
             feedback_weight[key] = round_operand<Element>(feedback_transform<float>(rule, w, r, xi, feedback.scale));
           }
+    // Scattered from every (output pixel, tap) to the input pixel the tap reads (the forward's
+    // own definition, tap_position), so no inverse of the index is assumed.
+    const int64_t pixels = s.batch * s.in_h * s.in_w;
+    std::vector<double> sums(static_cast<size_t>(pixels * s.in_channels)), abs_sums(sums.size());
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t oh = 0; oh < s.out_h; ++oh)
+        for (int64_t ow = 0; ow < s.out_w; ++ow)
+          for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+            for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+              int64_t th, tw;
+              if (!tap_position(s, oh, ow, kh, kw, th, tw)) {
+                continue;
+              }
+              const int64_t at = ((n * s.in_h + th) * s.in_w + tw) * s.in_channels;
+              for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+                const double d = delta.value(n, oc, oh, ow);
+                for (int64_t c = 0; c < s.in_channels; ++c) {
+                  const double b = feedback_weight[((oc * s.in_channels + c) * s.kernel_h + kh) * s.kernel_w + kw];
+                  const double term = d * b;
+                  sums[at + c] += term;
+                  abs_sums[at + c] += std::fabs(term);
+                }
+              }
+            }
     Comparison compare{"grad_input", output_tolerance<Element>()};
     for (int64_t n = 0; n < s.batch; ++n)
       for (int64_t c = 0; c < s.in_channels; ++c)
         for (int64_t h = 0; h < s.in_h; ++h)
           for (int64_t w = 0; w < s.in_w; ++w) {
-            double sum = 0.0, abs_sum = 0.0;
-            for (int64_t oc = 0; oc < s.out_channels; ++oc)
-              for (int64_t oh = 0; oh < s.out_h; ++oh)
-                for (int64_t ow = 0; ow < s.out_w; ++ow)
-                  for (int64_t kh = 0; kh < s.kernel_h; ++kh)
-                    for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
-                      int64_t th, tw;
-                      if (tap_position(s, oh, ow, kh, kw, th, tw) && th == h && tw == w) {
-                        const double term =
-                            delta.value(n, oc, oh, ow) *
-                            feedback_weight[((oc * s.in_channels + c) * s.kernel_h + kh) * s.kernel_w + kw];
-                        sum += term;
-                        abs_sum += std::fabs(term);
-                      }
-                    }
+            const int64_t at = ((n * s.in_h + h) * s.in_w + w) * s.in_channels + c;
             const double factor = scale_in_epilogue ? rms_scale : 1.0;
-            compare(grad_x.value(n, c, h, w), factor * sum, factor * abs_sum);
+            compare(grad_x.value(n, c, h, w), factor * sums[at], factor * abs_sums[at]);
           }
     failures += report(name + " " + rule_names[which], compare);
   }
@@ -883,6 +896,29 @@ int main() {
       failures += check_conv<Tf32>(geometries[g], layout);
     }
   }
+  // Channels in whole k-tiles (64 bf16 / fp16, 32 tf32): channels_last walks its taps (TapWalk),
+  // masks and all, next to NCHW on the same shapes; ragged pixels and in channels at the edges.
+  const Geometry walked[] = {
+      {3, 64, 7, 7, 64, 3, 3, 1, 1, 1, 1, 1, 1},     // 3x3, two tiles of pixels (the second ragged)
+      {1, 64, 6, 7, 128, 3, 3, 1, 1, 1, 1, 1, 1},    // two k-tiles per tap; the forward's B inside
+      {2, 64, 9, 8, 64, 3, 3, 2, 2, 1, 1, 1, 1},     // stride 2: grad_input's taps skip pixels
+      {1, 72, 9, 9, 64, 3, 3, 1, 1, 2, 2, 2, 2},     // dilation 2; 72 in channels: ragged B rows
+      {2, 64, 6, 7, 64, 2, 3, 1, 2, 0, 1, 1, 1},     // 2x3 kernel, mixed stride and padding
+      {1, 136, 5, 5, 64, 1, 1, 1, 1, 0, 0, 1, 1},    // 1x1; two tiles of in channels
+      {1, 64, 4, 5, 128, 3, 2, 2, 1, 2, 0, 1, 3},    // stride 2 x 1, dilation 1 x 3, uneven padding
+  };
+  for (const auto& geometry : walked) {
+    for (const char* layout : {"nchw", "channels_last"}) {
+      failures += check_conv<Bf16>(geometry, layout);
+    }
+  }
+  failures += check_conv<Fp16>(walked[1], "channels_last");
+  failures += check_conv<Fp16>(walked[2], "channels_last");
+  failures += check_conv<Tf32>(Geometry{2, 32, 6, 5, 32, 3, 3, 1, 1, 1, 1, 1, 1}, "channels_last");
+  failures += check_conv<Tf32>(Geometry{1, 40, 7, 7, 96, 3, 3, 2, 2, 1, 1, 1, 1}, "channels_last");
+  std::printf("%-58s %-14s %7lld CTAs%s\n", "tap walks", "CTAs walked", static_cast<long long>(walked_ctas),
+              walked_ctas == 0 ? "  FAILED (no CTA took the walk)" : "");
+  failures += walked_ctas == 0;
   failures += check_packed_sign<Bf16>() + check_packed_sign<Fp16>();
   failures += check_packed_fast_path<Bf16>() + check_packed_fast_path<Fp16>();
   failures += check_linear<Bf16>(37, 70, 130);
