@@ -522,7 +522,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     for (int64_t first = 0; first < out_channels; first += per) {
       const at::Tensor slab = weight.narrow(0, first, std::min(per, out_channels - first));
       double slab_rms = 1.0; // B is sign(W's slab): the slab's rms comes back instead of going into B
-      const at::Tensor b = feedback_for_backward(slab, feedback, rng, rule, scale, distribution, &slab_rms);
+      const at::Tensor b =
+          feedback_for_backward(slab, std::nullopt, std::nullopt, rule, scale, distribution, &slab_rms);
       sum_of_squares += slab_rms * slab_rms * static_cast<double>(slab.numel());
       at::Tensor share = std::get<0>(at::convolution_backward(
           delta.narrow(1, first, slab.size(0)), input, b, std::nullopt, stride, padding, dilation,
