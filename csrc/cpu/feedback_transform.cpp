@@ -13,18 +13,24 @@
 #include <cmath>
 #include <functional>
 
+// With GCC on x86-64 Linux (ifunc), a function marked FASTFA_AVX2_CLONES is built twice, for AVX2
+// and for the baseline, and the loader picks the AVX2 clone where the CPU has it: the wheel's
+// baseline flags stay portable while the hot loops get 8-lane vectors.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTFA_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTFA_AVX2_CLONES
+#endif
+
 namespace fastfa {
 namespace {
 
 // Unit draws for `count` consecutive elements. The Philox rounds run over a small array
 // with no branches, so the compiler vectorises them (32x32->64-bit multiplies map to
 // pmuludq); one element at a time they would cost ~25 ns each.
-// With GCC on x86-64 an AVX2 clone (8 lanes) is picked at load time where the CPU has it.
 constexpr int64_t kDrawChunk = 256;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+FASTFA_AVX2_CLONES
 void unit_draws(uint64_t seed, uint64_t step, int64_t begin, int64_t count, Distribution distribution,
                 DrawIndex draw_index, float* xi) {
   if (draw_index.channels_last) {
@@ -145,12 +151,10 @@ void transform_kernel(const scalar_t* weight, const scalar_t* stored, scalar_t* 
 // The sum is in double, in chunks of kSumGrain with eight lanes per chunk (so the loop vectorises
 // without reassociating one accumulator). B's values are those of scale * sign_of(w) in
 // feedback_transform, rounded once at s.
-// With GCC on x86-64 an AVX2 clone is picked at load time where the CPU has it. B never aliases W
-// (__restrict__): otherwise each store to B could change W, and the loop stays scalar.
+// B never aliases W (__restrict__): otherwise each store to B could change W, and the loop stays
+// scalar.
 template <typename scalar_t>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+FASTFA_AVX2_CLONES
 double signs_and_sum_of_squares(const scalar_t* __restrict__ weight, scalar_t* __restrict__ out, int64_t begin,
                                 int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -177,9 +181,7 @@ double signs_and_sum_of_squares(const scalar_t* __restrict__ weight, scalar_t* _
 }
 
 template <typename scalar_t>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+FASTFA_AVX2_CLONES
 void scale_range(scalar_t* out, int64_t begin, int64_t end, at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t i = begin; i < end; ++i) {
