@@ -1580,7 +1580,14 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
       [&] {
         if constexpr (Arch::kGmma) math.wait_for_previous();
       });
-  if constexpr (Arch::kGmma) math.wait();
+  // Completes the last wgmmas only on the path that issued them. A CTA with no k-tile (an empty
+  // split) reaches the epilogue with the cleared accumulators, and the compiler materialises
+  // those zeros as moves on its own path. Were that path to join the mainloop's before this
+  // wait, ptxas would see non-wgmma definitions of the accumulators while wgmmas are in flight
+  // and serialise every wgmma of the kernel (C7515; seen on the tf32 bodies).
+  if constexpr (Arch::kGmma) {
+    if (first < end) math.wait();
+  }
 
   if (sums_rows) {
     if (first >= end) {
