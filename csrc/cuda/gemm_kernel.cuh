@@ -1559,7 +1559,6 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   int64_t first, end;
   split_tiles((problem.k + kTileK - 1) / kTileK, problem.k_tiles_per_split, split, first, end);
   const int64_t interior = start_interior(a_loader, b_loader, problem.k, m0, n0, first, end);
-  const bool issues_mmas = first < end;
   auto fetch = [&](int64_t tile) { fetch_tile(a_loader, b_loader, tile, interior, m0, n0); };
   auto commit = [&](int stage, int64_t tile) {
     unsigned char* tiles = shared + stage * kStageBytes;
@@ -1568,30 +1567,30 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   };
   math.bind(shared, b_loader.mn_shared());
   constexpr int kAhead = tiles_ahead<Arch>();
-  // Only a CTA with k-tiles issues wgmmas, and it completes them inside this branch. A CTA
-  // with none (an empty split) reaches the epilogue with the cleared accumulators, which the
-  // compiler materialises as moves on its own path; were that path to join the mainloop's
-  // before the final wait, ptxas would see non-wgmma definitions of the accumulators while
-  // wgmmas are in flight and serialise every wgmma of the kernel (C7515, as the tf32 bodies were).
-  if (issues_mmas) {
-    run_mainloop<Arch>(
-        first, end, fetch, commit, [] { commit_async_copies(); },
-        [] {
-          // This thread's copies of the tile to read done (the kAhead - 1 later groups may still
-          // run), its stores made visible to wgmma, and everyone's, by the barrier.
-          wait_async_copies<kAhead - 1>();
-          if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
-          __syncthreads();
-        },
-        [&](int stage) { math.multiply_stage(stage); },
-        [&] {
-          if constexpr (Arch::kGmma) math.wait_for_previous();
-        });
-    if constexpr (Arch::kGmma) math.wait();
+  run_mainloop<Arch>(
+      first, end, fetch, commit, [] { commit_async_copies(); },
+      [] {
+        // This thread's copies of the tile to read done (the kAhead - 1 later groups may still
+        // run), its stores made visible to wgmma, and everyone's, by the barrier.
+        wait_async_copies<kAhead - 1>();
+        if constexpr (Arch::kGmma) fence_shared_for_async_proxy();
+        __syncthreads();
+      },
+      [&](int stage) { math.multiply_stage(stage); },
+      [&] {
+        if constexpr (Arch::kGmma) math.wait_for_previous();
+      });
+  // Completes the last wgmmas only on the path that issued them. A CTA with no k-tile (an empty
+  // split) reaches the epilogue with the cleared accumulators, and the compiler materialises
+  // those zeros as moves on its own path. Were that path to join the mainloop's before this
+  // wait, ptxas would see non-wgmma definitions of the accumulators while wgmmas are in flight
+  // and serialise every wgmma of the kernel (C7515; seen on the tf32 bodies).
+  if constexpr (Arch::kGmma) {
+    if (first < end) math.wait();
   }
 
   if (sums_rows) {
-    if (!issues_mmas) {
+    if (first >= end) {
       __syncthreads();  // the zeroing above still needs its barrier
     }
     a_loader.reduce_row_sums(row_sums);
