@@ -1584,7 +1584,8 @@ __device__ __forceinline__ void gemm_body(const Gemm& problem, Transform transfo
   // split) reaches the epilogue with the cleared accumulators, and the compiler materialises
   // those zeros as moves on its own path. Were that path to join the mainloop's before this
   // wait, ptxas would see non-wgmma definitions of the accumulators while wgmmas are in flight
-  // and serialise every wgmma of the kernel (C7515; seen on the tf32 bodies).
+  // and serialise every wgmma of the kernel (C7515; the tf32 bodies were, until
+  // benchmarks/results/2026-12-01-tf32-wgmma-serialised.md).
   if constexpr (Arch::kGmma) {
     if (first < end) math.wait();
   }
