@@ -28,6 +28,9 @@ class Kernel:
     name: str
     opcodes: Counter = field(default_factory=Counter)  # base opcode: HGMMA, LDL, ...
     instructions: Counter = field(default_factory=Counter)  # with modifiers: HGMMA.64x128x16.F32.BF16
+    # Of those, the HGMMAs marked gsb0: they wait for the wgmmas issued before them to complete. A
+    # pipelined k-tile marks only its last; every one marked is ptxas serialising them (C7515).
+    waiting: Counter = field(default_factory=Counter)
 
     @property
     def local_memory_accesses(self) -> int:
@@ -46,6 +49,8 @@ def parse_sass(text: str) -> list[Kernel]:
         elif kernels and (match := _INSTRUCTION.search(line)):
             kernels[-1].opcodes[match.group(1).split(".")[0]] += 1
             kernels[-1].instructions[match.group(1)] += 1
+            if "gsb0" in line:
+                kernels[-1].waiting[match.group(1)] += 1
     return kernels
 
 

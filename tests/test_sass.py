@@ -7,7 +7,8 @@ Runs without a GPU: `cuobjdump -sass` disassembles the CUDA-built extension
 (FASTFA_SASS_LIB=path/to/_C*.so, else the imported fastfa._C when it was built with the
 fused kernels). Every fused GEMM kernel whose body is compiled for a cubin must contain
 the tensor-core instruction of that architecture (HGMMA from wgmma on sm_90a, HMMA from
-mma.sync elsewhere), no local-memory loads or stores (LDL / STL: spilled registers), and use
+mma.sync elsewhere), on sm_90a not every one of them waiting for the last (ptxas's serialised
+wgmma, C7515), no local-memory loads or stores (LDL / STL: spilled registers), and use
 no more registers per thread than REGISTER_CEILINGS allows. Without a build the test skips,
 unless FASTFA_EXPECT_SM90A=1 (CI's SASS stage): then a missing build or tool, or a build
 without sm_90a code, fails. The CPU checks of the data path skip without nvcc or the CUTLASS
@@ -44,8 +45,10 @@ STUB_INSTRUCTIONS = 16
 TENSOR_CORE_SHAPES = {"HGMMA": ("HGMMA.64x128x",), "HMMA": ("HMMA.16816.F32", "HMMA.1688.F32")}
 
 
-def tensor_core_count(kernel: Kernel, opcode: str) -> int:
-    return sum(n for name, n in kernel.instructions.items() if name.startswith(TENSOR_CORE_SHAPES[opcode]))
+def tensor_core_count(kernel: Kernel, opcode: str, waiting: bool = False) -> int:
+    """The kernel's own MMAs; with `waiting`, those that wait for the ones before them (gsb0)."""
+    counts = kernel.waiting if waiting else kernel.instructions
+    return sum(n for name, n in counts.items() if name.startswith(TENSOR_CORE_SHAPES[opcode]))
 
 
 def policy(kernel: Kernel) -> str:
@@ -110,9 +113,14 @@ def check_kernels(kernels: list[Kernel], registers: dict) -> list[str]:
             if kernel.arch != arch:
                 continue
             if policy(kernel) == expected:
-                if tensor_core_count(kernel, opcode) == 0:
+                mmas = tensor_core_count(kernel, opcode)
+                if mmas == 0:
                     problems.append(f"{arch} {kernel.name}: no {' / '.join(TENSOR_CORE_SHAPES[opcode])} "
                                     "(tensor cores unused)")
+                elif opcode == "HGMMA" and mmas > 1 and tensor_core_count(kernel, opcode, waiting=True) == mmas:
+                    # ptxas C7515: each wgmma waits for the last (2026-12-01-tf32-wgmma-serialised.md)
+                    problems.append(f"{arch} {kernel.name}: every HGMMA waits for the one before it (gsb0): "
+                                    "wgmma serialised")
                 if kernel.local_memory_accesses:
                     problems.append(f"{arch} {kernel.name}: {kernel.local_memory_accesses} LDL/STL "
                                     "(registers spilled to local memory)")
@@ -130,8 +138,8 @@ def check_kernels(kernels: list[Kernel], registers: dict) -> list[str]:
 
 def test_checker_flags_kernels_without_tensor_cores_with_spills_or_too_many_registers():
     """The checker itself fails a GEMM without its HGMMA (FFMA and ptxas's placeholder HGMMA only),
-    one with STL, one above its family's register ceiling, one without a register count, and a
-    missing instantiation."""
+    one with STL, one above its family's register ceiling, one without a register count, one whose
+    wgmmas are serialised (every HGMMA gsb0), and a missing instantiation."""
     name = "_ZN6fastfa4gemm17fused_gemm_kernelINS0_8Sm90GmmaENS0_4Bf16E{}EEvNS0_7ProblemET1_T2_"
     usf = "NS0_13RuleTransformILNS_4RuleE2EEENS0_13StoreEpilogueIS3_NS0_12MatrixOutputEEE{}"
     forward = "NS0_17IdentityTransformENS0_22BiasActivationEpilogueIS3_NS5_11ImageOutputEEE{}"
@@ -143,8 +151,9 @@ def test_checker_flags_kernels_without_tensor_cores_with_spills_or_too_many_regi
     registers[("sm_90a", names[3])] = REGISTER_CEILINGS["forward"] + 1
     del registers[("sm_90a", names[4])]
     for index, kernel in enumerate(names):
+        mma = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24"
         body = (["FFMA R1, R2, R3, R4 ;", "HGMMA.64x8x16.F16 R0, gdesc[UR4], RZ ;"] if index == 0
-                else ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;"])
+                else [f"{mma}, gsb0 ;"] * 2 if index == 5 else [f"{mma} ;", f"{mma}, gsb0 ;"])
         if index == 1:
             body.append("STL [R1+0x10], R5 ;")
         listing.append(f"\t\tFunction : {kernel}")
@@ -156,8 +165,10 @@ def test_checker_flags_kernels_without_tensor_cores_with_spills_or_too_many_regi
     assert any(f"{REGISTER_CEILINGS['forward'] + 1} registers" in p and "'forward'" in p and names[3] in p
                for p in problems), problems
     assert any("no register count" in p and names[4] in p for p in problems), problems
-    assert len(problems) == 5, problems
-    problems = check_kernels(parse_sass("\n".join(listing[:-2])), registers)  # one kernel fewer
+    assert any("wgmma serialised" in p and names[5] in p for p in problems), problems
+    assert len(problems) == 6, problems
+    last = max(i for i, line in enumerate(listing) if "Function :" in line)
+    problems = check_kernels(parse_sass("\n".join(listing[:last])), registers)  # one kernel fewer
     assert any("expected" in p for p in problems), problems
 
 
