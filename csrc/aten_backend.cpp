@@ -490,19 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   constexpr int64_t kDeferMin = 16384;
   double deferred_scale = 1.0;
   const bool defer = input.numel() + kDeferMin < weight.numel();
-  // usf on the CPU with a filter over kSlabBytes (resnet18's 512x512x3x3, 9.4 MB in fp32): B, oneDNN's
-  // blocked copy of it and W's stream do not stay in the 32 MiB L3 together, and each such layer's
-  // grad_input cost 0.7-1.0 ms over bp's (up to 4.7 MB: none). So grad_input goes by slabs of output
-  // channels: sign(W) of a slab, then its share of grad_input (delta's channels of the slab against
-  // that B), summed over slabs; s from the slabs' sums of squares, on grad_input (deferred, as
-  // above). 0.2-0.3 ms over bp per such layer; grad_weight in one call as before (it reads no filter
-  // values). Only NCHW-contiguous W, whose output-channel slabs are contiguous.
-  constexpr int64_t kSlabBytes = int64_t(5) << 20;
-  const int64_t weight_bytes = weight.numel() * static_cast<int64_t>(weight.element_size());
-  const bool slabs = defer && output_mask[0] && groups == 1 && weight.is_cpu() && scale_from_weight(kind, scale) &&
-                     (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble) &&
-                     weight_bytes > kSlabBytes && weight.is_contiguous();
-  const at::Tensor filter = output_mask[0] && !slabs
+  const at::Tensor filter = output_mask[0]
                                 ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution,
                                                         defer ? &deferred_scale : nullptr)
                                 : weight;
@@ -512,26 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const Widening fp32{widens_to_fp32(input), input.scalar_type()};
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
       fp32.in(delta), fp32.in(input), fp32.in(filter), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-      stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-      {mask[0] && !slabs, mask[1], mask[2]});
-  if (slabs) {
-    const int64_t out_channels = weight.size(0);
-    const int64_t count = (weight_bytes + kSlabBytes - 1) / kSlabBytes;
-    const int64_t per = (out_channels + count - 1) / count;
-    double sum_of_squares = 0.0;
-    for (int64_t first = 0; first < out_channels; first += per) {
-      const at::Tensor slab = weight.narrow(0, first, std::min(per, out_channels - first));
-      double slab_rms = 1.0; // B is sign(W's slab): the slab's rms comes back instead of going into B
-      const at::Tensor b =
-          feedback_for_backward(slab, std::nullopt, std::nullopt, rule, scale, distribution, &slab_rms);
-      sum_of_squares += slab_rms * slab_rms * static_cast<double>(slab.numel());
-      at::Tensor share = std::get<0>(at::convolution_backward(
-          delta.narrow(1, first, slab.size(0)), input, b, std::nullopt, stride, padding, dilation,
-          /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, false, false}));
-      grad_input = first == 0 ? share : grad_input.add_(share);
-    }
-    deferred_scale = std::sqrt(sum_of_squares / static_cast<double>(weight.numel()));
-  }
+      stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
   if (deferred_scale != 1.0) scale_(grad_input, deferred_scale);
   grad_input = fp32.out(grad_input);
   grad_weight = fp32.out(grad_weight);

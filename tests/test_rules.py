@@ -73,15 +73,12 @@ def test_conv2d_matches_oracle(rule, dtype, case):
 
 # usf's rms scale s on the CPU goes into B, into Linear's GEMM as alpha, or onto a convolution's
 # grad_input (where grad_input is the smaller by 16384 elements); the transform's pass runs on the
-# calling thread below 131072 elements of W and in parallel above; a filter over 5 MiB goes by slabs
-# of output channels. Each way against the oracle.
+# calling thread below 131072 elements of W and in parallel above. Each way against the oracle.
 USF_SCALE_CASES = {
     "conv-s-on-grad-input": (dict(in_channels=64, out_channels=128, kernel_size=3, padding=1), (1, 64, 3, 3)),
     "conv-s-on-grad-input-parallel": (dict(in_channels=128, out_channels=256, kernel_size=3), (1, 128, 4, 4)),
     "conv-s-in-b-parallel": (dict(in_channels=64, out_channels=256, kernel_size=3, padding=1), (1, 64, 48, 48)),
     "linear-alpha-parallel": (dict(in_features=512, out_features=300), (5, 512)),
-    # a filter over 5 MiB: grad_input by slabs of output channels (2 in fp32, 3 uneven in fp64)
-    "conv-s-on-grad-input-slabs": (dict(in_channels=512, out_channels=301, kernel_size=3, padding=1), (2, 512, 2, 2)),
 }
 
 
