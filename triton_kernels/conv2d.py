@@ -42,12 +42,11 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op
 
 from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
-from . import input_precision, launch, unsupported_reason
+from . import define_op, input_precision, launch, unsupported_reason
 from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, activation_delta, apply_activation, draw_noise,
                      draws_once, gemm_configs, grouped_tile, materialise_feedback, rows_bucket_of)
 
@@ -405,7 +404,7 @@ def _check_conv2d(input, weight, bias, stride, padding, dilation, groups, alignm
         raise RuntimeError(f"fastfa: activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
 
 
-@triton_op("fastfa::triton_conv2d", mutates_args=())
+@define_op("triton_conv2d")
 def triton_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None, rng: Tensor | None,
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, rule: int,
                   scale: float, distribution: int, alignment: Sequence[float],
@@ -456,7 +455,7 @@ def _feedback_gradient(rule, feedback, weight, delta, x, projection, rng, alignm
     return gw, gb, gf
 
 
-@triton_op("fastfa::triton_conv2d_backward", mutates_args=())
+@define_op("triton_conv2d_backward")
 def triton_conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, feedback: Tensor | None,
                            rng: Tensor | None, activation_saved: Tensor, projection: Tensor, stride: Sequence[int],
                            padding: Sequence[int], dilation: Sequence[int], groups: int, rule: int, scale: float,

@@ -19,10 +19,9 @@ import math
 import torch
 import triton
 from torch import Tensor
-from torch.library import triton_op
 
 from .. import _backend
-from . import input_precision, launch, unsupported_reason
+from . import define_op, input_precision, launch, unsupported_reason
 from .linear import _draw_arguments, _grad_input_kernel, rows_bucket_of
 
 _FA = 1
@@ -50,7 +49,7 @@ def _check_product(error, rng, input_numel, scale, distribution, block_elements)
         raise RuntimeError(f"fastfa: block_elements must be positive, got {block_elements}")
 
 
-@triton_op("fastfa::triton_direct_feedback_product", mutates_args=())
+@define_op("triton_direct_feedback_product")
 def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale: float, distribution: int,
                             block_elements: int) -> Tensor:
     """e [rows, K] @ B_l [K, F] -> [rows, F] in e's dtype; rng the layer's int64 [seed, step].

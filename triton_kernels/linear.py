@@ -47,12 +47,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op
 
 from .. import _C, _backend
 from .. import ops as _ops
 from . import feedback as fb
-from . import input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
+from . import define_op, input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
@@ -549,7 +548,7 @@ def _rows(input, in_features: int) -> int:
     return input.numel() // in_features if in_features else math.prod(input.shape[:-1])
 
 
-@triton_op("fastfa::triton_linear", mutates_args=())
+@define_op("triton_linear")
 def triton_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None, rng: Tensor | None,
                   rule: int, scale: float, distribution: int, alignment: Sequence[float],
                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -600,7 +599,7 @@ def _feedback_gradient(rule, feedback, weight, delta, x, projection, rng, alignm
     return gw, gb, gf
 
 
-@triton_op("fastfa::triton_linear_backward", mutates_args=())
+@define_op("triton_linear_backward")
 def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, feedback: Tensor | None,
                            rng: Tensor | None, activation_saved: Tensor, projection: Tensor, rule: int, scale: float,
                            distribution: int, alignment: Sequence[float], activation: str,
