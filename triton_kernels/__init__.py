@@ -107,11 +107,13 @@ def unsupported_reason(tensor) -> str | None:
     """Why the Triton kernels cannot run a call on ``tensor`` (its dtype and device), or None."""
     if tensor.dtype == torch.float64:
         return "fp64: the Triton kernels compute in fp32"
-    if tensor.device.type == "cpu" and not INTERPRETED.value:
-        return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-    if tensor.device.type not in ("cpu", "cuda"):
-        return f"tensors on {tensor.device}"
-    return None
+    # is_cuda / is_cpu, not device.type, which builds a string on each call (0.7 µs); a fake
+    # tensor answers them for the device it stands for.
+    if tensor.is_cuda:
+        return None
+    if tensor.is_cpu:
+        return None if INTERPRETED.value else "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+    return f"tensors on {tensor.device}"
 
 
 def tma_ready(tensor) -> bool:

@@ -244,14 +244,14 @@ class _Geometry:
     """The convolution's sizes and hyper-parameters, as the kernels take them."""
 
     def __init__(self, input_shape, weight_shape, stride, padding, dilation, groups):
-        self.batch, _, self.in_h, self.in_w = input_shape
-        out_channels, self.in_per_group, self.kernel_h, self.kernel_w = weight_shape
+        self.batch, _, in_h, in_w = input_shape
+        out_channels, self.in_per_group, kernel_h, kernel_w = weight_shape
+        self.in_h, self.in_w, self.kernel_h, self.kernel_w = in_h, in_w, kernel_h, kernel_w
         self.groups, self.out_per_group = groups, out_channels // groups
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        self.out_h, self.out_w = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((self.in_h, self.in_w), padding, dilation, (self.kernel_h, self.kernel_w),
-                                        stride))
+        # Written out per axis: a generator over zip costs a microsecond more, per op call.
+        self.out_h = (in_h + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+        self.out_w = (in_w + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
 
     def arguments(self):
         return (self.batch, self.in_h, self.in_w, self.out_h, self.out_w, self.in_per_group, self.out_per_group,
@@ -377,25 +377,28 @@ def _outer(delta, x, weight, geometry, *, grad_weight=None, grad_bias=False, gra
 
 def _check_conv2d(input, weight, bias, stride, padding, dilation, groups, alignment, activation) -> None:
     """The aten op's checks (csrc/aten_backend.cpp), with its messages, before any kernel runs."""
-    if weight.dim() != 4:
+    # Each tensor property read once: every read is a call into C++ (0.1-0.2 µs), twice a step.
+    shape, input_shape, dtype, device = weight.shape, input.shape, weight.dtype, weight.device
+    if len(shape) != 4:
         raise RuntimeError(f"fastfa: conv2d weight must be 4-D (out, in/groups, kh, kw), got {weight.dim()}-D")
-    if input.dim() != 4:
-        raise RuntimeError(f"fastfa: conv2d input must be 4-D (N, C, H, W), got shape {list(input.shape)}")
-    if not (groups >= 1 and weight.shape[0] % groups == 0 and input.shape[1] == weight.shape[1] * groups):
-        raise RuntimeError(f"fastfa: conv2d input must have in_channels={weight.shape[1] * groups} (groups={groups}), "
-                           f"got shape {list(input.shape)}")
-    if input.dtype != weight.dtype:
-        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {weight.dtype}")
-    if input.device != weight.device:
-        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {weight.device}")
+    if len(input_shape) != 4:
+        raise RuntimeError(f"fastfa: conv2d input must be 4-D (N, C, H, W), got shape {list(input_shape)}")
+    if not (groups >= 1 and shape[0] % groups == 0 and input_shape[1] == shape[1] * groups):
+        raise RuntimeError(f"fastfa: conv2d input must have in_channels={shape[1] * groups} (groups={groups}), "
+                           f"got shape {list(input_shape)}")
+    if input.dtype != dtype:
+        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {dtype}")
+    if input.device != device:
+        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {device}")
     if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise RuntimeError(f"fastfa: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
-        if bias.dtype != weight.dtype or bias.device != weight.device:
+        bias_shape = bias.shape
+        if len(bias_shape) != 1 or bias_shape[0] != shape[0]:
+            raise RuntimeError(f"fastfa: bias must have shape [{shape[0]}], got {list(bias_shape)}")
+        if bias.dtype != dtype or bias.device != device:
             raise RuntimeError("fastfa: bias must have weight's dtype and device")
     if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise RuntimeError("fastfa: stride, padding and dilation must have 2 values each")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+    if stride[0] < 1 or stride[1] < 1 or dilation[0] < 1 or dilation[1] < 1 or padding[0] < 0 or padding[1] < 0:
         raise RuntimeError(f"fastfa: conv2d needs stride >= 1, dilation >= 1 and padding >= 0, got stride={stride}, "
                            f"padding={padding}, dilation={dilation}")
     if len(alignment) != 4:

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .. import _C, _backend
+from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import define_op, input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
@@ -413,13 +413,14 @@ def draws_once(rule: int, has_feedback: bool, rows: int, weight: Tensor) -> bool
     it back, rather than drawing it in the GEMM: every row tile draws it again there, a Philox call
     per four elements per tile, which outgrows one W-sized write and read as the rows grow; below
     that B never exists in memory. The cuda ops' cost model decides, on Triton's constants
-    (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate): one
-    C++ call per call, which answers with the row count from which it draws once: compared here with
-    rows, a size torch.compile traces symbolically records a guard on the comparison, not on the
-    size (a yes / no from C++ would need int(rows) and fix the batch)."""
+    (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate), which
+    answers with the row count from which it draws once (asked once per layer shape and dtype,
+    _backend.triton_draw_once_rows): compared here with rows, a size torch.compile traces
+    symbolically records a guard on the comparison, not on the size (a yes / no from C++ would need
+    int(rows) and fix the batch)."""
     if not fb.draws(rule, has_feedback):
         return False
-    return rows >= _C._triton_draw_once_rows(rule, int(weight.numel()), weight.dtype)
+    return rows >= _backend.triton_draw_once_rows(rule, int(weight.numel()), weight.dtype)
 
 
 def _draw_arguments(rule, feedback, in_features):
@@ -440,6 +441,18 @@ def materialise_feedback(weight, feedback, rng, rule, scale, distribution):
     return b
 
 
+_TMA = {}
+
+
+def _has_tma(device) -> bool:
+    """Whether a GPU has TMA (sm_90 and newer), asked once per device: torch.cuda's query costs
+    microseconds of Python per call."""
+    has = _TMA.get(device)
+    if has is None:
+        has = _TMA[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return has
+
+
 def _tensor_descriptors(delta, weight, stored, rule, has_feedback) -> bool:
     """Whether _grad_input_kernel loads its operands through tensor descriptors (TMA), per
     FASTFA_TRITON_TMA, read at every call: "auto" (the default) on GPUs with TMA (sm_90 and newer),
@@ -455,7 +468,7 @@ def _tensor_descriptors(delta, weight, stored, rule, has_feedback) -> bool:
     if fb.INTERPRETED.value:
         if mode != "1":
             return False
-    elif delta.device.type != "cuda" or torch.cuda.get_device_capability(delta.device)[0] < 9:
+    elif not (delta.is_cuda and _has_tma(delta.device)):
         return False
     operands = [delta]
     if fb.reads_weight(rule):
@@ -476,7 +489,7 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution):
     stored = feedback if feedback is not None else weight
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     descriptors = _tensor_descriptors(delta, weight, stored, rule, feedback is not None)
-    if descriptors and delta.device.type == "cuda" and not is_fake(delta):
+    if descriptors and delta.is_cuda and not is_fake(delta):
         set_scratch_allocator()
     launch(_grad_input_kernel,
             lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
@@ -524,19 +537,23 @@ def draw_noise(like, rng, scale, distribution):
 
 def _check_linear(input, weight, bias, alignment, activation) -> None:
     """The aten op's checks (csrc/aten_backend.cpp), with its messages, before any kernel runs."""
-    if weight.dim() != 2:
+    # Each tensor property read once: every read is a call into C++ (0.1-0.2 µs), twice a step.
+    shape, dtype, device = weight.shape, weight.dtype, weight.device
+    if len(shape) != 2:
         raise RuntimeError(f"fastfa: linear weight must be 2-D (out_features, in_features), got {weight.dim()}-D")
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise RuntimeError(f"fastfa: input's last dimension must be in_features={weight.shape[1]}, got shape "
-                           f"{list(input.shape)}")
-    if input.dtype != weight.dtype:
-        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {weight.dtype}")
-    if input.device != weight.device:
-        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {weight.device}")
+    input_shape = input.shape
+    if not input_shape or input_shape[-1] != shape[1]:
+        raise RuntimeError(f"fastfa: input's last dimension must be in_features={shape[1]}, got shape "
+                           f"{list(input_shape)}")
+    if input.dtype != dtype:
+        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {dtype}")
+    if input.device != device:
+        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {device}")
     if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise RuntimeError(f"fastfa: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
-        if bias.dtype != weight.dtype or bias.device != weight.device:
+        bias_shape = bias.shape
+        if len(bias_shape) != 1 or bias_shape[0] != shape[0]:
+            raise RuntimeError(f"fastfa: bias must have shape [{shape[0]}], got {list(bias_shape)}")
+        if bias.dtype != dtype or bias.device != device:
             raise RuntimeError("fastfa: bias must have weight's dtype and device")
     if len(alignment) != 4:
         raise RuntimeError(f"fastfa: alignment must be [alpha, beta, gamma, sigma], got {len(alignment)} values")
