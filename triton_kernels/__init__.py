@@ -10,7 +10,7 @@ fastfa imports these modules on first use of the triton backend (fastfa.ops._Tri
 never at ``import fastfa``: Triton reads TRITON_INTERPRET when a kernel is defined.
 
 What every op module's launchers share is here: ``launch`` (a kernel call through
-torch.library.wrap_triton), ``input_precision`` (TF32 only where torch allows it) and
+torch.library.wrap_triton), ``cdiv`` (grid sizes), ``input_precision`` (TF32 only where torch allows it) and
 ``unsupported_reason`` (why a call must fall back to aten, or None); ``define_op`` (an op defined
 by torch.library.triton_op, with CPU and CUDA kernels that skip its per-call wrappers); for kernels that load through
 tensor descriptors (TMA), ``tma_ready`` (whether a tensor meets TMA's layout rules) and
@@ -28,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 
 from .feedback import INTERPRETED
 
-__all__ = ["launch", "input_precision", "unsupported_reason", "define_op", "tma_ready",
+__all__ = ["launch", "cdiv", "input_precision", "unsupported_reason", "define_op", "tma_ready",
            "set_scratch_allocator"]
 
 
@@ -94,6 +94,13 @@ def define_op(name: str):
         return op
 
     return define
+
+
+def cdiv(numerator, denominator):
+    """ceil(numerator / denominator), for launch grids: what triton.cdiv computes, without its
+    constexpr_function wrapper (Triton 3.6 and later: about a microsecond a call, several calls per
+    launch). Sizes torch.compile traces symbolically divide as well."""
+    return (numerator + denominator - 1) // denominator
 
 
 def input_precision(dtype) -> str:

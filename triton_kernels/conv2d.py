@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
-from . import define_op, input_precision, launch, unsupported_reason
+from . import cdiv, define_op, input_precision, launch, unsupported_reason
 from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, activation_delta, apply_activation, draw_noise,
                      draws_once, gemm_configs, grouped_tile, materialise_feedback, rows_bucket_of)
 
@@ -284,7 +284,7 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
         rows = geometry.batch * geometry.out_h * geometry.out_w
         columns, reduction = geometry.out_per_group, geometry.in_per_group * geometry.kernel_h * geometry.kernel_w
         launch(_forward_kernel,
-               lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]),
+               lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(columns, meta["BLOCK_N"]),
                              geometry.groups),
                x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
                projection if saves_projection else output, *geometry.arguments(), rows_bucket_of(rows), columns, reduction,
@@ -294,26 +294,33 @@ def _convolve(x, weight, bias, geometry, activation="none", saves_projection=Fal
     return output, saved, projection
 
 
-#: _taps's tables per (stride, padding, dilation, kernel, device): made once, as a fresh host-to-device
-#: copy in every backward would wait for the GPU.
+#: _taps's tables per (stride, padding, dilation, kernel size, device): made once, as a fresh
+#: host-to-device copy in every backward would wait for the GPU.
 _TAPS: dict = {}
 
 
-def _taps(stride, padding, dilation, kernel, like):
-    """int32 [stride, kernel + 1] on like's device: row r = [count, the taps k with stride | r + padding -
+def _taps(stride, padding, dilation, kernel, device):
+    """int32 [stride, kernel + 1] on device: row r = [count, the taps k with stride | r + padding -
     k dilation...], the taps that reach input positions r mod stride (the grad_input kernel's residue classes)."""
-    cached = not is_fake(like)  # shapes may be symbolic while tracing: hashing them would fail
-    key = (stride, padding, dilation, kernel, like.device) if cached else None
-    if cached and key in _TAPS:
-        return _TAPS[key]
     table = []
     for residue in range(stride):
         taps = [k for k in range(kernel) if (residue + padding - k * dilation) % stride == 0]
         table.append([len(taps), *taps, *[0] * (kernel - len(taps))])
-    table = torch.tensor(table, dtype=torch.int32, device=like.device)
-    if cached:
-        _TAPS[key] = table
-    return table
+    return torch.tensor(table, dtype=torch.int32, device=device)
+
+
+def _taps_tables(geometry, like):
+    """(_taps along H, along W) on like's device: one cache lookup per backward."""
+    # Shapes may be symbolic while tracing: hashing them would fail.
+    key = None if is_fake(like) else (geometry.stride, geometry.padding, geometry.dilation, geometry.kernel_h,
+                                      geometry.kernel_w, like.device)
+    tables = None if key is None else _TAPS.get(key)
+    if tables is None:
+        tables = tuple(_taps(s, p, d, k, like.device) for s, p, d, k in
+                       zip(geometry.stride, geometry.padding, geometry.dilation, (geometry.kernel_h, geometry.kernel_w)))
+        if key is not None:
+            _TAPS[key] = tables
+    return tables
 
 
 def _back(delta, weight, feedback, rng, rule, scale, distribution, input, geometry, memory_format):
@@ -330,13 +337,12 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution, input, geomet
         feedback, rule, rng = b.view(weight.shape), _FA, None
     stored = feedback if feedback is not None else weight
     columns, reduction = geometry.in_per_group, geometry.out_per_group * geometry.kernel_h * geometry.kernel_w
-    class_rows = geometry.batch * triton.cdiv(geometry.in_h, geometry.stride[0]) * triton.cdiv(geometry.in_w,
+    class_rows = geometry.batch * cdiv(geometry.in_h, geometry.stride[0]) * cdiv(geometry.in_w,
                                                                                              geometry.stride[1])
-    taps_h, taps_w = (_taps(s, p, d, k, delta) for s, p, d, k in
-                      zip(geometry.stride, geometry.padding, geometry.dilation, (geometry.kernel_h, geometry.kernel_w)))
+    taps_h, taps_w = _taps_tables(geometry, delta)
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     launch(_grad_input_kernel,
-           lambda meta: (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(class_rows, meta["BLOCK_M"]),
+           lambda meta: (cdiv(columns, meta["BLOCK_N"]) * cdiv(class_rows, meta["BLOCK_M"]),
                          geometry.groups * geometry.stride[0] * geometry.stride[1]),
            delta, weight, stored, rng, taps_h, taps_w, grad_input, *geometry.arguments(), rows_bucket_of(class_rows),
            columns, reduction, *delta.stride(), *weight.stride(), *stored.stride(), *grad_input.stride(), scale,
@@ -363,8 +369,8 @@ def _outer(delta, x, weight, geometry, *, grad_weight=None, grad_bias=False, gra
         rows = geometry.batch * geometry.out_h * geometry.out_w
         columns = geometry.in_per_group * geometry.kernel_h * geometry.kernel_w
         launch(_grad_weight_kernel,
-               lambda meta: (triton.cdiv(geometry.out_per_group, meta["BLOCK_M"])
-                             * (max(triton.cdiv(columns, meta["BLOCK_N"]), 1) if needs_product else 1), geometry.groups),
+               lambda meta: (cdiv(geometry.out_per_group, meta["BLOCK_M"])
+                             * (max(cdiv(columns, meta["BLOCK_N"]), 1) if needs_product else 1), geometry.groups),
                delta, x, addend_tensor, gw if gw is not None else placeholder,
                gb if gb is not None else placeholder, gf if gf is not None else placeholder, *geometry.arguments(),
                rows_bucket_of(rows), columns, rows, *delta.stride(), *x.stride(), *addend_tensor.stride(),
@@ -423,8 +429,8 @@ def triton_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: 
     reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_conv2d", reason)
-        return torch.ops.fastfa.conv2d(input, weight, bias, feedback, rng, stride, padding, dilation, groups, rule,
-                                       scale, distribution, alignment, activation)
+        return torch.ops.fastfa.conv2d.default(input, weight, bias, feedback, rng, stride, padding, dilation, groups,
+                                               rule, scale, distribution, alignment, activation)
     geometry = _Geometry(input.shape, weight.shape, stride, padding, dilation, groups)
     return _convolve(input, weight, bias, geometry, activation, saves_projection=rule in (_AA, _IA))
 
@@ -485,9 +491,9 @@ def triton_conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
     reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_conv2d_backward", reason)
-        return torch.ops.fastfa.conv2d_backward(grad_output, input, weight, feedback, rng, activation_saved,
-                                                projection, stride, padding, dilation, groups, rule, scale,
-                                                distribution, alignment, activation, output_mask)
+        return torch.ops.fastfa.conv2d_backward.default(grad_output, input, weight, feedback, rng, activation_saved,
+                                                        projection, stride, padding, dilation, groups, rule, scale,
+                                                        distribution, alignment, activation, output_mask)
     delta = activation_delta(grad_output, activation_saved, activation)
     # The aten op hands B (a stored one as it is) to convolution_backward in W's place.
     filter = feedback if output_mask[0] and feedback is not None and (rule == _FA or rule >= _KP) else weight

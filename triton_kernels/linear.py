@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
-from . import define_op, input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
+from . import cdiv, define_op, input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
@@ -307,7 +307,7 @@ def activation_delta(grad, saved, activation):
     delta = torch.empty_like(grad, memory_format=memory_format)
     if delta.numel():
         block = 1024
-        launch(_delta_kernel, (triton.cdiv(delta.numel(), block),), grad, saved, delta, delta.numel(),
+        launch(_delta_kernel, (cdiv(delta.numel(), block),), grad, saved, delta, delta.numel(),
                ACTIVATION=activation, BLOCK=block)
     return delta
 
@@ -388,6 +388,11 @@ def _draw_kernel(rng_ptr, out_ptr, numel, scale, DISTRIBUTION: tl.constexpr, BLO
 
 
 def rows_bucket_of(rows: int) -> int:
+    """rows rounded up to a power of two, the kernels' autotuning key: with int.bit_length, as
+    triton.next_power_of_2 (a constexpr_function, whose wrapper costs about a microsecond a call)
+    rounds it; a size torch.compile traces symbolically is rounded by Triton's own function."""
+    if isinstance(rows, int):
+        return 1 << (max(rows, 1) - 1).bit_length()
     return triton.next_power_of_2(max(rows, 1))
 
 
@@ -399,7 +404,7 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
     if output.numel():
         launch(_forward_kernel,
-                lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),),
+                lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(out_features, meta["BLOCK_N"]),),
                 x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
                 projection if saves_projection else output, rows, out_features, in_features, rows_bucket_of(rows),
                 *x.stride(), *weight.stride(), HAS_BIAS=bias is not None, ACTIVATION=activation,
@@ -434,7 +439,7 @@ def materialise_feedback(weight, feedback, rng, rule, scale, distribution):
     b = weight.new_empty(out_features, in_features)
     stored = feedback if feedback is not None else weight
     block_in, block_out = 64, 32
-    launch(_materialise_kernel, (triton.cdiv(in_features, block_in), triton.cdiv(out_features, block_out)), weight,
+    launch(_materialise_kernel, (cdiv(in_features, block_in), cdiv(out_features, block_out)), weight,
             stored, rng, b, out_features, in_features, *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, BLOCK_IN=block_in, BLOCK_OUT=block_out,
             **_draw_arguments(rule, feedback, in_features))
@@ -492,7 +497,7 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution):
     if descriptors and delta.is_cuda and not is_fake(delta):
         set_scratch_allocator()
     launch(_grad_input_kernel,
-            lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
+            lambda meta: (cdiv(in_features, meta["BLOCK_N"]) * cdiv(rows, meta["BLOCK_M"]),),
             delta, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
             *delta.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=scale_from_weight,
@@ -516,8 +521,8 @@ def _outer(delta, x, *, grad_weight=False, grad_bias=False, grad_feedback=False,
         # Only the bias: one tile column reads delta once and no GEMM runs. Column 0 also
         # exists (and stores grad_bias) when in_features is 0.
         launch(_grad_weight_kernel,
-                lambda meta: (triton.cdiv(out_features, meta["BLOCK_M"])
-                              * (max(triton.cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
+                lambda meta: (cdiv(out_features, meta["BLOCK_M"])
+                              * (max(cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
                 delta, x, addend_tensor, gw if gw is not None else placeholder,
                 gb if gb is not None else placeholder, gf if gf is not None else placeholder, rows, out_features,
                 in_features, rows_bucket_of(rows), *delta.stride(), *x.stride(), *addend_tensor.stride(),
@@ -530,7 +535,7 @@ def _outer(delta, x, *, grad_weight=False, grad_bias=False, grad_feedback=False,
 def draw_noise(like, rng, scale, distribution):
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if out.numel():
-        launch(_draw_kernel, lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
+        launch(_draw_kernel, lambda meta: (cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
                 scale, DISTRIBUTION=distribution, BLOCK=256)
     return out
 
@@ -580,8 +585,8 @@ def triton_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: 
     reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_linear", reason)
-        return torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment,
-                                       activation)
+        return torch.ops.fastfa.linear.default(input, weight, bias, feedback, rng, rule, scale, distribution,
+                                               alignment, activation)
     out_features, in_features = weight.shape
     x = input.reshape(_rows(input, in_features), in_features)
     output, saved, projection = _project(x, weight, bias, activation, saves_projection=rule in (_AA, _IA))
@@ -641,9 +646,9 @@ def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
     reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_linear_backward", reason)
-        return torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
-                                                projection, rule, scale, distribution, alignment, activation,
-                                                output_mask)
+        return torch.ops.fastfa.linear_backward.default(grad_output, input, weight, feedback, rng, activation_saved,
+                                                        projection, rule, scale, distribution, alignment, activation,
+                                                        output_mask)
     grad = grad_output.reshape(rows, out_features)
     # activation_saved is empty without an activation.
     saved = activation_saved.reshape(rows, out_features) if activation != "none" else grad
@@ -658,9 +663,8 @@ def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
             rule, feedback, weight, delta, x, r, rng, alignment, output_mask[1], output_mask[2])
     elif output_mask[1] or output_mask[2]:
         grad_weight, grad_bias, _ = _outer(delta, x, grad_weight=output_mask[1], grad_bias=output_mask[2])
-    empty = weight.new_empty(0)
     return (grad_input if grad_input is not None else input.new_empty(0),
-            grad_weight if grad_weight is not None else empty,
+            grad_weight if grad_weight is not None else weight.new_empty(0),
             grad_bias if grad_bias is not None else weight.new_empty(0),
             grad_feedback if grad_feedback is not None else weight.new_empty(0))
 
