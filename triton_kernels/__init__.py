@@ -9,12 +9,12 @@
 fastfa imports these modules on first use of the triton backend (fastfa.ops._TritonOp),
 never at ``import fastfa``: Triton reads TRITON_INTERPRET when a kernel is defined.
 
-What every op module's launchers share is here: ``launch`` (a kernel call through
-torch.library.wrap_triton), ``cdiv`` (grid sizes), ``input_precision`` (TF32 only where torch allows it) and
-``unsupported_reason`` (why a call must fall back to aten, or None); ``define_op`` (an op defined
-by torch.library.triton_op, with CPU and CUDA kernels that skip its per-call wrappers); for kernels that load through
-tensor descriptors (TMA), ``tma_ready`` (whether a tensor meets TMA's layout rules) and
-``set_scratch_allocator`` (the memory their descriptors are written to).
+What every op module's launchers share is here: ``define_op`` (an op defined by
+torch.library.triton_op, with CPU and CUDA kernels that skip its per-call wrappers), ``launch`` (a
+kernel call through torch.library.wrap_triton), ``cdiv`` (grid sizes), ``input_precision`` (TF32
+only where torch allows it) and ``unsupported_reason`` (why a call must fall back to aten, or None);
+for kernels that load through tensor descriptors (TMA), ``tma_ready`` (whether a tensor meets TMA's
+layout rules) and ``set_scratch_allocator`` (the memory their descriptors are written to).
 """
 
 from __future__ import annotations
@@ -68,12 +68,14 @@ def define_op(name: str):
     triton_op serves every device through custom_op's CompositeExplicitAutograd kernel, whose every
     call goes through three Python wrappers (backend_impl, a torch._dynamo.disable made on the fly,
     triton_op's backend_fn with a context manager) and checks in Python that no output aliases an
-    input; about 10 µs a call on a small CPU, as much as the op's own Python. The dispatcher takes a
+    input; about 10 µs a call on a small CPU, as much as the op's own Python
+    (benchmarks/results/2026-12-01-triton-host-python.md). The dispatcher takes a
     kernel registered for a device's key before the alias key's, so these serve CPU and CUDA tensors:
     one torch.compiler.disable wrapper (Dynamo must not trace the kernel's frames, which a graph
     break's eager code would enter) and the flag that makes ``launch`` launch directly (what
     backend_fn's set_wrap_triton_enabled(False) does for wrap_triton). The aliasing check is left to
-    opcheck (tests/test_opcheck*.py): each op returns tensors it made. torch.compile does not reach
+    opcheck (test_opcheck in tests/test_triton_linear.py, test_triton_conv2d.py): each op returns
+    tensors it made. torch.compile does not reach
     these kernels: it traces the op into its Triton kernels through triton_op's FunctionalTensorMode
     rule, and runs ``fn`` on fake tensors as its fake kernel, as before."""
 
@@ -98,7 +100,7 @@ def define_op(name: str):
 
 def cdiv(numerator, denominator):
     """ceil(numerator / denominator), for launch grids: what triton.cdiv computes, without its
-    constexpr_function wrapper (Triton 3.6 and later: about a microsecond a call, several calls per
+    constexpr_function wrapper (Triton 3.6 and later: microseconds a call, two or three per
     launch). Sizes torch.compile traces symbolically divide as well."""
     return (numerator + denominator - 1) // denominator
 

@@ -389,7 +389,7 @@ def _draw_kernel(rng_ptr, out_ptr, numel, scale, DISTRIBUTION: tl.constexpr, BLO
 
 def rows_bucket_of(rows: int) -> int:
     """rows rounded up to a power of two, the kernels' autotuning key: with int.bit_length, as
-    triton.next_power_of_2 (a constexpr_function, whose wrapper costs about a microsecond a call)
+    triton.next_power_of_2 (a constexpr_function, whose wrapper costs microseconds a call)
     rounds it; a size torch.compile traces symbolically is rounded by Triton's own function."""
     if isinstance(rows, int):
         return 1 << (max(rows, 1) - 1).bit_length()
