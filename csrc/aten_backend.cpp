@@ -3,6 +3,7 @@
 // Registered for both devices: only the transform differs between them.
 #include "fastfa/feedback.h"
 #include "fastfa/ops.h"
+#include "fastfa/small_conv.h"
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -507,16 +508,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   grad_bias = fp32.out(grad_bias);
   at::Tensor grad_feedback;
   if (feedback_grad) {
+    // A small layer's maps run as direct loops (small_conv.h): there an ATen call's overhead is
+    // most of its cost. Every map of the B gradient has the layer's geometry, so one test holds
+    // for all of them. The loops read bf16 and sum in fp32, as the widened ATen path does.
+    const bool direct = small_conv2d_applies(input, weight, expected, groups);
     const auto convolve = [&](const at::Tensor& x, const at::Tensor& m) {
+      if (direct) return small_conv2d(x, m, stride, padding, dilation, groups);
       return fp32.out(
           at::convolution(fp32.in(x), fp32.in(m), std::nullopt, stride, padding, dilation, false, {0, 0}, groups));
     };
     const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x) {
+      if (direct) return small_conv2d_weight(r, x, weight.sizes(), stride, padding, dilation, groups);
       return fp32.out(std::get<1>(at::convolution_backward(fp32.in(r), fp32.in(x), fp32.in(weight), std::nullopt,
                                                            stride, padding, dilation, false, {0, 0}, groups,
                                                            {false, true, false})));
     };
     const auto transposed = [&](const at::Tensor& r, const at::Tensor& m) {
+      if (direct) return small_conv2d_input(r, m, input.sizes(), stride, padding, dilation, groups);
       return fp32.out(std::get<0>(at::convolution_backward(fp32.in(r), fp32.in(input), fp32.in(m), std::nullopt,
                                                            stride, padding, dilation, false, {0, 0}, groups,
                                                            {true, false, false})));
