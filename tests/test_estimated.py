@@ -111,7 +111,7 @@ def test_feedback_gradient_matches_spec(rule, activation):
 
 # A conv2d's B gradient runs as direct loops (csrc/cpu/small_conv.cpp) up to a few thousand
 # multiply-adds per map and through ATen's calls above: this geometry takes 2376 per sample, so batch 1
-# is on the loops' side of the threshold and batch 48 (114048) on ATen's. Odd stride, padding and
+# is on the loops' side of the threshold (12288) and batch 48 (114048) on ATen's. Odd stride, padding and
 # dilation per axis, groups 2, and a channels_last input the loops read through its strides.
 SMALL_CONV = dict(kernel_size=(3, 2), stride=(3, 1), padding=(1, 2), dilation=(2, 1), groups=2)
 SMALL_CONV_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -1,6 +1,7 @@
 // Direct CPU loops for a small conv2d's three maps (fastfa/small_conv.h). One routine per map
-// serves every estimated rule, any stride / padding / dilation / groups, and any input layout
-// (the loops read through the tensors' strides, so nothing is copied to make it contiguous).
+// serves every estimated rule, any stride / padding / dilation / groups, and any input layout (the
+// input is read through its strides; grad_output and the filter are made contiguous, a no-op for
+// the B gradient's own intermediates).
 // Each output element is one sum in the dtype's accumulation type (fp32 for fp16 / bf16, as
 // ATen's CPU kernels, and as the aten path's fp32 widening of bf16), rounded once at the end.
 #include "fastfa/small_conv.h"
@@ -13,21 +14,19 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
 namespace fastfa {
 namespace {
 
-// Multiply-adds at and below which the direct loops run in place of ATen's calls: the crossover
-// measured on this project's 2-core CPU at one torch thread (results file
-// benchmarks/results/2026-12-01-cpu-host-smallconv.md), where an ATen call's ~8 us of overhead
-// equals the loops' extra arithmetic time.
-int64_t small_conv_max_macs() {
-    const char* text = std::getenv("FASTFA_SMALL_CONV_MACS");
-    return text != nullptr ? std::atoll(text) : int64_t{6144};
-}
+// Multiply-adds (per map) at and below which the direct loops run in place of ATen's calls: the
+// crossover measured on this project's 2-core CPU at one torch thread, in fp32 and fp64, 3x3 and 1x1
+// filters, groups 1 and 2 (benchmarks/small_conv_threshold.py; results in
+// benchmarks/results/2026-12-01-cpu-host-smallconv.md). 3x3 filters break even at ~24k in fp64 and
+// ~32k in fp32, 1x1 filters (one tap: the loops' least favourable case) at ~12k; fp32 at batch > 1,
+// where ATen picks oneDNN (~45 us a call at these sizes), gains far above it.
+constexpr int64_t kSmallConvMaxMacs = 12288;
 
 struct Strides {
   int64_t n, c, h, w;
@@ -91,6 +90,57 @@ at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
 }
 
+// The input under each filter tap of one group of channels, zero in the padding, in opmath: column
+// k = (c, kh, kw), position p = (oh, ow); at cols[k * positions + p] (by_tap), else at
+// cols[p * taps + k]. The three maps are then products of dense matrices whose inner loops run over
+// one contiguous row (independent sums the compiler vectorises), where loops over each tap's shifted
+// rows would spend more on loop control than on a small map's few multiply-adds.
+template <bool by_tap, typename scalar_t>
+void unfold(const Geometry& g, const scalar_t* x_group, Strides xs, at::opmath_type<scalar_t>* cols) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
+  std::fill(cols, cols + positions * taps, acc_t(0));
+  for (int64_t c = 0, k = 0; c < g.group_in; ++c) {
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      const int64_t row_offset = kh * g.dilation_h - g.pad_h;
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
+        const int64_t column_offset = kw * g.dilation_w - g.pad_w;
+        const Span rows = g.rows[kh], columns = g.columns[kw];
+        for (int64_t oh = rows.first; oh < rows.last; ++oh) {
+          const scalar_t* x_row = x_group + c * xs.c + (oh * g.stride_h + row_offset) * xs.h;
+          for (int64_t ow = columns.first; ow < columns.last; ++ow) {
+            const int64_t p = oh * g.out_w + ow;
+            cols[by_tap ? k * positions + p : p * taps + k] =
+                static_cast<acc_t>(x_row[(ow * g.stride_w + column_offset) * xs.w]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// unfold's adjoint: adds column k's values at each position p to the input element under tap k there.
+template <typename acc_t>
+void fold_into(const Geometry& g, const acc_t* cols, acc_t* group_planes) {
+  const int64_t positions = g.out_h * g.out_w;
+  for (int64_t c = 0, k = 0; c < g.group_in; ++c) {
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      const int64_t row_offset = kh * g.dilation_h - g.pad_h;
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
+        const int64_t column_offset = kw * g.dilation_w - g.pad_w;
+        const Span rows = g.rows[kh], columns = g.columns[kw];
+        for (int64_t oh = rows.first; oh < rows.last; ++oh) {
+          acc_t* plane_row = group_planes + (c * g.height + oh * g.stride_h + row_offset) * g.width;
+          const acc_t* col = cols + k * positions + oh * g.out_w;
+          for (int64_t ow = columns.first; ow < columns.last; ++ow) {
+            plane_row[ow * g.stride_w + column_offset] += col[ow];
+          }
+        }
+      }
+    }
+  }
+}
+
 // The sums run in opmath (acc_t): into the output itself for fp32 / fp64, else into `buffer`, whose
 // values are rounded once into the output.
 template <typename scalar_t>
@@ -115,121 +165,84 @@ void round_into(const Accumulator<scalar_t>& buffer, scalar_t* out) {
   }
 }
 
-// y[n, o] = sum over (c, kh, kw) of w[o, c, kh, kw] * (x[n, c] shifted by (kh, kw)): one plane of
-// y at a time, each filter tap adding a strided row of x to each row of it.
+// y[n, o, p] = sum over k of w[o, k] * cols[k, p]. w: the filter, contiguous.
 template <typename scalar_t>
-void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, Strides ws, scalar_t* y) {
+void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t plane = g.out_h * g.out_w;
+  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
+  std::vector<acc_t> cols(positions * taps);
   Accumulator<scalar_t> buffer;
   for (int64_t n = 0; n < g.batch; ++n) {
-    for (int64_t o = 0; o < g.out_channels; ++o, y += plane) {
-      acc_t* sum = accumulator<scalar_t>(buffer, y, plane);
-      const scalar_t* x_group = x + n * xs.n + (o / g.group_out) * g.group_in * xs.c;
-      for (int64_t c = 0; c < g.group_in; ++c) {
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          const int64_t row_offset = kh * g.dilation_h - g.pad_h;
-          const Span rows = g.rows[kh];
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-            const int64_t column_offset = kw * g.dilation_w - g.pad_w;
-            const Span columns = g.columns[kw];
-            const acc_t tap = static_cast<acc_t>(w[o * ws.n + c * ws.c + kh * ws.h + kw * ws.w]);
-            for (int64_t oh = rows.first; oh < rows.last; ++oh) {
-              const scalar_t* x_row = x_group + c * xs.c + (oh * g.stride_h + row_offset) * xs.h +
-                                      (columns.first * g.stride_w + column_offset) * xs.w;
-              const int64_t step = g.stride_w * xs.w;
-              acc_t* sum_row = sum + oh * g.out_w;
-              for (int64_t ow = columns.first; ow < columns.last; ++ow, x_row += step) {
-                sum_row[ow] += tap * static_cast<acc_t>(*x_row);
-              }
-            }
+    for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
+      unfold<true>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
+      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
+        scalar_t* y_plane = y + (n * g.out_channels + o) * positions;
+        acc_t* sum = accumulator<scalar_t>(buffer, y_plane, positions);
+        for (int64_t k = 0; k < taps; ++k) {
+          const acc_t tap = static_cast<acc_t>(w[o * taps + k]);
+          const acc_t* col = cols.data() + k * positions;
+          for (int64_t p = 0; p < positions; ++p) {
+            sum[p] += tap * col[p];
           }
         }
+        round_into<scalar_t>(buffer, y_plane);
       }
-      round_into<scalar_t>(buffer, y);
     }
   }
 }
 
-// grad[o, c, kh, kw] = sum over (n, oh, ow) of r[n, o, oh, ow] * x[n, c, ih, iw]. Each r element
-// adds to every filter tap that sees the input there (taps_of_rows / taps_of_columns): the taps'
-// sums are independent, where one dot product per tap would wait on its one sum at every step.
+// grad[o, k] = sum over (n, p) of r[n, o, p] * cols_n[p, k]. r: contiguous.
 template <typename scalar_t>
-void filter_gradient(const Geometry& g, const scalar_t* r, Strides rs, const scalar_t* x, Strides xs,
-                     scalar_t* grad) {
+void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, Strides xs, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  c10::SmallVector<Span, 16> taps_of_rows, taps_of_columns;
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    taps_of_rows.push_back(valid_outputs(oh * g.stride_h - g.pad_h, g.dilation_h, g.height, g.kernel_h));
-  }
-  for (int64_t ow = 0; ow < g.out_w; ++ow) {
-    taps_of_columns.push_back(valid_outputs(ow * g.stride_w - g.pad_w, g.dilation_w, g.width, g.kernel_w));
-  }
-  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
+  std::vector<acc_t> cols(positions * taps);
   Accumulator<scalar_t> buffer;
-  for (int64_t o = 0; o < g.out_channels; ++o) {
-    const int64_t c0 = (o / g.group_out) * g.group_in;
-    for (int64_t c = 0; c < g.group_in; ++c, grad += taps) {
-      acc_t* sum = accumulator<scalar_t>(buffer, grad, taps);
-      for (int64_t n = 0; n < g.batch; ++n) {
-        const scalar_t* r_plane = r + n * rs.n + o * rs.c;
-        const scalar_t* x_plane = x + n * xs.n + (c0 + c) * xs.c;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const Span rows = taps_of_rows[oh];
-          for (int64_t ow = 0; ow < g.out_w; ++ow) {
-            const Span columns = taps_of_columns[ow];
-            const acc_t value = static_cast<acc_t>(r_plane[oh * rs.h + ow * rs.w]);
-            const scalar_t* x_corner = x_plane + (oh * g.stride_h - g.pad_h) * xs.h + (ow * g.stride_w - g.pad_w) * xs.w;
-            for (int64_t kh = rows.first; kh < rows.last; ++kh) {
-              const scalar_t* x_row = x_corner + kh * g.dilation_h * xs.h;
-              acc_t* sum_row = sum + kh * g.kernel_w;
-              for (int64_t kw = columns.first; kw < columns.last; ++kw) {
-                sum_row[kw] += value * static_cast<acc_t>(x_row[kw * g.dilation_w * xs.w]);
-              }
-            }
+  acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
+      unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
+      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
+        const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
+        acc_t* sum_row = sum + o * taps;
+        for (int64_t p = 0; p < positions; ++p) {
+          const acc_t value = static_cast<acc_t>(r_plane[p]);
+          const acc_t* col = cols.data() + p * taps;
+          for (int64_t k = 0; k < taps; ++k) {
+            sum_row[k] += value * col[k];
           }
         }
       }
-      round_into<scalar_t>(buffer, grad);
     }
   }
+  round_into<scalar_t>(buffer, grad);
 }
 
-// grad[n, c] = sum over (o, kh, kw) of w[o, c, kh, kw] * r[n, o] scattered to the input positions
-// (oh * stride + kh * dilation - pad, ...): one plane of grad at a time, in opmath.
+// grad[n] = fold(cols) with cols[k, p] = sum over o of w[o, k] * r[n, o, p]. r, w: contiguous.
 template <typename scalar_t>
-void transposed_convolve(const Geometry& g, const scalar_t* r, Strides rs, const scalar_t* w, Strides ws,
-                         scalar_t* grad) {
+void transposed_convolve(const Geometry& g, const scalar_t* r, const scalar_t* w, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t plane = g.height * g.width;
+  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
+  std::vector<acc_t> cols(positions * taps);
   Accumulator<scalar_t> buffer;
+  acc_t* sum = accumulator<scalar_t>(buffer, grad, g.batch * g.channels * g.height * g.width);
   for (int64_t n = 0; n < g.batch; ++n) {
-    for (int64_t ci = 0; ci < g.channels; ++ci, grad += plane) {
-      acc_t* sum = accumulator<scalar_t>(buffer, grad, plane);
-      const int64_t o0 = (ci / g.group_in) * g.group_out;
-      const scalar_t* r_group = r + n * rs.n + o0 * rs.c;
-      const scalar_t* w_group = w + o0 * ws.n + (ci % g.group_in) * ws.c;
-      for (int64_t o = 0; o < g.group_out; ++o) {
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          const int64_t row_offset = kh * g.dilation_h - g.pad_h;
-          const Span rows = g.rows[kh];
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-            const int64_t column_offset = kw * g.dilation_w - g.pad_w;
-            const Span columns = g.columns[kw];
-            const acc_t tap = static_cast<acc_t>(w_group[o * ws.n + kh * ws.h + kw * ws.w]);
-            for (int64_t oh = rows.first; oh < rows.last; ++oh) {
-              const scalar_t* r_row = r_group + o * rs.c + oh * rs.h;
-              acc_t* sum_row = sum + (oh * g.stride_h + row_offset) * g.width;
-              for (int64_t ow = columns.first; ow < columns.last; ++ow) {
-                sum_row[ow * g.stride_w + column_offset] += tap * static_cast<acc_t>(r_row[ow * rs.w]);
-              }
-            }
+    for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
+      std::fill(cols.begin(), cols.end(), acc_t(0));
+      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
+        const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
+        for (int64_t k = 0; k < taps; ++k) {
+          const acc_t tap = static_cast<acc_t>(w[o * taps + k]);
+          acc_t* col = cols.data() + k * positions;
+          for (int64_t p = 0; p < positions; ++p) {
+            col[p] += tap * static_cast<acc_t>(r_plane[p]);
           }
         }
       }
-      round_into<scalar_t>(buffer, grad);
+      fold_into(g, cols.data(), sum + (n * g.channels + (o0 / g.group_out) * g.group_in) * g.height * g.width);
     }
   }
+  round_into<scalar_t>(buffer, grad);
 }
 
 } // namespace
@@ -243,7 +256,7 @@ bool small_conv2d_applies(const at::Tensor& input, const at::Tensor& weight, at:
     return false;
   }
   // Each factor is checked before the product, so that no huge layer overflows it.
-  const int64_t limit = small_conv_max_macs();
+  const int64_t limit = kSmallConvMaxMacs;
   const int64_t outputs = c10::multiply_integers(output_sizes);
   const int64_t per_output = weight.size(1) * weight.size(2) * weight.size(3);
   return outputs <= limit && per_output <= limit && outputs * per_output <= limit;
@@ -260,9 +273,10 @@ at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::I
   }
   const Geometry g(input.sizes(), filter.sizes(), output, stride, padding, dilation, groups);
   at::Tensor y = new_output(output, input.scalar_type());
+  const at::Tensor dense_filter = filter.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d", [&] {
-    convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), strides_of(input), filter.const_data_ptr<scalar_t>(),
-                       strides_of(filter), y.mutable_data_ptr<scalar_t>());
+    convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), strides_of(input), dense_filter.const_data_ptr<scalar_t>(),
+                       y.mutable_data_ptr<scalar_t>());
   });
   return y;
 }
@@ -274,9 +288,10 @@ at::Tensor small_conv2d_weight(const at::Tensor& grad_output, const at::Tensor& 
   check_geometry(stride, padding, dilation, groups);
   const Geometry g(input.sizes(), weight_sizes, grad_output.sizes(), stride, padding, dilation, groups);
   at::Tensor grad = new_output(weight_sizes, input.scalar_type());
+  const at::Tensor dense_grad_output = grad_output.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d_weight", [&] {
-    filter_gradient<scalar_t>(g, grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
-                              input.const_data_ptr<scalar_t>(), strides_of(input), grad.mutable_data_ptr<scalar_t>());
+    filter_gradient<scalar_t>(g, dense_grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                              strides_of(input), grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
 }
@@ -288,9 +303,9 @@ at::Tensor small_conv2d_input(const at::Tensor& grad_output, const at::Tensor& f
   check_geometry(stride, padding, dilation, groups);
   const Geometry g(input_sizes, filter.sizes(), grad_output.sizes(), stride, padding, dilation, groups);
   at::Tensor grad = new_output(input_sizes, grad_output.scalar_type());
+  const at::Tensor dense_grad_output = grad_output.contiguous(), dense_filter = filter.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "fastfa_small_conv2d_input", [&] {
-    transposed_convolve<scalar_t>(g, grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
-                                  filter.const_data_ptr<scalar_t>(), strides_of(filter),
+    transposed_convolve<scalar_t>(g, dense_grad_output.const_data_ptr<scalar_t>(), dense_filter.const_data_ptr<scalar_t>(),
                                   grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
