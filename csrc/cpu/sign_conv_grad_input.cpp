@@ -38,7 +38,7 @@ constexpr int64_t kLanes = 32 / static_cast<int64_t>(sizeof(scalar_t));
 template <typename scalar_t>
 constexpr int64_t kTileColumns = kVectors * kLanes<scalar_t>;
 // A K-panel of the packed block: kPanelK rows of W by kPanelTiles tiles (fp32: 128 x 192, 96 KiB,
-// in L2; one tile's 12 KiB and delta's 2 KiB stay in L1 across the row blocks).
+// in L2; one tile's 12 KiB and delta's K-panel, 8 KiB at M = 16, stay in L1 across the row blocks).
 constexpr int64_t kPanelK = 128;
 constexpr int64_t kPanelTiles = 8;
 
