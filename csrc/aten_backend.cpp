@@ -527,17 +527,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   constexpr int64_t kDeferMin = 16384;
   double deferred_scale = 1.0;
   const bool defer = input.numel() + kDeferMin < weight.numel();
-  const at::Tensor filter = output_mask[0]
+  // usf with few output positions against a large filter: grad_input from W's signs read in place
+  // (csrc/cpu/sign_conv_grad_input.cpp), no B, and oneDNN only for grad_weight / grad_bias.
+  const bool signs_in_place = output_mask[0] && sign_conv_grad_input_applies(delta, input, weight, groups, rule);
+  const at::Tensor filter = output_mask[0] && !signs_in_place
                                 ? feedback_for_backward(weight, feedback, rng, rule, scale, distribution,
                                                         defer ? &deferred_scale : nullptr)
                                 : weight;
   const std::vector<int64_t> bias_sizes{weight.size(0)};
-  const std::array<bool, 3> mask{output_mask[0], output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack),
-                                 output_mask[2]};
+  const std::array<bool, 3> mask{output_mask[0] && !signs_in_place,
+                                 output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack), output_mask[2]};
   const Widening fp32{widens_to_fp32(input), input.scalar_type()};
-  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-      fp32.in(delta), fp32.in(input), fp32.in(filter), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-      stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (mask[0] || mask[1] || mask[2]) {
+    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
+        fp32.in(delta), fp32.in(input), fp32.in(filter), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+        stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, mask);
+  }
+  if (signs_in_place) {
+    grad_input = sign_conv_grad_input_cpu(delta, weight, input.sizes(), stride, padding, dilation, scale);
+  }
   if (deferred_scale != 1.0) scale_(grad_input, deferred_scale);
   grad_input = fp32.out(grad_input);
   grad_weight = fp32.out(grad_weight);

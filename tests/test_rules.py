@@ -103,6 +103,46 @@ def test_usf_scale_placement_matches_oracle(case, dtype):
     check_against_oracle("usf", layer, x, torch.randn(out_shape, dtype=dtype), oracle_fn, dtype)
 
 
+# usf's grad_input where the filter dwarfs the output positions: M = N * Ho * Wo <= 64 rows against
+# a filter of >= 2**20 elements (csrc/cpu/sign_conv_grad_input.cpp reads sign(W) in place, no B),
+# and cases just outside either threshold (the general path). Odd batches, K-panel and column
+# tails (301 output channels; 389 * 9 columns), against the fp64 oracle with B = s * sign(W).
+SIGN_IN_PLACE_CASES = {
+    # (in_channels, out_channels, options, input shape): rows M, weights
+    "stride1-pad1": (512, 301, dict(kernel_size=3, padding=1), (3, 512, 2, 2)),  # 12, 1.39M
+    "stride2-pad1": (512, 301, dict(kernel_size=3, stride=2, padding=1), (3, 512, 4, 3)),  # 12, 1.39M
+    "dilation2-column-tail": (389, 301, dict(kernel_size=3, padding=2, dilation=2), (5, 389, 2, 3)),  # 30, 1.05M
+    "rect-kernel-64-rows": (512, 301, dict(kernel_size=(2, 4), stride=(1, 2), padding=(1, 0)), (4, 512, 3, 10)),  # 64, 1.23M
+    "general-65-rows": (512, 301, dict(kernel_size=3, padding=1), (13, 512, 5, 1)),  # 65, 1.39M
+    "general-small-filter": (386, 301, dict(kernel_size=3, padding=1), (3, 386, 2, 2)),  # 12, 1045674
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(SIGN_IN_PLACE_CASES))
+def test_usf_weight_bound_conv_matches_fp64_oracle(case, dtype):
+    in_channels, out_channels, options, input_shape = SIGN_IN_PLACE_CASES[case]
+    torch.manual_seed(0)
+    layer = fastfa.nn.Conv2d(in_channels, out_channels, **options, rule="usf", dtype=dtype)
+    x = torch.randn(*input_shape, dtype=dtype)
+    geometry = (layer.stride, layer.padding, layer.dilation)
+    with torch.no_grad():
+        out_shape = torch.nn.functional.conv2d(x, layer.weight, None, *geometry).shape
+    g = torch.randn(out_shape, dtype=dtype)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        y, grad_x, grad_w, grad_b = run_layer(layer, x, g)
+    # The in-place path leaves grad_input out of convolution_backward's output_mask.
+    masks = [str(e.concrete_inputs[-1]) for e in profile.events() if e.name == "aten::convolution_backward"]
+    assert masks == ["[True, True, True]" if case.startswith("general") else "[False, True, True]"], masks
+    w = layer.weight.detach().double()
+    B = w.sign() * w.square().mean().sqrt()
+    ey, egx, egw, egb = oracle.conv2d(x.double(), w, layer.bias.detach().double(), B, g.double(), *geometry)
+    assert_close(y, ey.to(dtype), dtype, "output")
+    assert_close(grad_x, egx.to(dtype), dtype, "grad_input")
+    assert_close(grad_w, egw.to(dtype), dtype, "grad_weight")
+    assert_close(grad_b, egb.to(dtype), dtype, "grad_bias")
+
+
 @pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))
 @pytest.mark.parametrize("rule", ["bp", "usf", "brsf"])
 def test_activation_derivative_is_fused(rule, activation):

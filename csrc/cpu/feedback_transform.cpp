@@ -1,4 +1,5 @@
 // The feedback transform on the CPU: B = T(W) in one parallel pass over W.
+#include "clones.h"
 #include "fastfa/feedback.h"
 #include "fastfa/ops.h"
 
@@ -12,15 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-
-// With GCC on x86-64 Linux (ifunc), a function marked FASTFA_AVX2_CLONES is built twice, for AVX2
-// and for the baseline, and the loader picks the AVX2 clone where the CPU has it: the wheel's
-// baseline flags stay portable while the hot loops get 8-lane vectors.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTFA_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTFA_AVX2_CLONES
-#endif
 
 namespace fastfa {
 namespace {

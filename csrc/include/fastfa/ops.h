@@ -33,6 +33,16 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
 at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& feedback,
                                      const std::optional<at::Tensor>& rng, int64_t rule, double scale,
                                      int64_t distribution, double* deferred_scale = nullptr);
+// usf's grad_input of a weight-bound convolution (few output positions against a large filter),
+// with sign(W) read in place, never written: where sign_conv_grad_input_applies (groups 1, fp32 /
+// fp64, NCHW-contiguous W, M = N * Ho * Wo small against W; the thresholds are measured), the
+// aten backend's conv2d_backward calls it in place of B = T(W) and oneDNN's backward-data.
+// scale is usf's (kRmsScale: s from W, summed in the same pass).
+bool sign_conv_grad_input_applies(const at::Tensor& delta, const at::Tensor& input, const at::Tensor& weight,
+                                  int64_t groups, int64_t rule);
+at::Tensor sign_conv_grad_input_cpu(const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef input_sizes,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    double scale);
 // dfa's B_l (K x F), columns [column_begin, column_begin + column_count) of it: element (k, f)
 // is scale * xi from fa's generator at (seed, step, k * F + f). rng is the layer's [seed, step].
 at::Tensor direct_feedback_cpu(const at::Tensor& rng, int64_t rows, int64_t columns, int64_t column_begin,
