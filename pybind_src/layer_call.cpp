@@ -8,6 +8,8 @@
 // handle, from the call that resolved them (fastfa.nn's _resolve_call), and takes only the
 // tensors. The op is still called through the dispatcher: its autograd (csrc/autograd.cpp),
 // Python dispatch modes and every C++ check of its arguments run as for any other call.
+#include "fastfa/autograd.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -77,8 +79,7 @@ class LayerCall {
       step_rng = rng->clone();
     }
     const c10::DeviceType device = input.device().type();
-    const Tensor output = autocasting(device) ? call_op(autocast(input, device), autocast(weight, device),
-                                                        autocast(bias, device), autocast(feedback, device), step_rng)
+    const Tensor output = autocasting(device) ? call_autocast(input, weight, bias, feedback, step_rng, device)
                                               : call_op(input, weight, bias, feedback, step_rng);
     if (on_host) {
       rng->mutable_data_ptr<int64_t>()[rng->stride(0)] += 1;
@@ -115,12 +116,42 @@ class LayerCall {
            at::autocast::is_autocast_enabled(device);
   }
 
-  static Tensor autocast(const Tensor& t, c10::DeviceType device) {
-    return t.is_floating_point() ? t.to(at::autocast::get_autocast_dtype(device)) : t;
+  // The estimated rules' B is a Parameter (fp32 under mixed precision): its cast records no node of
+  // its own here, and the op's node hands B's gradient to B itself, which the autograd engine casts
+  // to B's dtype as the cast's node (ToCopyBackward) would (route_feedback_gradient). The same
+  // values as the checked path's, for a node and four op calls less per step: torch's own layer
+  // pays that for its weight alone. Where the op records no node (no other argument needs a
+  // gradient), B keeps the cast's node.
+  Tensor call_autocast(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng,
+                       c10::DeviceType device) const {
+    const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+    const Tensor cast_input = cast(input, dtype), cast_weight = cast(weight, dtype);
+    const std::optional<Tensor> cast_bias = cast(bias, dtype);
+    const bool route = feedback.has_value() && feedback->defined() && feedback->requires_grad() &&
+                       feedback->is_floating_point() && feedback->scalar_type() != dtype &&
+                       at::GradMode::is_enabled() &&
+                       (input.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+    if (!route) return call_op(cast_input, cast_weight, cast_bias, cast(feedback, dtype), rng);
+    Tensor cast_feedback;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd; // a copy without autograd history
+      cast_feedback = feedback->to(dtype);
+    }
+    const Tensor output = call_op(cast_input, cast_weight, cast_bias, cast_feedback, rng);
+    // The op's autograd kernel records its node for any call that needs a gradient: the check is
+    // for a Python dispatch mode that hands back something else.
+    TORCH_CHECK(route_feedback_gradient(output, *feedback),
+                "fastfa: the layer op's output has no fastfa backward node to hand B's gradient to");
+    return output;
   }
 
-  static std::optional<Tensor> autocast(const std::optional<Tensor>& t, c10::DeviceType device) {
-    return t.has_value() && t->defined() ? std::optional<Tensor>(autocast(*t, device)) : t;
+  static Tensor cast(const Tensor& t, at::ScalarType dtype) {
+    return t.is_floating_point() ? t.to(dtype) : t;
+  }
+
+  static std::optional<Tensor> cast(const std::optional<Tensor>& t, at::ScalarType dtype) {
+    return t.has_value() && t->defined() ? std::optional<Tensor>(cast(*t, dtype)) : t;
   }
 
   // A counter that is only memory: an int64 [seed, step] on the CPU, not an inference tensor (whose
