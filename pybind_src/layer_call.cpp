@@ -121,9 +121,9 @@ class LayerCall {
   // The estimated rules' B is a Parameter (fp32 under mixed precision): its cast records no node of
   // its own here, and the op's node hands B's gradient to B itself, which the autograd engine casts
   // to B's dtype as the cast's node (ToCopyBackward) would (route_feedback_gradient). The same
-  // values as the checked path's, for a node and four op calls less per step: torch's own layer
-  // pays that for its weight alone. Where the op records no node (no other argument needs a
-  // gradient), B keeps the cast's node.
+  // values and the same two casts as the checked path's, with one autograd node less per step (its
+  // making, its edges, its turn in the engine). Where the op records no node (no other argument
+  // needs a gradient), B keeps the cast's node.
   Tensor call_autocast(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng,
                        c10::DeviceType device) const {

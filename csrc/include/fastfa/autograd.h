@@ -11,7 +11,7 @@ namespace fastfa {
 // dtype that records no autograd node (LayerCall under autocast): B's gradient, computed in the
 // layer's dtype, then reaches B cast to B's dtype by the autograd engine (which casts every
 // gradient to its edge's dtype), as the cast's own node (ToCopyBackward) would have done it, with
-// one node and two op calls less per step.
+// one autograd node less per step.
 bool route_feedback_gradient(const at::Tensor& output, const at::Tensor& feedback);
 
 } // namespace fastfa
