@@ -6,9 +6,14 @@ saved tensors, the engine, and (before csrc/autograd.cpp served the Triton ops) 
 Python wrapper. The aten ops' rows (--backends) are the reference: the same C++ node. Run under TRITON_INTERPRET=1 on a CPU, the kernels themselves run in numpy (tens
 of ms a step, which hides the host's µs), so --dtype float64 is the measure there: the Triton ops
 take fp64 through their whole Python path and autograd, and hand the arithmetic to the aten ops
-(their recorded fallback), which take µs. Each variant's time is its minimum over rounds of the
-timing thread's CPU time (noise only ever adds), rounds interleaved.
+(their recorded fallback), which take µs. --no-launch measures the other path, the one a GPU runs:
+fp32 with every Triton kernel launch replaced by the grid's evaluation alone (as Triton's launcher
+evaluates it, once per launch, on the interpreter's configuration; outputs left unwritten), so what
+remains is the ops' own Python up to their launches (not Triton's launcher, nor any kernel). Each variant's
+time is its minimum over rounds of the timing thread's CPU time (noise only ever adds), rounds
+interleaved.
 Usage: TRITON_INTERPRET=1 python benchmarks/triton_host_autograd.py [--dtype float64] [--steps 200]
+       [--no-launch]
 """
 
 import argparse
@@ -56,9 +61,24 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--backends", nargs="+", choices=("triton", "aten"), default=["triton", "aten"],
                         help="aten: the aten ops through their C++ node, for reference")
+    parser.add_argument("--no-launch", action="store_true",
+                        help="fp32, the Triton kernels' launches replaced by nothing: the ops' Python on the path "
+                             "a GPU runs (the triton backend only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {args.dtype}; µs per step, minimum over {args.rounds} rounds of {args.steps} steps")
+    if args.no_launch:
+        if args.dtype != "float32" or args.backends != ["triton"]:
+            parser.error("--no-launch measures the Triton ops' fp32 path: pass --dtype float32 --backends triton")
+        from fastfa.triton_kernels import conv2d, linear  # each module calls the launch it imported
+
+        def grid_only(kernel, grid, *args, **kwargs):
+            if callable(grid):  # the meta-parameters: the configuration's, then the launch's constexprs
+                grid({**linear.gemm_configs()[0].kwargs, **kwargs})
+
+        for module in (linear, conv2d):
+            module.launch = grid_only
+    print(f"torch {torch.__version__}, {args.dtype}{', no launches' if args.no_launch else ''}; µs per step, "
+          f"minimum over {args.rounds} rounds of {args.steps} steps")
     print("| case | autograd step | direct op calls | autograd's share |")
     print("|---|---|---|---|")
     for name, forward, backward, tensors in (case for backend in args.backends for case in _cases(getattr(torch, args.dtype), backend)):

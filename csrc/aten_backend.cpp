@@ -3,8 +3,11 @@
 // Registered for both devices: only the transform differs between them.
 #include "fastfa/feedback.h"
 #include "fastfa/ops.h"
+#include "fastfa/small_conv.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -220,12 +223,46 @@ at::Tensor scale_(at::Tensor t, double c) { return t.mul_(wrapped_scalar(t, c));
 // its accumulation dtype, makes an all-zero sample's quotient 0 / sqrt(eps) = 0 and moves any normal
 // variance by one ulp at most. The 1 / sqrt(F) is left to the callers (feedback_gradient): every term
 // that reads x_hat is bilinear in it, so 1 / F folds into its coefficient, one op fewer than a scale.
+// Below kStandardizeMaxElements elements on the CPU the same formula runs as a direct loop
+// (standardize_rows): there native_layer_norm's dispatch and its output, mean and rstd allocations
+// cost more than the pass itself: ~1.5 us saved at 64 elements, even at ~1-2k, 5-7% slower at 4k
+// (one thread, fp32 and fp64; benchmarks/results/2026-12-01-cpu-host-smallconv.md).
+constexpr int64_t kStandardizeMaxElements = 2048;
+
+template <typename scalar_t>
+void standardize_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t width, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t row = 0; row < rows; ++row, x += width, out += width) {
+    acc_t sum = 0;
+    for (int64_t j = 0; j < width; ++j) sum += static_cast<acc_t>(x[j]);
+    const acc_t mean = sum / static_cast<acc_t>(width);
+    acc_t squares = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t centred = static_cast<acc_t>(x[j]) - mean;
+      squares += centred * centred;
+    }
+    const acc_t rstd = acc_t(1) / std::sqrt(squares / static_cast<acc_t>(width) + static_cast<acc_t>(eps));
+    for (int64_t j = 0; j < width; ++j) out[j] = static_cast<scalar_t>((static_cast<acc_t>(x[j]) - mean) * rstd);
+  }
+}
+
 at::Tensor standardized_per_sample(const at::Tensor& x) {
   if (x.numel() == 0) {
     return x.clone(); // a new tensor either way: feedback_gradient may write into it
   }
   const double eps = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::denorm_min()
                                                     : static_cast<double>(std::numeric_limits<float>::denorm_min());
+  const auto dtype = x.scalar_type();
+  if (x.is_cpu() && x.numel() <= kStandardizeMaxElements &&
+      (dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    const at::Tensor dense = x.contiguous();
+    at::Tensor out = at::detail::empty_cpu(x.sizes(), x.scalar_type(), /*pin_memory=*/false, std::nullopt);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfa_standardize", [&] {
+      standardize_rows<scalar_t>(dense.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.size(0),
+                                 x.numel() / x.size(0), eps);
+    });
+    return out;
+  }
   return std::get<0>(at::native_layer_norm(x, x.sizes().slice(1), std::nullopt, std::nullopt, eps));
 }
 
@@ -507,16 +544,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   grad_bias = fp32.out(grad_bias);
   at::Tensor grad_feedback;
   if (feedback_grad) {
+    // A small layer's maps run as direct loops (small_conv.h): there an ATen call's overhead is
+    // most of its cost. Every map of the B gradient has the layer's geometry, so one test holds
+    // for all of them. The loops read bf16 and sum in fp32, as the widened ATen path does.
+    const bool direct = small_conv2d_applies(input, weight, expected, groups);
     const auto convolve = [&](const at::Tensor& x, const at::Tensor& m) {
+      if (direct) return small_conv2d(x, m, stride, padding, dilation, groups);
       return fp32.out(
           at::convolution(fp32.in(x), fp32.in(m), std::nullopt, stride, padding, dilation, false, {0, 0}, groups));
     };
     const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x) {
+      if (direct) return small_conv2d_weight(r, x, weight.sizes(), stride, padding, dilation, groups);
       return fp32.out(std::get<1>(at::convolution_backward(fp32.in(r), fp32.in(x), fp32.in(weight), std::nullopt,
                                                            stride, padding, dilation, false, {0, 0}, groups,
                                                            {false, true, false})));
     };
     const auto transposed = [&](const at::Tensor& r, const at::Tensor& m) {
+      if (direct) return small_conv2d_input(r, m, input.sizes(), stride, padding, dilation, groups);
       return fp32.out(std::get<0>(at::convolution_backward(fp32.in(r), fp32.in(input), fp32.in(m), std::nullopt,
                                                            stride, padding, dilation, false, {0, 0}, groups,
                                                            {true, false, false})));

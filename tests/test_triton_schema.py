@@ -63,3 +63,14 @@ def test_triton_ops_autograd_is_the_cpp_node(kind, dtype):
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
     for aten, triton in zip(gradients[kind], gradients[f"triton_{kind}"]):
         torch.testing.assert_close(triton, aten, **tolerance)
+
+
+@pytest.mark.parametrize("op", [*OPS, "direct_feedback_product"])
+def test_triton_ops_have_their_own_cpu_and_cuda_kernels(op):
+    """triton_kernels.define_op registers each op's function as its CPU and CUDA kernel, so a call on
+    those devices skips custom_op's per-call Python wrappers (issue 14); torch.library's kernel for
+    every device stays (CompositeExplicitAutograd), as does the fake kernel torch.compile traces."""
+    from fastfa.triton_kernels import direct_feedback  # noqa: F401
+    name = f"fastfa::triton_{op}"
+    for key in ("CPU", "CUDA", "CompositeExplicitAutograd", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)

@@ -17,12 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 from torch import Tensor
-from torch.library import triton_op
 
 from .. import _backend
-from . import input_precision, launch, unsupported_reason
+from . import cdiv, define_op, input_precision, launch, unsupported_reason
 from .linear import _draw_arguments, _grad_input_kernel, rows_bucket_of
 
 _FA = 1
@@ -50,7 +48,7 @@ def _check_product(error, rng, input_numel, scale, distribution, block_elements)
         raise RuntimeError(f"fastfa: block_elements must be positive, got {block_elements}")
 
 
-@triton_op("fastfa::triton_direct_feedback_product", mutates_args=())
+@define_op("triton_direct_feedback_product")
 def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale: float, distribution: int,
                             block_elements: int) -> Tensor:
     """e [rows, K] @ B_l [K, F] -> [rows, F] in e's dtype; rng the layer's int64 [seed, step].
@@ -62,7 +60,8 @@ def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale:
     reason = unsupported_reason(error)
     if reason is not None:
         _backend.record_fallback("triton_dfa_grad_input", reason, "aten")
-        return torch.ops.fastfa.direct_feedback_product(error, rng, input_numel, scale, distribution, block_elements)
+        return torch.ops.fastfa.direct_feedback_product.default(error, rng, input_numel, scale, distribution,
+                                                                block_elements)
     rows, output_width = error.shape
     error = error.contiguous()
     grad_input = error.new_empty(rows, input_numel)
@@ -73,7 +72,7 @@ def direct_feedback_product(error: Tensor, rng: Tensor, input_numel: int, scale:
     placeholder = error.new_empty(1).expand(output_width, input_numel)
     rng = rng.to(error.device)
     launch(_grad_input_kernel,
-           lambda meta: (triton.cdiv(input_numel, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
+           lambda meta: (cdiv(input_numel, meta["BLOCK_N"]) * cdiv(rows, meta["BLOCK_M"]),),
            error, placeholder, placeholder, rng, grad_input, rows, output_width, input_numel,
            rows_bucket_of(rows), *error.stride(), *placeholder.stride(), *placeholder.stride(),
            scale, RULE=_FA, HAS_FEEDBACK=False, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=False,

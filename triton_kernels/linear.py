@@ -47,12 +47,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op
 
-from .. import _C, _backend
+from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
-from . import input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
+from . import cdiv, define_op, input_precision, launch, set_scratch_allocator, tma_ready, unsupported_reason
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 # The derivative of relu, tanh and sigmoid reads the output; of gelu and silu the pre-activation.
@@ -308,7 +307,7 @@ def activation_delta(grad, saved, activation):
     delta = torch.empty_like(grad, memory_format=memory_format)
     if delta.numel():
         block = 1024
-        launch(_delta_kernel, (triton.cdiv(delta.numel(), block),), grad, saved, delta, delta.numel(),
+        launch(_delta_kernel, (cdiv(delta.numel(), block),), grad, saved, delta, delta.numel(),
                ACTIVATION=activation, BLOCK=block)
     return delta
 
@@ -389,6 +388,11 @@ def _draw_kernel(rng_ptr, out_ptr, numel, scale, DISTRIBUTION: tl.constexpr, BLO
 
 
 def rows_bucket_of(rows: int) -> int:
+    """rows rounded up to a power of two, the kernels' autotuning key: with int.bit_length, as
+    triton.next_power_of_2 (a constexpr_function, whose wrapper costs microseconds a call)
+    rounds it; a size torch.compile traces symbolically is rounded by Triton's own function."""
+    if isinstance(rows, int):
+        return 1 << (max(rows, 1) - 1).bit_length()
     return triton.next_power_of_2(max(rows, 1))
 
 
@@ -400,7 +404,7 @@ def _project(x, weight, bias=None, activation="none", saves_projection=False):
     projection = torch.empty_like(output) if saves_projection else output.new_empty(0)
     if output.numel():
         launch(_forward_kernel,
-                lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),),
+                lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(out_features, meta["BLOCK_N"]),),
                 x, weight, bias if bias is not None else x, output, saved if saved.numel() else output,
                 projection if saves_projection else output, rows, out_features, in_features, rows_bucket_of(rows),
                 *x.stride(), *weight.stride(), HAS_BIAS=bias is not None, ACTIVATION=activation,
@@ -414,13 +418,14 @@ def draws_once(rule: int, has_feedback: bool, rows: int, weight: Tensor) -> bool
     it back, rather than drawing it in the GEMM: every row tile draws it again there, a Philox call
     per four elements per tile, which outgrows one W-sized write and read as the rows grow; below
     that B never exists in memory. The cuda ops' cost model decides, on Triton's constants
-    (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate): one
-    C++ call per call, which answers with the row count from which it draws once: compared here with
-    rows, a size torch.compile traces symbolically records a guard on the comparison, not on the
-    size (a yes / no from C++ would need int(rows) and fix the batch)."""
+    (csrc/dispatch.cpp; fastfa._backend.auto_plan's triton_draw, set_auto_costs to calibrate), which
+    answers with the row count from which it draws once (asked once per layer shape and dtype,
+    _backend.triton_draw_once_rows): compared here with rows, a size torch.compile traces
+    symbolically records a guard on the comparison, not on the size (a yes / no from C++ would need
+    int(rows) and fix the batch)."""
     if not fb.draws(rule, has_feedback):
         return False
-    return rows >= _C._triton_draw_once_rows(rule, int(weight.numel()), weight.dtype)
+    return rows >= _backend.triton_draw_once_rows(rule, int(weight.numel()), weight.dtype)
 
 
 def _draw_arguments(rule, feedback, in_features):
@@ -434,11 +439,23 @@ def materialise_feedback(weight, feedback, rng, rule, scale, distribution):
     b = weight.new_empty(out_features, in_features)
     stored = feedback if feedback is not None else weight
     block_in, block_out = 64, 32
-    launch(_materialise_kernel, (triton.cdiv(in_features, block_in), triton.cdiv(out_features, block_out)), weight,
+    launch(_materialise_kernel, (cdiv(in_features, block_in), cdiv(out_features, block_out)), weight,
             stored, rng, b, out_features, in_features, *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, BLOCK_IN=block_in, BLOCK_OUT=block_out,
             **_draw_arguments(rule, feedback, in_features))
     return b
+
+
+_TMA = {}
+
+
+def _has_tma(device) -> bool:
+    """Whether a GPU has TMA (sm_90 and newer), asked once per device: torch.cuda's query costs
+    microseconds of Python per call."""
+    has = _TMA.get(device)
+    if has is None:
+        has = _TMA[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return has
 
 
 def _tensor_descriptors(delta, weight, stored, rule, has_feedback) -> bool:
@@ -456,7 +473,7 @@ def _tensor_descriptors(delta, weight, stored, rule, has_feedback) -> bool:
     if fb.INTERPRETED.value:
         if mode != "1":
             return False
-    elif delta.device.type != "cuda" or torch.cuda.get_device_capability(delta.device)[0] < 9:
+    elif not (delta.is_cuda and _has_tma(delta.device)):
         return False
     operands = [delta]
     if fb.reads_weight(rule):
@@ -477,10 +494,10 @@ def _back(delta, weight, feedback, rng, rule, scale, distribution):
     stored = feedback if feedback is not None else weight
     scale, scale_from_weight = fb.scale_argument(weight, rule, scale)
     descriptors = _tensor_descriptors(delta, weight, stored, rule, feedback is not None)
-    if descriptors and delta.device.type == "cuda" and not is_fake(delta):
+    if descriptors and delta.is_cuda and not is_fake(delta):
         set_scratch_allocator()
     launch(_grad_input_kernel,
-            lambda meta: (triton.cdiv(in_features, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]),),
+            lambda meta: (cdiv(in_features, meta["BLOCK_N"]) * cdiv(rows, meta["BLOCK_M"]),),
             delta, weight, stored, rng, grad_input, rows, out_features, in_features, rows_bucket_of(rows),
             *delta.stride(), *weight.stride(), *stored.stride(), scale, RULE=rule,
             HAS_FEEDBACK=feedback is not None, DISTRIBUTION=distribution, SCALE_FROM_WEIGHT=scale_from_weight,
@@ -504,8 +521,8 @@ def _outer(delta, x, *, grad_weight=False, grad_bias=False, grad_feedback=False,
         # Only the bias: one tile column reads delta once and no GEMM runs. Column 0 also
         # exists (and stores grad_bias) when in_features is 0.
         launch(_grad_weight_kernel,
-                lambda meta: (triton.cdiv(out_features, meta["BLOCK_M"])
-                              * (max(triton.cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
+                lambda meta: (cdiv(out_features, meta["BLOCK_M"])
+                              * (max(cdiv(in_features, meta["BLOCK_N"]), 1) if needs_product else 1),),
                 delta, x, addend_tensor, gw if gw is not None else placeholder,
                 gb if gb is not None else placeholder, gf if gf is not None else placeholder, rows, out_features,
                 in_features, rows_bucket_of(rows), *delta.stride(), *x.stride(), *addend_tensor.stride(),
@@ -518,26 +535,30 @@ def _outer(delta, x, *, grad_weight=False, grad_bias=False, grad_feedback=False,
 def draw_noise(like, rng, scale, distribution):
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if out.numel():
-        launch(_draw_kernel, lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
+        launch(_draw_kernel, lambda meta: (cdiv(out.numel(), meta["BLOCK"]),), rng, out, out.numel(),
                 scale, DISTRIBUTION=distribution, BLOCK=256)
     return out
 
 
 def _check_linear(input, weight, bias, alignment, activation) -> None:
     """The aten op's checks (csrc/aten_backend.cpp), with its messages, before any kernel runs."""
-    if weight.dim() != 2:
+    # Each tensor property read once: every read is a call into C++ (0.1-0.2 µs), twice a step.
+    shape, dtype, device = weight.shape, weight.dtype, weight.device
+    if len(shape) != 2:
         raise RuntimeError(f"fastfa: linear weight must be 2-D (out_features, in_features), got {weight.dim()}-D")
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise RuntimeError(f"fastfa: input's last dimension must be in_features={weight.shape[1]}, got shape "
-                           f"{list(input.shape)}")
-    if input.dtype != weight.dtype:
-        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {weight.dtype}")
-    if input.device != weight.device:
-        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {weight.device}")
+    input_shape = input.shape
+    if not input_shape or input_shape[-1] != shape[1]:
+        raise RuntimeError(f"fastfa: input's last dimension must be in_features={shape[1]}, got shape "
+                           f"{list(input_shape)}")
+    if input.dtype != dtype:
+        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {dtype}")
+    if input.device != device:
+        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {device}")
     if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise RuntimeError(f"fastfa: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
-        if bias.dtype != weight.dtype or bias.device != weight.device:
+        bias_shape = bias.shape
+        if len(bias_shape) != 1 or bias_shape[0] != shape[0]:
+            raise RuntimeError(f"fastfa: bias must have shape [{shape[0]}], got {list(bias_shape)}")
+        if bias.dtype != dtype or bias.device != device:
             raise RuntimeError("fastfa: bias must have weight's dtype and device")
     if len(alignment) != 4:
         raise RuntimeError(f"fastfa: alignment must be [alpha, beta, gamma, sigma], got {len(alignment)} values")
@@ -549,7 +570,7 @@ def _rows(input, in_features: int) -> int:
     return input.numel() // in_features if in_features else math.prod(input.shape[:-1])
 
 
-@triton_op("fastfa::triton_linear", mutates_args=())
+@define_op("triton_linear")
 def triton_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None, rng: Tensor | None,
                   rule: int, scale: float, distribution: int, alignment: Sequence[float],
                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -564,8 +585,8 @@ def triton_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: 
     reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_linear", reason)
-        return torch.ops.fastfa.linear(input, weight, bias, feedback, rng, rule, scale, distribution, alignment,
-                                       activation)
+        return torch.ops.fastfa.linear.default(input, weight, bias, feedback, rng, rule, scale, distribution,
+                                               alignment, activation)
     out_features, in_features = weight.shape
     x = input.reshape(_rows(input, in_features), in_features)
     output, saved, projection = _project(x, weight, bias, activation, saves_projection=rule in (_AA, _IA))
@@ -600,7 +621,7 @@ def _feedback_gradient(rule, feedback, weight, delta, x, projection, rng, alignm
     return gw, gb, gf
 
 
-@triton_op("fastfa::triton_linear_backward", mutates_args=())
+@define_op("triton_linear_backward")
 def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, feedback: Tensor | None,
                            rng: Tensor | None, activation_saved: Tensor, projection: Tensor, rule: int, scale: float,
                            distribution: int, alignment: Sequence[float], activation: str,
@@ -625,9 +646,9 @@ def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
     reason = unsupported_reason(weight)
     if reason is not None:
         _backend.record_fallback("triton_linear_backward", reason)
-        return torch.ops.fastfa.linear_backward(grad_output, input, weight, feedback, rng, activation_saved,
-                                                projection, rule, scale, distribution, alignment, activation,
-                                                output_mask)
+        return torch.ops.fastfa.linear_backward.default(grad_output, input, weight, feedback, rng, activation_saved,
+                                                        projection, rule, scale, distribution, alignment, activation,
+                                                        output_mask)
     grad = grad_output.reshape(rows, out_features)
     # activation_saved is empty without an activation.
     saved = activation_saved.reshape(rows, out_features) if activation != "none" else grad
@@ -642,9 +663,8 @@ def triton_linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, f
             rule, feedback, weight, delta, x, r, rng, alignment, output_mask[1], output_mask[2])
     elif output_mask[1] or output_mask[2]:
         grad_weight, grad_bias, _ = _outer(delta, x, grad_weight=output_mask[1], grad_bias=output_mask[2])
-    empty = weight.new_empty(0)
     return (grad_input if grad_input is not None else input.new_empty(0),
-            grad_weight if grad_weight is not None else empty,
+            grad_weight if grad_weight is not None else weight.new_empty(0),
             grad_bias if grad_bias is not None else weight.new_empty(0),
             grad_feedback if grad_feedback is not None else weight.new_empty(0))
 

@@ -270,9 +270,10 @@ def cuda_fused() -> bool:
 # (transform + vendor GEMM / fraction(bp)), whichever is modelled faster: once above
 # rows = transform / (2 in out / peak) / (1 / fraction(rule) - 1 / fraction(bp)), each backend
 # on its own fractions ((cuda, bp) and (triton, bp): the identity kernels). The cuda ops ask it
-# per call in C++; the Triton backend's Linear and Conv2d per call through _C._triton_draw_once_rows
-# (the row count from which the model draws once, by bisection on the model; about a microsecond,
-# on the constants in use), which they compare with the call's rows. The default
+# per call in C++; the Triton backend's Linear and Conv2d through triton_draw_once_rows (the row
+# count from which the model draws once, by bisection on the model in C++; about a microsecond, so
+# kept per (rule, W's size, dtype) until set_auto_costs changes the constants), which they compare
+# with the call's rows. The default
 # fractions of the drawn rules put both crossovers of a 4096x4096 bf16 / fp16 layer at 256 rows,
 # the fixed threshold both backends had before the model decided it.
 
@@ -392,6 +393,19 @@ def auto_plan(rule: str, rows: int, in_features: int, out_features: int, dtype: 
 
 
 _auto_costs = AUTO_COSTS
+# triton_draw_once_rows's answers on the constants in use: {(rule, W's size, dtype): rows}.
+_triton_draw_once = {}
+
+
+def triton_draw_once_rows(rule: int, weight_numel: int, dtype: torch.dtype) -> int:
+    """The row count from which the model has the Triton backend's grad_input draw a drawn B once
+    (brsf, fa without R; see above): _C._triton_draw_once_rows, asked once per (rule, W's size,
+    dtype) while the constants stay, as a layer asks it on every step."""
+    key = (rule, weight_numel, dtype)
+    rows = _triton_draw_once.get(key)
+    if rows is None:
+        rows = _triton_draw_once[key] = _C._triton_draw_once_rows(rule, weight_numel, dtype)
+    return rows
 
 
 def set_auto_costs(costs: AutoCosts) -> None:
@@ -399,6 +413,7 @@ def set_auto_costs(costs: AutoCosts) -> None:
     one), for auto_plan and the cuda ops alike: both run the one model in C++."""
     global _auto_costs
     _C._set_auto_costs(_to_fields(costs))
+    _triton_draw_once.clear()
     _auto_costs = costs
 
 

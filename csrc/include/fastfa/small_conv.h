@@ -1,0 +1,37 @@
+// Direct CPU loops for the three convolution maps of a small conv2d layer: the convolution,
+// its weight gradient and its transposed convolution (grad_input), for the estimated rules'
+// B gradient (aten_backend.cpp's AlignmentMaps). On a small layer each ATen call costs ~4 us of
+// dispatch, backend choice, im2col and allocations (fp32 at batch > 1, oneDNN: ~45 us) around a
+// few hundred ns of arithmetic; these loops cost the arithmetic, an unfold and two allocations.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace fastfa {
+
+// Whether the direct loops serve this layer's maps: a CPU layer in fp64 / fp32 / fp16 / bf16
+// whose convolution, input (N, C, H, W) and filter (C_out, C / groups, kh, kw) to an output of
+// output_sizes, takes at most kSmallConvMaxMacs multiply-adds. Each of the three maps takes
+// the same number of them (one bilinear form, contracted three ways), so one test serves all.
+bool small_conv2d_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef output_sizes,
+                          int64_t groups);
+
+// y = conv2d(input, filter): (N, C_out, H_out, W_out), input's dtype, contiguous.
+at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// The filter gradient of conv2d for grad_output and input: (C_out, C / groups, kh, kw) of
+// weight_sizes, input's dtype, contiguous.
+at::Tensor small_conv2d_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                               at::IntArrayRef weight_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups);
+
+// The transposed convolution of grad_output with filter (conv2d's grad_input): (N, C, H, W) of
+// input_sizes, grad_output's dtype, contiguous.
+at::Tensor small_conv2d_input(const at::Tensor& grad_output, const at::Tensor& filter, at::IntArrayRef input_sizes,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups);
+
+} // namespace fastfa
