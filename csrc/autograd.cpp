@@ -20,6 +20,7 @@
 // aten ops. Their schemas read SymInt for int and bool[] for bool[4]: the dispatcher compares a
 // kernel's inferred schema with the op's by the types C++ sees (int, a list of bool), so the aten
 // ops' signatures serve them; rule, distribution and the geometry are never symbolic.
+#include "fastfa/autograd.h"
 #include "fastfa/ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -87,12 +88,17 @@ auto make_node() {
   }
 }
 
+// What every layer op's backward node is, whatever the layer kind and backend: the edges input 0,
+// weight 1, bias 2, feedback 3 (an absent optional tensor's edge is invalid, so needs no gradient).
+struct LayerNode : public Node {
+  static constexpr size_t kFeedbackEdge = 3;
+};
+
 // The backward of one layer op call: what the backend's backward op reads, kept in members
-// (no per-step map of named values), and the edges input 0, weight 1, bias 2, feedback 3 (an
-// absent optional tensor's edge is invalid, so needs no gradient). Layer supplies the backward
-// op's call and the output's shape (the loss may not reach the output, only the other outputs).
+// (no per-step map of named values), and LayerNode's edges. Layer supplies the backward op's
+// call and the output's shape (the loss may not reach the output, only the other outputs).
 template <typename Layer>
-struct LayerBackward : public Node {
+struct LayerBackward : public LayerNode {
   SavedVariable input_, weight_, feedback_, rng_, activation_saved_, projection_;
   bool has_feedback_ = false, has_rng_ = false;
   int64_t rule_ = 0, distribution_ = 0;
@@ -300,6 +306,14 @@ struct TritonOps {
 };
 
 } // namespace
+
+bool route_feedback_gradient(const Tensor& output, const Tensor& feedback) {
+  auto* node = dynamic_cast<LayerNode*>(output.grad_fn().get());
+  if (node == nullptr) return false;
+  node->set_next_edge(LayerNode::kFeedbackEdge, torch::autograd::impl::gradient_edge(feedback));
+  return true;
+}
+
 } // namespace fastfa
 
 TORCH_LIBRARY_IMPL(fastfa, Autograd, m) {

@@ -8,6 +8,8 @@
 // handle, from the call that resolved them (fastfa.nn's _resolve_call), and takes only the
 // tensors. The op is still called through the dispatcher: its autograd (csrc/autograd.cpp),
 // Python dispatch modes and every C++ check of its arguments run as for any other call.
+#include "fastfa/autograd.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -16,6 +18,8 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -77,8 +81,7 @@ class LayerCall {
       step_rng = rng->clone();
     }
     const c10::DeviceType device = input.device().type();
-    const Tensor output = autocasting(device) ? call_op(autocast(input, device), autocast(weight, device),
-                                                        autocast(bias, device), autocast(feedback, device), step_rng)
+    const Tensor output = autocasting(device) ? call_autocast(input, weight, bias, feedback, step_rng, device)
                                               : call_op(input, weight, bias, feedback, step_rng);
     if (on_host) {
       rng->mutable_data_ptr<int64_t>()[rng->stride(0)] += 1;
@@ -115,12 +118,74 @@ class LayerCall {
            at::autocast::is_autocast_enabled(device);
   }
 
-  static Tensor autocast(const Tensor& t, c10::DeviceType device) {
-    return t.is_floating_point() ? t.to(at::autocast::get_autocast_dtype(device)) : t;
+  // The estimated rules' B is a Parameter (fp32 under mixed precision): its cast records no node of
+  // its own here, and the op's node hands B's gradient to B itself, which the autograd engine casts
+  // to B's dtype as the cast's node (ToCopyBackward) would (route_feedback_gradient). The same
+  // values and the same two casts as the checked path's, with one autograd node less per step (its
+  // making, its edges, its turn in the engine). Where the op records no node (no other argument
+  // needs a gradient), B keeps the cast's node.
+  Tensor call_autocast(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& feedback, const std::optional<Tensor>& rng,
+                       c10::DeviceType device) const {
+    const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+    const Tensor cast_input = cast(input, dtype), cast_weight = cast(weight, dtype);
+    const std::optional<Tensor> cast_bias = cast(bias, dtype);
+    const bool route = feedback.has_value() && feedback->defined() && feedback->requires_grad() &&
+                       feedback->is_floating_point() && feedback->scalar_type() != dtype &&
+                       at::GradMode::is_enabled() &&
+                       (input.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+    if (!route) return call_op(cast_input, cast_weight, cast_bias, cast_stored(feedback, dtype), rng);
+    Tensor cast_feedback;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd; // a copy without autograd history
+      cast_feedback = feedback->to(dtype);
+    }
+    const Tensor output = call_op(cast_input, cast_weight, cast_bias, cast_feedback, rng);
+    // The op's autograd kernel records its node for any call that needs a gradient: the check is
+    // for a Python dispatch mode that hands back something else.
+    TORCH_CHECK(route_feedback_gradient(output, *feedback),
+                "fastfa: the layer op's output has no fastfa backward node to hand B's gradient to");
+    return output;
   }
 
-  static std::optional<Tensor> autocast(const std::optional<Tensor>& t, c10::DeviceType device) {
-    return t.has_value() && t->defined() ? std::optional<Tensor>(autocast(*t, device)) : t;
+  // fa's and frsf's R (a buffer, no gradient) in the autocast dtype: cast once and kept while R is
+  // the same tensor, unwritten (its version counter) and the same dtype is asked for, instead of an
+  // allocation and a copy on every step. The copy lives as long as the layer's resolved call (R's
+  // size in the autocast dtype: half of an fp32 R). Not under autocast's cache_enabled=False, which
+  // a CUDA graph capture needs (a cast made before the capture would not follow a write to R into
+  // the replays), nor for a tensor whose writes or data a Python dispatch mode or subclass handles.
+  // A write through R.data (a tensor with a version counter of its own, which autograd's own check
+  // of saved tensors does not see either) is not seen: write R in place (copy_, as the API says)
+  // or swap it (a new tensor, or a new .data).
+  std::optional<Tensor> cast_stored(const std::optional<Tensor>& feedback, at::ScalarType dtype) const {
+    if (!feedback.has_value() || !feedback->defined() || !feedback->is_floating_point() ||
+        feedback->scalar_type() == dtype) {
+      return feedback;
+    }
+    const Tensor& stored = *feedback;
+    if (stored.requires_grad() || stored.is_inference() || !at::autocast::is_autocast_cache_enabled() ||
+        stored.unsafeGetTensorImpl()->is_python_dispatch() || c10::impl::dispatch_mode_enabled()) {
+      return stored.to(dtype);
+    }
+    std::lock_guard<std::mutex> lock(stored_cast_->mutex);
+    StoredCast& kept = *stored_cast_;
+    if (!(kept.source.is_same(stored) && kept.version == stored._version() &&
+          kept.data == stored.const_data_ptr() && kept.cast.scalar_type() == dtype &&
+          kept.cast.sizes() == stored.sizes() && kept.cast.strides() == stored.strides())) {
+      kept.cast = stored.to(dtype);
+      kept.source = stored;
+      kept.version = stored._version();
+      kept.data = stored.const_data_ptr();
+    }
+    return kept.cast;
+  }
+
+  static Tensor cast(const Tensor& t, at::ScalarType dtype) {
+    return t.is_floating_point() ? t.to(dtype) : t;
+  }
+
+  static std::optional<Tensor> cast(const std::optional<Tensor>& t, at::ScalarType dtype) {
+    return t.has_value() && t->defined() ? std::optional<Tensor>(cast(*t, dtype)) : t;
   }
 
   // A counter that is only memory: an int64 [seed, step] on the CPU, not an inference tensor (whose
@@ -149,6 +214,14 @@ class LayerCall {
   std::vector<double> alignment_;
   std::string activation_;
   bool draws_;
+  // cast_stored's copy and what it was made from (data: a `.data =` swap keeps the version counter).
+  struct StoredCast {
+    std::mutex mutex;
+    Tensor source, cast;
+    int64_t version = 0;
+    const void* data = nullptr;
+  };
+  std::unique_ptr<StoredCast> stored_cast_ = std::make_unique<StoredCast>();
 };
 
 } // namespace

@@ -320,7 +320,7 @@ def test_bench_host_set_reports_the_overhead_per_rule_and_layer_kind(tmp_path, c
 
 @pytest.mark.filterwarnings("ignore:fastfa. a layer of the estimated rule")  # kp under fp16 without fastfa's scaler
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["fp32", "autocast-bf16", "autocast-fp16"])
-@pytest.mark.parametrize("rule", ["usf", "brsf", "kp"])
+@pytest.mark.parametrize("rule", ["usf", "brsf", "kp", "wm"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_the_resolved_layer_call_steps_as_the_checked_path(kind, rule, autocast):
     # After the first call the module makes one call into its C++ LayerCall; it must give what
@@ -349,6 +349,74 @@ def test_the_resolved_layer_call_steps_as_the_checked_path(kind, rule, autocast)
         if layer.feedback_rng is not None:
             assert torch.equal(layer.feedback_rng, checked.feedback_rng)
             assert int(layer.feedback_rng[1]) == step + 1
+
+
+@pytest.mark.filterwarnings("ignore:fastfa. a layer of the estimated rule")  # under fp16 without fastfa's scaler
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["autocast-bf16", "autocast-fp16"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_under_autocast_the_resolved_call_hands_b_its_gradient_without_a_cast_node(kind, autocast):
+    # B (an fp32 Parameter) is cast to the autocast dtype with no node of its own: the op's node
+    # points at B, and the engine casts B's gradient to fp32 as the cast's node would have.
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = fastfa.nn.Linear(5, 4, rule="kp"), torch.randn(3, 5, requires_grad=True)
+    else:
+        layer, x = fastfa.nn.Conv2d(2, 3, 3, padding=1, rule="kp"), torch.randn(2, 2, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=autocast):
+        layer(x)
+        output = layer(x)
+    assert isinstance(vars(layer)["_resolved_call"].layer_call, fastfa._C.LayerCall)
+    feedback_edge = output.grad_fn.next_functions[3][0]
+    assert type(feedback_edge).__name__ == "AccumulateGrad" and feedback_edge.variable is layer.feedback
+    output.float().sum().backward()
+    assert layer.feedback.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("frozen", ["weight and bias", "all but the input"])
+def test_under_autocast_b_alone_needing_a_gradient_still_gets_it(frozen):
+    # Where no other argument needs a gradient the op records no node to hand B's gradient to: the
+    # resolved call then casts B with its node, as the checked path does.
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(5, 4, rule="kp")
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(3, 5, requires_grad=frozen == "all but the input")
+    checked = copy.deepcopy(layer)
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = layer(x)
+            checked._forget_resolved()
+            expected = checked(x)
+        assert torch.equal(output, expected)
+        output.float().sum().backward()
+        expected.float().sum().backward()
+        assert torch.equal(layer.feedback.grad, checked.feedback.grad), step
+    assert isinstance(vars(layer)["_resolved_call"].layer_call, fastfa._C.LayerCall)
+
+
+@pytest.mark.parametrize("rule", ["fa", "frsf"])
+def test_under_autocast_a_write_to_r_reaches_the_next_step(rule):
+    # The resolved call keeps R's cast from step to step: a write to R (in place, or a swapped
+    # .data) must reach the next backward as it does on the checked path.
+    torch.manual_seed(0)
+    layer = fastfa.nn.Linear(5, 4, rule=rule, seed=3)
+    checked = copy.deepcopy(layer)
+    swapped = torch.full((4, 5), 0.5)
+    writes = [lambda r: None, lambda r: r.mul_(-2.0), lambda r: None,
+              lambda r: setattr(r, "data", swapped.clone()), lambda r: None]
+    for step, write in enumerate(writes):
+        write(layer.feedback)
+        write(checked.feedback)
+        ours = torch.randn(3, 5, requires_grad=True)
+        theirs = ours.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = layer(ours)
+            checked._forget_resolved()
+            expected = checked(theirs)
+        output.float().sum().backward()
+        expected.float().sum().backward()
+        assert torch.equal(ours.grad, theirs.grad), step
+    assert isinstance(vars(layer)["_resolved_call"].layer_call, fastfa._C.LayerCall)
 
 
 def test_a_layer_past_its_first_call_deepcopies_and_saves(tmp_path):

@@ -284,15 +284,25 @@ at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::option
   // allocator returns large blocks to the OS): at 4096x4096 that is 5x the transform
   // itself. One buffer per thread, kept between steps, has no such cost.
   thread_local at::Tensor workspace;
+  // The workspace viewed with W's shape and layout, kept too: a layer's every step asks for the same
+  // one, and making the view (an op dispatch and a tensor) cost about what usf's transform of a
+  // small W costs. The callers read B (GEMM and convolution arguments), never change its shape.
+  thread_local at::Tensor out;
   const int64_t numel = weight.numel();
   if (!workspace.defined() || workspace.numel() < numel || workspace.scalar_type() != weight.scalar_type()) {
+    out = at::Tensor();
     workspace = at::Tensor(); // free the old buffer before allocating the new one
     workspace = at::empty({numel}, weight.options());
   }
   const auto memory_format = weight.suggest_memory_format();
-  at::Tensor out = memory_format == at::MemoryFormat::ChannelsLast
-                       ? workspace.as_strided(weight.sizes(), c10::get_channels_last_strides_2d(weight.sizes()))
-                       : workspace.as_strided(weight.sizes(), c10::contiguous_strides(weight.sizes()));
+  c10::DimVector strides = c10::contiguous_strides(weight.sizes());
+  if (memory_format == at::MemoryFormat::ChannelsLast) {
+    const std::vector<int64_t> channels_last = c10::get_channels_last_strides_2d(weight.sizes());
+    strides.assign(channels_last.begin(), channels_last.end());
+  }
+  if (!(out.defined() && out.sizes() == weight.sizes() && out.strides() == at::IntArrayRef(strides))) {
+    out = workspace.as_strided(weight.sizes(), strides);
+  }
   // fp16 and bf16 keep s in B: a product with sign(W) may overflow fp16, and both would round twice.
   const bool defer = deferred_scale != nullptr &&
                      (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble);
