@@ -18,8 +18,6 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -134,7 +132,7 @@ class LayerCall {
                        feedback->is_floating_point() && feedback->scalar_type() != dtype &&
                        at::GradMode::is_enabled() &&
                        (input.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
-    if (!route) return call_op(cast_input, cast_weight, cast_bias, cast_stored(feedback, dtype), rng);
+    if (!route) return call_op(cast_input, cast_weight, cast_bias, cast(feedback, dtype), rng);
     Tensor cast_feedback;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd; // a copy without autograd history
@@ -146,38 +144,6 @@ class LayerCall {
     TORCH_CHECK(route_feedback_gradient(output, *feedback),
                 "fastfa: the layer op's output has no fastfa backward node to hand B's gradient to");
     return output;
-  }
-
-  // fa's and frsf's R (a buffer, no gradient) in the autocast dtype: cast once and kept while R is
-  // the same tensor, unwritten (its version counter) and the same dtype is asked for, instead of an
-  // allocation and a copy on every step. The copy lives as long as the layer's resolved call (R's
-  // size in the autocast dtype: half of an fp32 R). Not under autocast's cache_enabled=False, which
-  // a CUDA graph capture needs (a cast made before the capture would not follow a write to R into
-  // the replays), nor for a tensor whose writes or data a Python dispatch mode or subclass handles.
-  // A write through R.data (a tensor with a version counter of its own, which autograd's own check
-  // of saved tensors does not see either) is not seen: write R in place (copy_, as the API says)
-  // or swap it (a new tensor, or a new .data).
-  std::optional<Tensor> cast_stored(const std::optional<Tensor>& feedback, at::ScalarType dtype) const {
-    if (!feedback.has_value() || !feedback->defined() || !feedback->is_floating_point() ||
-        feedback->scalar_type() == dtype) {
-      return feedback;
-    }
-    const Tensor& stored = *feedback;
-    if (stored.requires_grad() || stored.is_inference() || !at::autocast::is_autocast_cache_enabled() ||
-        stored.unsafeGetTensorImpl()->is_python_dispatch() || c10::impl::dispatch_mode_enabled()) {
-      return stored.to(dtype);
-    }
-    std::lock_guard<std::mutex> lock(stored_cast_->mutex);
-    StoredCast& kept = *stored_cast_;
-    if (!(kept.source.is_same(stored) && kept.version == stored._version() &&
-          kept.data == stored.const_data_ptr() && kept.cast.scalar_type() == dtype &&
-          kept.cast.sizes() == stored.sizes() && kept.cast.strides() == stored.strides())) {
-      kept.cast = stored.to(dtype);
-      kept.source = stored;
-      kept.version = stored._version();
-      kept.data = stored.const_data_ptr();
-    }
-    return kept.cast;
   }
 
   static Tensor cast(const Tensor& t, at::ScalarType dtype) {
@@ -214,14 +180,6 @@ class LayerCall {
   std::vector<double> alignment_;
   std::string activation_;
   bool draws_;
-  // cast_stored's copy and what it was made from (data: a `.data =` swap keeps the version counter).
-  struct StoredCast {
-    std::mutex mutex;
-    Tensor source, cast;
-    int64_t version = 0;
-    const void* data = nullptr;
-  };
-  std::unique_ptr<StoredCast> stored_cast_ = std::make_unique<StoredCast>();
 };
 
 } // namespace
