@@ -47,7 +47,7 @@ from .. import _backend
 from .. import ops as _ops
 from . import feedback as fb
 from . import cdiv, define_op, input_precision, launch, unsupported_reason
-from .linear import (ACTIVATIONS, PREACTIVATION_ACTIVATIONS, activation_delta, apply_activation, draw_noise,
+from .linear import (PREACTIVATION_ACTIVATIONS, activation_delta, apply_activation, check_operands, draw_noise,
                      draws_once, gemm_configs, grouped_tile, materialise_feedback, rows_bucket_of)
 
 _FA, _KP, _WM, _SA, _AA, _IA = 1, 5, 6, 7, 8, 9
@@ -392,25 +392,12 @@ def _check_conv2d(input, weight, bias, stride, padding, dilation, groups, alignm
     if not (groups >= 1 and shape[0] % groups == 0 and input_shape[1] == shape[1] * groups):
         raise RuntimeError(f"fastfa: conv2d input must have in_channels={shape[1] * groups} (groups={groups}), "
                            f"got shape {list(input_shape)}")
-    if input.dtype != dtype:
-        raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {dtype}")
-    if input.device != device:
-        raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {device}")
-    if bias is not None:
-        bias_shape = bias.shape
-        if len(bias_shape) != 1 or bias_shape[0] != shape[0]:
-            raise RuntimeError(f"fastfa: bias must have shape [{shape[0]}], got {list(bias_shape)}")
-        if bias.dtype != dtype or bias.device != device:
-            raise RuntimeError("fastfa: bias must have weight's dtype and device")
+    check_operands(input, bias, shape[0], dtype, device, alignment, activation)
     if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise RuntimeError("fastfa: stride, padding and dilation must have 2 values each")
     if stride[0] < 1 or stride[1] < 1 or dilation[0] < 1 or dilation[1] < 1 or padding[0] < 0 or padding[1] < 0:
         raise RuntimeError(f"fastfa: conv2d needs stride >= 1, dilation >= 1 and padding >= 0, got stride={stride}, "
                            f"padding={padding}, dilation={dilation}")
-    if len(alignment) != 4:
-        raise RuntimeError(f"fastfa: alignment must be [alpha, beta, gamma, sigma], got {len(alignment)} values")
-    if activation not in ACTIVATIONS:
-        raise RuntimeError(f"fastfa: activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
 
 
 @define_op("triton_conv2d")

@@ -550,14 +550,20 @@ def _check_linear(input, weight, bias, alignment, activation) -> None:
     if not input_shape or input_shape[-1] != shape[1]:
         raise RuntimeError(f"fastfa: input's last dimension must be in_features={shape[1]}, got shape "
                            f"{list(input_shape)}")
+    check_operands(input, bias, shape[0], dtype, device, alignment, activation)
+
+
+def check_operands(input, bias, out_features: int, dtype, device, alignment, activation) -> None:
+    """The checks the Linear and Conv2d ops share, after their shape checks: dtypes, devices, the bias,
+    the alignment options and the activation (the aten op's messages)."""
     if input.dtype != dtype:
         raise RuntimeError(f"fastfa: input and weight must share a dtype, got {input.dtype} and {dtype}")
     if input.device != device:
         raise RuntimeError(f"fastfa: input and weight must be on one device, got {input.device} and {device}")
     if bias is not None:
         bias_shape = bias.shape
-        if len(bias_shape) != 1 or bias_shape[0] != shape[0]:
-            raise RuntimeError(f"fastfa: bias must have shape [{shape[0]}], got {list(bias_shape)}")
+        if len(bias_shape) != 1 or bias_shape[0] != out_features:
+            raise RuntimeError(f"fastfa: bias must have shape [{out_features}], got {list(bias_shape)}")
         if bias.dtype != dtype or bias.device != device:
             raise RuntimeError("fastfa: bias must have weight's dtype and device")
     if len(alignment) != 4:
