@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
+#include <ATen/TensorUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -56,6 +57,16 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
   return transform.call(weight, feedback, rng, rule, scale, distribution);
 }
 
+// An output slot the call leaves unfilled (no pre-activation or projection kept, a gradient the mask
+// did not ask for): 0 elements of like's dtype on like's device. On the CPU it is made without an op
+// dispatch (new_empty dispatches new_empty, then empty): a small layer's step made three of them, six
+// dispatches of host time for nothing. The kernels run on plain CPU tensors (fake and functional
+// tensors take the ops' fake kernels), so skipping the dispatcher skips no mode.
+at::Tensor empty_output(const at::Tensor& like) {
+  if (like.is_cpu()) return at::detail::empty_cpu({0}, like.scalar_type());
+  return like.new_empty({0});
+}
+
 enum class Activation { kNone, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid };
 
 Activation parse_activation(c10::string_view name) {
@@ -77,13 +88,13 @@ Activation parse_activation(c10::string_view name) {
 std::tuple<at::Tensor, at::Tensor> activation_forward(at::Tensor z, Activation activation) {
   switch (activation) {
   case Activation::kNone:
-    return {z, z.new_empty({0})};
+    return {z, empty_output(z)};
   case Activation::kRelu:
-    return {z.relu_(), z.new_empty({0})};
+    return {z.relu_(), empty_output(z)};
   case Activation::kTanh:
-    return {z.tanh_(), z.new_empty({0})};
+    return {z.tanh_(), empty_output(z)};
   case Activation::kSigmoid:
-    return {z.sigmoid_(), z.new_empty({0})};
+    return {z.sigmoid_(), empty_output(z)};
   case Activation::kGelu:
     return {at::gelu(z), z};
   case Activation::kGeluTanh:
@@ -91,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> activation_forward(at::Tensor z, Activation a
   case Activation::kSilu:
     return {at::silu(z), z};
   }
-  return {z, z.new_empty({0})};
+  return {z, empty_output(z)};
 }
 
 // delta = dL/dz from dL/dy; `saved` is the output (relu, tanh, sigmoid) or z (gelu, silu).
@@ -173,7 +184,7 @@ std::vector<int64_t> conv2d_output_shape(const at::Tensor& input, const at::Tens
 
 namespace {
 
-at::Tensor empty_gradient(const at::Tensor& like) { return like.new_empty({0}); }
+at::Tensor empty_gradient(const at::Tensor& like) { return empty_output(like); }
 
 // The alignment primitives of learning-rules.md for one layer kind: project(x, M) = x M^T
 // (conv: conv2d(x, M)), outer(r, x) = r^T x (conv: conv2d_weight(x, W.shape, r)),
@@ -389,8 +400,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     at::Tensor projection = at::linear(input, weight);
     return with_projection(activation_forward(add_bias(projection, bias, projection.dim() - 1), kind), projection);
   }
-  return with_projection(activation_forward(at::linear(input, weight, bias), kind), input.new_empty({0}));
+  return with_projection(activation_forward(at::linear(input, weight, bias), kind), empty_output(input));
 }
+
+namespace {
+
+// t.reshape(sizes) without its op dispatches (reshape, then _reshape_alias or view) where that
+// alias would be t itself: the same sizes, and the same strides (reshape recomputes those of size-1
+// dimensions, which may differ from t's, as in a batch of one row). A 2-D input and its grad_output
+// then reach the GEMMs as they are, bit for bit what the reshaped aliases were.
+at::Tensor reshaped(const at::Tensor& t, at::IntArrayRef sizes) {
+  if (t.sizes() == sizes) {
+    const auto strides = at::detail::computeStride(t.sizes(), t.strides(), at::DimVector(sizes));
+    if (strides.has_value() && at::IntArrayRef(*strides) == t.strides()) return t;
+  }
+  return t.reshape(sizes);
+}
+
+} // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
@@ -410,8 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const bool feedback_grad = output_mask[3] && estimates_feedback(kind);
   // Leading dimensions fold into one batch of rows: y = x W^T + b, delta = dL/dz.
   const at::Tensor delta =
-      activation_backward(grad_output, activation_saved, parse_activation(activation)).reshape({rows, out_features});
-  const at::Tensor x = input.reshape({rows, in_features});
+      reshaped(activation_backward(grad_output, activation_saved, parse_activation(activation)), {rows, out_features});
+  const at::Tensor x = reshaped(input, {rows, in_features});
   at::Tensor grad_input, grad_weight, grad_bias, grad_feedback;
   if (output_mask[0]) {
     // grad_x = delta B: the only place the rule enters the task gradients. usf's deferred s is the
@@ -426,7 +453,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
       grad_input = at::detail::empty_cpu({rows, in_features}, delta.scalar_type());
       at::addmm_out(grad_input, grad_input, delta, b, /*beta=*/0.0, /*alpha=*/deferred_scale);
     }
-    grad_input = grad_input.view(input.sizes());
+    // A 2-D input has the result's shape already; viewing it would only cost a dispatch.
+    if (input.dim() != 2) grad_input = grad_input.view(input.sizes());
   }
   if (output_mask[1] || (feedback_grad && kind == Rule::kKolenPollack)) {
     grad_weight = at::mm(delta.t(), x); // delta^T x, every rule
@@ -499,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_forward(
       activation_forward(fp32.out(at::convolution(fp32.in(input), fp32.in(weight), fp32.in(bias), stride, padding,
                                                   dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups)),
                          kind),
-      input.new_empty({0}));
+      empty_output(input));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(

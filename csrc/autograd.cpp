@@ -157,8 +157,14 @@ struct LayerBackward : public LayerNode {
     node = make_node<LayerBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, feedback));
     const auto& [output, pre_activation, projection] = outputs;
-    for (const Tensor* tensor : {&output, &pre_activation, &projection}) {
-      torch::autograd::set_history(*tensor, node);
+    torch::autograd::set_history(output, node);
+    // The pre-activation and projection get a history where the backend returns them; where it returns
+    // a placeholder instead (0 elements, of another rank than the output), they get none: nothing can
+    // differentiate through it, and without a history it costs the step no autograd metadata, no
+    // input slot in the node, and no detached copy to save and re-wrap (SavedVariable of an output).
+    // Every real one has the output's shape; a 1-D output keeps the history on all three.
+    for (const Tensor* tensor : {&pre_activation, &projection}) {
+      if (tensor->dim() == output.dim()) torch::autograd::set_history(*tensor, node);
     }
     node->input_ = SavedVariable(input, /*is_output=*/false);
     node->weight_ = SavedVariable(weight, false);

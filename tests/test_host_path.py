@@ -208,6 +208,50 @@ def test_the_backward_node_frees_its_tensors_and_refuses_a_second_backward(rule)
         output.sum().backward()
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_only_the_op_outputs_the_backend_fills_carry_a_history(activation):
+    # The pre-activation (gelu) and the projection (aa, ia without normalize_input) are differentiable
+    # outputs; the 0-element placeholders the backend returns in their place carry no history (no
+    # autograd metadata or saved copy per step), and a 1-D output keeps the history on all three.
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True), torch.randn(3)
+    for rule, has_projection in (("usf", False), ("ia", True)):
+        feedback = torch.randn(3, 5) if rule == "ia" else None
+        output, saved, projection = torch.ops.fastfa.linear(
+            x, w, b, feedback, None, int(fastfa.rules.rule_spec(rule).id), 1.0, 0, [0.1, 0.2, 0.3, 1.0], activation)
+        assert output.grad_fn.name() == "fastfa::LinearBackward"
+        assert saved.requires_grad == (activation == "gelu")
+        assert projection.requires_grad == has_projection
+        assert (saved.grad_fn is output.grad_fn) == (activation == "gelu")
+        output.sum().backward()
+    usf = int(fastfa.rules.rule_spec("usf").id)
+    output, saved, projection = torch.ops.fastfa.linear(x[0], w, b, None, None, usf, 1.0, 0, [0.0] * 4, activation)
+    assert output.dim() == saved.dim() == projection.dim() == 1
+    assert saved.requires_grad and projection.requires_grad
+
+
+def test_a_2d_linear_backward_reads_its_operands_as_the_reshaped_ones():
+    # A 2-D input and grad_output reach the GEMMs without reshape's alias: the same bits as the same
+    # rows given in 3-D (reshaped), also where a batch of one has an expanded or odd-strided row.
+    torch.manual_seed(0)
+    w = torch.randn(4, 6)
+    wide = torch.randn(2, 12)
+    for x, grad in ((torch.randn(3, 6), torch.randn(3, 4)),
+                    (wide[:1, ::2], torch.ones(1, 1).expand(1, 4)),
+                    (torch.randn(1, 6), torch.randn(1, 8)[:, 2:6])):
+        for rule in ("bp", "usf", "frsf"):
+            spec = fastfa.rules.rule_spec(rule)
+            feedback = torch.randn(4, 6) if rule == "frsf" else None
+            scale = fastfa.rules.RMS_SCALE if rule == "usf" else 1.0  # usf's s as the GEMM's alpha
+            arguments = (feedback, None, torch.empty(0), torch.empty(0), int(spec.id), scale, 0, [0.0] * 4, "none",
+                         [True, True, True, False])
+            flat = torch.ops.fastfa.linear_backward(grad, x, w, *arguments)
+            folded = torch.ops.fastfa.linear_backward(grad.unsqueeze(0), x.unsqueeze(0), w, *arguments)
+            assert torch.equal(flat[0], folded[0].squeeze(0)) and flat[0].shape == x.shape
+            for a, b in zip(flat[1:3], folded[1:3]):
+                assert torch.equal(a, b)
+
+
 def _training_step(model, x, target, autocast=None):
     """One SGD step (momentum: optimizer state a replay must update too). The gradients are set to
     None before each backward: under a capture the backward then allocates them from the graph's pool
