@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <vector>
 
 namespace fastfa {
 namespace {
@@ -175,13 +174,6 @@ TileKernel<scalar_t> tile_kernel() {
   return tile_portable<scalar_t>;
 }
 
-// Buffers kept between steps (a fresh one would page-fault on first touch each step).
-template <typename scalar_t>
-scalar_t* thread_buffer(std::vector<scalar_t>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-  return buffer.data();
-}
-
 template <typename scalar_t>
 at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef input_sizes,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -194,10 +186,14 @@ at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, 
   const int64_t taps = kernel_h * kernel_w, columns = in_channels * taps;
   constexpr int64_t kT = kTileColumns<scalar_t>;
 
+  // Buffers per call, freed on return: delta packed, grad_cols (64 / K of W's size at the most) and,
+  // per task, one sign panel. Kept between calls they would stay for the process's life, one set
+  // per OpenMP thread sized by the largest layer; per call they cost no measurable time
+  // (benchmarks/results/2026-12-02-cpu-sign-conv-tidy.md).
   // delta as [K][rows] (row m = (b, ho, wo)), rows padded with zeros to whole micro-tiles.
-  thread_local std::vector<scalar_t> delta_buffer, cols_buffer;
-  scalar_t* a = thread_buffer(delta_buffer, k_total * padded_rows);
-  scalar_t* cols = thread_buffer(cols_buffer, padded_rows * columns);
+  const at::Tensor workspace = at::empty({k_total * padded_rows + padded_rows * columns}, delta.options());
+  scalar_t* a = workspace.mutable_data_ptr<scalar_t>();
+  scalar_t* cols = a + k_total * padded_rows;
   {
     const at::Tensor d = delta.contiguous();
     const scalar_t* src = d.const_data_ptr<scalar_t>();
@@ -222,8 +218,8 @@ at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, 
   const double sum_of_squares = at::parallel_reduce(
       0, in_channels, grain, 0.0,
       [&](int64_t c_begin, int64_t c_end, double partial) {
-        thread_local std::vector<scalar_t> packed_buffer;
-        scalar_t* packed = thread_buffer(packed_buffer, kPanelK * kPanelTiles * kT);
+        const at::Tensor panel = at::empty({kPanelK * kPanelTiles * kT}, delta.options());
+        scalar_t* packed = panel.mutable_data_ptr<scalar_t>();
         const int64_t n_end = c_end * taps;
         for (int64_t n0 = c_begin * taps; n0 < n_end; n0 += kPanelTiles * kT) {
           const int64_t nc = std::min(kPanelTiles * kT, n_end - n0);
