@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <vector>
 
 namespace fastfa {
 namespace {
@@ -42,6 +41,18 @@ constexpr int64_t kTileColumns = kVectors * kLanes<scalar_t>;
 constexpr int64_t kPanelK = 128;
 constexpr int64_t kPanelTiles = 8;
 
+// One tile's row: sign(row[j]) into out[j] and w^2 into lanes[j] for j < kT, the columns from
+// `columns` on zero. A whole tile (kWhole) reads no bound, so its loop vectorises unmasked.
+template <bool kWhole, typename scalar_t>
+inline void pack_tile_row(const scalar_t* __restrict__ row, int64_t columns, scalar_t* __restrict__ out,
+                          double* __restrict__ lanes) {
+  for (int64_t j = 0; j < kTileColumns<scalar_t>; ++j) {
+    const scalar_t w = kWhole || j < columns ? row[j] : scalar_t(0);
+    lanes[j] += static_cast<double>(w) * static_cast<double>(w);
+    out[j] = sign_of(w);
+  }
+}
+
 // sign(W[k0 : k0 + kc, n0 : n0 + nc]) into packed[tile][k][column], columns past nc zero, and
 // the sum of w^2 over the block (in double, one lane per column so the loop vectorises).
 // sign_of is feedback_transform's: NaN stays NaN, +-0 gives 0.
@@ -56,19 +67,11 @@ double pack_signs(const scalar_t* __restrict__ weight, int64_t ldw, int64_t kc, 
     const scalar_t* row = weight + k * ldw;
     for (int64_t t = 0; t < tiles; ++t) {
       scalar_t* out = packed + (t * kc + k) * kT;
-      const int64_t first = t * kT;
-      if (first + kT <= nc) {
-        for (int64_t j = 0; j < kT; ++j) {
-          const scalar_t w = row[first + j];
-          lanes[j] += static_cast<double>(w) * static_cast<double>(w);
-          out[j] = sign_of(w);
-        }
+      const int64_t columns = std::min(kT, nc - t * kT);
+      if (columns == kT) {
+        pack_tile_row<true>(row + t * kT, columns, out, lanes);
       } else {
-        for (int64_t j = 0; j < kT; ++j) {
-          const scalar_t w = first + j < nc ? row[first + j] : scalar_t(0);
-          lanes[j] += static_cast<double>(w) * static_cast<double>(w);
-          out[j] = sign_of(w);
-        }
+        pack_tile_row<false>(row + t * kT, columns, out, lanes);
       }
     }
   }
@@ -78,7 +81,9 @@ double pack_signs(const scalar_t* __restrict__ weight, int64_t ldw, int64_t kc, 
 }
 
 // c[r, j] (+)= sum_k a[k, r] * b[k, j] for kRows rows and one tile's columns; a is delta packed
-// k-major (row stride lda), b one packed tile. Only `columns` of the tile are stored.
+// k-major (row stride lda), b one packed tile. Only `columns` of the tile are stored: past a task's
+// last tail the columns are the next task's, written at the same time. The packed tile is zero
+// there, so a tail differs from a whole tile in its store alone.
 template <typename scalar_t>
 void tile_portable(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t kc, scalar_t* c, int64_t ldc,
                    int64_t columns, bool accumulate) {
@@ -98,6 +103,8 @@ void tile_portable(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t kc
 #if FASTFA_HAS_AVX2_FMA_KERNELS
 // The AVX2 + FMA tile: per k, three vector loads of the tile and four broadcasts of delta feed
 // twelve FMAs. GCC does not contract a * b + c under -std=c++17, hence the intrinsics.
+// The main tile and its tails share one store loop: a whole vector moves plain, a tail's last
+// vectors masked (slower moves, in a tail only).
 template <typename scalar_t>
 struct Avx2;
 
@@ -105,22 +112,33 @@ template <>
 struct Avx2<float> {
   using V = __m256;
   __attribute__((target("avx2,fma"))) static V zero() { return _mm256_setzero_ps(); }
-  __attribute__((target("avx2,fma"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
   __attribute__((target("avx2,fma"))) static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   __attribute__((target("avx2,fma"))) static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  __attribute__((target("avx2,fma"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
   __attribute__((target("avx2,fma"))) static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  __attribute__((target("avx2,fma"))) static V load(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  __attribute__((target("avx2,fma"))) static void store(float* p, V v, __m256i m) { _mm256_maskstore_ps(p, m, v); }
+  // Lane j on where j < lanes.
+  __attribute__((target("avx2,fma"))) static __m256i mask(int64_t lanes) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
 };
 
 template <>
 struct Avx2<double> {
   using V = __m256d;
   __attribute__((target("avx2,fma"))) static V zero() { return _mm256_setzero_pd(); }
-  __attribute__((target("avx2,fma"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
   __attribute__((target("avx2,fma"))) static V broadcast(const double* p) { return _mm256_broadcast_sd(p); }
   __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   __attribute__((target("avx2,fma"))) static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  __attribute__((target("avx2,fma"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
   __attribute__((target("avx2,fma"))) static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  __attribute__((target("avx2,fma"))) static V load(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+  __attribute__((target("avx2,fma"))) static void store(double* p, V v, __m256i m) { _mm256_maskstore_pd(p, m, v); }
+  __attribute__((target("avx2,fma"))) static __m256i mask(int64_t lanes) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(lanes), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
 };
 
 template <typename scalar_t>
@@ -147,18 +165,18 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const scalar_t* a, int64_t ld
     x = S::broadcast(ak + 3);
     c30 = S::fma(x, b0, c30), c31 = S::fma(x, b1, c31), c32 = S::fma(x, b2, c32);
   }
-  alignas(32) scalar_t tile[kRows][kT];
   const V rows[kRows][kVectors] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
-  for (int64_t r = 0; r < kRows; ++r) {
-    if (columns == kT) {
-      for (int64_t v = 0; v < kVectors; ++v) {
-        scalar_t* out = c + r * ldc + v * kL;
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const int64_t lanes = std::clamp(columns - v * kL, int64_t(0), kL);
+    const __m256i mask = S::mask(lanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      scalar_t* out = c + r * ldc + v * kL;
+      if (lanes == kL) {
         S::store(out, accumulate ? S::add(S::load(out), rows[r][v]) : rows[r][v]);
+      } else {
+        S::store(out, accumulate ? S::add(S::load(out, mask), rows[r][v]) : rows[r][v], mask);
       }
-      continue;
     }
-    for (int64_t v = 0; v < kVectors; ++v) S::store(&tile[r][v * kL], rows[r][v]);
-    for (int64_t j = 0; j < columns; ++j) c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r][j] : tile[r][j];
   }
 }
 #endif
@@ -175,13 +193,6 @@ TileKernel<scalar_t> tile_kernel() {
   return tile_portable<scalar_t>;
 }
 
-// Buffers kept between steps (a fresh one would page-fault on first touch each step).
-template <typename scalar_t>
-scalar_t* thread_buffer(std::vector<scalar_t>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-  return buffer.data();
-}
-
 template <typename scalar_t>
 at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef input_sizes,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -194,10 +205,14 @@ at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, 
   const int64_t taps = kernel_h * kernel_w, columns = in_channels * taps;
   constexpr int64_t kT = kTileColumns<scalar_t>;
 
+  // Buffers per call, freed on return: delta packed, grad_cols (64 / K of W's size at the most) and,
+  // per task, one sign panel. Kept between calls they would stay for the process's life, one set
+  // per OpenMP thread sized by the largest layer; per call they cost no measurable time
+  // (benchmarks/results/2026-12-02-cpu-sign-conv-tidy.md).
   // delta as [K][rows] (row m = (b, ho, wo)), rows padded with zeros to whole micro-tiles.
-  thread_local std::vector<scalar_t> delta_buffer, cols_buffer;
-  scalar_t* a = thread_buffer(delta_buffer, k_total * padded_rows);
-  scalar_t* cols = thread_buffer(cols_buffer, padded_rows * columns);
+  const at::Tensor workspace = at::empty({k_total * padded_rows + padded_rows * columns}, delta.options());
+  scalar_t* a = workspace.mutable_data_ptr<scalar_t>();
+  scalar_t* cols = a + k_total * padded_rows;
   {
     const at::Tensor d = delta.contiguous();
     const scalar_t* src = d.const_data_ptr<scalar_t>();
@@ -222,8 +237,8 @@ at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, 
   const double sum_of_squares = at::parallel_reduce(
       0, in_channels, grain, 0.0,
       [&](int64_t c_begin, int64_t c_end, double partial) {
-        thread_local std::vector<scalar_t> packed_buffer;
-        scalar_t* packed = thread_buffer(packed_buffer, kPanelK * kPanelTiles * kT);
+        const at::Tensor panel = at::empty({kPanelK * kPanelTiles * kT}, delta.options());
+        scalar_t* packed = panel.mutable_data_ptr<scalar_t>();
         const int64_t n_end = c_end * taps;
         for (int64_t n0 = c_begin * taps; n0 < n_end; n0 += kPanelTiles * kT) {
           const int64_t nc = std::min(kPanelTiles * kT, n_end - n0);
