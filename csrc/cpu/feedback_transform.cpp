@@ -11,6 +11,7 @@
 #include <c10/util/strides.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 
@@ -282,17 +283,25 @@ at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::option
   check_cpu(weight);
   // A fresh W-sized tensor each step costs a page fault per 4 KiB on first touch (the CPU
   // allocator returns large blocks to the OS): at 4096x4096 that is 5x the transform
-  // itself. One buffer per thread, kept between steps, has no such cost.
-  thread_local at::Tensor workspace;
-  // The workspace viewed with W's shape and layout, kept too: a layer's every step asks for the same
-  // one, and making the view (an op dispatch and a tensor) cost about what usf's transform of a
-  // small W costs. The callers read B (GEMM and convolution arguments), never change its shape.
-  thread_local at::Tensor out;
+  // itself. One buffer per thread and dtype, kept between steps, has no such cost; per dtype, so
+  // that layers of two dtypes on one thread (an fp32 head after bf16 autocast) do not reallocate
+  // it at every call. Each holds the largest W of its dtype seen on its thread; B is a view of
+  // it, so it is valid until this thread's next call: the callers use it at once (a GEMM or
+  // convolution argument) and never keep it.
+  struct Workspace {
+    at::Tensor buffer;
+    // The buffer viewed with W's shape and layout, kept too: a layer's every step asks for the same
+    // one, and making the view (an op dispatch and a tensor) costs about what usf's transform of a
+    // small W costs.
+    at::Tensor out;
+  };
+  thread_local std::array<Workspace, 4> workspaces; // fp64, fp32, fp16, bf16
+  const auto dtype = weight.scalar_type();
+  Workspace& workspace = workspaces[dtype == at::kDouble ? 0 : dtype == at::kFloat ? 1 : dtype == at::kHalf ? 2 : 3];
   const int64_t numel = weight.numel();
-  if (!workspace.defined() || workspace.numel() < numel || workspace.scalar_type() != weight.scalar_type()) {
-    out = at::Tensor();
-    workspace = at::Tensor(); // free the old buffer before allocating the new one
-    workspace = at::empty({numel}, weight.options());
+  if (!workspace.buffer.defined() || workspace.buffer.numel() < numel || workspace.buffer.scalar_type() != dtype) {
+    workspace = Workspace{}; // free the old buffer before allocating the new one
+    workspace.buffer = at::empty({numel}, weight.options());
   }
   const auto memory_format = weight.suggest_memory_format();
   c10::DimVector strides = c10::contiguous_strides(weight.sizes());
@@ -300,8 +309,9 @@ at::Tensor feedback_for_backward_cpu(const at::Tensor& weight, const std::option
     const std::vector<int64_t> channels_last = c10::get_channels_last_strides_2d(weight.sizes());
     strides.assign(channels_last.begin(), channels_last.end());
   }
+  at::Tensor& out = workspace.out;
   if (!(out.defined() && out.sizes() == weight.sizes() && out.strides() == at::IntArrayRef(strides))) {
-    out = workspace.as_strided(weight.sizes(), strides);
+    out = workspace.buffer.as_strided(weight.sizes(), strides);
   }
   // fp16 and bf16 keep s in B: a product with sign(W) may overflow fp16, and both would round twice.
   const bool defer = deferred_scale != nullptr &&
