@@ -128,6 +128,32 @@ struct Finish {
   }
 };
 
+// out[j] += sum over i < count of coefficient(i) * row(i)[j], for j < width, i ascending: each map's
+// products are this one sum. Its sums stay in registers kBlock columns at a time (with them in memory,
+// a loop over i stores and reloads each one every i: a store-to-load latency per step that is most
+// of a small map's time); the last width % kBlock columns sum in memory.
+constexpr int64_t kBlock = 16;
+
+template <typename acc_t, typename Coefficient, typename Row>
+inline void add_products(acc_t* out, int64_t width, int64_t count, Coefficient coefficient, Row row) {
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= width; j0 += kBlock) {
+    acc_t sums[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) sums[j] = out[j0 + j];
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t c = coefficient(i);
+      const auto* values = row(i) + j0;
+      for (int64_t j = 0; j < kBlock; ++j) sums[j] += c * static_cast<acc_t>(values[j]);
+    }
+    for (int64_t j = 0; j < kBlock; ++j) out[j0 + j] = sums[j];
+  }
+  for (int64_t i = 0; j0 < width && i < count; ++i) {
+    const acc_t c = coefficient(i);
+    const auto* values = row(i);
+    for (int64_t j = j0; j < width; ++j) out[j] += c * static_cast<acc_t>(values[j]);
+  }
+}
+
 // y[n, o, p] = sum over k of w[o, k] * cols[k, p]. w: the filter, contiguous.
 template <typename scalar_t>
 void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, scalar_t* y,
@@ -142,13 +168,9 @@ void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* 
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
         const int64_t offset = (n * g.out_channels + o) * positions;
         acc_t* sum = accumulator<scalar_t>(buffer, y + offset, positions);
-        for (int64_t k = 0; k < taps; ++k) {
-          const acc_t tap = static_cast<acc_t>(w[o * taps + k]);
-          const acc_t* col = cols.data() + k * positions;
-          for (int64_t p = 0; p < positions; ++p) {
-            sum[p] += tap * col[p];
-          }
-        }
+        const scalar_t* filter_row = w + o * taps;
+        add_products(sum, positions, taps, [&](int64_t k) { return static_cast<acc_t>(filter_row[k]); },
+                     [&](int64_t k) { return cols.data() + k * positions; });
         finish(sum, y + offset, offset, positions);
       }
     }
@@ -169,14 +191,8 @@ void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, St
       unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
         const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
-        acc_t* sum_row = sum + o * taps;
-        for (int64_t p = 0; p < positions; ++p) {
-          const acc_t value = static_cast<acc_t>(r_plane[p]);
-          const acc_t* col = cols.data() + p * taps;
-          for (int64_t k = 0; k < taps; ++k) {
-            sum_row[k] += value * col[k];
-          }
-        }
+        add_products(sum + o * taps, taps, positions, [&](int64_t p) { return static_cast<acc_t>(r_plane[p]); },
+                     [&](int64_t p) { return cols.data() + p * taps; });
       }
     }
   }
@@ -195,15 +211,11 @@ void transposed_convolve(const Geometry& g, const scalar_t* r, const scalar_t* w
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
       std::fill(cols.begin(), cols.end(), acc_t(0));
-      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
-        const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
-        for (int64_t k = 0; k < taps; ++k) {
-          const acc_t tap = static_cast<acc_t>(w[o * taps + k]);
-          acc_t* col = cols.data() + k * positions;
-          for (int64_t p = 0; p < positions; ++p) {
-            col[p] += tap * static_cast<acc_t>(r_plane[p]);
-          }
-        }
+      const scalar_t* r_planes = r + (n * g.out_channels + o0) * positions;
+      for (int64_t k = 0; k < taps; ++k) {
+        add_products(cols.data() + k * positions, positions, g.group_out,
+                     [&](int64_t i) { return static_cast<acc_t>(w[(o0 + i) * taps + k]); },
+                     [&](int64_t i) { return r_planes + i * positions; });
       }
       fold_into(g.taps, 0, g.group_in, cols.data(), /*tap_stride=*/positions, /*position_stride=*/1,
                 sum + (n * g.channels + (o0 / g.group_out) * g.group_in) * plane);
