@@ -86,6 +86,17 @@ void unfold(const Geometry& g, const scalar_t* x_group, Strides xs, at::opmath_t
   });
 }
 
+// The unfold's buffer, kept per thread between calls (where small_conv2d_applies, at most
+// kSmallConvMaxMacs values: a map's unfold has at most as many elements as it has multiply-adds).
+// A fresh one per call is a heap request of a few KiB, and inside a training step, after the step's
+// many small frees, glibc consolidates its fast bins before serving such a request: ~1 us a map.
+template <typename acc_t>
+acc_t* unfold_buffer(int64_t size) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
 // The sums run in opmath (acc_t): into the output itself for fp32 / fp64, else into `buffer`, whose
 // values are rounded once into the output by the epilogue.
 template <typename scalar_t>
@@ -160,17 +171,17 @@ void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* 
               const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = g.positions, taps = g.tap_count;
-  std::vector<acc_t> cols(positions * taps);
+  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
   Accumulator<scalar_t> buffer;
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold<true>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
+      unfold<true>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
         const int64_t offset = (n * g.out_channels + o) * positions;
         acc_t* sum = accumulator<scalar_t>(buffer, y + offset, positions);
         const scalar_t* filter_row = w + o * taps;
         add_products(sum, positions, taps, [&](int64_t k) { return static_cast<acc_t>(filter_row[k]); },
-                     [&](int64_t k) { return cols.data() + k * positions; });
+                     [&](int64_t k) { return cols + k * positions; });
         finish(sum, y + offset, offset, positions);
       }
     }
@@ -183,16 +194,16 @@ void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, St
                      const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = g.positions, taps = g.tap_count;
-  std::vector<acc_t> cols(positions * taps);
+  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
   Accumulator<scalar_t> buffer;
   acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
+      unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
         const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
         add_products(sum + o * taps, taps, positions, [&](int64_t p) { return static_cast<acc_t>(r_plane[p]); },
-                     [&](int64_t p) { return cols.data() + p * taps; });
+                     [&](int64_t p) { return cols + p * taps; });
       }
     }
   }
@@ -205,19 +216,19 @@ void transposed_convolve(const Geometry& g, const scalar_t* r, const scalar_t* w
                          const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = g.positions, taps = g.tap_count, plane = g.taps.height * g.taps.width;
-  std::vector<acc_t> cols(positions * taps);
+  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
   Accumulator<scalar_t> buffer;
   acc_t* sum = accumulator<scalar_t>(buffer, grad, g.batch * g.channels * plane);
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      std::fill(cols.begin(), cols.end(), acc_t(0));
+      std::fill(cols, cols + positions * taps, acc_t(0));
       const scalar_t* r_planes = r + (n * g.out_channels + o0) * positions;
       for (int64_t k = 0; k < taps; ++k) {
-        add_products(cols.data() + k * positions, positions, g.group_out,
+        add_products(cols + k * positions, positions, g.group_out,
                      [&](int64_t i) { return static_cast<acc_t>(w[(o0 + i) * taps + k]); },
                      [&](int64_t i) { return r_planes + i * positions; });
       }
-      fold_into(g.taps, 0, g.group_in, cols.data(), /*tap_stride=*/positions, /*position_stride=*/1,
+      fold_into(g.taps, 0, g.group_in, cols, /*tap_stride=*/positions, /*position_stride=*/1,
                 sum + (n * g.channels + (o0 / g.group_out) * g.group_in) * plane);
     }
   }
