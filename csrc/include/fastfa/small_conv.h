@@ -2,7 +2,8 @@
 // its weight gradient and its transposed convolution (grad_input), for the estimated rules'
 // B gradient (aten_backend.cpp's AlignmentMaps). On a small layer each ATen call costs ~4 us of
 // dispatch, backend choice, im2col and allocations (fp32 at batch > 1, oneDNN: ~45 us) around a
-// few hundred ns of arithmetic; these loops cost the arithmetic, an unfold and two allocations.
+// few hundred ns of arithmetic; these loops cost the arithmetic, an unfold (into a buffer kept per
+// thread) and the output's allocation.
 #pragma once
 
 #include <ATen/ATen.h>
