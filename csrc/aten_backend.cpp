@@ -17,6 +17,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <type_traits>
 
 namespace fastfa {
 
@@ -186,17 +187,6 @@ namespace {
 
 at::Tensor empty_gradient(const at::Tensor& like) { return empty_output(like); }
 
-// The alignment primitives of learning-rules.md for one layer kind: project(x, M) = x M^T
-// (conv: conv2d(x, M)), outer(r, x) = r^T x (conv: conv2d_weight(x, W.shape, r)),
-// back(r, M) = r M (conv: the transposed convolution of r with M); means over `batch`.
-// `matrices`: a Linear layer's, where the primitives are plain matrix products, so that a scaled
-// sum with a product folds into one addmm (a small layer's B gradient is mostly op dispatch).
-struct AlignmentMaps {
-  std::function<at::Tensor(const at::Tensor&, const at::Tensor&)> project, outer, back;
-  int64_t batch;
-  bool matrices = false;
-};
-
 // [alpha, beta, gamma, sigma], and on aten an optional fifth value: normalize_input (1 or 0), the
 // fastfa.nn layers' default for aa and ia (fastfa.alignment.LAYER_DEFAULTS), whose B gradient is
 // then the closed form with x normalised per sample (standardized_per_sample).
@@ -226,6 +216,77 @@ at::Tensor scaled(const at::Tensor& t, double c) { return at::mul(t, wrapped_sca
 
 // t *= c, in place (t is a new tensor of ours).
 at::Tensor scale_(at::Tensor t, double c) { return t.mul_(wrapped_scalar(t, c)); }
+
+// The epilogue (small_conv.h) applied to a map's new result t as ATen ops: today's scale and add.
+at::Tensor with_epilogue(at::Tensor t, const Epilogue& epilogue) {
+  if (epilogue.scale != 1.0) scale_(t, epilogue.scale);
+  if (epilogue.addend != nullptr) t.add_(*epilogue.addend, epilogue.addend_scale);
+  return t;
+}
+
+// One alignment map with its epilogue: scale * map(a, m) + addend_scale * addend. Built from a plain
+// (a, m) callable (ATen's calls), it applies the epilogue as ops on the map's result; the direct
+// small-conv loops take the epilogue and write it in their last pass, with no op of its own.
+class Map {
+ public:
+  template <typename F, std::enable_if_t<std::is_invocable_r_v<at::Tensor, F, const at::Tensor&, const at::Tensor&>,
+                                         int> = 0>
+  Map(F map)
+      : map_([map](const at::Tensor& a, const at::Tensor& m, const Epilogue& epilogue) {
+          return with_epilogue(map(a, m), epilogue);
+        }) {}
+  template <typename F, std::enable_if_t<std::is_invocable_r_v<at::Tensor, F, const at::Tensor&, const at::Tensor&,
+                                                               const Epilogue&>,
+                                         int> = 0>
+  Map(F map) : map_(std::move(map)) {}
+
+  at::Tensor operator()(const at::Tensor& a, const at::Tensor& m, const Epilogue& epilogue = {}) const {
+    return map_(a, m, epilogue);
+  }
+
+ private:
+  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const Epilogue&)> map_;
+};
+
+// The alignment primitives of learning-rules.md for one layer kind: project(x, M) = x M^T
+// (conv: conv2d(x, M)), outer(r, x) = r^T x (conv: conv2d_weight(x, W.shape, r)),
+// back(r, M) = r M (conv: the transposed convolution of r with M); means over `batch`.
+// `matrices`: a Linear layer's, where the primitives are plain matrix products, so that a scaled
+// sum with a product folds into one addmm (a small layer's B gradient is mostly op dispatch).
+struct AlignmentMaps {
+  Map project, outer, back;
+  int64_t batch;
+  bool matrices = false;
+};
+
+// a x + b y, x and y of one shape (sa's B gradient, aa's combined filter: filter-sized). On a small
+// dense CPU pair, one loop into one new tensor: there the ops' way, a scalar tensor, a mul, its
+// intermediate and a sub, costs several dispatches against a pass of a few hundred elements. Up to
+// kAxpbyLoopMaxElements, where the loop's pass (no threads, fp16 / bf16 converted element by
+// element) is still small against one dispatch.
+constexpr int64_t kAxpbyLoopMaxElements = 4096;
+
+at::Tensor axpby(double a, const at::Tensor& x, double b, const at::Tensor& y) {
+  const auto dtype = x.scalar_type();
+  if (x.is_cpu() && y.is_cpu() && y.scalar_type() == dtype && x.sizes() == y.sizes() &&
+      x.numel() <= kAxpbyLoopMaxElements && x.is_contiguous() && y.is_contiguous() &&
+      (dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    at::Tensor out = at::detail::empty_cpu(x.sizes(), dtype, /*pin_memory=*/false, std::nullopt);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastfa_axpby", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t ca = static_cast<acc_t>(a), cb = static_cast<acc_t>(b);
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();
+      const scalar_t* ys = y.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0, n = x.numel(); i < n; ++i) {
+        o[i] = static_cast<scalar_t>(ca * static_cast<acc_t>(xs[i]) + cb * static_cast<acc_t>(ys[i]));
+      }
+    });
+    return out;
+  }
+  return at::add(scaled(x, a), y, b);
+}
+
 
 // sqrt(F) x_hat, x_hat being x centred and scaled to unit L2 norm per sample (x flattened to (N, F)),
 // as the alignment pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample
@@ -319,14 +380,14 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
   case Rule::kKolenPollack: // grad_W + alpha * decay
     return at::add(grad_weight, feedback, 2.0 * alpha);
   case Rule::kSymmetricAlignment: // alpha * decay + beta * self
-    return at::sub(scaled(feedback, 2.0 * alpha), weight, beta);
+    return axpby(2.0 * alpha, feedback, -beta, weight);
   case Rule::kWeightMirror: { // alpha * decay + beta * amp, with x replaced by noise
     const at::Tensor noise = weight_mirror_noise(input, rng, sigma);
     const at::Tensor noise_projection = maps.project(noise, weight);
     if (maps.matrices) { // 2 alpha B - (beta / N) r^T noise
       return at::addmm(feedback, noise_projection.t(), noise, 2.0 * alpha, -beta / batch);
     }
-    return scale_(maps.outer(noise_projection, noise), -beta / batch).add_(feedback, 2.0 * alpha);
+    return maps.outer(noise_projection, noise, {-beta / batch, &feedback, 2.0 * alpha});
   }
   case Rule::kActivationAlignment: { // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
     if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm, into r_hat where it is ours
@@ -336,11 +397,10 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
                         input);
     }
     if (normalize) { // p and r_hat are linear in the filter: one convolution with (2 alpha / N) B - (beta / N) W
-      const at::Tensor filter = scaled(feedback, 2.0 * alpha / batch).sub_(weight, beta / batch);
+      const at::Tensor filter = axpby(2.0 * alpha / batch, feedback, -beta / batch, weight);
       return maps.outer(maps.project(input, filter), input);
     }
-    return maps.outer(scale_(maps.project(input, feedback), 2.0 * alpha / batch).sub_(projection, beta / batch),
-                      input);
+    return maps.outer(maps.project(input, feedback, {2.0 * alpha / batch, &projection, -beta / batch}), input);
   }
   case Rule::kInformationAlignment: { // alpha * amp + beta * null + gamma * decay, linear in outer's x
     if (maps.matrices) { // r^T ((2 beta / N) r B - (alpha / N) x) + 2 gamma B in two addmm, the first
@@ -350,8 +410,8 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
                                          : at::addmm(input, projection, feedback, b, a);
       return at::addmm(feedback, projection.t(), inner, 2.0 * gamma, 1.0);
     }
-    return maps.outer(projection, scale_(maps.back(projection, feedback), 2.0 * beta / batch).sub_(input, alpha / batch))
-        .add_(feedback, 2.0 * gamma);
+    return maps.outer(projection, maps.back(projection, feedback, {2.0 * beta / batch, &input, -alpha / batch}),
+                      {1.0, &feedback, 2.0 * gamma});
   }
   default:
     TORCH_CHECK(false, "fastfa: rule ", static_cast<int64_t>(rule), " does not estimate its feedback");
@@ -585,22 +645,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     // most of its cost. Every map of the B gradient has the layer's geometry, so one test holds
     // for all of them. The loops read bf16 and sum in fp32, as the widened ATen path does.
     const bool direct = small_conv2d_applies(input, weight, expected, groups);
-    const auto convolve = [&](const at::Tensor& x, const at::Tensor& m) {
-      if (direct) return small_conv2d(x, m, stride, padding, dilation, groups);
-      return fp32.out(
-          at::convolution(fp32.in(x), fp32.in(m), std::nullopt, stride, padding, dilation, false, {0, 0}, groups));
+    // The loops write the rules' epilogue themselves; ATen's calls get it as ops after them.
+    const auto convolve = [&](const at::Tensor& x, const at::Tensor& m, const Epilogue& epilogue) {
+      if (direct) return small_conv2d(x, m, stride, padding, dilation, groups, epilogue);
+      return with_epilogue(
+          fp32.out(at::convolution(fp32.in(x), fp32.in(m), std::nullopt, stride, padding, dilation, false, {0, 0},
+                                   groups)),
+          epilogue);
     };
-    const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x) {
-      if (direct) return small_conv2d_weight(r, x, weight.sizes(), stride, padding, dilation, groups);
-      return fp32.out(std::get<1>(at::convolution_backward(fp32.in(r), fp32.in(x), fp32.in(weight), std::nullopt,
-                                                           stride, padding, dilation, false, {0, 0}, groups,
-                                                           {false, true, false})));
+    const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x, const Epilogue& epilogue) {
+      if (direct) return small_conv2d_weight(r, x, weight.sizes(), stride, padding, dilation, groups, epilogue);
+      return with_epilogue(fp32.out(std::get<1>(at::convolution_backward(
+                               fp32.in(r), fp32.in(x), fp32.in(weight), std::nullopt, stride, padding, dilation,
+                               false, {0, 0}, groups, {false, true, false}))),
+                           epilogue);
     };
-    const auto transposed = [&](const at::Tensor& r, const at::Tensor& m) {
-      if (direct) return small_conv2d_input(r, m, input.sizes(), stride, padding, dilation, groups);
-      return fp32.out(std::get<0>(at::convolution_backward(fp32.in(r), fp32.in(input), fp32.in(m), std::nullopt,
-                                                           stride, padding, dilation, false, {0, 0}, groups,
-                                                           {true, false, false})));
+    const auto transposed = [&](const at::Tensor& r, const at::Tensor& m, const Epilogue& epilogue) {
+      if (direct) return small_conv2d_input(r, m, input.sizes(), stride, padding, dilation, groups, epilogue);
+      return with_epilogue(fp32.out(std::get<0>(at::convolution_backward(
+                               fp32.in(r), fp32.in(input), fp32.in(m), std::nullopt, stride, padding, dilation,
+                               false, {0, 0}, groups, {true, false, false}))),
+                           epilogue);
     };
     const AlignmentMaps maps{convolve, filter_gradient, transposed, input.size(0)};
     grad_feedback = in_layout_of(

@@ -140,6 +140,33 @@ def test_conv_feedback_gradient_both_sides_of_the_small_conv_threshold(rule, bat
                                atol=tolerance * float(expected.abs().max()))
 
 
+# sa's B gradient, 2 alpha B - beta W, is one CPU loop for dense filters up to 4096 elements (aten_backend.cpp's
+# axpby) and ATen's ops above or for another layout: 4 x 6 x 3 x 3 / 4 x 6 x 3 x 2 = 216 / 144, 64 x 64 = 4096
+# and 65 x 64 on either side; a channels_last filter takes the ops.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layer", ["conv", "conv_channels_last", "linear_4096", "linear_4160"])
+def test_sa_feedback_gradient_both_sides_of_the_one_pass_limit(layer, dtype):
+    torch.manual_seed(0)
+    options = dict(rule="sa", dtype=dtype, **_options("sa"))
+    if layer.startswith("conv"):
+        module, x = fastfa.nn.Conv2d(4, 6, 3, padding=1, **options), torch.randn(2, 4, 5, 5, dtype=dtype)
+        if layer == "conv_channels_last":
+            module = module.to(memory_format=torch.channels_last)
+    else:
+        module = fastfa.nn.Linear(64 if layer == "linear_4096" else 65, 64, **options)
+        x = torch.randn(3, module.in_features, dtype=dtype)
+    module(x).sum().backward()
+    alpha, beta, _, _ = spec_options.alignment("sa", **_options("sa"))
+    W, B = module.weight.detach().double(), module.feedback.detach().double()
+    expected = alpha * 2 * B - beta * W
+    tolerance = SMALL_CONV_TOLERANCE[dtype]
+    torch.testing.assert_close(module.feedback.grad.double(), expected, rtol=tolerance,
+                               atol=tolerance * float(expected.abs().max()))
+    assert module.feedback.grad.dtype == dtype
+    assert module.feedback.grad.is_contiguous(memory_format=torch.channels_last if layer == "conv_channels_last"
+                                              else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("rule", ESTIMATED)
 def test_task_gradients_are_those_of_fa_with_the_same_B(rule):
     """The alignment terms touch only B.grad: grad_input, W.grad, b.grad are fa's with R = B."""

@@ -7,8 +7,10 @@
 //   grad_cols[m, n] = sum_k delta[m, k] * sign(W[k, n]),   n = (c_in, kh, kw)
 // sign(W) is packed a (K-panel x column-panel) block at a time into a cache-resident buffer, the
 // same pass sums w^2 for usf's rms scale, a register-blocked micro-kernel multiplies delta's rows
-// into the block, and each task folds its own input channels' columns into grad_input (col2im).
+// into the block, and each task folds its own input channels' columns into grad_input (col2im,
+// conv_taps.h's, which small_conv.cpp's transposed convolution shares).
 #include "clones.h"
+#include "conv_taps.h"
 #include "fastfa/feedback.h"
 #include "fastfa/ops.h"
 
@@ -229,7 +231,7 @@ at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, 
   const scalar_t* w = weight.const_data_ptr<scalar_t>();
   scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
   const TileKernel<scalar_t> tile = tile_kernel<scalar_t>();
-  const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  const ConvTaps plane_taps(in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride, padding, dilation);
 
   // Tasks own whole input channels, so each folds its own columns with no other task writing
   // there. About 1024 columns per task at least: a smaller share does not pay the hand-off.
@@ -257,24 +259,10 @@ at::Tensor grad_input_kernel(const at::Tensor& delta, const at::Tensor& weight, 
         }
         // col2im: grad_input[b, c, ho*sh - ph + kh*dh, wo*sw - pw + kw*dw] += cols[(b, ho, wo), (c, kh, kw)]
         for (int64_t b = 0; b < batch; ++b) {
-          for (int64_t c = c_begin; c < c_end; ++c) {
-            scalar_t* plane = gi + (b * in_channels + c) * in_h * in_w;
-            std::fill(plane, plane + in_h * in_w, scalar_t(0));
-            for (int64_t kh = 0; kh < kernel_h; ++kh) {
-              for (int64_t kw = 0; kw < kernel_w; ++kw) {
-                const scalar_t* col = cols + b * spatial * columns + (c * kernel_h + kh) * kernel_w + kw;
-                for (int64_t ho = 0; ho < out_h; ++ho) {
-                  const int64_t ih = ho * sh - ph + kh * dh;
-                  if (ih < 0 || ih >= in_h) continue;
-                  for (int64_t wo = 0; wo < out_w; ++wo) {
-                    const int64_t iw = wo * sw - pw + kw * dw;
-                    if (iw < 0 || iw >= in_w) continue;
-                    plane[ih * in_w + iw] += col[(ho * out_w + wo) * columns];
-                  }
-                }
-              }
-            }
-          }
+          scalar_t* planes = gi + b * in_channels * in_h * in_w;
+          std::fill(planes + c_begin * in_h * in_w, planes + c_end * in_h * in_w, scalar_t(0));
+          fold_into(plane_taps, c_begin, c_end, cols + b * spatial * columns, /*tap_stride=*/1,
+                    /*position_stride=*/columns, planes);
         }
         return partial;
       },

@@ -6,10 +6,11 @@
 // ATen's CPU kernels, and as the aten path's fp32 widening of bf16), rounded once at the end.
 #include "fastfa/small_conv.h"
 
+#include "conv_taps.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
-#include <c10/util/SmallVector.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
@@ -34,44 +35,19 @@ struct Strides {
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// [first, last): the output positions o in [0, outputs) whose input position o * stride + offset
-// lies in [0, size), so that the inner loops run without a bounds test per element.
-struct Span {
-  int64_t first, last;
-};
-
-Span valid_outputs(int64_t offset, int64_t stride, int64_t size, int64_t outputs) {
-  const auto ceil_div = [stride](int64_t a) { return a > 0 ? (a + stride - 1) / stride : 0; };
-  const int64_t first = ceil_div(-offset);
-  return {first, std::max(first, std::min(outputs, ceil_div(size - offset)))};
-}
-
 // One convolution's sizes: input (batch, channels, height, width), filter (out_channels,
-// group_in, kernel_h, kernel_w), output (batch, out_channels, out_h, out_w).
+// group_in, kernel_h, kernel_w), output (batch, out_channels, out_h, out_w); `taps` holds one
+// plane's geometry and the tap walk (conv_taps.h).
 struct Geometry {
-  int64_t batch, channels, height, width;
-  int64_t out_channels, group_in, kernel_h, kernel_w;
-  int64_t out_h, out_w;
-  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
-  int64_t group_out; // out_channels / groups
+  int64_t batch, channels, out_channels, group_in, group_out; // group_out: out_channels / groups
+  int64_t positions, tap_count;                               // out_h * out_w, group_in * kernel_h * kernel_w
+  ConvTaps taps;
 
   Geometry(at::IntArrayRef input, at::IntArrayRef filter, at::IntArrayRef output, at::IntArrayRef stride,
            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups)
-      : batch(input[0]), channels(input[1]), height(input[2]), width(input[3]), out_channels(filter[0]),
-        group_in(filter[1]), kernel_h(filter[2]), kernel_w(filter[3]), out_h(output[2]), out_w(output[3]),
-        stride_h(stride[0]), stride_w(stride[1]), pad_h(padding[0]), pad_w(padding[1]), dilation_h(dilation[0]),
-        dilation_w(dilation[1]), group_out(filter[0] / groups) {
-    for (int64_t kh = 0; kh < kernel_h; ++kh) {
-      rows.push_back(valid_outputs(kh * dilation_h - pad_h, stride_h, height, out_h));
-    }
-    for (int64_t kw = 0; kw < kernel_w; ++kw) {
-      columns.push_back(valid_outputs(kw * dilation_w - pad_w, stride_w, width, out_w));
-    }
-  }
-
-  // Per filter row kh (column kw), the output rows (columns) that see the input, not its padding:
-  // computed once, as their divisions would cost more than a small map's arithmetic in the loops.
-  c10::SmallVector<Span, 8> rows, columns;
+      : batch(input[0]), channels(input[1]), out_channels(filter[0]), group_in(filter[1]),
+        group_out(filter[0] / groups), positions(output[2] * output[3]), tap_count(filter[1] * filter[2] * filter[3]),
+        taps(input[2], input[3], output[2], output[3], filter[2], filter[3], stride, padding, dilation) {}
 };
 
 void check_geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -98,51 +74,31 @@ at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype) {
 template <bool by_tap, typename scalar_t>
 void unfold(const Geometry& g, const scalar_t* x_group, Strides xs, at::opmath_type<scalar_t>* cols) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
+  const int64_t positions = g.positions, taps = g.tap_count, out_w = g.taps.out_w, stride_w = g.taps.stride_w;
   std::fill(cols, cols + positions * taps, acc_t(0));
-  for (int64_t c = 0, k = 0; c < g.group_in; ++c) {
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-      const int64_t row_offset = kh * g.dilation_h - g.pad_h;
-      for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
-        const int64_t column_offset = kw * g.dilation_w - g.pad_w;
-        const Span rows = g.rows[kh], columns = g.columns[kw];
-        for (int64_t oh = rows.first; oh < rows.last; ++oh) {
-          const scalar_t* x_row = x_group + c * xs.c + (oh * g.stride_h + row_offset) * xs.h;
-          for (int64_t ow = columns.first; ow < columns.last; ++ow) {
-            const int64_t p = oh * g.out_w + ow;
-            cols[by_tap ? k * positions + p : p * taps + k] =
-                static_cast<acc_t>(x_row[(ow * g.stride_w + column_offset) * xs.w]);
-          }
-        }
-      }
+  for_each_tap_row(g.taps, 0, g.group_in, [&](int64_t k, int64_t c, int64_t oh, int64_t ih, Span columns,
+                                              int64_t column_offset) {
+    const scalar_t* x_row = x_group + c * xs.c + ih * xs.h;
+    for (int64_t ow = columns.first; ow < columns.last; ++ow) {
+      const int64_t p = oh * out_w + ow;
+      cols[by_tap ? k * positions + p : p * taps + k] = static_cast<acc_t>(x_row[(ow * stride_w + column_offset) * xs.w]);
     }
-  }
+  });
 }
 
-// unfold's adjoint: adds column k's values at each position p to the input element under tap k there.
+// The unfold's buffer, kept per thread between calls (where small_conv2d_applies, at most
+// kSmallConvMaxMacs values: a map's unfold has at most as many elements as it has multiply-adds).
+// A fresh one per call is a heap request of a few KiB, and inside a training step, after the step's
+// many small frees, glibc consolidates its fast bins before serving such a request: ~1 us a map.
 template <typename acc_t>
-void fold_into(const Geometry& g, const acc_t* cols, acc_t* group_planes) {
-  const int64_t positions = g.out_h * g.out_w;
-  for (int64_t c = 0, k = 0; c < g.group_in; ++c) {
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-      const int64_t row_offset = kh * g.dilation_h - g.pad_h;
-      for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
-        const int64_t column_offset = kw * g.dilation_w - g.pad_w;
-        const Span rows = g.rows[kh], columns = g.columns[kw];
-        for (int64_t oh = rows.first; oh < rows.last; ++oh) {
-          acc_t* plane_row = group_planes + (c * g.height + oh * g.stride_h + row_offset) * g.width;
-          const acc_t* col = cols + k * positions + oh * g.out_w;
-          for (int64_t ow = columns.first; ow < columns.last; ++ow) {
-            plane_row[ow * g.stride_w + column_offset] += col[ow];
-          }
-        }
-      }
-    }
-  }
+acc_t* unfold_buffer(int64_t size) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
 }
 
 // The sums run in opmath (acc_t): into the output itself for fp32 / fp64, else into `buffer`, whose
-// values are rounded once into the output.
+// values are rounded once into the output by the epilogue.
 template <typename scalar_t>
 using Accumulator = std::vector<at::opmath_type<scalar_t>>;
 
@@ -158,34 +114,75 @@ at::opmath_type<scalar_t>* accumulator(Accumulator<scalar_t>& buffer, scalar_t* 
   }
 }
 
+// The Epilogue for the loops: out = scale * sum + addend_scale * addend, computed in opmath and
+// rounded once, so that the rules' scale and add cost no ATen op: one more pass over the output,
+// in cache, by the routine that wrote it (none for fp32 / fp64 without an epilogue).
 template <typename scalar_t>
-void round_into(const Accumulator<scalar_t>& buffer, scalar_t* out) {
-  if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, scalar_t>) {
-    std::copy(buffer.begin(), buffer.end(), out);
+struct Finish {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t scale, addend_scale;
+  const scalar_t* addend; // dense, the output's shape; nullptr: none
+
+  // out[i] for i < size from sum[i] (out itself for fp32 / fp64) and addend[offset + i].
+  void operator()(const acc_t* sum, scalar_t* out, int64_t offset, int64_t size) const {
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      if (scale == acc_t(1) && addend == nullptr) return; // the sums are the output already
+    }
+    if (addend == nullptr) {
+      for (int64_t i = 0; i < size; ++i) out[i] = static_cast<scalar_t>(scale * sum[i]);
+      return;
+    }
+    const scalar_t* a = addend + offset;
+    for (int64_t i = 0; i < size; ++i) {
+      out[i] = static_cast<scalar_t>(scale * sum[i] + addend_scale * static_cast<acc_t>(a[i]));
+    }
+  }
+};
+
+// out[j] += sum over i < count of coefficient(i) * row(i)[j], for j < width, i ascending: each map's
+// products are this one sum. Its sums stay in registers kBlock columns at a time (with them in memory,
+// a loop over i stores and reloads each one every i: a store-to-load latency per step that is most
+// of a small map's time); the last width % kBlock columns sum in memory.
+constexpr int64_t kBlock = 16;
+
+template <typename acc_t, typename Coefficient, typename Row>
+inline void add_products(acc_t* out, int64_t width, int64_t count, Coefficient coefficient, Row row) {
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= width; j0 += kBlock) {
+    acc_t sums[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) sums[j] = out[j0 + j];
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t c = coefficient(i);
+      const auto* values = row(i) + j0;
+      for (int64_t j = 0; j < kBlock; ++j) sums[j] += c * static_cast<acc_t>(values[j]);
+    }
+    for (int64_t j = 0; j < kBlock; ++j) out[j0 + j] = sums[j];
+  }
+  for (int64_t i = 0; j0 < width && i < count; ++i) {
+    const acc_t c = coefficient(i);
+    const auto* values = row(i);
+    for (int64_t j = j0; j < width; ++j) out[j] += c * static_cast<acc_t>(values[j]);
   }
 }
 
 // y[n, o, p] = sum over k of w[o, k] * cols[k, p]. w: the filter, contiguous.
 template <typename scalar_t>
-void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, scalar_t* y) {
+void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, scalar_t* y,
+              const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
-  std::vector<acc_t> cols(positions * taps);
+  const int64_t positions = g.positions, taps = g.tap_count;
+  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
   Accumulator<scalar_t> buffer;
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold<true>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
+      unfold<true>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
-        scalar_t* y_plane = y + (n * g.out_channels + o) * positions;
-        acc_t* sum = accumulator<scalar_t>(buffer, y_plane, positions);
-        for (int64_t k = 0; k < taps; ++k) {
-          const acc_t tap = static_cast<acc_t>(w[o * taps + k]);
-          const acc_t* col = cols.data() + k * positions;
-          for (int64_t p = 0; p < positions; ++p) {
-            sum[p] += tap * col[p];
-          }
-        }
-        round_into<scalar_t>(buffer, y_plane);
+        const int64_t offset = (n * g.out_channels + o) * positions;
+        acc_t* sum = accumulator<scalar_t>(buffer, y + offset, positions);
+        const scalar_t* filter_row = w + o * taps;
+        add_products(sum, positions, taps, [&](int64_t k) { return static_cast<acc_t>(filter_row[k]); },
+                     [&](int64_t k) { return cols + k * positions; });
+        finish(sum, y + offset, offset, positions);
       }
     }
   }
@@ -193,56 +190,66 @@ void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* 
 
 // grad[o, k] = sum over (n, p) of r[n, o, p] * cols_n[p, k]. r: contiguous.
 template <typename scalar_t>
-void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, Strides xs, scalar_t* grad) {
+void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, Strides xs, scalar_t* grad,
+                     const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
-  std::vector<acc_t> cols(positions * taps);
+  const int64_t positions = g.positions, taps = g.tap_count;
+  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
   Accumulator<scalar_t> buffer;
   acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols.data());
+      unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
         const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
-        acc_t* sum_row = sum + o * taps;
-        for (int64_t p = 0; p < positions; ++p) {
-          const acc_t value = static_cast<acc_t>(r_plane[p]);
-          const acc_t* col = cols.data() + p * taps;
-          for (int64_t k = 0; k < taps; ++k) {
-            sum_row[k] += value * col[k];
-          }
-        }
+        add_products(sum + o * taps, taps, positions, [&](int64_t p) { return static_cast<acc_t>(r_plane[p]); },
+                     [&](int64_t p) { return cols + p * taps; });
       }
     }
   }
-  round_into<scalar_t>(buffer, grad);
+  finish(sum, grad, 0, g.out_channels * taps);
 }
 
 // grad[n] = fold(cols) with cols[k, p] = sum over o of w[o, k] * r[n, o, p]. r, w: contiguous.
 template <typename scalar_t>
-void transposed_convolve(const Geometry& g, const scalar_t* r, const scalar_t* w, scalar_t* grad) {
+void transposed_convolve(const Geometry& g, const scalar_t* r, const scalar_t* w, scalar_t* grad,
+                         const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t positions = g.out_h * g.out_w, taps = g.group_in * g.kernel_h * g.kernel_w;
-  std::vector<acc_t> cols(positions * taps);
+  const int64_t positions = g.positions, taps = g.tap_count, plane = g.taps.height * g.taps.width;
+  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
   Accumulator<scalar_t> buffer;
-  acc_t* sum = accumulator<scalar_t>(buffer, grad, g.batch * g.channels * g.height * g.width);
+  acc_t* sum = accumulator<scalar_t>(buffer, grad, g.batch * g.channels * plane);
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      std::fill(cols.begin(), cols.end(), acc_t(0));
-      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
-        const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
-        for (int64_t k = 0; k < taps; ++k) {
-          const acc_t tap = static_cast<acc_t>(w[o * taps + k]);
-          acc_t* col = cols.data() + k * positions;
-          for (int64_t p = 0; p < positions; ++p) {
-            col[p] += tap * static_cast<acc_t>(r_plane[p]);
-          }
-        }
+      std::fill(cols, cols + positions * taps, acc_t(0));
+      const scalar_t* r_planes = r + (n * g.out_channels + o0) * positions;
+      for (int64_t k = 0; k < taps; ++k) {
+        add_products(cols + k * positions, positions, g.group_out,
+                     [&](int64_t i) { return static_cast<acc_t>(w[(o0 + i) * taps + k]); },
+                     [&](int64_t i) { return r_planes + i * positions; });
       }
-      fold_into(g, cols.data(), sum + (n * g.channels + (o0 / g.group_out) * g.group_in) * g.height * g.width);
+      fold_into(g.taps, 0, g.group_in, cols, /*tap_stride=*/positions, /*position_stride=*/1,
+                sum + (n * g.channels + (o0 / g.group_out) * g.group_in) * plane);
     }
   }
-  round_into<scalar_t>(buffer, grad);
+  finish(sum, grad, 0, g.batch * g.channels * plane);
+}
+
+// The epilogue's addend, dense, checked against the map's output (the caller's tensors: B, x or r).
+at::Tensor dense_addend(const Epilogue& epilogue, at::IntArrayRef output_sizes, at::ScalarType dtype) {
+  if (epilogue.addend == nullptr) return at::Tensor();
+  const at::Tensor& addend = *epilogue.addend;
+  TORCH_CHECK(addend.sizes() == output_sizes && addend.scalar_type() == dtype && addend.is_cpu(),
+              "fastfa: a small conv2d map's addend must be a CPU tensor of shape ", output_sizes, " and dtype ", dtype,
+              ", got ", addend.sizes(), " ", addend.scalar_type(), " on ", addend.device());
+  return addend.contiguous();
+}
+
+template <typename scalar_t>
+Finish<scalar_t> finish_of(const Epilogue& epilogue, const at::Tensor& addend) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return {static_cast<acc_t>(epilogue.scale), static_cast<acc_t>(epilogue.addend_scale),
+          addend.defined() ? addend.const_data_ptr<scalar_t>() : nullptr};
 }
 
 } // namespace
@@ -263,7 +270,7 @@ bool small_conv2d_applies(const at::Tensor& input, const at::Tensor& weight, at:
 }
 
 at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const Epilogue& epilogue) {
   check_operands(input, filter);
   check_geometry(stride, padding, dilation, groups);
   std::array<int64_t, 4> output{input.size(0), filter.size(0), 0, 0};
@@ -273,40 +280,43 @@ at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::I
   }
   const Geometry g(input.sizes(), filter.sizes(), output, stride, padding, dilation, groups);
   at::Tensor y = new_output(output, input.scalar_type());
-  const at::Tensor dense_filter = filter.contiguous();
+  const at::Tensor dense_filter = filter.contiguous(), addend = dense_addend(epilogue, output, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d", [&] {
     convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), strides_of(input), dense_filter.const_data_ptr<scalar_t>(),
-                       y.mutable_data_ptr<scalar_t>());
+                       y.mutable_data_ptr<scalar_t>(), finish_of<scalar_t>(epilogue, addend));
   });
   return y;
 }
 
 at::Tensor small_conv2d_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                at::IntArrayRef weight_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, int64_t groups) {
+                               at::IntArrayRef dilation, int64_t groups, const Epilogue& epilogue) {
   check_operands(grad_output, input);
   check_geometry(stride, padding, dilation, groups);
   const Geometry g(input.sizes(), weight_sizes, grad_output.sizes(), stride, padding, dilation, groups);
   at::Tensor grad = new_output(weight_sizes, input.scalar_type());
-  const at::Tensor dense_grad_output = grad_output.contiguous();
+  const at::Tensor dense_grad_output = grad_output.contiguous(),
+                   addend = dense_addend(epilogue, weight_sizes, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d_weight", [&] {
     filter_gradient<scalar_t>(g, dense_grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                              strides_of(input), grad.mutable_data_ptr<scalar_t>());
+                              strides_of(input), grad.mutable_data_ptr<scalar_t>(),
+                              finish_of<scalar_t>(epilogue, addend));
   });
   return grad;
 }
 
 at::Tensor small_conv2d_input(const at::Tensor& grad_output, const at::Tensor& filter, at::IntArrayRef input_sizes,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
+                              int64_t groups, const Epilogue& epilogue) {
   check_operands(grad_output, filter);
   check_geometry(stride, padding, dilation, groups);
   const Geometry g(input_sizes, filter.sizes(), grad_output.sizes(), stride, padding, dilation, groups);
   at::Tensor grad = new_output(input_sizes, grad_output.scalar_type());
-  const at::Tensor dense_grad_output = grad_output.contiguous(), dense_filter = filter.contiguous();
+  const at::Tensor dense_grad_output = grad_output.contiguous(), dense_filter = filter.contiguous(),
+                   addend = dense_addend(epilogue, input_sizes, grad_output.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "fastfa_small_conv2d_input", [&] {
     transposed_convolve<scalar_t>(g, dense_grad_output.const_data_ptr<scalar_t>(), dense_filter.const_data_ptr<scalar_t>(),
-                                  grad.mutable_data_ptr<scalar_t>());
+                                  grad.mutable_data_ptr<scalar_t>(), finish_of<scalar_t>(epilogue, addend));
   });
   return grad;
 }

@@ -2,7 +2,8 @@
 // its weight gradient and its transposed convolution (grad_input), for the estimated rules'
 // B gradient (aten_backend.cpp's AlignmentMaps). On a small layer each ATen call costs ~4 us of
 // dispatch, backend choice, im2col and allocations (fp32 at batch > 1, oneDNN: ~45 us) around a
-// few hundred ns of arithmetic; these loops cost the arithmetic, an unfold and two allocations.
+// few hundred ns of arithmetic; these loops cost the arithmetic, an unfold (into a buffer kept per
+// thread) and the output's allocation.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,23 +16,33 @@ namespace fastfa {
 // whose convolution, input (N, C, H, W) and filter (C_out, C / groups, kh, kw) to an output of
 // output_sizes, takes at most kSmallConvMaxMacs multiply-adds. Each of the three maps takes
 // the same number of them (one bilinear form, contracted three ways), so one test serves all.
+// What a map writes: scale * map + addend_scale * addend, summed in the dtype's opmath and rounded
+// once, so that a rule's scale and sum with B, x or r cost no op of their own (feedback_gradient).
+// addend: none (nullptr), or a tensor of the map's output shape and dtype, any layout.
+struct Epilogue {
+  double scale = 1.0;
+  const at::Tensor* addend = nullptr;
+  double addend_scale = 1.0;
+};
+
 bool small_conv2d_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef output_sizes,
                           int64_t groups);
 
-// y = conv2d(input, filter): (N, C_out, H_out, W_out), input's dtype, contiguous.
+// y = conv2d(input, filter) (then the epilogue): (N, C_out, H_out, W_out), input's dtype, contiguous.
 at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        const Epilogue& epilogue = {});
 
-// The filter gradient of conv2d for grad_output and input: (C_out, C / groups, kh, kw) of
-// weight_sizes, input's dtype, contiguous.
+// The filter gradient of conv2d for grad_output and input (then the epilogue): (C_out, C / groups,
+// kh, kw) of weight_sizes, input's dtype, contiguous.
 at::Tensor small_conv2d_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                at::IntArrayRef weight_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, int64_t groups);
+                               at::IntArrayRef dilation, int64_t groups, const Epilogue& epilogue = {});
 
-// The transposed convolution of grad_output with filter (conv2d's grad_input): (N, C, H, W) of
-// input_sizes, grad_output's dtype, contiguous.
+// The transposed convolution of grad_output with filter (conv2d's grad_input; then the epilogue):
+// (N, C, H, W) of input_sizes, grad_output's dtype, contiguous.
 at::Tensor small_conv2d_input(const at::Tensor& grad_output, const at::Tensor& filter, at::IntArrayRef input_sizes,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups);
+                              int64_t groups, const Epilogue& epilogue = {});
 
 } // namespace fastfa
