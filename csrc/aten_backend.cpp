@@ -287,7 +287,6 @@ at::Tensor axpby(double a, const at::Tensor& x, double b, const at::Tensor& y) {
   return at::add(scaled(x, a), y, b);
 }
 
-
 // sqrt(F) x_hat, x_hat being x centred and scaled to unit L2 norm per sample (x flattened to (N, F)),
 // as the alignment pipeline's normalize_input (fastfa/alignment.py, _normalize): an all-zero sample
 // stays zero. One layer_norm without affine over every dimension but the first: (x - mean) /
