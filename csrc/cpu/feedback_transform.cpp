@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/MemoryFormat.h>
@@ -271,7 +272,12 @@ at::Tensor feedback_transform_cpu(const at::Tensor& weight, const std::optional<
   check_feedback_arguments(weight, feedback, rng, rule, scale, distribution);
   check_cpu(weight);
   const auto memory_format = weight.suggest_memory_format();
-  at::Tensor out = at::empty_like(weight, weight.options(), memory_format);
+  // A contiguous W's B is allocated without an op dispatch (empty_like dispatches empty_like, then
+  // empty_strided): wm draws its noise through here on every step of a small layer, where that
+  // dispatch is a measurable part of the step. Both give a contiguous, unpinned tensor.
+  at::Tensor out = memory_format == at::MemoryFormat::Contiguous && weight.is_contiguous()
+                       ? at::detail::empty_cpu(weight.sizes(), weight.scalar_type())
+                       : at::empty_like(weight, weight.options(), memory_format);
   transform_into(weight, feedback, rng, rule, scale, distribution, memory_format, /*defer_scale=*/false, out);
   return out;
 }
