@@ -5,6 +5,7 @@
 // Each output element is one sum in the dtype's accumulation type (fp32 for fp16 / bf16, as
 // ATen's CPU kernels, and as the aten path's fp32 widening of bf16), rounded once at the end.
 #include "fastfa/small_conv.h"
+#include "fastfa/ops.h"
 
 #include "conv_taps.h"
 
@@ -14,7 +15,6 @@
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
-#include <array>
 #include <type_traits>
 #include <vector>
 
@@ -23,10 +23,10 @@ namespace {
 
 // Multiply-adds (per map) at and below which the direct loops run in place of ATen's calls: the
 // crossover measured on this project's 2-core CPU at one torch thread, in fp32 and fp64, 3x3 and 1x1
-// filters, groups 1 and 2 (benchmarks/small_conv_threshold.py; results in
-// benchmarks/results/2026-12-01-cpu-host-smallconv.md). 3x3 filters break even at ~24k in fp64 and
-// ~32k in fp32, 1x1 filters (one tap: the loops' least favourable case) at ~12k; fp32 at batch > 1,
-// where ATen picks oneDNN (~45 us a call at these sizes), gains far above it.
+// filters, groups 1 and 2 (method and results: benchmarks/results/2026-12-01-cpu-host-smallconv.md).
+// 3x3 filters break even at ~24k in fp64 and ~32k in fp32, 1x1 filters (one tap: the loops' least
+// favourable case) at ~12k; fp32 at batch > 1, where ATen picks oneDNN (~45 us a call at these
+// sizes), gains far above it.
 constexpr int64_t kSmallConvMaxMacs = 12288;
 
 struct Strides {
@@ -273,11 +273,7 @@ at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::I
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const Epilogue& epilogue) {
   check_operands(input, filter);
   check_geometry(stride, padding, dilation, groups);
-  std::array<int64_t, 4> output{input.size(0), filter.size(0), 0, 0};
-  for (int axis = 0; axis < 2; ++axis) {
-    output[2 + axis] = (input.size(2 + axis) + 2 * padding[axis] - dilation[axis] * (filter.size(2 + axis) - 1) - 1) /
-                           stride[axis] + 1;
-  }
+  const std::vector<int64_t> output = conv2d_output_shape(input, filter, stride, padding, dilation);
   const Geometry g(input.sizes(), filter.sizes(), output, stride, padding, dilation, groups);
   at::Tensor y = new_output(output, input.scalar_type());
   const at::Tensor dense_filter = filter.contiguous(), addend = dense_addend(epilogue, output, input.scalar_type());
