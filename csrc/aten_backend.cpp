@@ -17,7 +17,6 @@
 #include <cmath>
 #include <functional>
 #include <limits>
-#include <type_traits>
 
 namespace fastfa {
 
@@ -224,20 +223,12 @@ at::Tensor with_epilogue(at::Tensor t, const Epilogue& epilogue) {
   return t;
 }
 
-// One alignment map with its epilogue: scale * map(a, m) + addend_scale * addend. Built from a plain
-// (a, m) callable (ATen's calls), it applies the epilogue as ops on the map's result; the direct
-// small-conv loops take the epilogue and write it in their last pass, with no op of its own.
+// One alignment map with its epilogue: scale * map(a, m) + addend_scale * addend. The direct
+// small-conv loops write the epilogue in their last pass, with no op of its own; ATen's calls apply
+// it as ops on their result (with_epilogue).
 class Map {
  public:
-  template <typename F, std::enable_if_t<std::is_invocable_r_v<at::Tensor, F, const at::Tensor&, const at::Tensor&>,
-                                         int> = 0>
-  Map(F map)
-      : map_([map](const at::Tensor& a, const at::Tensor& m, const Epilogue& epilogue) {
-          return with_epilogue(map(a, m), epilogue);
-        }) {}
-  template <typename F, std::enable_if_t<std::is_invocable_r_v<at::Tensor, F, const at::Tensor&, const at::Tensor&,
-                                                               const Epilogue&>,
-                                         int> = 0>
+  template <typename F> // a callable (a, m, epilogue) -> the result
   Map(F map) : map_(std::move(map)) {}
 
   at::Tensor operator()(const at::Tensor& a, const at::Tensor& m, const Epilogue& epilogue = {}) const {
@@ -523,9 +514,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   }
   if (feedback_grad) {
     const AlignmentMaps maps{
-        [](const at::Tensor& a, const at::Tensor& m) { return at::mm(a, m.t()); },
-        [](const at::Tensor& r, const at::Tensor& a) { return at::mm(r.t(), a); },
-        [](const at::Tensor& r, const at::Tensor& m) { return at::mm(r, m); }, rows, /*matrices=*/true};
+        [](const at::Tensor& a, const at::Tensor& m, const Epilogue& e) { return with_epilogue(at::mm(a, m.t()), e); },
+        [](const at::Tensor& r, const at::Tensor& a, const Epilogue& e) { return with_epilogue(at::mm(r.t(), a), e); },
+        [](const at::Tensor& r, const at::Tensor& m, const Epilogue& e) { return with_epilogue(at::mm(r, m), e); },
+        rows, /*matrices=*/true};
     const at::Tensor r = projection.numel() > 0 ? projection.reshape({rows, out_features}) : projection;
     grad_feedback =
         in_layout_of(feedback_gradient(kind, *feedback, weight, grad_weight, x, r, rng, alignment, maps), *feedback);
