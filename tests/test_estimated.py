@@ -110,21 +110,25 @@ def test_feedback_gradient_matches_spec(rule, activation):
 
 
 # A conv2d's B gradient runs as direct loops (csrc/cpu/small_conv.cpp) up to a few thousand
-# multiply-adds per map and through ATen's calls above: this geometry takes 2376 per sample, so batch 1
+# multiply-adds per map and through ATen's calls above: SMALL_CONV takes 2376 per sample, so batch 1
 # is on the loops' side of the threshold (12288) and batch 48 (114048) on ATen's. Odd stride, padding and
 # dilation per axis, groups 2, and a channels_last input the loops read through its strides.
+# STRIDED_CONV's stride is wider than its filter, so its taps skip input rows and columns (the loops'
+# span walk: 432 multiply-adds per sample, batch 48 on ATen's side).
 SMALL_CONV = dict(kernel_size=(3, 2), stride=(3, 1), padding=(1, 2), dilation=(2, 1), groups=2)
+STRIDED_CONV = dict(kernel_size=(1, 2), stride=(2, 3), padding=(1, 0), dilation=1, groups=2)
 SMALL_CONV_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.mark.parametrize("geometry", [SMALL_CONV, STRIDED_CONV], ids=["dilated", "strided"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 48])
 @pytest.mark.parametrize("rule", ["wm", "aa", "ia"])
-def test_conv_feedback_gradient_both_sides_of_the_small_conv_threshold(rule, batch, dtype, channels_last):
+def test_conv_feedback_gradient_both_sides_of_the_small_conv_threshold(rule, batch, dtype, channels_last, geometry):
     torch.manual_seed(batch)
     alignment = spec_options.alignment(rule, **_options(rule))
-    layer = fastfa.nn.Conv2d(4, 6, **SMALL_CONV, rule=rule, dtype=dtype, **_options(rule), **spec_options.paper(rule))
+    layer = fastfa.nn.Conv2d(4, 6, **geometry, rule=rule, dtype=dtype, **_options(rule), **spec_options.paper(rule))
     x = torch.randn(batch, 4, 9, 8, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -132,7 +136,7 @@ def test_conv_feedback_gradient_both_sides_of_the_small_conv_threshold(rule, bat
     y = layer(x.clone().requires_grad_(True))
     y.backward(torch.randn_like(y))
     # The spec in fp64 on the same rounded values; fp32 / bf16 B gradients round each intermediate map.
-    reference = fastfa.nn.Conv2d(4, 6, **SMALL_CONV, rule=rule, dtype=F64, **_options(rule), **spec_options.paper(rule))
+    reference = fastfa.nn.Conv2d(4, 6, **geometry, rule=rule, dtype=F64, **_options(rule), **spec_options.paper(rule))
     reference.load_state_dict(layer.state_dict())
     expected = expected_feedback_grad(rule, reference, x.double(), layer.weight.grad.double(), alignment, noise)
     tolerance = SMALL_CONV_TOLERANCE[dtype]
