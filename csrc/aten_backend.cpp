@@ -644,19 +644,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                                    groups)),
           epilogue);
     };
+    // One of convolution_backward's two products, with the epilogue as ops: the input's gradient
+    // (the transposed convolution of r with m) or the filter's (r against x).
+    const auto aten_backward = [&](const at::Tensor& r, const at::Tensor& x, const at::Tensor& m, bool of_input,
+                                   const Epilogue& epilogue) {
+      const auto grads = at::convolution_backward(fp32.in(r), fp32.in(x), fp32.in(m), std::nullopt, stride, padding,
+                                                  dilation, false, {0, 0}, groups, {of_input, !of_input, false});
+      return with_epilogue(fp32.out(of_input ? std::get<0>(grads) : std::get<1>(grads)), epilogue);
+    };
     const auto filter_gradient = [&](const at::Tensor& r, const at::Tensor& x, const Epilogue& epilogue) {
       if (direct) return small_conv2d_weight(r, x, weight.sizes(), stride, padding, dilation, groups, epilogue);
-      return with_epilogue(fp32.out(std::get<1>(at::convolution_backward(
-                               fp32.in(r), fp32.in(x), fp32.in(weight), std::nullopt, stride, padding, dilation,
-                               false, {0, 0}, groups, {false, true, false}))),
-                           epilogue);
+      return aten_backward(r, x, weight, /*of_input=*/false, epilogue);
     };
     const auto transposed = [&](const at::Tensor& r, const at::Tensor& m, const Epilogue& epilogue) {
       if (direct) return small_conv2d_input(r, m, input.sizes(), stride, padding, dilation, groups, epilogue);
-      return with_epilogue(fp32.out(std::get<0>(at::convolution_backward(
-                               fp32.in(r), fp32.in(input), fp32.in(m), std::nullopt, stride, padding, dilation,
-                               false, {0, 0}, groups, {true, false, false}))),
-                           epilogue);
+      return aten_backward(r, input, m, /*of_input=*/true, epilogue);
     };
     const AlignmentMaps maps{convolve, filter_gradient, transposed, input.size(0)};
     grad_feedback = in_layout_of(
