@@ -159,12 +159,12 @@ struct LayerBackward : public LayerNode {
     const auto& [output, pre_activation, projection] = outputs;
     torch::autograd::set_history(output, node);
     // The pre-activation and projection get a history where the backend returns them; where it returns
-    // a placeholder instead (0 elements, of another rank than the output), they get none: nothing can
-    // differentiate through it, and without a history it costs the step no autograd metadata, no
-    // input slot in the node, and no detached copy to save and re-wrap (SavedVariable of an output).
-    // Every real one has the output's shape; a 1-D output keeps the history on all three.
+    // a placeholder instead (1-D, 0 elements: empty_output), they get none: nothing can differentiate
+    // through it, and without a history it costs the step no autograd metadata, no input slot in the
+    // node, and no detached copy to save and re-wrap (SavedVariable of an output). Every real one has
+    // the output's shape, and a placeholder has it only when the output is empty too.
     for (const Tensor* tensor : {&pre_activation, &projection}) {
-      if (tensor->dim() == output.dim()) torch::autograd::set_history(*tensor, node);
+      if (tensor->sizes() == output.sizes()) torch::autograd::set_history(*tensor, node);
     }
     node->input_ = SavedVariable(input, /*is_output=*/false);
     node->weight_ = SavedVariable(weight, false);

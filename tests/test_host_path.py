@@ -212,7 +212,7 @@ def test_the_backward_node_frees_its_tensors_and_refuses_a_second_backward(rule)
 def test_only_the_op_outputs_the_backend_fills_carry_a_history(activation):
     # The pre-activation (gelu) and the projection (aa, ia without normalize_input) are differentiable
     # outputs; the 0-element placeholders the backend returns in their place carry no history (no
-    # autograd metadata or saved copy per step), and a 1-D output keeps the history on all three.
+    # autograd metadata or saved copy per step), also beside a 1-D output (the placeholders' own rank).
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True), torch.randn(3)
     for rule, has_projection in (("usf", False), ("ia", True)):
@@ -227,7 +227,9 @@ def test_only_the_op_outputs_the_backend_fills_carry_a_history(activation):
     usf = int(fastfa.rules.rule_spec("usf").id)
     output, saved, projection = torch.ops.fastfa.linear(x[0], w, b, None, None, usf, 1.0, 0, [0.0] * 4, activation)
     assert output.dim() == saved.dim() == projection.dim() == 1
-    assert saved.requires_grad and projection.requires_grad
+    assert output.requires_grad and not projection.requires_grad
+    assert saved.requires_grad == (activation == "gelu")
+    output.sum().backward()
 
 
 def test_a_2d_linear_backward_reads_its_operands_as_the_reshaped_ones():
