@@ -1,6 +1,9 @@
 """Every rule x layer kind x dtype against the oracle written from learning-rules.md."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,6 +144,20 @@ def test_usf_weight_bound_conv_matches_fp64_oracle(case, dtype):
     assert_close(grad_x, egx.to(dtype), dtype, "grad_input")
     assert_close(grad_w, egw.to(dtype), dtype, "grad_weight")
     assert_close(grad_b, egb.to(dtype), dtype, "grad_bias")
+
+
+def test_usf_weight_bound_conv_portable_kernels_match_fp64_oracle():
+    # The kernels are picked once per process, the widest the CPU runs; FASTFA_CPU_ISA=portable picks
+    # the portable ones, so the cases above run them in a child process.
+    env = dict(os.environ, FASTFA_CPU_ISA="portable")
+    test = f"{__file__}::test_usf_weight_bound_conv_matches_fp64_oracle"
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                           capture_output=True, text=True)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    env["FASTFA_CPU_ISA"] = "avx512"
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test], env=env,
+                           capture_output=True, text=True)
+    assert "FASTFA_CPU_ISA must be avx2 or portable, got 'avx512'" in child.stdout, child.stdout[-3000:]
 
 
 @pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))
