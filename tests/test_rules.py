@@ -146,18 +146,24 @@ def test_usf_weight_bound_conv_matches_fp64_oracle(case, dtype):
     assert_close(grad_b, egb.to(dtype), dtype, "grad_bias")
 
 
-def test_usf_weight_bound_conv_portable_kernels_match_fp64_oracle():
-    # The kernels are picked once per process, the widest the CPU runs; FASTFA_CPU_ISA=portable picks
-    # the portable ones, so the cases above run them in a child process.
-    env = dict(os.environ, FASTFA_CPU_ISA="portable")
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_usf_weight_bound_conv_narrower_kernels_match_fp64_oracle(isa):
+    # The kernel is picked once per process, the widest the CPU runs (AVX-512, AVX2, portable);
+    # FASTFA_CPU_ISA caps it, so the cases above run the narrower kernels in a child process. (Where the
+    # CPU lacks the ISA named, the child runs the widest it has.)
+    env = dict(os.environ, FASTFA_CPU_ISA=isa)
     test = f"{__file__}::test_usf_weight_bound_conv_matches_fp64_oracle"
     child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
                            capture_output=True, text=True)
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
-    env["FASTFA_CPU_ISA"] = "avx512"
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test], env=env,
-                           capture_output=True, text=True)
-    assert "FASTFA_CPU_ISA must be avx2 or portable, got 'avx512'" in child.stdout, child.stdout[-3000:]
+
+
+def test_cpu_isa_cap_is_checked():
+    env = dict(os.environ, FASTFA_CPU_ISA="avx-512")
+    code = ("import torch, fastfa; layer = fastfa.nn.Conv2d(512, 301, 3, padding=1, rule='usf'); "
+            "layer(torch.randn(3, 512, 2, 2, requires_grad=True)).sum().backward()")
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "FASTFA_CPU_ISA must be avx2 or portable, got 'avx-512'" in child.stderr, child.stderr[-3000:]
 
 
 @pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))

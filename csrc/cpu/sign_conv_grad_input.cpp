@@ -4,12 +4,14 @@
 // 512 x 4608 filter), the general path's B = sign(W) (a read of W and a write of B) and oneDNN's
 // reorder of B (another read and write) cost about what grad_input's GEMM does. Here one pass reads W:
 //   grad_cols[m, n] = sum_k delta[m, k] * sign(W[k, n]),   n = (c_in, kh, kw)
-// sign(W) is packed a (K-panel x column-panel) block at a time into a cache-resident buffer, the
-// same pass sums w^2 for usf's rms scale, a register-blocked micro-kernel multiplies delta's rows
-// into the block, and each task folds its own input channels' columns into grad_input (col2im,
-// conv_taps.h's, which small_conv.cpp's transposed convolution shares). The packing and the
-// micro-kernel are written once over vector traits and built for AVX2 and portable code, picked at
-// run time (cpu_isa).
+// A register-blocked kernel walks W a strip of one vector's columns at a time: per row of W, one
+// load, sign and square (usf's rms scale) feed kRows FMAs with delta's rows, so sign(W) is never
+// stored, not even packed. Each task then folds its own input channels' columns into grad_input
+// (col2im, conv_taps.h's, which small_conv.cpp's transposed convolution shares). The kernel is
+// written once over vector traits and built for AVX-512, AVX2 and portable code, picked at run
+// time (cpu_isa). On this Zen 4 (benchmarks/results/2026-12-02-cpu-sign-conv-avx512.md) it halves
+// the time of the packed design it replaces (sign(W) packed into a cache-resident buffer, then an
+// AVX2 4 x 24 tile): the packing's stores and reloads cost as much as the FMAs.
 #include "clones.h"
 #include "conv_taps.h"
 #include "fastfa/feedback.h"
@@ -34,21 +36,19 @@
 namespace fastfa {
 namespace {
 
-// The kernels are written once over an ISA's vector traits S: V holds kLanes scalars; the micro-tile
-// is kRows rows of delta by kVectors vectors of columns; Mask selects a tail's lanes. sign(V) is
-// feedback.h's sign_of lane by lane, bit for bit (NaN stays NaN, +-0 gives +0).
-//   Avx2:     4 rows x 3 vectors, 12 accumulators of the 16 ymm registers (four rows, so resnet18's
-//             M = 16 pads no row; three vectors, so 4608 and 2304 columns split into whole tiles).
-//   Portable: one scalar a "vector", 4 rows x 8 columns.
-// An AVX-512 tile (8 rows x 3 zmm) was measured on this Zen 4 and lost to AVX2: Zen 4 runs a zmm FMA
-// as two ymm halves, so the FMA rate is the same, and the packing only got slower
-// (benchmarks/results/2026-12-02-cpu-sign-conv-avx512.md).
+// The vector traits S: V holds kLanes scalars, the kernel's block is kRows rows of delta by one V of
+// columns (kRows accumulators), Mask selects a tail's lanes. sign(V) is feedback.h's sign_of lane by
+// lane, bit for bit (NaN stays NaN, +-0 gives +0); sum(V) adds the lanes in double.
+//   Avx512:   16 rows (resnet18's M = 16 in one block, so each element of W is signed once): 16
+//             accumulators of the 32 zmm registers, sign in one instruction (vfixupimm).
+//   Avx2:     8 rows, 8 of the 16 ymm registers (the sign's temporaries need the rest).
+//   Portable: one scalar a "vector", 4 rows.
 // GCC does not contract a * b + c under -std=c++20, hence the intrinsics' fma.
 template <typename scalar_t>
 struct Portable {
   using V = scalar_t;
   using Mask = bool;
-  static constexpr int64_t kLanes = 1, kRows = 4, kVectors = 8;
+  static constexpr int64_t kLanes = 1, kRows = 4;
   static V zero() { return scalar_t(0); }
   static V broadcast(const scalar_t* p) { return *p; }
   static V fma(V a, V b, V c) { return a * b + c; }
@@ -73,7 +73,7 @@ template <>
 struct Avx2<double> {
   using V = __m256d;
   using Mask = __m256i;
-  static constexpr int64_t kLanes = 4, kRows = 4, kVectors = 3;
+  static constexpr int64_t kLanes = 4, kRows = 8;
   FASTFA_AVX2 static V zero() { return _mm256_setzero_pd(); }
   FASTFA_AVX2 static V broadcast(const double* p) { return _mm256_broadcast_sd(p); }
   FASTFA_AVX2 static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
@@ -101,7 +101,7 @@ template <>
 struct Avx2<float> {
   using V = __m256;
   using Mask = __m256i;
-  static constexpr int64_t kLanes = 8, kRows = 4, kVectors = 3;
+  static constexpr int64_t kLanes = 8, kRows = 8;
   FASTFA_AVX2 static V zero() { return _mm256_setzero_ps(); }
   FASTFA_AVX2 static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   FASTFA_AVX2 static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
@@ -127,160 +127,153 @@ struct Avx2<float> {
 
 #undef FASTFA_AVX2
 
+#define FASTFA_AVX512 __attribute__((target("avx512f,avx2,fma")))
+// vfixupimm maps each class of w to a result, 4 bits per class (QNaN, SNaN, +-0, +1, -inf, +inf,
+// < 0, > 0): w itself for NaN, +0, +1, -1, +1, -1, +1: sign_of in one instruction.
+constexpr int kSignFixup = 0xA9A9A811;
+
+template <typename scalar_t>
+struct Avx512;
+
+template <>
+struct Avx512<double> {
+  using V = __m512d;
+  using Mask = __mmask8;
+  static constexpr int64_t kLanes = 8, kRows = 16;
+  FASTFA_AVX512 static V zero() { return _mm512_setzero_pd(); }
+  FASTFA_AVX512 static V broadcast(const double* p) { return _mm512_set1_pd(*p); }
+  FASTFA_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  FASTFA_AVX512 static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  FASTFA_AVX512 static V load(const double* p) { return _mm512_loadu_pd(p); }
+  FASTFA_AVX512 static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  FASTFA_AVX512 static Mask mask(int64_t lanes) { return static_cast<Mask>((uint32_t(1) << lanes) - 1); }
+  FASTFA_AVX512 static V load(const double* p, Mask m) { return _mm512_maskz_loadu_pd(m, p); }
+  FASTFA_AVX512 static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
+  // The table is read from each 64-bit lane's low half.
+  FASTFA_AVX512 static V sign(V w) { return _mm512_fixupimm_pd(w, w, _mm512_set1_epi64(kSignFixup), 0); }
+  // By hand and zero-masked: _mm512_reduce_add_pd and the 512 -> 256 casts start from an undefined
+  // vector, which GCC 12 warns of (-Wuninitialized).
+  FASTFA_AVX512 static double sum(V v) {
+    const __m256d half = _mm256_add_pd(_mm512_maskz_extractf64x4_pd(0xF, v, 0), _mm512_maskz_extractf64x4_pd(0xF, v, 1));
+    const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(half), _mm256_extractf128_pd(half, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+  }
+};
+
+template <>
+struct Avx512<float> {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t kLanes = 16, kRows = 16;
+  FASTFA_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  FASTFA_AVX512 static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  FASTFA_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  FASTFA_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  FASTFA_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
+  FASTFA_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  FASTFA_AVX512 static Mask mask(int64_t lanes) { return static_cast<Mask>((uint32_t(1) << lanes) - 1); }
+  FASTFA_AVX512 static V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  FASTFA_AVX512 static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  FASTFA_AVX512 static V sign(V w) { return _mm512_fixupimm_ps(w, w, _mm512_set1_epi32(kSignFixup), 0); }
+  // Zero-masked, as in Avx512<double>::sum.
+  FASTFA_AVX512 static double sum(V v) {
+    const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 0));
+    const __m256 high = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 1));
+    return Avx512<double>::sum(_mm512_add_pd(_mm512_maskz_cvtps_pd(0xFF, low), _mm512_maskz_cvtps_pd(0xFF, high)));
+  }
+};
+#undef FASTFA_AVX512
 #endif
 
-template <class S>
-constexpr int64_t kTileColumns = S::kLanes * S::kVectors;
-// A K-panel of the packed block: kPanelK rows of W by kPanelTiles tiles (AVX2: 64 x 192 fp32,
-// 48 KiB, in L2). One tile (6 KiB) and delta's K-panel (4 KiB at M = 16) stay in L1 across the
-// tile's row blocks, those of both threads on a core's two SMT siblings too (128 rows: 12 + 8 KiB
-// each, and two threads ran slower).
-constexpr int64_t kPanelK = 64;
-constexpr int64_t kPanelTiles = 8;
-// The packing reads W from DRAM (it is cold after the rest of a step) a row segment of 768 bytes at
-// a time, too short for the hardware prefetcher to run ahead: it prefetches the row kPrefetchRows
-// below (beyond the K-panel that is the next panel's, packed next).
-constexpr int64_t kPrefetchRows = 4;
+// delta's K-panel: kPanelK of its rows (8 KiB at M = 16 fp32) stay in L1 while the strips of W
+// stream past.
+constexpr int64_t kPanelK = 128;
 
-// The bodies are only ever inlined into the per-ISA wrappers below (FASTFA_ISA_KERNEL), where
-// the vectors stay in registers: GCC's note that a vector passed by value changes the ABI across
-// ISAs does not apply.
+// The kernel is only ever inlined into the per-ISA wrappers below (FASTFA_ISA_KERNEL), where the
+// vectors stay in registers: GCC's note that a vector passed by value changes the ABI across ISAs
+// does not apply.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-// One tile's row: sign(row[j]) into out[j] for the tile's columns, zero from `columns` on, and w^2
-// added into squares, one accumulator a vector (one would chain every FMA on the last). A whole
-// tile (kWhole) loads unmasked.
-template <class S, bool kWhole, typename scalar_t>
-inline void pack_tile_row(const scalar_t* __restrict__ row, int64_t columns, scalar_t* __restrict__ out,
-                          typename S::V (&squares)[S::kVectors]) {
-  constexpr int64_t kL = S::kLanes;
-#pragma GCC unroll 8
-  for (int64_t v = 0; v < S::kVectors; ++v) {
-    const int64_t lanes = kWhole ? kL : std::clamp(columns - v * kL, int64_t(0), kL);
-    const typename S::V w = lanes == kL ? S::load(row + v * kL) : S::load(row + v * kL, S::mask(lanes));
-    squares[v] = S::fma(w, w, squares[v]);
-    S::store(out + v * kL, S::sign(w));
-  }
-}
-
-// sign(W[k0 : k0 + kc, n0 : n0 + nc]) into packed[tile][k][column], columns past nc zero; returns
-// the sum of w^2 over the block in double. The squares of one row of W are summed in S's lanes
-// (fp32: at most kPanelTiles squares a lane, ~5e-7 relative at worst) and the row's
-// lanes in double. An fp32 square can overflow or underflow where the double sum would not: such a
-// row (its lanes' sum not finite or below 2^-100) is summed again in double. W has `rows_left`
-// rows from k0 on (the prefetch's bound).
+// c[r, j] (+)= sum_k a[k, r] * sign(w[k, j]) for kRows rows and one vector's columns j < `columns`
+// (<= kLanes; a tail loads and stores masked, so a task writes none of the next task's columns); a is
+// delta packed k-major (row stride lda), w the strip of W in place (row stride ldw). One load, sign
+// and square per k feed kRows FMAs. W is cold (the rest of a step evicts it) and read down a
+// column, one cache line a row, so each row prefetches the next strip's line (prefetch_next).
+// Returns the sum of w^2 over the strip in double: fp32 squares in lanes (at most kPanelK a lane,
+// ~1e-5 relative at worst), the lanes added in double. An fp32 square can overflow or underflow
+// where the double sum would not: such a strip (its sum not finite or below 2^-100) is summed again
+// in double.
 template <class S, typename scalar_t>
-double pack_signs(const scalar_t* __restrict__ weight, int64_t ldw, int64_t kc, int64_t nc, int64_t rows_left,
-                  scalar_t* __restrict__ packed) {
+double multiply_signs(const scalar_t* __restrict__ a, int64_t lda, const scalar_t* __restrict__ w, int64_t ldw,
+                      int64_t kc, scalar_t* __restrict__ c, int64_t ldc, int64_t columns, bool accumulate,
+                      bool prefetch_next) {
+  using V = typename S::V;
+  constexpr int64_t kR = S::kRows, kL = S::kLanes;
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
-  constexpr int64_t kT = kTileColumns<S>;
-  const int64_t tiles = (nc + kT - 1) / kT;
-  double sum = 0.0;
+  const typename S::Mask mask = S::mask(columns);
+  V acc[kR];
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < kR; ++r) acc[r] = S::zero();
+  V squares = S::zero();
   for (int64_t k = 0; k < kc; ++k) {
-    const scalar_t* row = weight + k * ldw;
-    typename S::V squares[S::kVectors];
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < S::kVectors; ++v) squares[v] = S::zero();
-    for (int64_t t = 0; t < tiles; ++t) {
-      scalar_t* out = packed + (t * kc + k) * kT;
-      const int64_t columns = std::min(kT, nc - t * kT);
-      if (k + kPrefetchRows < rows_left) {
-        for (int64_t j = t * kT; j < std::min(nc, (t + 1) * kT); j += kLine) {
-          __builtin_prefetch(row + kPrefetchRows * ldw + j, /*rw=*/0, /*locality=*/3);
-        }
-      }
-      if (columns == kT) {
-        pack_tile_row<S, true>(row + t * kT, columns, out, squares);
-      } else {
-        pack_tile_row<S, false>(row + t * kT, columns, out, squares);
+    const scalar_t* wk = w + k * ldw;
+    if (prefetch_next) __builtin_prefetch(wk + kLine, /*rw=*/0, /*locality=*/3);
+    const V wv = columns == kL ? S::load(wk) : S::load(wk, mask);
+    squares = S::fma(wv, wv, squares);
+    const V sv = S::sign(wv);
+    const scalar_t* ak = a + k * lda;
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < kR; ++r) acc[r] = S::fma(S::broadcast(ak + r), sv, acc[r]);
+  }
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < kR; ++r) {
+    scalar_t* out = c + r * ldc;
+    if (columns == kL) {
+      S::store(out, accumulate ? S::add(S::load(out), acc[r]) : acc[r]);
+    } else {
+      S::store(out, accumulate ? S::add(S::load(out, mask), acc[r]) : acc[r], mask);
+    }
+  }
+  double sum = S::sum(squares);
+  if (std::is_same_v<scalar_t, float> && !(sum >= 0x1p-100 && sum <= std::numeric_limits<float>::max())) {
+    sum = 0.0;
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t j = 0; j < columns; ++j) {
+        const double x = w[k * ldw + j];
+        sum += x * x;
       }
     }
-#pragma GCC unroll 8
-    for (int64_t v = 1; v < S::kVectors; ++v) squares[0] = S::add(squares[0], squares[v]);
-    double row_sum = S::sum(squares[0]);
-    if (std::is_same_v<scalar_t, float> && !(row_sum >= 0x1p-100 && row_sum <= std::numeric_limits<float>::max())) {
-      row_sum = 0.0;
-      for (int64_t j = 0; j < nc; ++j) row_sum += static_cast<double>(row[j]) * static_cast<double>(row[j]);
-    }
-    sum += row_sum;
   }
   return sum;
 }
 
-// c[r, j] (+)= sum_k a[k, r] * b[k, j] for kRows rows and one tile's columns; a is delta packed
-// k-major (row stride lda), b one packed tile. Only `columns` of the tile are stored: past a task's
-// last tail the columns are the next task's, written at the same time. The packed tile is zero
-// there, so a tail differs from a whole tile in its store alone: whole vectors move plain, a tail's
-// last vectors masked.
-template <class S, typename scalar_t>
-void multiply_tile(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t kc, scalar_t* c, int64_t ldc,
-                   int64_t columns, bool accumulate) {
-  using V = typename S::V;
-  constexpr int64_t kR = S::kRows, kN = S::kVectors, kL = S::kLanes, kT = kTileColumns<S>;
-  // Fully unrolled, the accumulators live in registers (a loop over the array stores them back
-  // to the stack every k).
-  V acc[kR][kN];
-#pragma GCC unroll 8
-  for (int64_t r = 0; r < kR; ++r) {
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < kN; ++v) acc[r][v] = S::zero();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    const scalar_t* ak = a + k * lda;
-    V bk[kN];
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < kN; ++v) bk[v] = S::load(b + k * kT + v * kL);
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < kR; ++r) {
-      const V x = S::broadcast(ak + r);
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < kN; ++v) acc[r][v] = S::fma(x, bk[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int64_t v = 0; v < kN; ++v) {
-    const int64_t lanes = std::clamp(columns - v * kL, int64_t(0), kL);
-    const typename S::Mask mask = S::mask(lanes);
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < kR; ++r) {
-      scalar_t* out = c + r * ldc + v * kL;
-      if (lanes == kL) {
-        S::store(out, accumulate ? S::add(S::load(out), acc[r][v]) : acc[r][v]);
-      } else {
-        S::store(out, accumulate ? S::add(S::load(out, mask), acc[r][v]) : acc[r][v], mask);
-      }
-    }
-  }
-}
-
 #pragma GCC diagnostic pop
 
-template <typename scalar_t>
-using PackFn = double (*)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*);
-template <typename scalar_t>
-using TileFn = void (*)(const scalar_t*, int64_t, const scalar_t*, int64_t, scalar_t*, int64_t, int64_t, bool);
-
 #if FASTFA_HAS_ISA_KERNELS
-// The kernels per ISA: each wrapper carries its ISA's target, the body is flattened into it.
+// The kernel per ISA: each wrapper carries its ISA's target, the body is flattened into it.
 template <typename scalar_t>
 FASTFA_ISA_KERNEL("avx2,fma")
-double pack_signs_avx2(const scalar_t* weight, int64_t ldw, int64_t kc, int64_t nc, int64_t rows_left,
-                       scalar_t* packed) {
-  return pack_signs<Avx2<scalar_t>>(weight, ldw, kc, nc, rows_left, packed);
+double multiply_signs_avx2(const scalar_t* a, int64_t lda, const scalar_t* w, int64_t ldw, int64_t kc, scalar_t* c,
+                           int64_t ldc, int64_t columns, bool accumulate, bool prefetch_next) {
+  return multiply_signs<Avx2<scalar_t>>(a, lda, w, ldw, kc, c, ldc, columns, accumulate, prefetch_next);
 }
 template <typename scalar_t>
-FASTFA_ISA_KERNEL("avx2,fma")
-void multiply_tile_avx2(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t kc, scalar_t* c, int64_t ldc,
-                        int64_t columns, bool accumulate) {
-  multiply_tile<Avx2<scalar_t>>(a, lda, b, kc, c, ldc, columns, accumulate);
+FASTFA_ISA_KERNEL("avx512f,avx2,fma")
+double multiply_signs_avx512(const scalar_t* a, int64_t lda, const scalar_t* w, int64_t ldw, int64_t kc, scalar_t* c,
+                             int64_t ldc, int64_t columns, bool accumulate, bool prefetch_next) {
+  return multiply_signs<Avx512<scalar_t>>(a, lda, w, ldw, kc, c, ldc, columns, accumulate, prefetch_next);
 }
 #endif
 
-enum class Isa { kPortable, kAvx2 };
+template <typename scalar_t>
+using StripFn = double (*)(const scalar_t*, int64_t, const scalar_t*, int64_t, int64_t, scalar_t*, int64_t, int64_t,
+                           bool, bool);
 
-// The kernels this CPU runs, read once. FASTFA_CPU_ISA=portable picks the portable ones on a CPU with
-// AVX2, so that the tests can run them.
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+// The widest kernel this CPU runs, read once. FASTFA_CPU_ISA=avx2 or portable caps it, so that the
+// tests can run the narrower kernels on a CPU that has the wider.
 Isa cpu_isa() {
   static const Isa isa = [] {
     const char* env = std::getenv("FASTFA_CPU_ISA");
@@ -288,6 +281,7 @@ Isa cpu_isa() {
     TORCH_CHECK(cap.empty() || cap == "avx2" || cap == "portable", "FASTFA_CPU_ISA must be avx2 or portable, got '",
                 cap, "'");
 #if FASTFA_HAS_ISA_KERNELS
+    if (cap.empty() && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
     if (cap != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
     return Isa::kPortable;
@@ -295,12 +289,13 @@ Isa cpu_isa() {
   return isa;
 }
 
-// S names the tile's shape; pack and multiply are S's kernels (its ISA's wrappers).
+// S names the strip's shape (kRows rows by kLanes columns); multiply is S's kernel (its ISA's wrapper).
 template <class S, typename scalar_t>
-at::Tensor grad_input_kernel(PackFn<scalar_t> pack, TileFn<scalar_t> multiply, const at::Tensor& delta,
-                             const at::Tensor& weight, at::IntArrayRef input_sizes, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation, double scale) {
-  constexpr int64_t kRows = S::kRows, kT = kTileColumns<S>;
+at::Tensor grad_input_kernel(StripFn<scalar_t> multiply, const at::Tensor& delta, const at::Tensor& weight,
+                             at::IntArrayRef input_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, double scale) {
+  constexpr int64_t kRows = S::kRows, kL = S::kLanes;
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t batch = delta.size(0), k_total = delta.size(1), out_h = delta.size(2), out_w = delta.size(3);
   const int64_t in_channels = weight.size(1), kernel_h = weight.size(2), kernel_w = weight.size(3);
   const int64_t in_h = input_sizes[2], in_w = input_sizes[3];
@@ -308,11 +303,10 @@ at::Tensor grad_input_kernel(PackFn<scalar_t> pack, TileFn<scalar_t> multiply, c
   const int64_t padded_rows = (rows + kRows - 1) / kRows * kRows;
   const int64_t taps = kernel_h * kernel_w, columns = in_channels * taps;
 
-  // Buffers per call, freed on return: delta packed, grad_cols (64 / K of W's size at the most) and,
-  // per task, one sign panel. Kept between calls they would stay for the process's life, one set
-  // per OpenMP thread sized by the largest layer; per call they cost no measurable time
-  // (benchmarks/results/2026-12-02-cpu-sign-conv-tidy.md).
-  // delta as [K][rows] (row m = (b, ho, wo)), rows padded with zeros to whole micro-tiles.
+  // Buffers per call, freed on return: delta packed and grad_cols (64 / K of W's size at the most).
+  // Kept between calls they would stay for the process's life, sized by the largest layer; per call
+  // they cost no measurable time (benchmarks/results/2026-12-02-cpu-sign-conv-tidy.md).
+  // delta as [K][rows] (row m = (b, ho, wo)), rows padded with zeros to whole row blocks.
   const at::Tensor workspace = at::empty({k_total * padded_rows + padded_rows * columns}, delta.options());
   scalar_t* a = workspace.mutable_data_ptr<scalar_t>();
   scalar_t* cols = a + k_total * padded_rows;
@@ -339,21 +333,18 @@ at::Tensor grad_input_kernel(PackFn<scalar_t> pack, TileFn<scalar_t> multiply, c
   const double sum_of_squares = at::parallel_reduce(
       0, in_channels, grain, 0.0,
       [&](int64_t c_begin, int64_t c_end, double partial) {
-        const at::Tensor panel = at::empty({kPanelK * kPanelTiles * kT}, delta.options());
-        scalar_t* packed = panel.mutable_data_ptr<scalar_t>();
+        // K-panels outermost, so delta's panel stays in L1; within a panel, strip after strip of W's
+        // columns, each strip's rows of W read once (for every row block at M > kRows, from cache).
         const int64_t n_end = c_end * taps;
-        for (int64_t n0 = c_begin * taps; n0 < n_end; n0 += kPanelTiles * kT) {
-          const int64_t nc = std::min(kPanelTiles * kT, n_end - n0);
-          const int64_t tiles = (nc + kT - 1) / kT;
-          for (int64_t k0 = 0; k0 < k_total; k0 += kPanelK) {
-            const int64_t kc = std::min(kPanelK, k_total - k0);
-            partial += pack(w + k0 * columns + n0, columns, kc, nc, k_total - k0, packed);
-            for (int64_t t = 0; t < tiles; ++t) {
-              const int64_t tile_columns = std::min(kT, nc - t * kT);
-              for (int64_t r0 = 0; r0 < padded_rows; r0 += kRows) {
-                multiply(a + k0 * padded_rows + r0, padded_rows, packed + t * kc * kT, kc,
-                         cols + r0 * columns + n0 + t * kT, columns, tile_columns, /*accumulate=*/k0 > 0);
-              }
+        for (int64_t k0 = 0; k0 < k_total; k0 += kPanelK) {
+          const int64_t kc = std::min(kPanelK, k_total - k0);
+          for (int64_t n = c_begin * taps; n < n_end; n += kL) {
+            const int64_t strip = std::min(kL, n_end - n);
+            for (int64_t r0 = 0; r0 < padded_rows; r0 += kRows) {
+              const double squares = multiply(a + k0 * padded_rows + r0, padded_rows, w + k0 * columns + n, columns, kc,
+                                              cols + r0 * columns + n, columns, strip, /*accumulate=*/k0 > 0,
+                                              /*prefetch_next=*/r0 == 0 && n + kLine < columns);
+              if (r0 == 0) partial += squares;
             }
           }
         }
@@ -401,14 +392,17 @@ at::Tensor sign_conv_grad_input_cpu(const at::Tensor& delta, const at::Tensor& w
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sign_conv_grad_input_cpu", [&] {
     switch (cpu_isa()) {
 #if FASTFA_HAS_ISA_KERNELS
+    case Isa::kAvx512:
+      grad_input = grad_input_kernel<Avx512<scalar_t>>(multiply_signs_avx512<scalar_t>, delta, weight, input_sizes,
+                                                       stride, padding, dilation, scale);
+      break;
     case Isa::kAvx2:
-      grad_input = grad_input_kernel<Avx2<scalar_t>>(pack_signs_avx2<scalar_t>, multiply_tile_avx2<scalar_t>, delta,
-                                                     weight, input_sizes, stride, padding, dilation, scale);
+      grad_input = grad_input_kernel<Avx2<scalar_t>>(multiply_signs_avx2<scalar_t>, delta, weight, input_sizes, stride,
+                                                     padding, dilation, scale);
       break;
 #endif
     default:
-      grad_input = grad_input_kernel<Portable<scalar_t>>(pack_signs<Portable<scalar_t>, scalar_t>,
-                                                         multiply_tile<Portable<scalar_t>, scalar_t>, delta, weight,
+      grad_input = grad_input_kernel<Portable<scalar_t>>(multiply_signs<Portable<scalar_t>, scalar_t>, delta, weight,
                                                          input_sizes, stride, padding, dilation, scale);
     }
   });
