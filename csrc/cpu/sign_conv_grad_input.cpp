@@ -199,7 +199,8 @@ constexpr int64_t kPanelK = 128;
 // (<= kLanes; a tail loads and stores masked, so a task writes none of the next task's columns); a is
 // delta packed k-major (row stride lda), w the strip of W in place (row stride ldw). One load, sign
 // and square per k feed kRows FMAs. W is cold (the rest of a step evicts it) and read down a
-// column, one cache line a row, so each row prefetches the next strip's line (prefetch_next).
+// column, a cache line or two a row, so each row prefetches the line that ends the next strip
+// (prefetch_next; where W's rows are not line-aligned, the strip's other line is this one's).
 // Returns the sum of w^2 over the strip in double: fp32 squares in lanes (at most kPanelK a lane,
 // ~1e-5 relative at worst), the lanes added in double. An fp32 square can overflow or underflow
 // where the double sum would not: such a strip (its sum not finite or below 2^-100) is summed again
@@ -210,7 +211,6 @@ double multiply_signs(const scalar_t* __restrict__ a, int64_t lda, const scalar_
                       bool prefetch_next) {
   using V = typename S::V;
   constexpr int64_t kR = S::kRows, kL = S::kLanes;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const typename S::Mask mask = S::mask(columns);
   V acc[kR];
 #pragma GCC unroll 16
@@ -218,7 +218,7 @@ double multiply_signs(const scalar_t* __restrict__ a, int64_t lda, const scalar_
   V squares = S::zero();
   for (int64_t k = 0; k < kc; ++k) {
     const scalar_t* wk = w + k * ldw;
-    if (prefetch_next) __builtin_prefetch(wk + kLine, /*rw=*/0, /*locality=*/3);
+    if (prefetch_next) __builtin_prefetch(wk + 2 * kL - 1, /*rw=*/0, /*locality=*/3);
     const V wv = columns == kL ? S::load(wk) : S::load(wk, mask);
     squares = S::fma(wv, wv, squares);
     const V sv = S::sign(wv);
@@ -295,7 +295,6 @@ at::Tensor grad_input_kernel(StripFn<scalar_t> multiply, const at::Tensor& delta
                              at::IntArrayRef input_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, double scale) {
   constexpr int64_t kRows = S::kRows, kL = S::kLanes;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t batch = delta.size(0), k_total = delta.size(1), out_h = delta.size(2), out_w = delta.size(3);
   const int64_t in_channels = weight.size(1), kernel_h = weight.size(2), kernel_w = weight.size(3);
   const int64_t in_h = input_sizes[2], in_w = input_sizes[3];
@@ -343,7 +342,7 @@ at::Tensor grad_input_kernel(StripFn<scalar_t> multiply, const at::Tensor& delta
             for (int64_t r0 = 0; r0 < padded_rows; r0 += kRows) {
               const double squares = multiply(a + k0 * padded_rows + r0, padded_rows, w + k0 * columns + n, columns, kc,
                                               cols + r0 * columns + n, columns, strip, /*accumulate=*/k0 > 0,
-                                              /*prefetch_next=*/r0 == 0 && n + kLine < columns);
+                                              /*prefetch_next=*/r0 == 0 && n + 2 * kL <= columns);
               if (r0 == 0) partial += squares;
             }
           }
