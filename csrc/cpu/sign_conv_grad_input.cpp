@@ -8,8 +8,7 @@
 // load, sign and square (usf's rms scale) feed kRows FMAs with delta's rows, so sign(W) is never
 // stored, not even packed. Each task then folds its own input channels' columns into grad_input
 // (col2im, conv_taps.h's, which small_conv.cpp's transposed convolution shares). The kernel is
-// written once over vector traits and built for AVX-512, AVX2 and portable code, picked at run
-// time (cpu_isa). On this Zen 4 (benchmarks/results/2026-12-02-cpu-sign-conv-avx512.md) it halves
+// written once over vector traits and built for AVX-512 and AVX2, picked at run time (cpu_isa). On this Zen 4 (benchmarks/results/2026-12-02-cpu-sign-conv-avx512.md) it halves
 // the time of the packed design it replaces (sign(W) packed into a cache-resident buffer, then an
 // AVX2 4 x 24 tile): the packing's stores and reloads cost as much as the FMAs.
 #include "clones.h"
@@ -42,28 +41,9 @@ namespace {
 //   Avx512:   16 rows (resnet18's M = 16 in one block, so each element of W is signed once): 16
 //             accumulators of the 32 zmm registers, sign in one instruction (vfixupimm).
 //   Avx2:     8 rows, 8 of the 16 ymm registers (the sign's temporaries need the rest).
-//   Portable: one scalar a "vector", 4 rows.
+// Without either (another CPU or compiler), sign_conv_grad_input_applies is false: B = sign(W) and
+// oneDNN / ATen, which vectorise, beat a scalar walk down W's columns (30x slower than AVX2 here).
 // GCC does not contract a * b + c under -std=c++20, hence the intrinsics' fma.
-template <typename scalar_t>
-struct Portable {
-  using V = scalar_t;
-  using Mask = bool;
-  static constexpr int64_t kLanes = 1, kRows = 4;
-  static V zero() { return scalar_t(0); }
-  static V broadcast(const scalar_t* p) { return *p; }
-  static V fma(V a, V b, V c) { return a * b + c; }
-  static V add(V a, V b) { return a + b; }
-  static V load(const scalar_t* p) { return *p; }
-  static void store(scalar_t* p, V v) { *p = v; }
-  static Mask mask(int64_t lanes) { return lanes > 0; }
-  static V load(const scalar_t* p, Mask m) { return m ? *p : scalar_t(0); }
-  static void store(scalar_t* p, V v, Mask m) {
-    if (m) *p = v;
-  }
-  static V sign(V w) { return sign_of(w); }
-  static double sum(V v) { return v; }
-};
-
 #if FASTFA_HAS_ISA_KERNELS
 #define FASTFA_AVX2 __attribute__((target("avx2,fma")))
 template <typename scalar_t>
@@ -270,21 +250,21 @@ template <typename scalar_t>
 using StripFn = double (*)(const scalar_t*, int64_t, const scalar_t*, int64_t, int64_t, scalar_t*, int64_t, int64_t,
                            bool, bool);
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
+enum class Isa { kNone, kAvx2, kAvx512 };
 
-// The widest kernel this CPU runs, read once. FASTFA_CPU_ISA=avx2 or portable caps it, so that the
-// tests can run the narrower kernels on a CPU that has the wider.
+// The widest kernel this CPU runs, read once. FASTFA_CPU_ISA=avx2 caps it and =none turns the kernel
+// off (the general path), so that the tests can run those on a CPU that has AVX-512.
 Isa cpu_isa() {
   static const Isa isa = [] {
     const char* env = std::getenv("FASTFA_CPU_ISA");
     const std::string_view cap = env == nullptr ? "" : env;
-    TORCH_CHECK(cap.empty() || cap == "avx2" || cap == "portable", "FASTFA_CPU_ISA must be avx2 or portable, got '",
-                cap, "'");
+    TORCH_CHECK(cap.empty() || cap == "avx2" || cap == "none", "FASTFA_CPU_ISA must be avx2 or none, got '", cap,
+                "'");
 #if FASTFA_HAS_ISA_KERNELS
     if (cap.empty() && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-    if (cap != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    if (cap != "none" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
-    return Isa::kPortable;
+    return Isa::kNone;
   }();
   return isa;
 }
@@ -381,7 +361,7 @@ bool sign_conv_grad_input_applies(const at::Tensor& delta, const at::Tensor& inp
          groups == 1 && input.suggest_memory_format() == at::MemoryFormat::Contiguous &&
          (dtype == at::kFloat || dtype == at::kDouble) && delta.scalar_type() == dtype &&
          weight.dim() == 4 && weight.is_contiguous() && weight.numel() >= kMinWeight && delta.numel() > 0 &&
-         delta.size(0) * delta.size(2) * delta.size(3) <= kMaxRows;
+         delta.size(0) * delta.size(2) * delta.size(3) <= kMaxRows && cpu_isa() != Isa::kNone;
 }
 
 at::Tensor sign_conv_grad_input_cpu(const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef input_sizes,
@@ -401,8 +381,7 @@ at::Tensor sign_conv_grad_input_cpu(const at::Tensor& delta, const at::Tensor& w
       break;
 #endif
     default:
-      grad_input = grad_input_kernel<Portable<scalar_t>>(multiply_signs<Portable<scalar_t>, scalar_t>, delta, weight,
-                                                         input_sizes, stride, padding, dilation, scale);
+      TORCH_INTERNAL_ASSERT(false, "sign_conv_grad_input_cpu without a vector kernel (its applies() is false there)");
     }
   });
   return grad_input;
