@@ -6,7 +6,8 @@ shape in a row; the time per conv is the round's over three, and the script prin
 of the minimum over the rounds per shape, in milliseconds. To compare two builds, run it in
 alternating fresh processes (PYTHONPATH naming a copy of python/fastfa with the other build's _C).
 `--clock thread` times the calling thread's CPU time: at one thread, on a shared machine, it leaves
-out the time the process waited for a core.
+out the time the process waited for a core. The kernel is the widest the CPU runs (AVX-512, AVX2);
+FASTFA_CPU_ISA=avx2 in the environment caps it, =none times the general path instead.
 
 Usage: python benchmarks/sign_conv_grad_input.py [--threads N] [--rounds R] [--dtype float32|float64]
                                                  [--clock wall|thread]

@@ -1,6 +1,10 @@
 """Every rule x layer kind x dtype against the oracle written from learning-rules.md."""
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,6 +122,13 @@ SIGN_IN_PLACE_CASES = {
 }
 
 
+# The in-place kernel needs AVX2 (GCC on x86-64 Linux); without it, and with FASTFA_CPU_ISA=none (a child
+# process below), the general path runs every case.
+IN_PLACE_KERNEL = (sys.platform == "linux" and platform.machine() == "x86_64"
+                   and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                   and os.environ.get("FASTFA_CPU_ISA") != "none")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", list(SIGN_IN_PLACE_CASES))
 def test_usf_weight_bound_conv_matches_fp64_oracle(case, dtype):
@@ -133,7 +144,8 @@ def test_usf_weight_bound_conv_matches_fp64_oracle(case, dtype):
         y, grad_x, grad_w, grad_b = run_layer(layer, x, g)
     # The in-place path leaves grad_input out of convolution_backward's output_mask.
     masks = [str(e.concrete_inputs[-1]) for e in profile.events() if e.name == "aten::convolution_backward"]
-    assert masks == ["[True, True, True]" if case.startswith("general") else "[False, True, True]"], masks
+    general = case.startswith("general") or not IN_PLACE_KERNEL
+    assert masks == ["[True, True, True]" if general else "[False, True, True]"], masks
     w = layer.weight.detach().double()
     B = w.sign() * w.square().mean().sqrt()
     ey, egx, egw, egb = oracle.conv2d(x.double(), w, layer.bias.detach().double(), B, g.double(), *geometry)
@@ -141,6 +153,28 @@ def test_usf_weight_bound_conv_matches_fp64_oracle(case, dtype):
     assert_close(grad_x, egx.to(dtype), dtype, "grad_input")
     assert_close(grad_w, egw.to(dtype), dtype, "grad_weight")
     assert_close(grad_b, egb.to(dtype), dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "none"])
+def test_usf_weight_bound_conv_narrower_kernels_match_fp64_oracle(isa):
+    # The kernel is picked once per process, the widest the CPU runs (AVX-512, AVX2, else none: the
+    # general path); FASTFA_CPU_ISA caps it, so the cases above run the AVX2 kernel and the general
+    # path in a child process.
+    if isa == "avx2" and not IN_PLACE_KERNEL:
+        pytest.skip("no AVX2 kernel here")
+    env = dict(os.environ, FASTFA_CPU_ISA=isa)
+    test = f"{__file__}::test_usf_weight_bound_conv_matches_fp64_oracle"
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                           capture_output=True, text=True)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+
+
+def test_cpu_isa_cap_is_checked():
+    env = dict(os.environ, FASTFA_CPU_ISA="avx-512")
+    code = ("import torch, fastfa; layer = fastfa.nn.Conv2d(512, 301, 3, padding=1, rule='usf'); "
+            "layer(torch.randn(3, 512, 2, 2, requires_grad=True)).sum().backward()")
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "FASTFA_CPU_ISA must be avx2 or none, got 'avx-512'" in child.stderr, child.stderr[-3000:]
 
 
 @pytest.mark.parametrize("activation", list(oracle.ACTIVATIONS))
