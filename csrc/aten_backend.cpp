@@ -248,6 +248,16 @@ struct AlignmentMaps {
   Map project, outer, back;
   int64_t batch;
   bool matrices = false;
+  // outer(project(x, M) (then `projected`), x) (then the epilogue) in one call where the maps have
+  // such a form (the small-conv loops: x unfolded once for both products, the projection never
+  // stored); empty: the two maps.
+  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const Epilogue&, const Epilogue&)> fused_project_outer;
+
+  at::Tensor project_outer(const at::Tensor& x, const at::Tensor& m, const Epilogue& projected = {},
+                           const Epilogue& epilogue = {}) const {
+    if (fused_project_outer) return fused_project_outer(x, m, projected, epilogue);
+    return outer(project(x, m, projected), x, epilogue);
+  }
 };
 
 // a x + b y, x and y of one shape (sa's B gradient, aa's combined filter: filter-sized). On a small
@@ -373,11 +383,10 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
     return axpby(2.0 * alpha, feedback, -beta, weight);
   case Rule::kWeightMirror: { // alpha * decay + beta * amp, with x replaced by noise
     const at::Tensor noise = weight_mirror_noise(input, rng, sigma);
-    const at::Tensor noise_projection = maps.project(noise, weight);
     if (maps.matrices) { // 2 alpha B - (beta / N) r^T noise
-      return at::addmm(feedback, noise_projection.t(), noise, 2.0 * alpha, -beta / batch);
+      return at::addmm(feedback, maps.project(noise, weight).t(), noise, 2.0 * alpha, -beta / batch);
     }
-    return maps.outer(noise_projection, noise, {-beta / batch, &feedback, 2.0 * alpha});
+    return maps.project_outer(noise, weight, {}, {-beta / batch, &feedback, 2.0 * alpha});
   }
   case Rule::kActivationAlignment: { // alpha * sparse + beta * amp = (1/N) (2 alpha p - beta r)^T x
     if (maps.matrices) { // (2 alpha / N) x B^T - (beta / N) r in one addmm, into r_hat where it is ours
@@ -388,9 +397,9 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
     }
     if (normalize) { // p and r_hat are linear in the filter: one convolution with (2 alpha / N) B - (beta / N) W
       const at::Tensor filter = axpby(2.0 * alpha / batch, feedback, -beta / batch, weight);
-      return maps.outer(maps.project(input, filter), input);
+      return maps.project_outer(input, filter);
     }
-    return maps.outer(maps.project(input, feedback, {2.0 * alpha / batch, &projection, -beta / batch}), input);
+    return maps.project_outer(input, feedback, {2.0 * alpha / batch, &projection, -beta / batch});
   }
   case Rule::kInformationAlignment: { // alpha * amp + beta * null + gamma * decay, linear in outer's x
     if (maps.matrices) { // r^T ((2 beta / N) r B - (alpha / N) x) + 2 gamma B in two addmm, the first
@@ -660,7 +669,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
       if (direct) return small_conv2d_input(r, m, input.sizes(), stride, padding, dilation, groups, epilogue);
       return aten_backward(r, input, m, /*of_input=*/true, epilogue);
     };
-    const AlignmentMaps maps{convolve, filter_gradient, transposed, input.size(0)};
+    AlignmentMaps maps{convolve, filter_gradient, transposed, input.size(0)};
+    if (direct) {
+      maps.fused_project_outer = [&](const at::Tensor& x, const at::Tensor& m, const Epilogue& projected,
+                                     const Epilogue& epilogue) {
+        return small_conv2d_projection_outer(x, m, stride, padding, dilation, groups, projected, epilogue);
+      };
+    }
     grad_feedback = in_layout_of(
         feedback_gradient(kind, *feedback, weight, grad_weight, input, projection, rng, alignment, maps), *feedback);
   }

@@ -1,5 +1,5 @@
-// Direct CPU loops for a small conv2d's three maps (fastfa/small_conv.h). One routine per map
-// serves every estimated rule, any stride / padding / dilation / groups, and any input layout (the
+// Direct CPU loops for a small conv2d's maps (fastfa/small_conv.h). One routine per map serves
+// every estimated rule, any stride / padding / dilation / groups, and any input layout (the
 // input is read through its strides; grad_output and the filter are made contiguous, a no-op for
 // the B gradient's own intermediates).
 // Each output element is one sum in the dtype's accumulation type (fp32 for fp16 / bf16, as
@@ -67,11 +67,15 @@ at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype) {
 }
 
 // The input under each filter tap of one group of channels, zero in the padding, in opmath: column
-// k = (c, kh, kw), position p = (oh, ow); at cols[k * positions + p] (by_tap), else at
-// cols[p * taps + k]. The three maps are then products of dense matrices whose inner loops run over
-// one contiguous row (independent sums the compiler vectorises), where loops over each tap's shifted
-// rows would spend more on loop control than on a small map's few multiply-adds.
-template <bool by_tap, typename scalar_t>
+// k = (c, kh, kw), position p = (oh, ow), at cols[k * positions + p]. The three maps are then
+// products of dense matrices whose inner loops run over one contiguous row (independent sums the
+// compiler vectorises), where loops over each tap's shifted rows would spend more on loop control
+// than on a small map's few multiply-adds. The filter gradient's products read the transpose
+// (by_position), so that one unfold's code serves every map: in a training step these routines run
+// cold, and their instruction-cache misses and mispredicts, not their arithmetic, are most of what
+// they cost (benchmarks/results/2026-12-02-cpu-host-estimated.md). ia's B gradient, the one that
+// takes the copy where a second unfold wrote that order directly, timed the same either way.
+template <typename scalar_t>
 void unfold(const Geometry& g, const scalar_t* x_group, Strides xs, at::opmath_type<scalar_t>* cols) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = g.positions, taps = g.tap_count, out_w = g.taps.out_w, stride_w = g.taps.stride_w;
@@ -79,14 +83,22 @@ void unfold(const Geometry& g, const scalar_t* x_group, Strides xs, at::opmath_t
   for_each_tap_row(g.taps, 0, g.group_in, [&](int64_t k, int64_t c, int64_t oh, int64_t ih, Span columns,
                                               int64_t column_offset) {
     const scalar_t* x_row = x_group + c * xs.c + ih * xs.h;
+    acc_t* tap = cols + k * positions + oh * out_w;
     for (int64_t ow = columns.first; ow < columns.last; ++ow) {
-      const int64_t p = oh * out_w + ow;
-      cols[by_tap ? k * positions + p : p * taps + k] = static_cast<acc_t>(x_row[(ow * stride_w + column_offset) * xs.w]);
+      tap[ow] = static_cast<acc_t>(x_row[(ow * stride_w + column_offset) * xs.w]);
     }
   });
 }
 
-// The unfold's buffer, kept per thread between calls (where small_conv2d_applies, at most
+// cols (taps x positions) as positions x taps, at by_position.
+template <typename acc_t>
+void by_position(const acc_t* cols, int64_t taps, int64_t positions, acc_t* transposed) {
+  for (int64_t k = 0; k < taps; ++k) {
+    for (int64_t p = 0; p < positions; ++p) transposed[p * taps + k] = cols[k * positions + p];
+  }
+}
+
+// The unfold's buffer, kept per thread between calls (where small_conv2d_applies, at most three times
 // kSmallConvMaxMacs values: a map's unfold has at most as many elements as it has multiply-adds).
 // A fresh one per call is a heap request of a few KiB, and inside a training step, after the step's
 // many small frees, glibc consolidates its fast bins before serving such a request: ~1 us a map.
@@ -137,6 +149,21 @@ struct Finish {
       out[i] = static_cast<scalar_t>(scale * sum[i] + addend_scale * static_cast<acc_t>(a[i]));
     }
   }
+
+  // sum[i] for i < size as the map's output holds it (the same values as operator()), back in opmath,
+  // in place: what a following product reads where the output is never stored.
+  void round(acc_t* sum, int64_t offset, int64_t size) const {
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      (*this)(sum, sum, offset, size);
+    } else if (addend == nullptr) {
+      for (int64_t i = 0; i < size; ++i) sum[i] = static_cast<acc_t>(static_cast<scalar_t>(scale * sum[i]));
+    } else {
+      const scalar_t* a = addend + offset;
+      for (int64_t i = 0; i < size; ++i) {
+        sum[i] = static_cast<acc_t>(static_cast<scalar_t>(scale * sum[i] + addend_scale * static_cast<acc_t>(a[i])));
+      }
+    }
+  }
 };
 
 // out[j] += sum over i < count of coefficient(i) * row(i)[j], for j < width, i ascending: each map's
@@ -165,6 +192,20 @@ inline void add_products(acc_t* out, int64_t width, int64_t count, Coefficient c
   }
 }
 
+// sum[p] += sum over k of filter_row[k] * cols[k, p]: one output channel of a convolution.
+template <typename scalar_t, typename acc_t>
+inline void project_row(const Geometry& g, const scalar_t* filter_row, const acc_t* cols, acc_t* sum) {
+  add_products(sum, g.positions, g.tap_count, [&](int64_t k) { return static_cast<acc_t>(filter_row[k]); },
+               [&](int64_t k) { return cols + k * g.positions; });
+}
+
+// sum[k] += sum over p of r_plane[p] * transposed[p, k]: one output channel of a filter gradient.
+template <typename value_t, typename acc_t>
+inline void outer_row(const Geometry& g, const value_t* r_plane, const acc_t* transposed, acc_t* sum) {
+  add_products(sum, g.tap_count, g.positions, [&](int64_t p) { return static_cast<acc_t>(r_plane[p]); },
+               [&](int64_t p) { return transposed + p * g.tap_count; });
+}
+
 // y[n, o, p] = sum over k of w[o, k] * cols[k, p]. w: the filter, contiguous.
 template <typename scalar_t>
 void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, scalar_t* y,
@@ -175,13 +216,11 @@ void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* 
   Accumulator<scalar_t> buffer;
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold<true>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
+      unfold(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
         const int64_t offset = (n * g.out_channels + o) * positions;
         acc_t* sum = accumulator<scalar_t>(buffer, y + offset, positions);
-        const scalar_t* filter_row = w + o * taps;
-        add_products(sum, positions, taps, [&](int64_t k) { return static_cast<acc_t>(filter_row[k]); },
-                     [&](int64_t k) { return cols + k * positions; });
+        project_row(g, w + o * taps, cols, sum);
         finish(sum, y + offset, offset, positions);
       }
     }
@@ -194,16 +233,45 @@ void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, St
                      const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = g.positions, taps = g.tap_count;
-  acc_t* cols = unfold_buffer<acc_t>(positions * taps);
+  acc_t* cols = unfold_buffer<acc_t>(2 * positions * taps);
+  acc_t* transposed = cols + positions * taps;
   Accumulator<scalar_t> buffer;
   acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold<false>(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
+      unfold(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
+      by_position(cols, taps, positions, transposed);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
-        const scalar_t* r_plane = r + (n * g.out_channels + o) * positions;
-        add_products(sum + o * taps, taps, positions, [&](int64_t p) { return static_cast<acc_t>(r_plane[p]); },
-                     [&](int64_t p) { return cols + p * taps; });
+        outer_row(g, r + (n * g.out_channels + o) * positions, transposed, sum + o * taps);
+      }
+    }
+  }
+  finish(sum, grad, 0, g.out_channels * taps);
+}
+
+// grad[o, k] = sum over (n, p) of r[n, o, p] * cols_n[p, k] with r = conv2d(x, w) (then `projected`,
+// rounded to the dtype as the convolution's output would be): the filter gradient against the
+// convolution of the same input, the same sums as convolve then filter_gradient with one unfold for
+// both products and no r tensor between them (wm's noise, aa's input). w: the filter, contiguous.
+template <typename scalar_t>
+void projection_outer(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w,
+                      const Finish<scalar_t>& projected, scalar_t* grad, const Finish<scalar_t>& finish) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t positions = g.positions, taps = g.tap_count;
+  acc_t* cols = unfold_buffer<acc_t>(2 * positions * taps + positions);
+  acc_t* transposed = cols + positions * taps;
+  acc_t* r = transposed + positions * taps;
+  Accumulator<scalar_t> buffer;
+  acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
+      unfold(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
+      by_position(cols, taps, positions, transposed);
+      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
+        std::fill(r, r + positions, acc_t(0));
+        project_row(g, w + o * taps, cols, r);
+        projected.round(r, (n * g.out_channels + o) * positions, positions);
+        outer_row(g, r, transposed, sum + o * taps);
       }
     }
   }
@@ -297,6 +365,25 @@ at::Tensor small_conv2d_weight(const at::Tensor& grad_output, const at::Tensor& 
     filter_gradient<scalar_t>(g, dense_grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                               strides_of(input), grad.mutable_data_ptr<scalar_t>(),
                               finish_of<scalar_t>(epilogue, addend));
+  });
+  return grad;
+}
+
+at::Tensor small_conv2d_projection_outer(const at::Tensor& input, const at::Tensor& filter, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        const Epilogue& projected, const Epilogue& epilogue) {
+  check_operands(input, filter);
+  check_geometry(stride, padding, dilation, groups);
+  const std::vector<int64_t> output = conv2d_output_shape(input, filter, stride, padding, dilation);
+  const Geometry g(input.sizes(), filter.sizes(), output, stride, padding, dilation, groups);
+  at::Tensor grad = new_output(filter.sizes(), input.scalar_type());
+  const at::Tensor dense_filter = filter.contiguous(),
+                   projection_addend = dense_addend(projected, output, input.scalar_type()),
+                   addend = dense_addend(epilogue, filter.sizes(), input.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d_projection_outer", [&] {
+    projection_outer<scalar_t>(g, input.const_data_ptr<scalar_t>(), strides_of(input),
+                               dense_filter.const_data_ptr<scalar_t>(), finish_of<scalar_t>(projected, projection_addend),
+                               grad.mutable_data_ptr<scalar_t>(), finish_of<scalar_t>(epilogue, addend));
   });
   return grad;
 }

@@ -1,9 +1,9 @@
-// Direct CPU loops for the three convolution maps of a small conv2d layer: the convolution,
-// its weight gradient and its transposed convolution (grad_input), for the estimated rules'
-// B gradient (aten_backend.cpp's AlignmentMaps). On a small layer each ATen call costs ~4 us of
-// dispatch, backend choice, im2col and allocations (fp32 at batch > 1, oneDNN: ~45 us) around a
-// few hundred ns of arithmetic; these loops cost the arithmetic, an unfold (into a buffer kept per
-// thread) and the output's allocation.
+// Direct CPU loops for a small conv2d layer's maps: the convolution, its weight gradient, its
+// transposed convolution (grad_input), and the weight gradient against the convolution of the same
+// input, for the estimated rules' B gradient (aten_backend.cpp's AlignmentMaps). On a small layer
+// each ATen call costs ~4 us of dispatch, backend choice, im2col and allocations (fp32 at batch > 1,
+// oneDNN: ~45 us) around a few hundred ns of arithmetic; these loops cost the arithmetic, an unfold
+// (into a buffer kept per thread) and the output's allocation.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,6 +38,14 @@ at::Tensor small_conv2d(const at::Tensor& input, const at::Tensor& filter, at::I
 at::Tensor small_conv2d_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                at::IntArrayRef weight_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, const Epilogue& epilogue = {});
+
+// The filter gradient of conv2d for grad_output conv2d(input, filter) (then `projected`, whose addend
+// has the convolution's output shape) and input (then the epilogue): filter's sizes, input's dtype,
+// contiguous. The same values as small_conv2d then small_conv2d_weight, the input unfolded once for
+// both and the convolution never stored (the alignment primitives' outer(project(x, M), x)).
+at::Tensor small_conv2d_projection_outer(const at::Tensor& input, const at::Tensor& filter, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        const Epilogue& projected = {}, const Epilogue& epilogue = {});
 
 // The transposed convolution of grad_output with filter (conv2d's grad_input; then the epilogue):
 // (N, C, H, W) of input_sizes, grad_output's dtype, contiguous.
