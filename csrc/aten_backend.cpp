@@ -260,11 +260,11 @@ struct AlignmentMaps {
   }
 };
 
-// a x + b y, x and y of one shape (sa's B gradient, aa's combined filter: filter-sized). On a small
-// dense CPU pair, one loop into one new tensor: there the ops' way, a scalar tensor, a mul, its
-// intermediate and a sub, costs several dispatches against a pass of a few hundred elements. Up to
-// kAxpbyLoopMaxElements, where the loop's pass (no threads, fp16 / bf16 converted element by
-// element) is still small against one dispatch.
+// a x + b y, x and y of one shape (kp's and sa's B gradient, aa's combined filter: filter-sized). On
+// a small dense CPU pair, one loop into one new tensor: there the ops' way, a scalar tensor, a mul,
+// its intermediate and a sub (kp's: one add), costs dispatches against a pass of a few hundred
+// elements. Up to kAxpbyLoopMaxElements, where the loop's pass (no threads, fp16 / bf16 converted
+// element by element) is still small against one dispatch.
 constexpr int64_t kAxpbyLoopMaxElements = 4096;
 
 at::Tensor axpby(double a, const at::Tensor& x, double b, const at::Tensor& y) {
@@ -378,7 +378,7 @@ at::Tensor feedback_gradient(Rule rule, const at::Tensor& feedback, const at::Te
   const at::Tensor projection = projects ? maps.project(input, weight) : layer_projection;
   switch (rule) {
   case Rule::kKolenPollack: // grad_W + alpha * decay
-    return at::add(grad_weight, feedback, 2.0 * alpha);
+    return axpby(1.0, grad_weight, 2.0 * alpha, feedback);
   case Rule::kSymmetricAlignment: // alpha * decay + beta * self
     return axpby(2.0 * alpha, feedback, -beta, weight);
   case Rule::kWeightMirror: { // alpha * decay + beta * amp, with x replaced by noise
