@@ -39,8 +39,10 @@ at::Tensor feedback_for_backward(const at::Tensor& weight, const std::optional<a
   if (kind == Rule::kBackprop) {
     return weight; // no pass over W: backprop is exactly torch's own backward
   }
-  if (kind == Rule::kFeedbackAlignment && feedback.has_value() && feedback->defined()) {
-    return *feedback; // stored R is used as it is (the caller checked its shape, dtype, device)
+  if ((kind == Rule::kFeedbackAlignment || estimates_feedback(kind)) && feedback.has_value() && feedback->defined()) {
+    // fa's stored R and the estimated rules' B are used as they are (the caller checked their
+    // shape, dtype, device): the transform would only copy them, a W-sized pass every step.
+    return *feedback;
   }
   if (weight.is_cpu()) {
     return feedback_for_backward_cpu(weight, feedback, rng, rule, scale, distribution, deferred_scale);
