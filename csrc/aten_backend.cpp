@@ -287,7 +287,7 @@ at::Tensor axpby(double a, const at::Tensor& x, double b, const at::Tensor& y) {
     });
     return out;
   }
-  return at::add(scaled(x, a), y, b);
+  return at::add(a == 1.0 ? x : scaled(x, a), y, b); // kp's grad_W + 2 alpha B: one add
 }
 
 // sqrt(F) x_hat, x_hat being x centred and scaled to unit L2 norm per sample (x flattened to (N, F)),

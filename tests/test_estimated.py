@@ -144,14 +144,15 @@ def test_conv_feedback_gradient_both_sides_of_the_small_conv_threshold(rule, bat
                                atol=tolerance * float(expected.abs().max()))
 
 
-# sa's B gradient, 2 alpha B - beta W, is one CPU loop for dense filters up to 4096 elements (aten_backend.cpp's
-# axpby) and ATen's ops above or for another layout: 4 x 6 x 3 x 3 / 4 x 6 x 3 x 2 = 216 / 144, 64 x 64 = 4096
-# and 65 x 64 on either side; a channels_last filter takes the ops.
+# sa's B gradient, 2 alpha B - beta W, and kp's, grad_W + 2 alpha B, are one CPU loop for dense filters up to
+# 4096 elements (aten_backend.cpp's axpby) and ATen's ops above or for another layout: 4 x 6 x 3 x 3 = 216,
+# 64 x 64 = 4096 and 65 x 64 on either side; a channels_last filter takes the ops.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layer", ["conv", "conv_channels_last", "linear_4096", "linear_4160"])
-def test_sa_feedback_gradient_both_sides_of_the_one_pass_limit(layer, dtype):
+@pytest.mark.parametrize("rule", ["sa", "kp"])
+def test_sa_and_kp_feedback_gradients_both_sides_of_the_one_pass_limit(rule, layer, dtype):
     torch.manual_seed(0)
-    options = dict(rule="sa", dtype=dtype, **_options("sa"))
+    options = dict(rule=rule, dtype=dtype, **_options(rule))
     if layer.startswith("conv"):
         module, x = fastfa.nn.Conv2d(4, 6, 3, padding=1, **options), torch.randn(2, 4, 5, 5, dtype=dtype)
         if layer == "conv_channels_last":
@@ -160,9 +161,9 @@ def test_sa_feedback_gradient_both_sides_of_the_one_pass_limit(layer, dtype):
         module = fastfa.nn.Linear(64 if layer == "linear_4096" else 65, 64, **options)
         x = torch.randn(3, module.in_features, dtype=dtype)
     module(x).sum().backward()
-    alpha, beta, _, _ = spec_options.alignment("sa", **_options("sa"))
+    alpha, beta, _, _ = spec_options.alignment(rule, **_options(rule))
     W, B = module.weight.detach().double(), module.feedback.detach().double()
-    expected = alpha * 2 * B - beta * W
+    expected = alpha * 2 * B + (module.weight.grad.double() if rule == "kp" else -beta * W)
     tolerance = SMALL_CONV_TOLERANCE[dtype]
     torch.testing.assert_close(module.feedback.grad.double(), expected, rtol=tolerance,
                                atol=tolerance * float(expected.abs().max()))
