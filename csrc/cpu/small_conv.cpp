@@ -199,13 +199,6 @@ inline void project_row(const Geometry& g, const scalar_t* filter_row, const acc
                [&](int64_t k) { return cols + k * g.positions; });
 }
 
-// sum[k] += sum over p of r_plane[p] * transposed[p, k]: one output channel of a filter gradient.
-template <typename value_t, typename acc_t>
-inline void outer_row(const Geometry& g, const value_t* r_plane, const acc_t* transposed, acc_t* sum) {
-  add_products(sum, g.tap_count, g.positions, [&](int64_t p) { return static_cast<acc_t>(r_plane[p]); },
-               [&](int64_t p) { return transposed + p * g.tap_count; });
-}
-
 // y[n, o, p] = sum over k of w[o, k] * cols[k, p]. w: the filter, contiguous.
 template <typename scalar_t>
 void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w, scalar_t* y,
@@ -227,14 +220,18 @@ void convolve(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* 
   }
 }
 
-// grad[o, k] = sum over (n, p) of r[n, o, p] * cols_n[p, k]. r: contiguous.
-template <typename scalar_t>
-void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, Strides xs, scalar_t* grad,
-                     const Finish<scalar_t>& finish) {
+// grad[o, k] = sum over (n, p) of plane(n, o)[p] * cols_n[p, k] (then the epilogue): a filter gradient
+// against input x, whose planes r[n, o] the caller gives: plane(n, o, cols_n, scratch) returns a pointer
+// to positions values (scalar_t or opmath), and may compute them from x's unfold cols_n (by tap) into
+// `scratch`, scratch_size opmath values kept per thread with the unfold.
+template <typename scalar_t, typename Plane>
+void outer_with_input(const Geometry& g, const scalar_t* x, Strides xs, int64_t scratch_size, scalar_t* grad,
+                      const Finish<scalar_t>& finish, Plane plane) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = g.positions, taps = g.tap_count;
-  acc_t* cols = unfold_buffer<acc_t>(2 * positions * taps);
+  acc_t* cols = unfold_buffer<acc_t>(2 * positions * taps + scratch_size);
   acc_t* transposed = cols + positions * taps;
+  acc_t* scratch = transposed + positions * taps;
   Accumulator<scalar_t> buffer;
   acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
   for (int64_t n = 0; n < g.batch; ++n) {
@@ -242,40 +239,38 @@ void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, St
       unfold(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
       by_position(cols, taps, positions, transposed);
       for (int64_t o = o0; o < o0 + g.group_out; ++o) {
-        outer_row(g, r + (n * g.out_channels + o) * positions, transposed, sum + o * taps);
+        const auto* r = plane(n, o, cols, scratch);
+        add_products(sum + o * taps, taps, positions, [&](int64_t p) { return static_cast<acc_t>(r[p]); },
+                     [&](int64_t p) { return transposed + p * taps; });
       }
     }
   }
   finish(sum, grad, 0, g.out_channels * taps);
 }
 
-// grad[o, k] = sum over (n, p) of r[n, o, p] * cols_n[p, k] with r = conv2d(x, w) (then `projected`,
-// rounded to the dtype as the convolution's output would be): the filter gradient against the
-// convolution of the same input, the same sums as convolve then filter_gradient with one unfold for
-// both products and no r tensor between them (wm's noise, aa's input). w: the filter, contiguous.
+// grad[o, k] = sum over (n, p) of r[n, o, p] * cols_n[p, k]. r: contiguous.
+template <typename scalar_t>
+void filter_gradient(const Geometry& g, const scalar_t* r, const scalar_t* x, Strides xs, scalar_t* grad,
+                     const Finish<scalar_t>& finish) {
+  outer_with_input(g, x, xs, 0, grad, finish, [&](int64_t n, int64_t o, const auto*, auto*) {
+    return r + (n * g.out_channels + o) * g.positions;
+  });
+}
+
+// The same with r = conv2d(x, w) (then `projected`, rounded to the dtype as the convolution's output would
+// be): the filter gradient against the convolution of the same input, the same sums as convolve then
+// filter_gradient with one unfold for both products and no r tensor between them (wm's noise, aa's input).
+// w: the filter, contiguous.
 template <typename scalar_t>
 void projection_outer(const Geometry& g, const scalar_t* x, Strides xs, const scalar_t* w,
                       const Finish<scalar_t>& projected, scalar_t* grad, const Finish<scalar_t>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t positions = g.positions, taps = g.tap_count;
-  acc_t* cols = unfold_buffer<acc_t>(2 * positions * taps + positions);
-  acc_t* transposed = cols + positions * taps;
-  acc_t* r = transposed + positions * taps;
-  Accumulator<scalar_t> buffer;
-  acc_t* sum = accumulator<scalar_t>(buffer, grad, g.out_channels * taps);
-  for (int64_t n = 0; n < g.batch; ++n) {
-    for (int64_t o0 = 0; o0 < g.out_channels; o0 += g.group_out) {
-      unfold(g, x + n * xs.n + (o0 / g.group_out) * g.group_in * xs.c, xs, cols);
-      by_position(cols, taps, positions, transposed);
-      for (int64_t o = o0; o < o0 + g.group_out; ++o) {
-        std::fill(r, r + positions, acc_t(0));
-        project_row(g, w + o * taps, cols, r);
-        projected.round(r, (n * g.out_channels + o) * positions, positions);
-        outer_row(g, r, transposed, sum + o * taps);
-      }
-    }
-  }
-  finish(sum, grad, 0, g.out_channels * taps);
+  outer_with_input(g, x, xs, g.positions, grad, finish, [&](int64_t n, int64_t o, const acc_t* cols, acc_t* r) {
+    std::fill(r, r + g.positions, acc_t(0));
+    project_row(g, w + o * g.tap_count, cols, r);
+    projected.round(r, (n * g.out_channels + o) * g.positions, g.positions);
+    return static_cast<const acc_t*>(r);
+  });
 }
 
 // grad[n] = fold(cols) with cols[k, p] = sum over o of w[o, k] * r[n, o, p]. r, w: contiguous.
