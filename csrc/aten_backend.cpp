@@ -253,7 +253,8 @@ struct AlignmentMaps {
   // outer(project(x, M) (then `projected`), x) (then the epilogue) in one call where the maps have
   // such a form (the small-conv loops: x unfolded once for both products, the projection never
   // stored); empty: the two maps.
-  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const Epilogue&, const Epilogue&)> fused_project_outer;
+  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const Epilogue&, const Epilogue&)>
+      fused_project_outer;
 
   at::Tensor project_outer(const at::Tensor& x, const at::Tensor& m, const Epilogue& projected = {},
                            const Epilogue& epilogue = {}) const {

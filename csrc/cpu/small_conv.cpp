@@ -375,10 +375,11 @@ at::Tensor small_conv2d_projection_outer(const at::Tensor& input, const at::Tens
   const at::Tensor dense_filter = filter.contiguous(),
                    projection_addend = dense_addend(projected, output, input.scalar_type()),
                    addend = dense_addend(epilogue, filter.sizes(), input.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d_projection_outer", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastfa_small_conv2d_outer", [&] {
     projection_outer<scalar_t>(g, input.const_data_ptr<scalar_t>(), strides_of(input),
-                               dense_filter.const_data_ptr<scalar_t>(), finish_of<scalar_t>(projected, projection_addend),
-                               grad.mutable_data_ptr<scalar_t>(), finish_of<scalar_t>(epilogue, addend));
+                               dense_filter.const_data_ptr<scalar_t>(),
+                               finish_of<scalar_t>(projected, projection_addend), grad.mutable_data_ptr<scalar_t>(),
+                               finish_of<scalar_t>(epilogue, addend));
   });
   return grad;
 }
